@@ -1,0 +1,155 @@
+//! Wiring: builds the runtime from a validated config, binds listeners, loads the kernel
+//! filter, serves until the shutdown token fires, then drains within the grace period.
+//!
+//! Signals (handled in main): SIGTERM and SIGINT both mean "stop accepting, drain, exit".
+
+use std::{net::SocketAddr, sync::Arc};
+
+use prometheus::{IntGaugeVec, Opts, Registry};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::{self, AdminState},
+    config::Validated,
+    filter::xdp::{Attached, XdpError, XdpFilter},
+    metrics,
+};
+
+/// List id of entries that come from the config file (`xdp.blocklist`, `xdp.blocklist_files`).
+pub const CONFIG_LIST_ID: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot bind the admin listener on {addr} (`admin.listen`): {source}")]
+    BindAdmin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("kernel filter on `{iface}` (`xdp.interface`): {source}")]
+    Xdp { iface: String, source: XdpError },
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A started but not yet serving protobalance: everything is bound and loaded.
+pub struct App {
+    validated: Validated,
+    registry: Registry,
+    admin: TcpListener,
+    xdp: Option<(String, XdpFilter)>,
+}
+
+impl App {
+    pub async fn start(validated: Validated) -> Result<Self, AppError> {
+        let registry = Registry::new();
+        metrics::register_build_info(&registry)?;
+        let addr = validated.config.admin.listen;
+        let admin = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::BindAdmin { addr, source })?;
+        let xdp = match validated.config.xdp.interface.clone() {
+            Some(iface) => {
+                let mut filter = start_xdp(&validated, &iface).map_err(|source| AppError::Xdp {
+                    iface: iface.clone(),
+                    source,
+                })?;
+                register_xdp_metrics(&mut filter, &iface, &registry)?;
+                Some((iface, filter))
+            }
+            None => {
+                tracing::info!("no xdp.interface configured: kernel filter not loaded");
+                None
+            }
+        };
+        Ok(Self {
+            validated,
+            registry,
+            admin,
+            xdp,
+        })
+    }
+
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then waits up to the grace period for tasks.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let state = Arc::new(AdminState {
+            registry: self.registry,
+        });
+        if let Ok(addr) = self.admin.local_addr() {
+            tracing::info!(%addr, "admin listener ready: /metrics, /healthz");
+        }
+        tracker.spawn(admin::serve(
+            self.admin,
+            state,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        tracing::info!("protobalance running");
+        shutdown.cancelled().await;
+        tracker.close();
+        let grace = self.validated.config.shutdown.grace();
+        tracing::info!(
+            grace_s = grace.as_secs(),
+            "shutting down: draining sessions"
+        );
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!("grace period over; closing the remaining sessions");
+        }
+        if let Some((iface, filter)) = self.xdp {
+            drop(filter);
+            tracing::info!(%iface, "kernel filter released");
+        }
+    }
+}
+
+fn start_xdp(validated: &Validated, iface: &str) -> Result<XdpFilter, XdpError> {
+    let cfg = &validated.config.xdp;
+    let mut filter = XdpFilter::load(cfg.pin_dir.as_deref())?;
+    for cidr in &validated.blocklist {
+        filter.block(*cidr, CONFIG_LIST_ID)?;
+    }
+    let attached = filter.attach(iface, cfg.mode)?;
+    match attached {
+        Attached::Driver => tracing::info!(%iface, "XDP filter attached in driver (native) mode"),
+        Attached::Skb => tracing::info!(%iface, "XDP filter attached in SKB (generic) mode"),
+        Attached::PinnedLink => tracing::info!(
+            %iface, "XDP filter swapped into the pinned link (loaded earlier by `filter load`); \
+                     it stays attached after protobalance exits"
+        ),
+    }
+    Ok(filter)
+}
+
+/// Registers the kernel filter's metrics: verdict counters (read at scrape time) and
+/// blocklist sizes.
+fn register_xdp_metrics(
+    filter: &mut XdpFilter,
+    iface: &str,
+    registry: &Registry,
+) -> Result<(), AppError> {
+    let xdp_error = |source| AppError::Xdp {
+        iface: iface.to_owned(),
+        source,
+    };
+    let (v4, v6) = filter.blocklist_len().map_err(xdp_error)?;
+    tracing::info!(%iface, v4, v6, "blocklist loaded");
+    let entries = IntGaugeVec::new(
+        Opts::new(
+            "protobalance_xdp_blocklist_entries",
+            "Entries in the kernel blocklist tries",
+        ),
+        &["family"],
+    )?;
+    entries.with_label_values(&["ipv4"]).set(v4 as i64);
+    entries.with_label_values(&["ipv6"]).set(v6 as i64);
+    registry.register(Box::new(entries))?;
+    registry.register(Box::new(metrics::XdpCollector::new(
+        filter.counter_handle(),
+    )?))?;
+    Ok(())
+}

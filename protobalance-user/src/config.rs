@@ -1,0 +1,237 @@
+//! The TOML configuration: parsed, then validated as a whole before anything binds, so a bad
+//! file fails fast with a message that names the key and the fix.
+//!
+//! Sections: `[admin]` (metrics/API listener), `[shutdown]`, `[xdp]` (kernel filter).
+//! Listeners, backends and the directory arrive with the routing issues; unknown keys are
+//! rejected so a typo never silently does nothing.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::filter::{blocklist, cidr::Cidr, xdp::AttachMode};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub xdp: XdpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serves `/metrics` and `/healthz`. Binds loopback by default: it is not for the Internet.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9925))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long sessions get to finish after SIGTERM/SIGINT before they are cut.
+    #[serde(default = "default_grace_seconds")]
+    pub grace_seconds: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace_seconds: default_grace_seconds(),
+        }
+    }
+}
+
+const fn default_grace_seconds() -> u64 {
+    30
+}
+
+impl ShutdownConfig {
+    pub const fn grace(&self) -> Duration {
+        Duration::from_secs(self.grace_seconds)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdpConfig {
+    /// Interface to attach the kernel filter to; without it no XDP program is loaded.
+    pub interface: Option<String>,
+    #[serde(default)]
+    pub mode: AttachMode,
+    /// bpffs directory for pinned maps/links; blocklists then survive restarts.
+    pub pin_dir: Option<PathBuf>,
+    /// Networks to drop in the kernel, e.g. `["192.0.2.0/24", "2001:db8:bad::/48"]`.
+    #[serde(default)]
+    pub blocklist: Vec<String>,
+    /// Files with one CIDR per line (`#` comments); relative paths are from the config file.
+    #[serde(default)]
+    pub blocklist_files: Vec<PathBuf>,
+}
+
+/// A config error: which key, what is wrong, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// The validated configuration plus what validation derived from it.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub config: Config,
+    /// Every blocklist entry, inline and from files, parsed.
+    pub blocklist: Vec<Cidr>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Validated, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates; `path` is used for messages and to resolve relative paths.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Validated, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate(path)
+    }
+
+    fn validate(self, path: &Path) -> Result<Validated, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.display().to_string(),
+            key: key.to_owned(),
+            message,
+        };
+        if self.shutdown.grace_seconds > 3600 {
+            return Err(invalid(
+                "shutdown.grace_seconds",
+                format!(
+                    "{} s is more than an hour; use at most 3600",
+                    self.shutdown.grace_seconds
+                ),
+            ));
+        }
+        let xdp = &self.xdp;
+        if let Some(iface) = &xdp.interface {
+            if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']) {
+                return Err(invalid(
+                    "xdp.interface",
+                    format!(
+                        "`{iface}` is not a valid interface name (1-15 chars, no '/' or spaces)"
+                    ),
+                ));
+            }
+        }
+        if let Some(dir) = &xdp.pin_dir {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    "xdp.pin_dir",
+                    format!(
+                        "`{}` must be an absolute path on bpffs, e.g. /sys/fs/bpf/protobalance",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        let mut entries = Vec::new();
+        for (i, raw) in xdp.blocklist.iter().enumerate() {
+            let cidr = raw
+                .parse::<Cidr>()
+                .map_err(|e| invalid(&format!("xdp.blocklist[{i}]"), e.to_string()))?;
+            entries.push(cidr);
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for (i, file) in xdp.blocklist_files.iter().enumerate() {
+            let file = base.join(file);
+            let list = blocklist::read(&file)
+                .map_err(|e| invalid(&format!("xdp.blocklist_files[{i}]"), e.to_string()))?;
+            entries.extend(list);
+        }
+        if xdp.interface.is_none() && !entries.is_empty() {
+            return Err(invalid(
+                "xdp.interface",
+                "blocklist entries are configured but no interface to filter on; \
+                 set xdp.interface or remove the blocklist"
+                    .into(),
+            ));
+        }
+        Ok(Validated {
+            config: self,
+            blocklist: entries,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<Validated, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/protobalance/test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gets_defaults() {
+        let v = check("").expect("defaults are valid");
+        assert_eq!(v.config.admin.listen.to_string(), "127.0.0.1:9925");
+        assert_eq!(v.config.shutdown.grace_seconds, 30);
+        assert!(v.config.xdp.interface.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = check("[xdp]\ninterface = \"eth0\"\nblocklist = [\"10.0.0.1/8\"]\n")
+            .expect_err("host bits");
+        assert!(err.to_string().contains("`xdp.blocklist[0]`"), "{err}");
+        let err = check("[admin]\nlisten = \"localhost\"\n").expect_err("not a socket addr");
+        assert!(
+            err.to_string().contains("admin.listen") || err.to_string().contains("listen"),
+            "{err}"
+        );
+        let err = check("[xdp]\ninterfac = \"eth0\"\n").expect_err("typo");
+        assert!(err.to_string().contains("interfac"), "{err}");
+        let err = check("[xdp]\nblocklist = [\"192.0.2.0/24\"]\n").expect_err("no iface");
+        assert!(err.to_string().contains("`xdp.interface`"), "{err}");
+        let err = check("[xdp]\ninterface = \"a/b\"\n").expect_err("bad iface");
+        assert!(err.to_string().contains("`xdp.interface`"), "{err}");
+        let err = check("[xdp]\ninterface = \"eth0\"\nmode = \"turbo\"\n").expect_err("bad mode");
+        assert!(err.to_string().contains("turbo"), "{err}");
+    }
+}

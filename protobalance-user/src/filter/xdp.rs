@@ -1,0 +1,381 @@
+//! The XDP loader: the only module that touches aya.
+//!
+//! It embeds the object built from `protobalance-ebpf` (see build.rs), loads it, optionally
+//! pins its maps under bpffs, attaches it to an interface and feeds the blocklist tries.
+//!
+//! Two ways of owning the attachment:
+//! * **owned** — `protobalance run` attaches and the attachment lives as long as the process
+//!   (a bpf_link held by an fd: it is detached on shutdown, and by the kernel if we crash);
+//! * **pinned** — `protobalance filter load` pins the link as `<pin_dir>/link-<iface>`, so the
+//!   filter stays after the loader exits (a box that loads it at boot). A later `run` that
+//!   finds the pinned link swaps its own program into it atomically (`bpf_link_update`) and
+//!   leaves it pinned on exit; `protobalance filter unload` removes link and map pins.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
+};
+use protobalance_common::{
+    BlockEntry, Counter, CounterValue, MAP_BLOCK_V4, MAP_BLOCK_V6, MAP_COUNTERS, PROG_XDP,
+};
+
+use crate::filter::cidr::Cidr;
+
+/// The XDP object, built by build.rs from the protobalance-ebpf crate.
+static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/protobalance"));
+
+/// How to attach: `auto` tries driver (native) mode and falls back to SKB (generic) mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    #[default]
+    Auto,
+    Driver,
+    Skb,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    #[error(
+        "the embedded XDP object is empty: this binary was built with AYA_BUILD_SKIP; \
+         rebuild with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("loading the XDP object failed (are you root, with a BPF-capable kernel?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP object has no {0}; the object and this binary are out of step")]
+    Missing(&'static str),
+    #[error("XDP program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("XDP map: {0}")]
+    Map(#[from] MapError),
+    #[error("XDP link: {0}")]
+    LinkConversion(#[from] LinkError),
+    #[error("pinned link {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "interface {iface}: XDP attach failed in driver mode ({driver}) and in SKB mode ({skb})"
+    )]
+    Attach {
+        iface: String,
+        driver: ProgramError,
+        skb: ProgramError,
+    },
+    #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs(PathBuf),
+}
+
+/// Which mode an attachment ended up in, for logs and the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Driver,
+    Skb,
+    /// Swapped into an existing pinned link; the mode is the one that link was created with.
+    PinnedLink,
+}
+
+/// A loaded XDP filter with its maps.
+pub struct XdpFilter {
+    ebpf: Ebpf,
+    counters: Arc<Mutex<PerCpuArray<MapData, CounterValue>>>,
+    pin_dir: Option<PathBuf>,
+    /// The attachment this filter owns (detached when the filter is dropped).
+    link: Option<XdpLinkId>,
+}
+
+impl XdpFilter {
+    /// Loads the program. With `pin_dir`, maps are pinned there (or reused when already
+    /// pinned, so blocklists and counters survive restarts); without it they are private.
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self, XdpError> {
+        if XDP_OBJECT.is_empty() {
+            return Err(XdpError::NoObject);
+        }
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => {
+                prepare_pin_dir(dir)?;
+                [MAP_BLOCK_V4, MAP_BLOCK_V6, MAP_COUNTERS]
+                    .into_iter()
+                    .map(|name| (name, dir.join(name)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(*name, path.as_path());
+        }
+        let mut ebpf = loader.load(XDP_OBJECT)?;
+        program(&mut ebpf)?.load()?;
+        let counters = ebpf
+            .take_map(MAP_COUNTERS)
+            .ok_or(XdpError::Missing(MAP_COUNTERS))?;
+        let counters = Arc::new(Mutex::new(PerCpuArray::try_from(counters)?));
+        Ok(Self {
+            ebpf,
+            counters,
+            pin_dir: pin_dir.map(Path::to_owned),
+            link: None,
+        })
+    }
+
+    /// Attaches to `iface`. When a pinned link for `iface` exists under the pin dir, the
+    /// program is swapped into it atomically instead (no moment without a filter).
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, XdpError> {
+        if let Some(path) = self.link_pin_path(iface).filter(|p| p.exists()) {
+            let pinned = PinnedLink::from_pin(&path).map_err(|source| XdpError::Link {
+                path: path.clone(),
+                source,
+            })?;
+            let link = XdpLink::try_from(FdLink::from(pinned))?;
+            self.link = Some(program(&mut self.ebpf)?.attach_to_link(link)?);
+            return Ok(Attached::PinnedLink);
+        }
+        let prog = program(&mut self.ebpf)?;
+        let (link, attached) = match mode {
+            AttachMode::Driver => (prog.attach(iface, XdpMode::Driver)?, Attached::Driver),
+            AttachMode::Skb => (prog.attach(iface, XdpMode::Skb)?, Attached::Skb),
+            AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
+                Ok(link) => (link, Attached::Driver),
+                Err(driver) => {
+                    tracing::warn!(
+                        %iface, error = %driver,
+                        "native (driver) XDP is not available on this interface; \
+                         falling back to SKB (generic) mode, which filters later and costs more"
+                    );
+                    let link =
+                        prog.attach(iface, XdpMode::Skb)
+                            .map_err(|skb| XdpError::Attach {
+                                iface: iface.to_owned(),
+                                driver,
+                                skb,
+                            })?;
+                    (link, Attached::Skb)
+                }
+            },
+        };
+        self.link = Some(link);
+        Ok(attached)
+    }
+
+    /// Pins the attachment on `iface` so it outlives this process (`filter load`).
+    pub fn pin_attachment(&mut self, iface: &str) -> Result<PathBuf, XdpError> {
+        let path = self
+            .link_pin_path(iface)
+            .ok_or(XdpError::Missing("pin directory (pin_dir)"))?;
+        let link_id = self
+            .link
+            .take()
+            .ok_or(XdpError::Missing("attachment to pin"))?;
+        let link = program(&mut self.ebpf)?.take_link(link_id)?;
+        let fd_link = FdLink::try_from(link)?;
+        fd_link.pin(&path).map_err(|source| XdpError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    fn link_pin_path(&self, iface: &str) -> Option<PathBuf> {
+        self.pin_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("link-{iface}")))
+    }
+
+    /// Adds (or replaces) a blocklist entry: packets from inside `cidr` are dropped.
+    pub fn block(&mut self, cidr: Cidr, list_id: u32) -> Result<(), XdpError> {
+        let entry = BlockEntry { list_id, flags: 0 };
+        let len = u32::from(cidr.prefix_len());
+        match cidr.network().addr() {
+            IpAddr::V4(addr) => {
+                trie_v4(&mut self.ebpf)?.insert(&Key::new(len, addr.octets()), entry, 0)?
+            }
+            IpAddr::V6(addr) => {
+                trie_v6(&mut self.ebpf)?.insert(&Key::new(len, addr.octets()), entry, 0)?
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a blocklist entry; removing an absent entry is not an error.
+    pub fn unblock(&mut self, cidr: Cidr) -> Result<(), XdpError> {
+        let len = u32::from(cidr.prefix_len());
+        let result = match cidr.network().addr() {
+            IpAddr::V4(addr) => trie_v4(&mut self.ebpf)?.remove(&Key::new(len, addr.octets())),
+            IpAddr::V6(addr) => trie_v6(&mut self.ebpf)?.remove(&Key::new(len, addr.octets())),
+        };
+        match result {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    /// Number of entries in the (v4, v6) blocklists.
+    pub fn blocklist_len(&mut self) -> Result<(usize, usize), XdpError> {
+        let v4 = trie_v4(&mut self.ebpf)?.keys().count();
+        let v6 = trie_v6(&mut self.ebpf)?.keys().count();
+        Ok((v4, v6))
+    }
+
+    /// Verdict counters summed over all CPUs, in [`Counter::ALL`] order.
+    pub fn counters(&self) -> Result<Vec<(Counter, CounterValue)>, XdpError> {
+        read_counters(&self.counters)
+    }
+
+    /// A handle for the metrics collector; reads the map at scrape time.
+    pub fn counter_handle(&self) -> CounterHandle {
+        CounterHandle(Arc::clone(&self.counters))
+    }
+
+    /// Runs the program once on `frame` with `BPF_PROG_TEST_RUN` and returns the XDP action
+    /// (1 = drop, 2 = pass). For tests and benchmarks; the kernel rejects frames shorter
+    /// than an Ethernet header (14 bytes) with EINVAL.
+    pub fn test_run(
+        &self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), XdpError> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(PROG_XDP)
+            .ok_or(XdpError::Missing("program `protobalance`"))?
+            .try_into()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: repeat.max(1),
+            ..Default::default()
+        })?;
+        Ok((result.return_value, result.duration))
+    }
+}
+
+/// Shared read access to the per-CPU verdict counters.
+#[derive(Clone)]
+pub struct CounterHandle(Arc<Mutex<PerCpuArray<MapData, CounterValue>>>);
+
+impl CounterHandle {
+    pub fn read(&self) -> Result<Vec<(Counter, CounterValue)>, XdpError> {
+        read_counters(&self.0)
+    }
+}
+
+fn read_counters(
+    map: &Mutex<PerCpuArray<MapData, CounterValue>>,
+) -> Result<Vec<(Counter, CounterValue)>, XdpError> {
+    let map = map
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut out = Vec::with_capacity(Counter::ALL.len());
+    for counter in Counter::ALL {
+        let per_cpu = map.get(&(counter as u32), 0)?;
+        let total = per_cpu
+            .iter()
+            .fold(CounterValue::default(), |acc, v| CounterValue {
+                packets: acc.packets + v.packets,
+                bytes: acc.bytes + v.bytes,
+            });
+        out.push((counter, total));
+    }
+    Ok(out)
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
+    let prog = ebpf
+        .program_mut(PROG_XDP)
+        .ok_or(XdpError::Missing("program `protobalance`"))?;
+    Ok(prog.try_into()?)
+}
+
+fn trie_v4(ebpf: &mut Ebpf) -> Result<LpmTrie<&mut MapData, [u8; 4], BlockEntry>, XdpError> {
+    let map = ebpf
+        .map_mut(MAP_BLOCK_V4)
+        .ok_or(XdpError::Missing(MAP_BLOCK_V4))?;
+    Ok(LpmTrie::try_from(map)?)
+}
+
+fn trie_v6(ebpf: &mut Ebpf) -> Result<LpmTrie<&mut MapData, [u8; 16], BlockEntry>, XdpError> {
+    let map = ebpf
+        .map_mut(MAP_BLOCK_V6)
+        .ok_or(XdpError::Missing(MAP_BLOCK_V6))?;
+    Ok(LpmTrie::try_from(map)?)
+}
+
+/// Creates the pin directory and checks it lives on bpffs (pins elsewhere fail obscurely).
+fn prepare_pin_dir(dir: &Path) -> Result<(), XdpError> {
+    std::fs::create_dir_all(dir).map_err(|source| XdpError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if !is_bpffs(dir) {
+        return Err(XdpError::NotBpffs(dir.to_owned()));
+    }
+    Ok(())
+}
+
+fn is_bpffs(dir: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c_path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut stat: libc::statfs = unsafe_zeroed_statfs();
+    // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn unsafe_zeroed_statfs() -> libc::statfs {
+    // SAFETY: statfs is a plain C struct for which all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Removes what `filter load` pinned for `iface`: the link (which detaches the program)
+/// and, when `remove_maps`, the map pins (blocklists and counters are then lost).
+pub fn unload_pinned(pin_dir: &Path, iface: &str, remove_maps: bool) -> Result<bool, XdpError> {
+    let link_path = pin_dir.join(format!("link-{iface}"));
+    let had_link = link_path.exists();
+    if had_link {
+        let pinned = PinnedLink::from_pin(&link_path).map_err(|source| XdpError::Link {
+            path: link_path.clone(),
+            source,
+        })?;
+        pinned.unpin().map_err(|source| XdpError::Io {
+            path: link_path.clone(),
+            source,
+        })?;
+    }
+    if remove_maps {
+        for name in [MAP_BLOCK_V4, MAP_BLOCK_V6, MAP_COUNTERS] {
+            let path = pin_dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(XdpError::Io { path, source }),
+            }
+        }
+        // Only removes the directory when nothing else is pinned there.
+        let _ = std::fs::remove_dir(pin_dir);
+    }
+    Ok(had_link)
+}

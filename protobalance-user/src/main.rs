@@ -1,0 +1,176 @@
+//! The `protobalance` command line: `run`, `check`, and `filter load|unload` for operators
+//! who attach the kernel filter at boot, before the proxy starts.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use protobalance::{
+    app::App,
+    config::Config,
+    filter::xdp::{self, AttachMode, XdpFilter},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "protobalance",
+    version,
+    about = "SMTP/POP3/IMAP clustering edge"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config, bind, load the kernel filter and serve until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate the config and exit: 0 when valid, 1 with a message naming the bad key.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Attach or detach the kernel filter alone, with pinned maps and link.
+    #[command(subcommand)]
+    Filter(FilterCommand),
+}
+
+#[derive(Subcommand)]
+enum FilterCommand {
+    /// Load the XDP filter, attach it to IFACE and pin it so it stays after this exits.
+    Load {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = "/sys/fs/bpf/protobalance")]
+        pin_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: CliMode,
+    },
+    /// Detach the pinned filter from IFACE and remove its pins (blocklists included).
+    Unload {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = "/sys/fs/bpf/protobalance")]
+        pin_dir: PathBuf,
+        /// Keep the pinned maps (blocklists, counters) for the next load.
+        #[arg(long)]
+        keep_maps: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CliMode {
+    Auto,
+    Driver,
+    Skb,
+}
+
+impl From<CliMode> for AttachMode {
+    fn from(mode: CliMode) -> Self {
+        match mode {
+            CliMode::Auto => AttachMode::Auto,
+            CliMode::Driver => AttachMode::Driver,
+            CliMode::Skb => AttachMode::Skb,
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("protobalance: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Check { config } => {
+            let validated = Config::load(&config)?;
+            println!(
+                "{}: ok ({} blocklist entries)",
+                config.display(),
+                validated.blocklist.len()
+            );
+            Ok(())
+        }
+        Command::Run { config } => {
+            let validated = Config::load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            runtime.block_on(run(validated))
+        }
+        Command::Filter(FilterCommand::Load {
+            iface,
+            pin_dir,
+            mode,
+        }) => {
+            let mut filter = XdpFilter::load(Some(&pin_dir))?;
+            let attached = filter.attach(&iface, mode.into())?;
+            let link = filter.pin_attachment(&iface)?;
+            println!(
+                "XDP filter attached to {iface} ({attached:?}); link pinned at {}",
+                link.display()
+            );
+            Ok(())
+        }
+        Command::Filter(FilterCommand::Unload {
+            iface,
+            pin_dir,
+            keep_maps,
+        }) => {
+            let had_link = xdp::unload_pinned(&pin_dir, &iface, !keep_maps)?;
+            if had_link {
+                println!("XDP filter detached from {iface}");
+            } else {
+                println!(
+                    "no pinned XDP filter for {iface} under {}",
+                    pin_dir.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run(validated: protobalance::config::Validated) -> anyhow::Result<()> {
+    let app = App::start(validated).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    app.serve(shutdown).await;
+    Ok(())
+}
+
+/// SIGTERM and SIGINT: stop accepting, drain, exit.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop protobalance with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PROTOBALANCE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

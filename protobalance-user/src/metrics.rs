@@ -1,0 +1,82 @@
+//! Prometheus metrics. Each module registers its metrics into the registry it is handed;
+//! nothing here is a hidden global. Label values are bounded (fixed enums only).
+
+use prometheus::{
+    IntCounterVec, IntGaugeVec, Opts, Registry,
+    core::{Collector, Desc},
+    proto::MetricFamily,
+};
+
+use crate::filter::xdp::CounterHandle;
+
+/// Build/identity gauge, so dashboards can tell which version is running.
+pub fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
+    let info = IntGaugeVec::new(
+        Opts::new(
+            "protobalance_build_info",
+            "protobalance version running, always 1",
+        ),
+        &["version"],
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    registry.register(Box::new(info))
+}
+
+/// Exposes the XDP per-CPU verdict counters, read from the kernel at scrape time.
+pub struct XdpCollector {
+    handle: CounterHandle,
+    /// Templates that only supply `desc()`; each scrape fills fresh vectors, so two
+    /// concurrent scrapes never see each other's values.
+    packets: IntCounterVec,
+    bytes: IntCounterVec,
+}
+
+fn xdp_vec(unit: &str) -> prometheus::Result<IntCounterVec> {
+    IntCounterVec::new(
+        Opts::new(
+            format!("protobalance_xdp_{unit}_total"),
+            format!("{unit} seen by the XDP filter, by verdict and reason"),
+        ),
+        &["verdict", "reason"],
+    )
+}
+
+impl XdpCollector {
+    pub fn new(handle: CounterHandle) -> prometheus::Result<Self> {
+        Ok(Self {
+            handle,
+            packets: xdp_vec("packets")?,
+            bytes: xdp_vec("bytes")?,
+        })
+    }
+}
+
+impl Collector for XdpCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.packets.desc();
+        descs.extend(self.bytes.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let counters = match self.handle.read() {
+            Ok(counters) => counters,
+            Err(error) => {
+                tracing::warn!(%error, "reading XDP counters failed");
+                return Vec::new();
+            }
+        };
+        let (Ok(packets), Ok(bytes)) = (xdp_vec("packets"), xdp_vec("bytes")) else {
+            return Vec::new();
+        };
+        for (counter, value) in counters {
+            let labels = counter.labels();
+            let labels = [labels.0, labels.1];
+            packets.with_label_values(&labels).inc_by(value.packets);
+            bytes.with_label_values(&labels).inc_by(value.bytes);
+        }
+        let mut families = packets.collect();
+        families.extend(bytes.collect());
+        families
+    }
+}
