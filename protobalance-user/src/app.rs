@@ -27,7 +27,10 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error("kernel filter on `{iface}` (`xdp.interface`): {source}")]
-    Xdp { iface: String, source: XdpError },
+    Xdp {
+        iface: String,
+        source: Box<XdpError>,
+    },
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
 }
@@ -52,7 +55,7 @@ impl App {
             Some(iface) => {
                 let mut filter = start_xdp(&validated, &iface).map_err(|source| AppError::Xdp {
                     iface: iface.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
                 register_xdp_metrics(&mut filter, &iface, &registry)?;
                 Some((iface, filter))
@@ -134,7 +137,7 @@ fn register_xdp_metrics(
 ) -> Result<(), AppError> {
     let xdp_error = |source| AppError::Xdp {
         iface: iface.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let (v4, v6) = filter.blocklist_len().map_err(xdp_error)?;
     tracing::info!(%iface, v4, v6, "blocklist loaded");

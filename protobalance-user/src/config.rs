@@ -149,26 +149,24 @@ impl Config {
             ));
         }
         let xdp = &self.xdp;
-        if let Some(iface) = &xdp.interface {
-            if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']) {
-                return Err(invalid(
-                    "xdp.interface",
-                    format!(
-                        "`{iface}` is not a valid interface name (1-15 chars, no '/' or spaces)"
-                    ),
-                ));
-            }
+        if let Some(iface) = &xdp.interface
+            && (iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']))
+        {
+            return Err(invalid(
+                "xdp.interface",
+                format!("`{iface}` is not a valid interface name (1-15 chars, no '/' or spaces)"),
+            ));
         }
-        if let Some(dir) = &xdp.pin_dir {
-            if !dir.is_absolute() {
-                return Err(invalid(
-                    "xdp.pin_dir",
-                    format!(
-                        "`{}` must be an absolute path on bpffs, e.g. /sys/fs/bpf/protobalance",
-                        dir.display()
-                    ),
-                ));
-            }
+        if let Some(dir) = &xdp.pin_dir
+            && !dir.is_absolute()
+        {
+            return Err(invalid(
+                "xdp.pin_dir",
+                format!(
+                    "`{}` must be an absolute path on bpffs, e.g. /sys/fs/bpf/protobalance",
+                    dir.display()
+                ),
+            ));
         }
         let mut entries = Vec::new();
         for (i, raw) in xdp.blocklist.iter().enumerate() {

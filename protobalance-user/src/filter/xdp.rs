@@ -79,8 +79,8 @@ pub enum XdpError {
     )]
     Attach {
         iface: String,
-        driver: ProgramError,
-        skb: ProgramError,
+        driver: Box<ProgramError>,
+        skb: Box<ProgramError>,
     },
     #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
     NotBpffs(PathBuf),
@@ -123,7 +123,7 @@ impl XdpFilter {
             None => Vec::new(),
         };
         for (name, path) in &pins {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(XDP_OBJECT)?;
         program(&mut ebpf)?.load()?;
@@ -167,8 +167,8 @@ impl XdpFilter {
                         prog.attach(iface, XdpMode::Skb)
                             .map_err(|skb| XdpError::Attach {
                                 iface: iface.to_owned(),
-                                driver,
-                                skb,
+                                driver: Box::new(driver),
+                                skb: Box::new(skb),
                             })?;
                     (link, Attached::Skb)
                 }
@@ -334,20 +334,20 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), XdpError> {
     Ok(())
 }
 
+#[allow(
+    clippy::useless_conversion,
+    reason = "statfs.f_type is i64 on x86_64 but narrower on other architectures"
+)]
 fn is_bpffs(dir: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let Ok(c_path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return false;
     };
-    let mut stat: libc::statfs = unsafe_zeroed_statfs();
+    // SAFETY: statfs is a plain C struct for which all-zero bytes are a valid value.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
-}
-
-fn unsafe_zeroed_statfs() -> libc::statfs {
-    // SAFETY: statfs is a plain C struct for which all-zero bytes are a valid value.
-    unsafe { std::mem::zeroed() }
+    rc == 0 && i64::from(stat.f_type) == BPF_FS_MAGIC
 }
 
 /// Removes what `filter load` pinned for `iface`: the link (which detaches the program)

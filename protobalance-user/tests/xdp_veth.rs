@@ -1,0 +1,310 @@
+//! The kernel filter attached for real: a veth pair into a namespace this test creates,
+//! protobalance running as a process with the filter on the host end. A TCP connect from a
+//! blocklisted source fails, from an allowed one succeeds, in driver and in SKB mode; once
+//! protobalance exits (SIGTERM or SIGKILL) no XDP program remains on the link.
+//! `filter load`/`unload` (pinned link) and the swap of `run` into a pinned link too.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use protobalance_tests::{
+    ChildGuard, NetNs, TestSubnet, Veth, free_port, netns, process, require_root,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_protobalance");
+
+/// A namespace + veth with an allowed and a blocklisted source address inside.
+struct Net {
+    veth: Veth,
+    ns: NetNs,
+    subnet: TestSubnet,
+    bot_v4: Ipv4Addr,
+}
+
+impl Net {
+    fn new(tag: &str) -> Net {
+        let ns = NetNs::new(tag).expect("namespace");
+        let veth = Veth::with_unique_name(&ns, "eth0").expect("veth");
+        let subnet = TestSubnet::next().expect("subnet");
+        subnet.assign(&veth).expect("addresses");
+        veth.up().expect("link up");
+        // A second source inside the namespace, routed as a /32 over the same veth.
+        let bot_v4 = TestSubnet::next().expect("subnet").ns_v4;
+        veth.add_ns_addr(&format!("{bot_v4}/32"))
+            .expect("bot address");
+        netns::ip(&[
+            "route",
+            "add",
+            &format!("{bot_v4}/32"),
+            "dev",
+            veth.host_ifname(),
+        ])
+        .expect("route");
+        Net {
+            veth,
+            ns,
+            subnet,
+            bot_v4,
+        }
+    }
+
+    fn iface(&self) -> &str {
+        self.veth.host_ifname()
+    }
+
+    /// True when a TCP connect from `src` (inside the namespace) to `dst` completes.
+    fn connects(&self, src: IpAddr, dst: SocketAddr) -> bool {
+        let family = if src.is_ipv4() { "AF_INET" } else { "AF_INET6" };
+        let script = format!(
+            "import socket\ns=socket.socket(socket.{family})\ns.bind(('{src}',0))\ns.settimeout(1.5)\n\
+             print(s.connect_ex(('{}',{})))",
+            dst.ip(),
+            dst.port()
+        );
+        self.ns.python(&script).expect("probe").trim() == "0"
+    }
+
+    /// The XDP attachment `ip link` reports for the host end: "xdp" (driver), "xdpgeneric"
+    /// (SKB) or None.
+    fn xdp_attachment(&self) -> Option<String> {
+        let out = netns::ip(&["-d", "link", "show", "dev", self.iface()]).expect("ip link");
+        ["xdpgeneric", "xdpdrv", "xdp"]
+            .into_iter()
+            .find(|kind| {
+                out.split_whitespace()
+                    .any(|w| w == *kind || w.starts_with(&format!("{kind}/")))
+            })
+            .map(str::to_owned)
+    }
+}
+
+struct Proxy {
+    guard: ChildGuard,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn start(net: &Net, mode: &str, pin_dir: Option<&Path>) -> Proxy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = SocketAddr::from((
+        [127, 0, 0, 1],
+        free_port(IpAddr::from([127, 0, 0, 1])).expect("port"),
+    ));
+    let pin = pin_dir
+        .map(|p| format!("pin_dir = \"{}\"\n", p.display()))
+        .unwrap_or_default();
+    let config = format!(
+        "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 2\n[xdp]\ninterface = \"{}\"\n\
+         mode = \"{mode}\"\n{pin}blocklist = [\"{}/32\", \"{}/128\"]\n",
+        net.iface(),
+        net.bot_v4,
+        net.subnet.ns_v6
+    );
+    let path = dir.path().join("protobalance.toml");
+    std::fs::write(&path, config).expect("write config");
+    let guard = ChildGuard::spawn(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null()),
+        "protobalance",
+    )
+    .expect("spawn protobalance");
+    let proxy = Proxy {
+        guard,
+        admin,
+        _dir: dir,
+    };
+    // The admin socket is bound early, but answers only once start-up (XDP attach) is done.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get(admin, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        assert!(Instant::now() < deadline, "protobalance did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy
+}
+
+fn get(admin: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn metrics(admin: SocketAddr) -> String {
+    get(admin, "/metrics").expect("GET /metrics")
+}
+
+fn drop_count(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("protobalance_xdp_packets_total{reason=\"blocklist\",verdict=\"drop\"}")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no drop counter in metrics:\n{metrics}"))
+}
+
+fn filtered_connects(mode: &str, expect_attachment: &str, stop_signal: &str) {
+    let net = Net::new(mode);
+    let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen v4");
+    let listener6 = TcpListener::bind((net.subnet.host_v6, 0)).expect("listen v6");
+    let (v4, v6) = (
+        listener.local_addr().expect("addr"),
+        listener6.local_addr().expect("addr"),
+    );
+    assert!(
+        net.connects(IpAddr::V4(net.bot_v4), v4),
+        "before the filter the bot still connects"
+    );
+
+    let mut proxy = start(&net, mode, None);
+    assert_eq!(
+        net.xdp_attachment().as_deref(),
+        Some(expect_attachment),
+        "attach mode"
+    );
+    assert!(
+        net.connects(IpAddr::V4(net.subnet.ns_v4), v4),
+        "allowed IPv4 source connects"
+    );
+    assert!(
+        !net.connects(IpAddr::V4(net.bot_v4), v4),
+        "blocklisted IPv4 source is dropped"
+    );
+    assert!(
+        !net.connects(IpAddr::V6(net.subnet.ns_v6), v6),
+        "blocklisted IPv6 source is dropped"
+    );
+    assert!(
+        drop_count(&metrics(proxy.admin)) >= 2,
+        "drops visible on /metrics"
+    );
+
+    process::signal(proxy.guard.id(), stop_signal);
+    let status = proxy
+        .guard
+        .wait_timeout(Duration::from_secs(10))
+        .expect("wait");
+    assert!(status.is_some(), "protobalance exits on SIG{stop_signal}");
+    if stop_signal == "TERM" {
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "clean exit on SIGTERM: {status:?}"
+        );
+    }
+    // The bpf_link is owned by the process: gone with it, even after SIGKILL.
+    assert_eq!(
+        net.xdp_attachment(),
+        None,
+        "no XDP program left on the link"
+    );
+    assert!(
+        net.connects(IpAddr::V4(net.bot_v4), v4),
+        "bot connects again once the filter is gone"
+    );
+}
+
+#[test]
+fn driver_mode_drops_blocklisted_sources_and_detaches_on_sigterm() {
+    if !require_root("driver_mode_drops_blocklisted_sources_and_detaches_on_sigterm") {
+        return;
+    }
+    filtered_connects("driver", "xdp", "TERM");
+}
+
+#[test]
+fn skb_mode_drops_blocklisted_sources_and_detaches_on_sigkill() {
+    if !require_root("skb_mode_drops_blocklisted_sources_and_detaches_on_sigkill") {
+        return;
+    }
+    filtered_connects("skb", "xdpgeneric", "KILL");
+}
+
+/// Removes a bpffs pin directory even when the test fails.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn filter_load_pins_and_run_swaps_into_the_pinned_link() {
+    if !require_root("filter_load_pins_and_run_swaps_into_the_pinned_link") {
+        return;
+    }
+    let net = Net::new("pin");
+    let pins = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/pbt-{}-{}",
+        std::process::id(),
+        net.iface()
+    )));
+    let pin = pins.0.display().to_string();
+    let filter = |verb: &str| {
+        let out = Command::new(BIN)
+            .args(["filter", verb, "--iface", net.iface(), "--pin-dir", &pin])
+            .output()
+            .expect("run filter");
+        assert!(
+            out.status.success(),
+            "filter {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    filter("load");
+    assert_eq!(
+        net.xdp_attachment().as_deref(),
+        Some("xdp"),
+        "stays attached after `filter load` exits"
+    );
+    assert!(
+        pins.0.join(format!("link-{}", net.iface())).exists(),
+        "link pinned"
+    );
+
+    let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
+    let v4 = listener.local_addr().expect("addr");
+    let mut proxy = start(&net, "auto", Some(&pins.0));
+    assert!(
+        !net.connects(IpAddr::V4(net.bot_v4), v4),
+        "run's blocklist applies in the pinned link"
+    );
+    process::signal(proxy.guard.id(), "TERM");
+    assert!(
+        proxy
+            .guard
+            .wait_timeout(Duration::from_secs(10))
+            .expect("wait")
+            .is_some()
+    );
+    assert!(
+        net.xdp_attachment().is_some(),
+        "a pinned filter outlives protobalance run"
+    );
+    assert!(
+        !net.connects(IpAddr::V4(net.bot_v4), v4),
+        "pinned maps keep the blocklist"
+    );
+
+    filter("unload");
+    assert_eq!(net.xdp_attachment(), None, "unload detaches");
+    assert!(!pins.0.exists(), "unload removes the pins");
+    assert!(
+        net.connects(IpAddr::V4(net.bot_v4), v4),
+        "bot connects once unloaded"
+    );
+}

@@ -1,0 +1,139 @@
+//! `cargo xtask …`: the developer and operator verbs.
+//!
+//! * `setup`  — install what is missing (apt packages, pinned toolchain + rust-src,
+//!   bpf-linker built against LLVM 22, bpffs); idempotent, prints each step.
+//! * `build`  — the XDP object and the release binary; prints where they are.
+//! * `load` / `unload` — attach/detach the kernel filter alone, with pinned maps.
+//! * `run`    — the demo cluster: three real Dovecot backends, a demo veth + namespace
+//!   with the XDP filter on it, protobalance on examples/demo.toml. Ctrl-C stops it all.
+//! * `test`   — setup, then the whole test suite.
+
+mod demo;
+mod setup;
+mod util;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install missing prerequisites (apt packages, toolchain, bpf-linker). Idempotent.
+    Setup,
+    /// Build the XDP object and the release `protobalance` binary.
+    Build,
+    /// Attach the kernel filter to IFACE and pin it (it stays after this command exits).
+    Load {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = "/sys/fs/bpf/protobalance")]
+        pin_dir: PathBuf,
+        /// auto (driver, falling back to skb), driver or skb.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+    },
+    /// Detach the pinned kernel filter from IFACE and remove its pins.
+    Unload {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = "/sys/fs/bpf/protobalance")]
+        pin_dir: PathBuf,
+    },
+    /// Start the demo cluster (three Dovecot backends + protobalance). Ctrl-C stops it.
+    Run {
+        /// Test users per backend's passwd-file.
+        #[arg(long, default_value_t = 3000)]
+        users: usize,
+    },
+    /// Run the whole test suite (installs prerequisites first).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build => build().map(|_| ()),
+        Command::Load {
+            iface,
+            pin_dir,
+            mode,
+        } => {
+            let binary = build()?;
+            let pin_dir = pin_dir.to_string_lossy().into_owned();
+            util::run(util::cmd(&binary).args([
+                "filter",
+                "load",
+                "--iface",
+                &iface,
+                "--pin-dir",
+                &pin_dir,
+                "--mode",
+                &mode,
+            ]))
+        }
+        Command::Unload { iface, pin_dir } => {
+            let binary = build()?;
+            let pin_dir = pin_dir.to_string_lossy().into_owned();
+            util::run(util::cmd(&binary).args([
+                "filter",
+                "unload",
+                "--iface",
+                &iface,
+                "--pin-dir",
+                &pin_dir,
+            ]))
+        }
+        Command::Run { users } => {
+            let binary = build()?;
+            demo::run(&binary, users)
+        }
+        Command::Test { args } => test(&args),
+    }
+}
+
+/// Builds the release binary (its build.rs builds the XDP object) and returns its path.
+fn build() -> Result<PathBuf> {
+    setup::run()?;
+    util::step("building protobalance (release) and the XDP object");
+    util::run(util::cargo().args(["build", "--release", "-p", "protobalance-user"]))?;
+    let root = util::workspace_root();
+    let binary = root.join("target/release/protobalance");
+    println!("  binary:     {}", binary.display());
+    if let Some(object) = util::newest_xdp_object(&root.join("target/release/build")) {
+        println!(
+            "  XDP object: {} (embedded in the binary)",
+            object.display()
+        );
+    }
+    Ok(binary)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::run()?;
+    util::step("running the test suite (cargo test; privileged tests need root)");
+    let mut cargo = util::cargo();
+    cargo.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "protobalance-ebpf",
+        "--no-fail-fast",
+    ]);
+    if !args.is_empty() {
+        cargo.arg("--").args(args);
+    }
+    util::run(&mut cargo)
+}

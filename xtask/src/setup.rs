@@ -1,0 +1,164 @@
+//! `cargo xtask setup`: installs what the build, the demo and the tests need, idempotently.
+//! Each step checks first and prints `ok` or what it installs; a second run changes nothing.
+//!
+//! The recipe (shared/TESTBED.md): LLVM 22 from Debian (bookworm-security) for bpf-linker,
+//! the pinned rustc 1.95.0 with rust-src (the eBPF crate is built with `-Z build-std=core`
+//! under RUSTC_BOOTSTRAP=1), bpf-linker 0.13.0 built against LLVM 22, real mail servers.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Result, bail};
+
+use crate::util::{self, output, step};
+
+/// The toolchain the eBPF object is built with (must match protobalance-user/build.rs).
+pub const EBPF_TOOLCHAIN: &str = "1.95.0";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Debian packages: the eBPF toolchain's LLVM, network tools, and the real servers/clients
+/// the tests and the demo run.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "iproute2",
+    "dovecot-core",
+    "dovecot-pop3d",
+    "dovecot-imapd",
+    "dovecot-lmtpd",
+    "swaks",
+    "python3",
+    "curl",
+];
+
+pub fn run() -> Result<()> {
+    step("checking prerequisites (cargo xtask setup)");
+    apt_packages()?;
+    rust_toolchain()?;
+    bpf_linker()?;
+    bpffs()?;
+    println!("  prerequisites: ok");
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        println!("  apt packages: ok ({})", APT_PACKAGES.len());
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!(
+            "missing Debian packages: {}. Run `cargo xtask setup` as root, or install them: \
+             apt-get install {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    println!("  apt packages: installing {}", missing.join(" "));
+    util::run(Command::new("apt-get").args(["update", "-q"]))?;
+    // Debian starts a package's default service on install (Dovecot would listen on all
+    // addresses). A temporary policy-rc.d forbids that; our instances use their own configs.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let created_policy = !policy.exists();
+    if created_policy {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# written by cargo xtask setup\nexit 101\n",
+        )?;
+        util::run(Command::new("chmod").args(["755", "/usr/sbin/policy-rc.d"]))?;
+    }
+    let result = util::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    );
+    if created_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|status| status.contains("install ok installed"))
+}
+
+fn rust_toolchain() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN)) {
+        println!("  rust {EBPF_TOOLCHAIN}: installing (profile minimal)");
+        util::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))
+    .unwrap_or_default();
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        println!("  rust {EBPF_TOOLCHAIN} with rust-src: ok");
+        return Ok(());
+    }
+    println!("  rust {EBPF_TOOLCHAIN}: adding rust-src (for -Z build-std=core)");
+    util::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if version.contains(BPF_LINKER_VERSION) {
+        println!("  bpf-linker {BPF_LINKER_VERSION}: ok");
+        return Ok(());
+    }
+    println!("  bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (takes about 2 minutes)");
+    let path = format!(
+        "{LLVM_PREFIX}/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    util::run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .env("PATH", path)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"]),
+    )
+}
+
+/// Pins (kept blocklists, `filter load`) need a bpffs at /sys/fs/bpf.
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        println!("  bpffs on /sys/fs/bpf: ok");
+        return Ok(());
+    }
+    if !util::is_root() {
+        println!("  bpffs on /sys/fs/bpf: not mounted (needs root: mount -t bpf bpf /sys/fs/bpf)");
+        return Ok(());
+    }
+    println!("  bpffs on /sys/fs/bpf: mounting");
+    util::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
