@@ -113,8 +113,10 @@ impl App {
 fn start_xdp(validated: &Validated, iface: &str) -> Result<XdpFilter, XdpError> {
     let cfg = &validated.config.xdp;
     let mut filter = XdpFilter::load(cfg.pin_dir.as_deref())?;
-    for cidr in &validated.blocklist {
-        filter.block(*cidr, CONFIG_LIST_ID)?;
+    // With pinned maps the previous run's config entries are still there: replace the list.
+    let removed = filter.replace_list(CONFIG_LIST_ID, &validated.blocklist)?;
+    if removed > 0 {
+        tracing::info!(%iface, removed, "removed blocklist entries no longer in the config");
     }
     let attached = filter.attach(iface, cfg.mode)?;
     match attached {

@@ -31,12 +31,14 @@ pub struct XdpCollector {
     bytes: IntCounterVec,
 }
 
+/// `unit` is "packets" or "bytes".
 fn xdp_vec(unit: &str) -> prometheus::Result<IntCounterVec> {
+    let help = match unit {
+        "packets" => "Packets seen by the XDP filter, by verdict and reason",
+        _ => "Bytes seen by the XDP filter, by verdict and reason",
+    };
     IntCounterVec::new(
-        Opts::new(
-            format!("protobalance_xdp_{unit}_total"),
-            format!("{unit} seen by the XDP filter, by verdict and reason"),
-        ),
+        Opts::new(format!("protobalance_xdp_{unit}_total"), help),
         &["verdict", "reason"],
     )
 }

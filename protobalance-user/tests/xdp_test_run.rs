@@ -211,3 +211,34 @@ fn value(filter: &XdpFilter, counter: Counter) -> u64 {
         .map(|(_, v)| v.packets)
         .expect("counter present")
 }
+
+#[test]
+fn replace_list_swaps_one_list_and_leaves_others() {
+    let Some(mut filter) = load() else { return };
+    filter.block(cidr("10.0.0.0/8"), 1).expect("block");
+    filter.block(cidr("2001:db8:1::/48"), 1).expect("block");
+    filter
+        .block(cidr("192.0.2.0/24"), 2)
+        .expect("block other list");
+    let removed = filter
+        .replace_list(1, &[cidr("2001:db8:1::/48"), cidr("203.0.113.0/24")])
+        .expect("replace");
+    assert_eq!(removed, 1, "only 10.0.0.0/8 was stale");
+    let mut list1: Vec<String> = filter
+        .list_entries(1)
+        .expect("entries")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    list1.sort();
+    assert_eq!(list1, ["2001:db8:1::/48", "203.0.113.0/24"]);
+    assert_eq!(
+        filter.list_entries(2).expect("entries").len(),
+        1,
+        "list 2 untouched"
+    );
+    assert_eq!(verdict(&filter, &frame_from(ip("10.1.1.1"))), XDP_PASS);
+    assert_eq!(verdict(&filter, &frame_from(ip("203.0.113.1"))), XDP_DROP);
+    assert_eq!(verdict(&filter, &frame_from(ip("192.0.2.1"))), XDP_DROP);
+    assert_eq!(verdict(&filter, &frame_from(ip("2001:db8:1::1"))), XDP_DROP);
+}

@@ -77,7 +77,7 @@ fn apt_packages() -> Result<()> {
     let result = util::run(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(["install", "-y", "-q"])
             .args(&missing),
     );
     if created_policy {

@@ -12,6 +12,7 @@
 //!   leaves it pinned on exit; `protobalance filter unload` removes link and map pins.
 
 use std::{
+    collections::HashSet,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -31,6 +32,10 @@ use protobalance_common::{
 };
 
 use crate::filter::cidr::Cidr;
+
+mod pin;
+use pin::prepare_pin_dir;
+pub use pin::unload_pinned;
 
 /// The XDP object, built by build.rs from the protobalance-ebpf crate.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/protobalance"));
@@ -230,6 +235,44 @@ impl XdpFilter {
         }
     }
 
+    /// Makes list `list_id` hold exactly `wanted`: inserts first, then removes entries of
+    /// that list that are no longer wanted, so a kept entry never disappears in between.
+    /// Needed with pinned maps, where the previous run's entries are still present.
+    /// Returns how many stale entries were removed.
+    pub fn replace_list(&mut self, list_id: u32, wanted: &[Cidr]) -> Result<usize, XdpError> {
+        for cidr in wanted {
+            self.block(*cidr, list_id)?;
+        }
+        let wanted: HashSet<Cidr> = wanted.iter().map(Cidr::network).collect();
+        let stale: Vec<Cidr> = self
+            .list_entries(list_id)?
+            .into_iter()
+            .filter(|cidr| !wanted.contains(cidr))
+            .collect();
+        for cidr in &stale {
+            self.unblock(*cidr)?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Every entry of list `list_id`, both families.
+    pub fn list_entries(&mut self, list_id: u32) -> Result<Vec<Cidr>, XdpError> {
+        let mut out = Vec::new();
+        for item in trie_v4(&mut self.ebpf)?.iter() {
+            let (key, entry) = item?;
+            if entry.list_id == list_id {
+                out.extend(key_to_cidr(key.prefix_len(), IpAddr::from(key.data())));
+            }
+        }
+        for item in trie_v6(&mut self.ebpf)?.iter() {
+            let (key, entry) = item?;
+            if entry.list_id == list_id {
+                out.extend(key_to_cidr(key.prefix_len(), IpAddr::from(key.data())));
+            }
+        }
+        Ok(out)
+    }
+
     /// Number of entries in the (v4, v6) blocklists.
     pub fn blocklist_len(&mut self) -> Result<(usize, usize), XdpError> {
         let v4 = trie_v4(&mut self.ebpf)?.keys().count();
@@ -269,6 +312,10 @@ impl XdpFilter {
         })?;
         Ok((result.return_value, result.duration))
     }
+}
+
+fn key_to_cidr(prefix_len: u32, addr: IpAddr) -> Option<Cidr> {
+    Cidr::new(addr, u8::try_from(prefix_len).ok()?).ok()
 }
 
 /// Shared read access to the per-CPU verdict counters.
@@ -320,62 +367,4 @@ fn trie_v6(ebpf: &mut Ebpf) -> Result<LpmTrie<&mut MapData, [u8; 16], BlockEntry
         .map_mut(MAP_BLOCK_V6)
         .ok_or(XdpError::Missing(MAP_BLOCK_V6))?;
     Ok(LpmTrie::try_from(map)?)
-}
-
-/// Creates the pin directory and checks it lives on bpffs (pins elsewhere fail obscurely).
-fn prepare_pin_dir(dir: &Path) -> Result<(), XdpError> {
-    std::fs::create_dir_all(dir).map_err(|source| XdpError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
-    if !is_bpffs(dir) {
-        return Err(XdpError::NotBpffs(dir.to_owned()));
-    }
-    Ok(())
-}
-
-#[allow(
-    clippy::useless_conversion,
-    reason = "statfs.f_type is i64 on x86_64 but narrower on other architectures"
-)]
-fn is_bpffs(dir: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let Ok(c_path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs is a plain C struct for which all-zero bytes are a valid value.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    rc == 0 && i64::from(stat.f_type) == BPF_FS_MAGIC
-}
-
-/// Removes what `filter load` pinned for `iface`: the link (which detaches the program)
-/// and, when `remove_maps`, the map pins (blocklists and counters are then lost).
-pub fn unload_pinned(pin_dir: &Path, iface: &str, remove_maps: bool) -> Result<bool, XdpError> {
-    let link_path = pin_dir.join(format!("link-{iface}"));
-    let had_link = link_path.exists();
-    if had_link {
-        let pinned = PinnedLink::from_pin(&link_path).map_err(|source| XdpError::Link {
-            path: link_path.clone(),
-            source,
-        })?;
-        pinned.unpin().map_err(|source| XdpError::Io {
-            path: link_path.clone(),
-            source,
-        })?;
-    }
-    if remove_maps {
-        for name in [MAP_BLOCK_V4, MAP_BLOCK_V6, MAP_COUNTERS] {
-            let path = pin_dir.join(name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(XdpError::Io { path, source }),
-            }
-        }
-        // Only removes the directory when nothing else is pinned there.
-        let _ = std::fs::remove_dir(pin_dir);
-    }
-    Ok(had_link)
 }
