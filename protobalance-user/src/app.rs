@@ -11,7 +11,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, AdminState},
-    config::Validated,
+    config::{Config, Validated},
+    directory::{DirectoryError, MailboxDirectory as _, sqlite::SqliteDirectory},
     filter::xdp::{Attached, XdpError, XdpFilter},
     metrics,
 };
@@ -157,4 +158,37 @@ fn register_xdp_metrics(
         filter.counter_handle(),
     )?))?;
     Ok(())
+}
+
+/// Opens the directory store named by `[directory]` and makes its backends and domains
+/// match the config: config backends are added or get their capacity updated (their state
+/// — active/draining/down — is the directory's, changed at run time); domains get their
+/// policy. Backends in the directory but not in the config are reported, not deleted:
+/// their mailboxes would be stranded.
+pub async fn open_directory(config: &Config) -> Result<SqliteDirectory, DirectoryError> {
+    let path = &config.directory.path;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| DirectoryError::Store(format!("creating {}: {e}", parent.display())))?;
+    }
+    let store = SqliteDirectory::open(path)?;
+    for backend in &config.backends {
+        store
+            .upsert_backend(&backend.name, backend.capacity)
+            .await?;
+    }
+    for domain in &config.domains {
+        store
+            .upsert_domain(&domain.name, domain.unknown_mailbox)
+            .await?;
+    }
+    for known in store.backends().await? {
+        if !config.backends.iter().any(|b| b.name == known.name) {
+            tracing::warn!(
+                backend = %known.name, mailboxes = known.mailboxes,
+                "backend is in the directory but not in the config: its mailboxes cannot be served"
+            );
+        }
+    }
+    Ok(store)
 }

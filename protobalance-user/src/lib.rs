@@ -1,12 +1,17 @@
 //! protobalance: an SMTP/POP3/IMAP clustering edge. This library holds everything the
 //! `protobalance` binary runs; integration tests and xtask use it too.
 //!
-//! Module map (see docs/architecture.md): `config` → `app` (wiring, shutdown) → `admin`
-//! (/metrics, later the XML API) and `filter` (`xdp` is the only aya user). The protocol
-//! modules (`smtp`, `pop3`, `imap`), `directory` and `backend` arrive with later issues.
+//! Module map (see docs/development.md): `config` → `app` (wiring, shutdown) → `admin`
+//! (/metrics, later the XML API) and `filter` (`xdp` is the only aya user). Protocol
+//! modules (`pop3`, `imap`, later `smtp`) each hold a sans-IO `codec` (bytes in, commands
+//! out; no sockets) and a session driver. `secret` keeps credentials out of logs.
 
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod directory;
 pub mod filter;
+pub mod imap;
 pub mod metrics;
+pub mod pop3;
+pub mod secret;

@@ -4,6 +4,8 @@
 use std::{io::IsTerminal as _, path::PathBuf};
 
 use anyhow::Context as _;
+
+mod directory_cli;
 use clap::{Parser, Subcommand};
 use protobalance::{
     app::App,
@@ -38,6 +40,30 @@ enum Command {
     /// Attach or detach the kernel filter alone, with pinned maps and link.
     #[command(subcommand)]
     Filter(FilterCommand),
+    /// Inspect and provision the mailbox directory.
+    #[command(subcommand)]
+    Directory(DirectoryCommand),
+}
+
+#[derive(Subcommand)]
+enum DirectoryCommand {
+    /// Import mailboxes from FILE (one `address[,backend]` per line; see docs/directory.md).
+    Import {
+        #[arg(long, short)]
+        config: PathBuf,
+        file: PathBuf,
+    },
+    /// Print the backend that owns LOGIN (after normalization), without assigning it.
+    Lookup {
+        #[arg(long, short)]
+        config: PathBuf,
+        login: String,
+    },
+    /// List backends with their state and mailbox counts.
+    Backends {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,6 +134,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(run(validated))
         }
+        Command::Directory(command) => directory_cli::run(command),
         Command::Filter(FilterCommand::Load {
             iface,
             pin_dir,

@@ -1,9 +1,13 @@
 //! The TOML configuration: parsed, then validated as a whole before anything binds, so a bad
 //! file fails fast with a message that names the key and the fix.
 //!
-//! Sections: `[admin]` (metrics/API listener), `[shutdown]`, `[xdp]` (kernel filter).
-//! Listeners, backends and the directory arrive with the routing issues; unknown keys are
+//! Sections: `[admin]` (metrics/API listener), `[shutdown]`, `[xdp]` (kernel filter),
+//! `[directory]`, `[[domain]]`, `[[backend]]` (the cluster, in `cluster`). Unknown keys are
 //! rejected so a typo never silently does nothing.
+
+mod cluster;
+
+pub use cluster::{BackendConfig, DirectoryConfig, DomainConfig};
 
 use std::{
     net::SocketAddr,
@@ -24,6 +28,28 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub xdp: XdpConfig,
+    #[serde(default)]
+    pub directory: DirectoryConfig,
+    #[serde(default, rename = "domain")]
+    pub domains: Vec<DomainConfig>,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+/// A validation failure before the file path is attached.
+#[derive(Debug)]
+pub(crate) struct Problem {
+    key: String,
+    message: String,
+}
+
+impl Problem {
+    pub(crate) fn new(key: &str, message: String) -> Self {
+        Self {
+            key: key.to_owned(),
+            message,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,7 +159,16 @@ impl Config {
         config.validate(path)
     }
 
-    fn validate(self, path: &Path) -> Result<Validated, ConfigError> {
+    fn validate(mut self, path: &Path) -> Result<Validated, ConfigError> {
+        let to_error = |p: Problem| ConfigError::Invalid {
+            path: path.display().to_string(),
+            key: p.key,
+            message: p.message,
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        self.directory.validate(base).map_err(to_error)?;
+        cluster::validate_domains(&self.domains, &self.directory.normalizer()).map_err(to_error)?;
+        cluster::validate_backends(&self.backends).map_err(to_error)?;
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: path.display().to_string(),
             key: key.to_owned(),
@@ -175,7 +210,6 @@ impl Config {
                 .map_err(|e| invalid(&format!("xdp.blocklist[{i}]"), e.to_string()))?;
             entries.push(cidr);
         }
-        let base = path.parent().unwrap_or(Path::new("."));
         for (i, file) in xdp.blocklist_files.iter().enumerate() {
             let file = base.join(file);
             let list = blocklist::read(&file)
@@ -211,6 +245,61 @@ mod tests {
         assert_eq!(v.config.admin.listen.to_string(), "127.0.0.1:9925");
         assert_eq!(v.config.shutdown.grace_seconds, 30);
         assert!(v.config.xdp.interface.is_none());
+    }
+
+    #[test]
+    fn cluster_sections_parse_and_resolve_paths() {
+        let v = check(
+            "[directory]\npath = \"dir.db\"\nmaster_separator = \"*\"\n\
+             [[domain]]\nname = \"example.com\"\nunknown_mailbox = \"auto-provision\"\n\
+             [[backend]]\nname = \"b1\"\naddress = \"127.0.1.1\"\ncapacity = 5\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            v.config.directory.path,
+            Path::new("/etc/protobalance/dir.db")
+        );
+        assert_eq!(v.config.directory.normalizer().master_separator, Some('*'));
+        assert_eq!(v.config.backends[0].pop3_port, 110);
+        assert_eq!(
+            v.config.domains[0].unknown_mailbox,
+            crate::directory::DomainPolicy::AutoProvision
+        );
+    }
+
+    #[test]
+    fn cluster_errors_name_the_key() {
+        let cases = [
+            (
+                "[[backend]]\nname = \"b 1\"\naddress = \"127.0.1.1\"\n",
+                "`backend[0].name`",
+            ),
+            (
+                "[[backend]]\nname = \"b\"\naddress = \"127.0.1.1\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.1.2\"\n",
+                "`backend[1].name`",
+            ),
+            (
+                "[[backend]]\nname = \"b\"\naddress = \"127.0.1.1\"\npop3_port = 0\n",
+                "`backend[0].pop3_port`",
+            ),
+            ("[[domain]]\nname = \"Example.COM\"\n", "`domain[0].name`"),
+            (
+                "[[domain]]\nname = \"example.com\"\nunknown_mailbox = \"accept\"\n",
+                "accept",
+            ),
+            (
+                "[directory]\ntag_separator = \"++\"\n",
+                "`directory.tag_separator`",
+            ),
+            (
+                "[directory]\ntag_separator = \"*\"\nmaster_separator = \"*\"\n",
+                "`directory.master_separator`",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = check(text).expect_err(text);
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

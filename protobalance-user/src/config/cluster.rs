@@ -1,0 +1,208 @@
+//! `[directory]`, `[[domain]]` and `[[backend]]`: the mail cluster behind the edge.
+
+use std::{
+    collections::HashSet,
+    net::IpAddr,
+    num::NonZeroUsize,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use super::Problem;
+use crate::directory::{DomainPolicy, LocalCase, Normalizer};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// The SQLite file; relative paths are from the config file's directory.
+    #[serde(default = "default_directory_path")]
+    pub path: PathBuf,
+    /// Owners kept in the in-process LRU cache.
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: NonZeroUsize,
+    #[serde(default)]
+    pub local_part_case: LocalCase,
+    /// `user+tag@domain` → `user@domain`; empty string disables.
+    #[serde(default = "default_tag_separator")]
+    pub tag_separator: String,
+    /// Dovecot-style master logins `user*master`; empty (default) disables.
+    #[serde(default)]
+    pub master_separator: String,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        Self {
+            path: default_directory_path(),
+            cache_entries: default_cache_entries(),
+            local_part_case: LocalCase::default(),
+            tag_separator: default_tag_separator(),
+            master_separator: String::new(),
+        }
+    }
+}
+
+fn default_directory_path() -> PathBuf {
+    PathBuf::from("/var/lib/protobalance/directory.db")
+}
+
+fn default_cache_entries() -> NonZeroUsize {
+    NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN)
+}
+
+fn default_tag_separator() -> String {
+    "+".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub name: String,
+    /// `reject` (default) or `auto-provision`.
+    #[serde(default)]
+    pub unknown_mailbox: DomainPolicy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Stable identifier stored in the directory; renaming a backend orphans its mailboxes.
+    pub name: String,
+    pub address: IpAddr,
+    /// Relative weight for apportioning new mailboxes.
+    #[serde(default = "default_capacity")]
+    pub capacity: u32,
+    #[serde(default = "default_pop3_port")]
+    pub pop3_port: u16,
+    #[serde(default = "default_imap_port")]
+    pub imap_port: u16,
+    #[serde(default = "default_lmtp_port")]
+    pub lmtp_port: u16,
+}
+
+const fn default_capacity() -> u32 {
+    100
+}
+const fn default_pop3_port() -> u16 {
+    110
+}
+const fn default_imap_port() -> u16 {
+    143
+}
+const fn default_lmtp_port() -> u16 {
+    24
+}
+
+impl DirectoryConfig {
+    pub fn normalizer(&self) -> Normalizer {
+        Normalizer {
+            local_case: self.local_part_case,
+            tag_separator: self.tag_separator.chars().next(),
+            master_separator: self.master_separator.chars().next(),
+        }
+    }
+
+    pub(super) fn validate(&mut self, base: &Path) -> Result<(), Problem> {
+        for (key, value) in [
+            ("directory.tag_separator", &self.tag_separator),
+            ("directory.master_separator", &self.master_separator),
+        ] {
+            let mut chars = value.chars();
+            let ok = match (chars.next(), chars.next()) {
+                (None, _) => true,
+                (Some(c), None) => "+-_=*%#~".contains(c),
+                _ => false,
+            };
+            if !ok {
+                return Err(Problem::new(
+                    key,
+                    format!("`{value}` must be empty or one of + - _ = * % # ~"),
+                ));
+            }
+        }
+        if !self.tag_separator.is_empty() && self.tag_separator == self.master_separator {
+            return Err(Problem::new(
+                "directory.master_separator",
+                "must differ from directory.tag_separator".into(),
+            ));
+        }
+        if self.path.is_relative() {
+            self.path = base.join(&self.path);
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn validate_domains(
+    domains: &[DomainConfig],
+    normalizer: &Normalizer,
+) -> Result<(), Problem> {
+    let mut seen = HashSet::new();
+    for (i, domain) in domains.iter().enumerate() {
+        let key = format!("domain[{i}].name");
+        let name = normalizer
+            .domain(&domain.name)
+            .ok_or_else(|| Problem::new(&key, format!("`{}` is not a domain name", domain.name)))?;
+        if name != domain.name {
+            return Err(Problem::new(
+                &key,
+                format!("write `{name}` (lower case, no trailing dot)"),
+            ));
+        }
+        if !seen.insert(name) {
+            return Err(Problem::new(
+                &key,
+                format!("`{}` is listed twice", domain.name),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn validate_backends(backends: &[BackendConfig]) -> Result<(), Problem> {
+    let mut names = HashSet::new();
+    for (i, backend) in backends.iter().enumerate() {
+        let key = |field: &str| format!("backend[{i}].{field}");
+        let name_ok = !backend.name.is_empty()
+            && backend.name.len() <= 64
+            && backend
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !name_ok {
+            return Err(Problem::new(
+                &key("name"),
+                format!(
+                    "`{}`: use 1-64 characters from A-Z a-z 0-9 . _ -",
+                    backend.name
+                ),
+            ));
+        }
+        if !names.insert(backend.name.as_str()) {
+            return Err(Problem::new(
+                &key("name"),
+                format!("`{}` is listed twice", backend.name),
+            ));
+        }
+        if backend.capacity > 1_000_000 {
+            return Err(Problem::new(
+                &key("capacity"),
+                "is a relative weight; use 0..=1000000".into(),
+            ));
+        }
+        for (field, port) in [
+            ("pop3_port", backend.pop3_port),
+            ("imap_port", backend.imap_port),
+            ("lmtp_port", backend.lmtp_port),
+        ] {
+            if port == 0 {
+                return Err(Problem::new(
+                    &key(field),
+                    "port 0 is not a backend port".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! Bulk import of mailboxes (provisioning tens of thousands at a time, or a migration of
+//! millions). File format, one mailbox per line (documented in docs/directory.md):
+//!
+//! ```text
+//! # comment (whole lines only: `#` is legal in addresses)
+//! user@example.com              -> apportioned by capacity
+//! other@example.com,backend2    -> pinned to backend2 (it must exist)
+//! ```
+//!
+//! Everything is normalized like a login. The whole import is one transaction: it lands
+//! completely or not at all. Apportioning happens in memory with the same rule as
+//! `assign` (lowest mailboxes/capacity among active backends, ties by name), so an import
+//! of N mailboxes spreads exactly as N single assignments would.
+
+use std::{
+    cmp::Ordering,
+    collections::{BinaryHeap, HashMap},
+    io::BufRead,
+};
+
+use rusqlite::{OptionalExtension as _, params};
+
+use super::{DirectoryError, Normalizer, sqlite::SqliteDirectory};
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ImportReport {
+    /// New mailboxes written.
+    pub added: u64,
+    /// Already present on the same backend (or apportioned earlier): unchanged.
+    pub unchanged: u64,
+    /// Present on another backend than the file names: left alone (moves are a separate
+    /// operation that copies mail), listed here by address.
+    pub conflicts: Vec<String>,
+    /// New mailboxes per backend.
+    pub per_backend: Vec<(String, u64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("line {line}: {message}")]
+    Line { line: u64, message: String },
+    #[error("reading the import file: {0}")]
+    Read(#[from] std::io::Error),
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+}
+
+/// A backend's load for the in-memory apportioning heap. Ordered so the heap's top is the
+/// backend with the lowest mailboxes/capacity, then the smallest name.
+struct Load {
+    id: i64,
+    name: String,
+    capacity: u64,
+    mailboxes: u64,
+}
+
+impl Ord for Load {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // a/b < c/d  <=>  a*d < c*b (capacities are > 0); reversed for the max-heap.
+        let lhs = u128::from(self.mailboxes) * u128::from(other.capacity);
+        let rhs = u128::from(other.mailboxes) * u128::from(self.capacity);
+        rhs.cmp(&lhs).then_with(|| other.name.cmp(&self.name))
+    }
+}
+
+impl PartialOrd for Load {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Load {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Load {}
+
+/// Imports `reader` into `dir`. `progress(lines_read)` is called every `every` lines.
+pub fn import(
+    dir: &SqliteDirectory,
+    normalizer: &Normalizer,
+    reader: impl BufRead,
+    every: u64,
+    mut progress: impl FnMut(u64),
+) -> Result<ImportReport, ImportError> {
+    let mut conn = dir.lock();
+    let tx = conn.transaction().map_err(store)?;
+    let (mut heap, ids) = loads(&tx)?;
+    let mut report = ImportReport::default();
+    let mut added: HashMap<i64, u64> = HashMap::new();
+    {
+        let mut find = tx
+            .prepare("SELECT backend_id FROM mailboxes WHERE address = ?1")
+            .map_err(store)?;
+        let mut insert = tx
+            .prepare("INSERT INTO mailboxes (address, backend_id) VALUES (?1, ?2)")
+            .map_err(store)?;
+        for (index, line) in reader.lines().enumerate() {
+            let number = index as u64 + 1;
+            if number.is_multiple_of(every) {
+                progress(number);
+            }
+            let line = line?;
+            let Some((address, pinned)) = parse_line(&line, number, normalizer, &ids)? else {
+                continue;
+            };
+            let existing: Option<i64> = find
+                .query_row([&address], |r| r.get(0))
+                .optional()
+                .map_err(store)?;
+            match (existing, pinned) {
+                (Some(have), Some(want)) if have != want => report.conflicts.push(address),
+                (Some(_), _) => report.unchanged += 1,
+                (None, want) => {
+                    let id = match want {
+                        Some(id) => {
+                            bump(&mut heap, id);
+                            id
+                        }
+                        None => take_lowest(&mut heap)?,
+                    };
+                    insert.execute(params![address, id]).map_err(store)?;
+                    *added.entry(id).or_default() += 1;
+                    report.added += 1;
+                }
+            }
+        }
+    }
+    for (id, count) in &added {
+        tx.execute(
+            "UPDATE backends SET mailboxes = mailboxes + ?2 WHERE id = ?1",
+            params![id, i64::try_from(*count).unwrap_or(i64::MAX)],
+        )
+        .map_err(store)?;
+    }
+    tx.commit().map_err(store)?;
+    let names: HashMap<i64, String> = ids.into_iter().map(|(name, id)| (id, name)).collect();
+    report.per_backend = added
+        .into_iter()
+        .map(|(id, n)| (names.get(&id).cloned().unwrap_or_default(), n))
+        .collect();
+    report.per_backend.sort();
+    Ok(report)
+}
+
+fn store(e: rusqlite::Error) -> ImportError {
+    ImportError::Directory(DirectoryError::Store(e.to_string()))
+}
+
+type BackendIds = HashMap<String, i64>;
+
+/// Active backends with capacity, as a heap; and every backend's name → id (an explicit
+/// backend in the file may also be a draining one: the operator asked for it).
+fn loads(tx: &rusqlite::Transaction<'_>) -> Result<(BinaryHeap<Load>, BackendIds), ImportError> {
+    let mut stmt = tx
+        .prepare("SELECT id, name, capacity, state, mailboxes FROM backends")
+        .map_err(store)?;
+    let mut heap = BinaryHeap::new();
+    let mut ids = HashMap::new();
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })
+        .map_err(store)?;
+    for row in rows {
+        let (id, name, capacity, state, mailboxes) = row.map_err(store)?;
+        let (capacity, mailboxes) = (
+            capacity.max(0).unsigned_abs(),
+            mailboxes.max(0).unsigned_abs(),
+        );
+        if state == "active" && capacity > 0 {
+            heap.push(Load {
+                id,
+                name: name.clone(),
+                capacity,
+                mailboxes,
+            });
+        }
+        ids.insert(name, id);
+    }
+    Ok((heap, ids))
+}
+
+fn take_lowest(heap: &mut BinaryHeap<Load>) -> Result<i64, ImportError> {
+    let mut lowest = heap.pop().ok_or(DirectoryError::NoActiveBackend)?;
+    lowest.mailboxes += 1;
+    let id = lowest.id;
+    heap.push(lowest);
+    Ok(id)
+}
+
+/// A pinned mailbox still counts towards its backend's load for later apportioning.
+fn bump(heap: &mut BinaryHeap<Load>, id: i64) {
+    let mut loads = std::mem::take(heap).into_vec();
+    if let Some(load) = loads.iter_mut().find(|l| l.id == id) {
+        load.mailboxes += 1;
+    }
+    *heap = loads.into();
+}
+
+fn parse_line(
+    line: &str,
+    number: u64,
+    normalizer: &Normalizer,
+    ids: &BackendIds,
+) -> Result<Option<(String, Option<i64>)>, ImportError> {
+    // `#` is legal inside a local part, so only whole-line comments exist.
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return Ok(None);
+    }
+    let bad = |message: String| ImportError::Line {
+        line: number,
+        message,
+    };
+    let (address, backend) = match line.split_once(',') {
+        Some((a, b)) => (a.trim(), Some(b.trim())),
+        None => (line, None),
+    };
+    let mailbox = normalizer
+        .normalize(address)
+        .map_err(|e| bad(e.to_string()))?
+        .mailbox;
+    let pinned = match backend.filter(|b| !b.is_empty()) {
+        None => None,
+        Some(name) => match ids.get(name) {
+            Some(id) => Some(*id),
+            None => {
+                return Err(bad(format!(
+                    "unknown backend `{name}`; configure it under [[backend]] first"
+                )));
+            }
+        },
+    };
+    Ok(Some((mailbox.as_str().to_owned(), pinned)))
+}

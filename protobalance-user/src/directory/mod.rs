@@ -1,0 +1,267 @@
+//! The mailbox directory: which backend owns each mailbox. Durable (a re-hash would strand
+//! mail on unshared storage), normalized before every lookup, cached in process.
+//!
+//! * [`MailboxDirectory`] — the store interface. [`sqlite::SqliteDirectory`] is the embedded
+//!   default; a PostgreSQL store for multi-node edges implements the same trait.
+//! * [`Directory`] — what sessions use: normalization + LRU cache + domain policy on top of
+//!   a store. `route(login)` answers "which backend", auto-provisioning where the domain's
+//!   policy says so.
+//! * [`normalize`] — address normalization; [`import`] — bulk import files.
+
+pub mod import;
+pub mod normalize;
+pub mod sqlite;
+
+use std::{future::Future, num::NonZeroUsize, sync::Mutex};
+
+use lru::LruCache;
+use serde::Deserialize;
+
+pub use normalize::{AddressError, LocalCase, Mailbox, Normalized, Normalizer};
+
+/// Whether a backend takes new mailboxes and logins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Serves its mailboxes and receives new ones.
+    #[default]
+    Active,
+    /// Serves its mailboxes, receives no new ones (being emptied or retired).
+    Draining,
+    /// Administratively down: serves nothing; its mailboxes get temporary failures.
+    Down,
+}
+
+impl BackendState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::Down => "down",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "draining" => Some(Self::Draining),
+            "down" => Some(Self::Down),
+            _ => None,
+        }
+    }
+}
+
+/// What the directory knows about a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendRecord {
+    pub name: String,
+    /// Relative weight for apportioning new mailboxes (mailboxes per unit of capacity).
+    pub capacity: u32,
+    pub state: BackendState,
+    pub mailboxes: u64,
+}
+
+/// What happens to a login or recipient whose mailbox is not in the directory yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainPolicy {
+    /// Unknown mailboxes are refused (SMTP 550 5.1.1, login failure).
+    #[default]
+    Reject,
+    /// Unknown mailboxes are assigned to a backend on first use.
+    AutoProvision,
+}
+
+impl DomainPolicy {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Reject => "reject",
+            Self::AutoProvision => "auto-provision",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "reject" => Some(Self::Reject),
+            "auto-provision" => Some(Self::AutoProvision),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("directory store: {0}")]
+    Store(String),
+    #[error("no active backend with capacity can take new mailboxes")]
+    NoActiveBackend,
+    #[error("unknown backend `{0}`")]
+    UnknownBackend(String),
+    #[error("unknown domain `{0}`")]
+    UnknownDomain(String),
+}
+
+/// The durable store. Methods are async so network stores (PostgreSQL) fit; the SQLite
+/// store runs its queries on the blocking pool.
+pub trait MailboxDirectory: Send + Sync + 'static {
+    /// The backend that owns `mailbox`, if any.
+    fn owner_of(
+        &self,
+        mailbox: &Mailbox,
+    ) -> impl Future<Output = Result<Option<String>, DirectoryError>> + Send;
+
+    /// The owner of `mailbox`, assigning it first (lowest mailboxes/capacity among active
+    /// backends, ties broken by name) when it has none. Atomic: two concurrent first
+    /// deliveries end on the same backend.
+    fn assign(
+        &self,
+        mailbox: &Mailbox,
+    ) -> impl Future<Output = Result<String, DirectoryError>> + Send;
+
+    /// The policy of `domain`, or `None` when the domain is not ours.
+    fn domain_policy(
+        &self,
+        domain: &str,
+    ) -> impl Future<Output = Result<Option<DomainPolicy>, DirectoryError>> + Send;
+
+    fn upsert_backend(
+        &self,
+        name: &str,
+        capacity: u32,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    fn set_backend_state(
+        &self,
+        name: &str,
+        state: BackendState,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    fn upsert_domain(
+        &self,
+        domain: &str,
+        policy: DomainPolicy,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    fn backends(&self) -> impl Future<Output = Result<Vec<BackendRecord>, DirectoryError>> + Send;
+}
+
+/// Where a login or recipient goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    Owner {
+        mailbox: Normalized,
+        backend: String,
+    },
+    /// Our domain, no such mailbox, and the domain does not auto-provision.
+    UnknownMailbox(Normalized),
+    /// Not one of our domains.
+    ForeignDomain(Normalized),
+}
+
+/// Normalization + cache + domain policy over a store.
+pub struct Directory<S> {
+    store: S,
+    normalizer: Normalizer,
+    cache: Mutex<LruCache<Mailbox, String>>,
+    stats: CacheStats,
+}
+
+/// Cache counters for the hit-ratio metric.
+#[derive(Default)]
+pub struct CacheStats {
+    pub hits: std::sync::atomic::AtomicU64,
+    pub misses: std::sync::atomic::AtomicU64,
+}
+
+impl<S: MailboxDirectory> Directory<S> {
+    pub fn new(store: S, normalizer: Normalizer, cache_entries: NonZeroUsize) -> Self {
+        Self {
+            store,
+            normalizer,
+            cache: Mutex::new(LruCache::new(cache_entries)),
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn normalizer(&self) -> &Normalizer {
+        &self.normalizer
+    }
+
+    pub fn cache_stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// Normalizes `login` and finds its backend, auto-provisioning per domain policy.
+    pub async fn route(&self, login: &str) -> Result<Result<Route, AddressError>, DirectoryError> {
+        let normalized = match self.normalizer.normalize(login) {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Some(backend) = self.cached(&normalized.mailbox) {
+            return Ok(Ok(Route::Owner {
+                mailbox: normalized,
+                backend,
+            }));
+        }
+        let route = match self.store.owner_of(&normalized.mailbox).await? {
+            Some(backend) => Route::Owner {
+                mailbox: normalized,
+                backend,
+            },
+            None => match self
+                .store
+                .domain_policy(normalized.mailbox.domain())
+                .await?
+            {
+                None => Route::ForeignDomain(normalized),
+                Some(DomainPolicy::Reject) => Route::UnknownMailbox(normalized),
+                Some(DomainPolicy::AutoProvision) => {
+                    let backend = self.store.assign(&normalized.mailbox).await?;
+                    Route::Owner {
+                        mailbox: normalized,
+                        backend,
+                    }
+                }
+            },
+        };
+        if let Route::Owner { mailbox, backend } = &route {
+            self.lock().put(mailbox.mailbox.clone(), backend.clone());
+        }
+        Ok(Ok(route))
+    }
+
+    /// Drops a cached owner: call after moving or deleting a mailbox.
+    pub fn invalidate(&self, mailbox: &Mailbox) {
+        self.lock().pop(mailbox);
+    }
+
+    /// Drops every cached owner (e.g. after a bulk import).
+    pub fn invalidate_all(&self) {
+        self.lock().clear();
+    }
+
+    fn cached(&self, mailbox: &Mailbox) -> Option<String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let hit = self.lock().get(mailbox).cloned();
+        let counter = if hit.is_some() {
+            &self.stats.hits
+        } else {
+            &self.stats.misses
+        };
+        counter.fetch_add(1, Relaxed);
+        hit
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<Mailbox, String>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,217 @@
+//! The embedded directory store: one SQLite file (rusqlite, bundled SQLite).
+//!
+//! `synchronous = FULL` with WAL: an assignment that was acknowledged survives a power cut
+//! (losing one could send a mailbox's next delivery to another backend and split it).
+//! Queries run on tokio's blocking pool; the connection sits behind a mutex, which is fine
+//! because lookups are served from the in-process cache and take microseconds otherwise.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
+
+use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
+
+use super::{BackendRecord, BackendState, DirectoryError, DomainPolicy, Mailbox, MailboxDirectory};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS backends (
+    id        INTEGER PRIMARY KEY,
+    name      TEXT NOT NULL UNIQUE,
+    capacity  INTEGER NOT NULL CHECK (capacity >= 0),
+    state     TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'draining', 'down')),
+    mailboxes INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS domains (
+    name   TEXT PRIMARY KEY,
+    policy TEXT NOT NULL CHECK (policy IN ('reject', 'auto-provision'))
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailboxes (
+    address    TEXT PRIMARY KEY,
+    backend_id INTEGER NOT NULL REFERENCES backends (id)
+) WITHOUT ROWID;
+";
+
+#[derive(Clone)]
+pub struct SqliteDirectory {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn store_err(e: impl std::fmt::Display) -> DirectoryError {
+    DirectoryError::Store(e.to_string())
+}
+
+impl SqliteDirectory {
+    /// Opens (creating if needed) the directory at `path`; `:memory:` for tests.
+    pub fn open(path: &Path) -> Result<Self, DirectoryError> {
+        let conn = Connection::open(path)
+            .map_err(|e| DirectoryError::Store(format!("{}: {e}", path.display())))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(store_err)?;
+        conn.execute_batch(SCHEMA).map_err(store_err)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, DirectoryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, DirectoryError> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&mut this.lock()))
+            .await
+            .map_err(|e| DirectoryError::Store(format!("directory task failed: {e}")))?
+    }
+
+    /// The blocking form of [`MailboxDirectory::owner_of`], for CLIs and benchmarks.
+    pub fn owner_of_blocking(
+        conn: &Connection,
+        address: &str,
+    ) -> Result<Option<String>, DirectoryError> {
+        conn.prepare_cached(
+            "SELECT b.name FROM mailboxes m JOIN backends b ON b.id = m.backend_id WHERE m.address = ?1",
+        )
+        .and_then(|mut stmt| stmt.query_row([address], |row| row.get(0)).optional())
+        .map_err(store_err)
+    }
+
+    fn assign_blocking(conn: &mut Connection, address: &str) -> Result<String, DirectoryError> {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(store_err)?;
+        if let Some(owner) = Self::owner_of_blocking(&tx, address)? {
+            return Ok(owner);
+        }
+        let (id, name): (i64, String) = tx
+            .query_row(
+                "SELECT id, name FROM backends WHERE state = 'active' AND capacity > 0
+                 ORDER BY CAST(mailboxes AS REAL) / capacity, name LIMIT 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(store_err)?
+            .ok_or(DirectoryError::NoActiveBackend)?;
+        tx.execute(
+            "INSERT INTO mailboxes (address, backend_id) VALUES (?1, ?2)",
+            params![address, id],
+        )
+        .map_err(store_err)?;
+        tx.execute(
+            "UPDATE backends SET mailboxes = mailboxes + 1 WHERE id = ?1",
+            [id],
+        )
+        .map_err(store_err)?;
+        tx.commit().map_err(store_err)?;
+        Ok(name)
+    }
+
+    fn backends_blocking(conn: &Connection) -> Result<Vec<BackendRecord>, DirectoryError> {
+        let mut stmt = conn
+            .prepare_cached("SELECT name, capacity, state, mailboxes FROM backends ORDER BY name")
+            .map_err(store_err)?;
+        let rows = stmt
+            .query_map([], |row| {
+                let state: String = row.get(2)?;
+                Ok(BackendRecord {
+                    name: row.get(0)?,
+                    capacity: row.get(1)?,
+                    state: BackendState::parse(&state).unwrap_or(BackendState::Down),
+                    mailboxes: row.get::<_, i64>(3)?.max(0).unsigned_abs(),
+                })
+            })
+            .map_err(store_err)?;
+        rows.collect::<Result<_, _>>().map_err(store_err)
+    }
+}
+
+impl MailboxDirectory for SqliteDirectory {
+    async fn owner_of(&self, mailbox: &Mailbox) -> Result<Option<String>, DirectoryError> {
+        let address = mailbox.as_str().to_owned();
+        self.blocking(move |conn| Self::owner_of_blocking(conn, &address))
+            .await
+    }
+
+    async fn assign(&self, mailbox: &Mailbox) -> Result<String, DirectoryError> {
+        let address = mailbox.as_str().to_owned();
+        self.blocking(move |conn| Self::assign_blocking(conn, &address))
+            .await
+    }
+
+    async fn domain_policy(&self, domain: &str) -> Result<Option<DomainPolicy>, DirectoryError> {
+        let domain = domain.to_owned();
+        self.blocking(move |conn| {
+            let policy: Option<String> = conn
+                .prepare_cached("SELECT policy FROM domains WHERE name = ?1")
+                .and_then(|mut stmt| stmt.query_row([domain], |row| row.get(0)).optional())
+                .map_err(store_err)?;
+            Ok(policy.and_then(|p| DomainPolicy::parse(&p)))
+        })
+        .await
+    }
+
+    async fn upsert_backend(&self, name: &str, capacity: u32) -> Result<(), DirectoryError> {
+        let name = name.to_owned();
+        self.blocking(move |conn| {
+            conn.execute(
+                "INSERT INTO backends (name, capacity) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET capacity = excluded.capacity",
+                params![name, capacity],
+            )
+            .map(drop)
+            .map_err(store_err)
+        })
+        .await
+    }
+
+    async fn set_backend_state(
+        &self,
+        name: &str,
+        state: BackendState,
+    ) -> Result<(), DirectoryError> {
+        let name = name.to_owned();
+        self.blocking(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE backends SET state = ?2 WHERE name = ?1",
+                    params![name, state.as_str()],
+                )
+                .map_err(store_err)?;
+            if changed == 0 {
+                return Err(DirectoryError::UnknownBackend(name));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upsert_domain(
+        &self,
+        domain: &str,
+        policy: DomainPolicy,
+    ) -> Result<(), DirectoryError> {
+        let domain = domain.to_owned();
+        self.blocking(move |conn| {
+            conn.execute(
+                "INSERT INTO domains (name, policy) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET policy = excluded.policy",
+                params![domain, policy.as_str()],
+            )
+            .map(drop)
+            .map_err(store_err)
+        })
+        .await
+    }
+
+    async fn backends(&self) -> Result<Vec<BackendRecord>, DirectoryError> {
+        self.blocking(|conn| Self::backends_blocking(conn)).await
+    }
+}

@@ -1,0 +1,324 @@
+//! SASL during a POP3 AUTH exchange (RFC 5034): client response lines, PLAIN payloads
+//! (RFC 4616) and base64 (RFC 4648 §4).
+//!
+//! Base64 is written here rather than taken from the `base64` crate: codecs depend on
+//! `bytes` only (ARCHITECTURE.md), and the job is small — one alphabet, padding required,
+//! canonical input only (§3.5: non-zero pad bits are rejected), inputs bounded by MAX_LINE.
+
+use super::{CodecError, Decoded, is_plain_text, take_line};
+use crate::secret::Secret;
+
+const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// One client line while an AUTH exchange waits for a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SaslLine {
+    /// `*`: the client aborts the exchange (RFC 5034 §4); answer `-ERR`.
+    Cancel,
+    /// Base64 text, not yet decoded; an empty line is an empty response.
+    Payload(Secret<String>),
+}
+
+/// Decoded `authzid NUL authcid NUL passwd` (RFC 4616 §2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainCredentials {
+    /// `None` when the client sent an empty authorization identity.
+    pub authzid: Option<String>,
+    pub authcid: String,
+    pub password: Secret<String>,
+}
+
+/// Decodes the first SASL response line in `buf`.
+pub fn decode_sasl_line(buf: &[u8]) -> Result<Decoded<SaslLine>, CodecError> {
+    let Some((line, consumed)) = take_line(buf)? else {
+        return Ok(Decoded::Incomplete);
+    };
+    let end = line
+        .iter()
+        .rposition(|&b| b != b' ')
+        .map_or(0, |last| last + 1);
+    let line = line.get(..end).unwrap_or_default();
+    let value = match line {
+        b"*" => SaslLine::Cancel,
+        _ if line.iter().all(u8::is_ascii_graphic) => {
+            let text = line.iter().map(|&b| char::from(b)).collect();
+            SaslLine::Payload(Secret::new(text))
+        }
+        _ => return Err(CodecError::BadBase64),
+    };
+    Ok(Decoded::Complete { value, consumed })
+}
+
+/// Decodes a PLAIN response. Every field must be UTF-8 without control characters (so it
+/// can be replayed as USER/PASS), and authcid and password must not be empty.
+pub fn parse_plain(payload_b64: &str) -> Result<PlainCredentials, CodecError> {
+    let raw = decode_base64(payload_b64)?;
+    let text = String::from_utf8(raw).map_err(|_| CodecError::BadSaslPayload)?;
+    let mut fields = text.split('\0');
+    let (Some(authzid), Some(authcid), Some(password), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return Err(CodecError::BadSaslPayload);
+    };
+    let all_plain = [authzid, authcid, password].into_iter().all(is_plain_text);
+    if !all_plain || authcid.is_empty() || password.is_empty() {
+        return Err(CodecError::BadSaslPayload);
+    }
+    Ok(PlainCredentials {
+        authzid: Some(authzid).filter(|id| !id.is_empty()).map(str::to_owned),
+        authcid: authcid.to_owned(),
+        password: Secret::new(password.to_owned()),
+    })
+}
+
+/// Base64 PLAIN response for replaying a login to the backend. A NUL or control character
+/// in any field would change its meaning, and RFC 4616 needs a non-empty authcid and
+/// password, so such input is refused rather than sent.
+pub fn encode_plain(
+    authzid: Option<&str>,
+    authcid: &str,
+    password: &Secret<String>,
+) -> Result<Secret<String>, CodecError> {
+    let authzid = authzid.unwrap_or_default();
+    let fields = [authzid, authcid, password.expose().as_str()];
+    let empty = authcid.is_empty() || password.expose().is_empty();
+    if empty || !fields.into_iter().all(is_plain_text) {
+        return Err(CodecError::CannotEncode("PLAIN"));
+    }
+    let raw = fields.join("\0");
+    Ok(Secret::new(encode_base64(raw.as_bytes())))
+}
+
+/// Decodes one AUTH LOGIN response (user name or password) to text without control
+/// characters. Wrap a password in `Secret` at once.
+pub fn decode_sasl_text(payload_b64: &str) -> Result<String, CodecError> {
+    let raw = decode_base64(payload_b64)?;
+    match String::from_utf8(raw) {
+        Ok(text) if is_plain_text(&text) => Ok(text),
+        _ => Err(CodecError::BadSaslPayload),
+    }
+}
+
+/// Standard base64 with padding (RFC 4648 §4).
+pub fn encode_base64(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let group = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        for position in 0..4 {
+            if position <= chunk.len() {
+                let sextet = (group >> (18 - 6 * position)) & 0x3f;
+                let symbol = ALPHABET.get(sextet as usize).copied().unwrap_or(b'A');
+                out.push(char::from(symbol));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Strict base64: padding required, no whitespace, canonical pad bits.
+pub fn decode_base64(text: &str) -> Result<Vec<u8>, CodecError> {
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(4) {
+        return Err(CodecError::BadBase64);
+    }
+    let quads = bytes.len() / 4;
+    let mut out = Vec::with_capacity(quads * 3);
+    for (index, quad) in bytes.chunks_exact(4).enumerate() {
+        decode_quad(quad, index + 1 == quads, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn decode_quad(quad: &[u8], is_last: bool, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let padding = quad.iter().rev().take_while(|&&b| b == b'=').count();
+    if padding > 2 || (padding > 0 && !is_last) {
+        return Err(CodecError::BadBase64);
+    }
+    let mut group = 0u32;
+    for &symbol in quad.iter().take(4 - padding) {
+        group = (group << 6) | sextet(symbol)?;
+    }
+    group <<= 6 * padding;
+    let [_, first, second, third] = group.to_be_bytes();
+    match padding {
+        0 => out.extend_from_slice(&[first, second, third]),
+        1 if third == 0 => out.extend_from_slice(&[first, second]),
+        2 if second == 0 => out.push(first),
+        _ => return Err(CodecError::BadBase64),
+    }
+    Ok(())
+}
+
+fn sextet(symbol: u8) -> Result<u32, CodecError> {
+    let value = match symbol {
+        b'A'..=b'Z' => symbol - b'A',
+        b'a'..=b'z' => symbol - b'a' + 26,
+        b'0'..=b'9' => symbol - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => return Err(CodecError::BadBase64),
+    };
+    Ok(u32::from(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(text: &str) -> Secret<String> {
+        Secret::new(text.to_owned())
+    }
+
+    fn payload(text: &str, consumed: usize) -> Result<Decoded<SaslLine>, CodecError> {
+        let value = SaslLine::Payload(secret(text));
+        Ok(Decoded::Complete { value, consumed })
+    }
+
+    #[test]
+    fn rfc4648_test_vectors() {
+        let vectors = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (plain, encoded) in vectors {
+            assert_eq!(encode_base64(plain.as_bytes()), encoded);
+            assert_eq!(decode_base64(encoded), Ok(plain.as_bytes().to_vec()));
+        }
+    }
+
+    #[test]
+    fn base64_round_trips_every_byte_and_length() {
+        let data: Vec<u8> = (0..=255).collect();
+        for len in 0..data.len() {
+            let slice = data.get(..len).unwrap_or_default();
+            assert_eq!(decode_base64(&encode_base64(slice)), Ok(slice.to_vec()));
+        }
+        assert_eq!(encode_base64(&[0xfb, 0xff]), "+/8=");
+    }
+
+    #[test]
+    fn bad_base64() {
+        let bad = [
+            "Zg", "Zg=", "Z===", "====", "Zg==Zg==", "Zm9v\r\n", "Zm 9", "Zm9-", "Zh==", "Zm9=",
+            "Zg=a",
+        ];
+        for text in bad {
+            assert_eq!(decode_base64(text), Err(CodecError::BadBase64), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn sasl_lines() {
+        let cancel = Ok(Decoded::Complete {
+            value: SaslLine::Cancel,
+            consumed: 3,
+        });
+        assert_eq!(decode_sasl_line(b"*\r\n"), cancel);
+        assert_eq!(decode_sasl_line(b"Ym9i\r\nQUIT\r\n"), payload("Ym9i", 6));
+        assert_eq!(decode_sasl_line(b"Ym9i  \n"), payload("Ym9i", 7));
+        assert_eq!(decode_sasl_line(b"\r\n"), payload("", 2));
+        assert_eq!(decode_sasl_line(b"Ym9i\r"), Ok(Decoded::Incomplete));
+        assert_eq!(decode_sasl_line(b"Ym 9i\r\n"), Err(CodecError::BadBase64));
+        assert_eq!(decode_sasl_line(b"Ym\xff\r\n"), Err(CodecError::BadBase64));
+        let long = vec![b'A'; super::super::MAX_LINE];
+        assert_eq!(decode_sasl_line(&long), Err(CodecError::LineTooLong));
+    }
+
+    #[test]
+    fn plain_without_authzid() {
+        let creds = parse_plain(&encode_base64(b"\0bob@example.org\0pass word"));
+        let expected = PlainCredentials {
+            authzid: None,
+            authcid: "bob@example.org".into(),
+            password: secret("pass word"),
+        };
+        assert_eq!(creds, Ok(expected));
+    }
+
+    #[test]
+    fn plain_with_authzid() {
+        let creds = parse_plain(&encode_base64(b"alice\0admin\0pw"));
+        let expected = PlainCredentials {
+            authzid: Some("alice".into()),
+            authcid: "admin".into(),
+            password: secret("pw"),
+        };
+        assert_eq!(creds, Ok(expected));
+    }
+
+    #[test]
+    fn malformed_plain() {
+        assert_eq!(parse_plain("not base64!"), Err(CodecError::BadBase64));
+        let bad: [&[u8]; 7] = [
+            b"",
+            b"bob\0pw",
+            b"\0bob\0pw\0extra",
+            b"\0\0pw",
+            b"\0bob\0",
+            b"\0bob\0p\r\nw",
+            b"\0b\xffb\0pw",
+        ];
+        for raw in bad {
+            let result = parse_plain(&encode_base64(raw));
+            assert_eq!(result, Err(CodecError::BadSaslPayload), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn encode_plain_round_trips() {
+        let password = secret("s3cret pw");
+        let encoded = encode_plain(Some("alice"), "admin", &password);
+        let decoded = encoded.and_then(|b64| parse_plain(b64.expose()));
+        let expected = PlainCredentials {
+            authzid: Some("alice".into()),
+            authcid: "admin".into(),
+            password,
+        };
+        assert_eq!(decoded, Ok(expected));
+        let dovecot_example = encode_plain(None, "tim", &secret("tanstaaftanstaaf"));
+        let expected = "AHRpbQB0YW5zdGFhZnRhbnN0YWFm";
+        assert_eq!(
+            dovecot_example.map(Secret::into_inner),
+            Ok(expected.to_owned())
+        );
+    }
+
+    #[test]
+    fn encode_plain_refuses_field_separators() {
+        let refused = Err(CodecError::CannotEncode("PLAIN"));
+        assert_eq!(encode_plain(None, "b\0b", &secret("pw")), refused);
+        assert_eq!(encode_plain(Some("a\0"), "bob", &secret("pw")), refused);
+        assert_eq!(encode_plain(None, "bob", &secret("p\nw")), refused);
+        assert_eq!(encode_plain(None, "", &secret("pw")), refused);
+        assert_eq!(encode_plain(None, "bob", &secret("")), refused);
+    }
+
+    #[test]
+    fn login_fields() {
+        assert_eq!(decode_sasl_text("Ym9i"), Ok("bob".to_owned()));
+        assert_eq!(decode_sasl_text(""), Ok(String::new()));
+        assert_eq!(decode_sasl_text("Ym9\n"), Err(CodecError::BadBase64));
+        let control = encode_base64(b"bo\rb");
+        assert_eq!(decode_sasl_text(&control), Err(CodecError::BadSaslPayload));
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        let creds = parse_plain(&encode_base64(b"\0bob\0hunter2"));
+        let line = decode_sasl_line(b"aHVudGVyMg==\r\n");
+        let shown = format!("{creds:?} {line:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("aHVudGVyMg"),
+            "{shown}"
+        );
+        assert!(shown.contains("bob"));
+    }
+}
