@@ -11,10 +11,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, AdminState},
-    config::{Config, Validated},
-    directory::{DirectoryError, MailboxDirectory as _, sqlite::SqliteDirectory},
+    backend::BackendPool,
+    config::{Config, Protocol, Validated},
+    directory::{Directory, DirectoryError, MailboxDirectory as _, sqlite::SqliteDirectory},
     filter::xdp::{Attached, XdpError, XdpFilter},
     metrics,
+    proxy::{ProxyContext, ProxyMetrics, admission::Admission, listener},
 };
 
 /// List id of entries that come from the config file (`xdp.blocklist`, `xdp.blocklist_files`).
@@ -32,6 +34,13 @@ pub enum AppError {
         iface: String,
         source: Box<XdpError>,
     },
+    #[error("cannot bind the mail listener on {addr} (`listener[].listen`): {source}")]
+    BindListener {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("directory (`directory.path`): {0}")]
+    Directory(#[from] DirectoryError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
 }
@@ -42,6 +51,8 @@ pub struct App {
     registry: Registry,
     admin: TcpListener,
     xdp: Option<(String, XdpFilter)>,
+    mail: Vec<(Protocol, TcpListener)>,
+    proxy: Option<Arc<ProxyContext>>,
 }
 
 impl App {
@@ -52,6 +63,19 @@ impl App {
         let admin = TcpListener::bind(addr)
             .await
             .map_err(|source| AppError::BindAdmin { addr, source })?;
+        let mut mail = Vec::new();
+        for listener in &validated.config.listeners {
+            let addr = listener.listen;
+            let bound = TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::BindListener { addr, source })?;
+            mail.push((listener.protocol, bound));
+        }
+        let proxy = if mail.is_empty() {
+            None
+        } else {
+            Some(Arc::new(proxy_context(&validated.config, &registry).await?))
+        };
         let xdp = match validated.config.xdp.interface.clone() {
             Some(iface) => {
                 let mut filter = start_xdp(&validated, &iface).map_err(|source| AppError::Xdp {
@@ -71,6 +95,8 @@ impl App {
             registry,
             admin,
             xdp,
+            mail,
+            proxy,
         })
     }
 
@@ -93,6 +119,21 @@ impl App {
             shutdown.clone(),
             tracker.clone(),
         ));
+        if let Some(ctx) = &self.proxy {
+            for (protocol, listener) in self.mail {
+                if let Ok(addr) = listener.local_addr() {
+                    tracing::info!(%addr, protocol = protocol.as_str(), "mail listener ready");
+                }
+                let serve = listener::serve(
+                    listener,
+                    protocol,
+                    Arc::clone(ctx),
+                    shutdown.clone(),
+                    tracker.clone(),
+                );
+                tracker.spawn(serve);
+            }
+        }
         tracing::info!("protobalance running");
         shutdown.cancelled().await;
         tracker.close();
@@ -191,4 +232,25 @@ pub async fn open_directory(config: &Config) -> Result<SqliteDirectory, Director
         }
     }
     Ok(store)
+}
+
+async fn proxy_context(config: &Config, registry: &Registry) -> Result<ProxyContext, AppError> {
+    let store = open_directory(config).await?;
+    let directory = Directory::new(
+        store,
+        config.directory.normalizer(),
+        config.directory.cache_entries,
+    );
+    let directory = Arc::new(directory);
+    registry.register(Box::new(metrics::DirectoryCollector::new(Arc::clone(
+        &directory,
+    ))?))?;
+    Ok(ProxyContext {
+        directory,
+        pool: BackendPool::new(&config.backends, config.limits.backend_connect_timeout()),
+        limits: config.limits.clone(),
+        banner: config.server.banner.clone(),
+        metrics: ProxyMetrics::new(registry)?,
+        admission: Admission::new(config.limits.max_sessions_per_ip),
+    })
 }

@@ -8,10 +8,12 @@
 
 pub mod admin;
 pub mod app;
+pub mod backend;
 pub mod config;
 pub mod directory;
 pub mod filter;
 pub mod imap;
 pub mod metrics;
 pub mod pop3;
+pub mod proxy;
 pub mod secret;

@@ -7,7 +7,10 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use crate::filter::xdp::CounterHandle;
+use crate::{
+    directory::{Directory, sqlite::SqliteDirectory},
+    filter::xdp::CounterHandle,
+};
 
 /// Build/identity gauge, so dashboards can tell which version is running.
 pub fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
@@ -80,5 +83,51 @@ impl Collector for XdpCollector {
         let mut families = packets.collect();
         families.extend(bytes.collect());
         families
+    }
+}
+
+/// Directory cache hits and misses, read from the directory's counters at scrape time.
+pub struct DirectoryCollector {
+    directory: std::sync::Arc<Directory<SqliteDirectory>>,
+    template: IntCounterVec,
+}
+
+fn lookups_vec() -> prometheus::Result<IntCounterVec> {
+    IntCounterVec::new(
+        Opts::new(
+            "protobalance_directory_lookups_total",
+            "Directory lookups by cache result (hit ratio = hit / (hit + miss))",
+        ),
+        &["cache"],
+    )
+}
+
+impl DirectoryCollector {
+    pub fn new(directory: std::sync::Arc<Directory<SqliteDirectory>>) -> prometheus::Result<Self> {
+        Ok(Self {
+            directory,
+            template: lookups_vec()?,
+        })
+    }
+}
+
+impl Collector for DirectoryCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.template.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Ok(lookups) = lookups_vec() else {
+            return Vec::new();
+        };
+        let stats = self.directory.cache_stats();
+        lookups
+            .with_label_values(&["hit"])
+            .inc_by(stats.hits.load(Relaxed));
+        lookups
+            .with_label_values(&["miss"])
+            .inc_by(stats.misses.load(Relaxed));
+        lookups.collect()
     }
 }

@@ -71,6 +71,15 @@ impl DovecotCluster {
             .get(index)
             .with_context(|| format!("no backend{n} in a cluster of {}", self.backends.len()))
     }
+
+    /// Mutable access, e.g. to stop one backend in a failure test.
+    pub fn backend_mut(&mut self, n: usize) -> Result<&mut DovecotBackend> {
+        let count = self.backends.len();
+        let index = n.checked_sub(1).context("backends are numbered from 1")?;
+        self.backends
+            .get_mut(index)
+            .with_context(|| format!("no backend{n} in a cluster of {count}"))
+    }
 }
 
 impl Drop for DovecotCluster {

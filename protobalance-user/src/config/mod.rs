@@ -6,8 +6,10 @@
 //! rejected so a typo never silently does nothing.
 
 mod cluster;
+mod listeners;
 
 pub use cluster::{BackendConfig, DirectoryConfig, DomainConfig};
+pub use listeners::{LimitsConfig, ListenerConfig, Protocol};
 
 use std::{
     net::SocketAddr,
@@ -34,6 +36,33 @@ pub struct Config {
     pub domains: Vec<DomainConfig>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// How the edge presents itself: one name and banner for the whole cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Greeting text after `+OK ` (POP3) and `* OK [CAPABILITY …] ` (IMAP).
+    #[serde(default = "default_banner")]
+    pub banner: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            banner: default_banner(),
+        }
+    }
+}
+
+fn default_banner() -> String {
+    "Mail service ready.".into()
 }
 
 /// A validation failure before the file path is attached.
@@ -169,6 +198,18 @@ impl Config {
         self.directory.validate(base).map_err(to_error)?;
         cluster::validate_domains(&self.domains, &self.directory.normalizer()).map_err(to_error)?;
         cluster::validate_backends(&self.backends).map_err(to_error)?;
+        listeners::validate_listeners(&self.listeners, !self.backends.is_empty())
+            .map_err(to_error)?;
+        self.limits.validate().map_err(to_error)?;
+        if self.server.banner.is_empty()
+            || self.server.banner.len() > 200
+            || self.server.banner.chars().any(char::is_control)
+        {
+            return Err(to_error(Problem::new(
+                "server.banner",
+                "use 1-200 printable characters".into(),
+            )));
+        }
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: path.display().to_string(),
             key: key.to_owned(),

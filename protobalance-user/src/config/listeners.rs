@@ -1,0 +1,156 @@
+//! `[[listener]]` (the mail ports the edge serves) and `[limits]` (what one client may do).
+
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
+
+use serde::Deserialize;
+
+use super::Problem;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Pop3,
+    // Imap joins with its session driver (the codec is in imap::codec already).
+}
+
+impl Protocol {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pop3 => "pop3",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub protocol: Protocol,
+    /// e.g. `"0.0.0.0:110"` in production, a loopback address in tests.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Failed logins in one session before it is closed.
+    #[serde(default = "default_max_auth_failures")]
+    pub max_auth_failures: u32,
+    /// Seconds a client may take to log in (whole pre-login phase).
+    #[serde(default = "default_pre_auth_timeout")]
+    pub pre_auth_timeout_seconds: u64,
+    /// Seconds without a byte in either direction before a proxied session is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_seconds: u64,
+    /// Concurrent sessions from one client address, all listeners together.
+    #[serde(default = "default_sessions_per_ip")]
+    pub max_sessions_per_ip: u32,
+    /// Seconds to wait for a backend's TCP connect.
+    #[serde(default = "default_connect_timeout")]
+    pub backend_connect_timeout_seconds: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_auth_failures: default_max_auth_failures(),
+            pre_auth_timeout_seconds: default_pre_auth_timeout(),
+            idle_timeout_seconds: default_idle_timeout(),
+            max_sessions_per_ip: default_sessions_per_ip(),
+            backend_connect_timeout_seconds: default_connect_timeout(),
+        }
+    }
+}
+
+const fn default_max_auth_failures() -> u32 {
+    3
+}
+const fn default_pre_auth_timeout() -> u64 {
+    60
+}
+const fn default_idle_timeout() -> u64 {
+    1800
+}
+const fn default_sessions_per_ip() -> u32 {
+    20
+}
+const fn default_connect_timeout() -> u64 {
+    3
+}
+
+impl LimitsConfig {
+    pub const fn pre_auth_timeout(&self) -> Duration {
+        Duration::from_secs(self.pre_auth_timeout_seconds)
+    }
+    pub const fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_seconds)
+    }
+    pub const fn backend_connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.backend_connect_timeout_seconds)
+    }
+
+    pub(super) fn validate(&self) -> Result<(), Problem> {
+        let checks = [
+            (
+                "limits.max_auth_failures",
+                u64::from(self.max_auth_failures),
+                1,
+                100,
+            ),
+            (
+                "limits.pre_auth_timeout_seconds",
+                self.pre_auth_timeout_seconds,
+                1,
+                3600,
+            ),
+            (
+                "limits.idle_timeout_seconds",
+                self.idle_timeout_seconds,
+                1,
+                86_400,
+            ),
+            (
+                "limits.max_sessions_per_ip",
+                u64::from(self.max_sessions_per_ip),
+                1,
+                100_000,
+            ),
+            (
+                "limits.backend_connect_timeout_seconds",
+                self.backend_connect_timeout_seconds,
+                1,
+                60,
+            ),
+        ];
+        for (key, value, min, max) in checks {
+            if !(min..=max).contains(&value) {
+                return Err(Problem::new(
+                    key,
+                    format!("{value} is outside {min}..={max}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn validate_listeners(
+    listeners: &[ListenerConfig],
+    have_backends: bool,
+) -> Result<(), Problem> {
+    let mut seen = HashSet::new();
+    for (i, listener) in listeners.iter().enumerate() {
+        if !seen.insert(listener.listen) {
+            return Err(Problem::new(
+                &format!("listener[{i}].listen"),
+                format!("{} is used twice", listener.listen),
+            ));
+        }
+    }
+    if !listeners.is_empty() && !have_backends {
+        return Err(Problem::new(
+            "backend",
+            "mail listeners are configured but no [[backend]] to route to".into(),
+        ));
+    }
+    Ok(())
+}

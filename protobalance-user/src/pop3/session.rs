@@ -1,0 +1,279 @@
+//! The POP3 session driver: greets with the cluster's banner, answers CAPA/QUIT/…, collects
+//! the login (USER/PASS, AUTH PLAIN, AUTH LOGIN), hands it to `login` (directory lookup,
+//! backend connect, XCLIENT, replay) and, once the backend says `+OK`, splices.
+//!
+//! Generic over the stream so tests can drive it in memory and STLS can swap it later.
+//! Every read is bounded by the codec's MAX_LINE and by the pre-auth timeout.
+
+use std::{net::SocketAddr, time::Instant};
+
+use bytes::{Buf as _, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use super::{
+    codec::{self, CodecError, Command, Decoded, InitialResponse, SaslLine},
+    login::{self, Login, LoginResult},
+};
+use crate::{
+    proxy::{Outcome, ProxyContext},
+    secret::Secret,
+};
+
+const CAPABILITIES: &[&str] = &[
+    "USER",
+    "SASL PLAIN LOGIN",
+    "RESP-CODES",
+    "AUTH-RESP-CODE",
+    "TOP",
+    "UIDL",
+    "PIPELINING",
+];
+
+/// Why reading the next client line stopped.
+enum ReadEnd {
+    Closed,
+    TimedOut,
+    TooLong,
+}
+
+struct Client<S> {
+    stream: S,
+    buf: BytesMut,
+    deadline: Instant,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    async fn send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).await.is_ok()
+    }
+
+    /// Runs `decode` on the buffer, reading more until it yields a value, skipping (and
+    /// answering) malformed lines.
+    async fn next<T>(
+        &mut self,
+        decode: fn(&[u8]) -> Result<Decoded<T>, CodecError>,
+    ) -> Result<T, ReadEnd> {
+        loop {
+            match decode(&self.buf) {
+                Ok(Decoded::Complete { value, consumed }) => {
+                    self.buf.advance(consumed);
+                    return Ok(value);
+                }
+                Ok(Decoded::Incomplete) => self.fill().await?,
+                Err(CodecError::LineTooLong) => return Err(ReadEnd::TooLong),
+                Err(error) => {
+                    let line_end = self
+                        .buf
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(self.buf.len(), |i| i + 1);
+                    self.buf.advance(line_end);
+                    if !self
+                        .send(&codec::err(
+                            None,
+                            &format!("Invalid command ({})", error.kind()),
+                        ))
+                        .await
+                    {
+                        return Err(ReadEnd::Closed);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> Result<(), ReadEnd> {
+        self.buf.reserve(codec::MAX_LINE);
+        let read =
+            tokio::time::timeout_at(self.deadline.into(), self.stream.read_buf(&mut self.buf));
+        match read.await {
+            Err(_) => Err(ReadEnd::TimedOut),
+            Ok(Ok(0) | Err(_)) => Err(ReadEnd::Closed),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+}
+
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: &ProxyContext,
+) -> Outcome {
+    let mut client = Client {
+        stream,
+        buf: BytesMut::with_capacity(codec::MAX_LINE),
+        deadline: Instant::now() + ctx.limits.pre_auth_timeout(),
+    };
+    if !client.send(&codec::ok(&ctx.banner)).await {
+        return Outcome::ClientQuit;
+    }
+    let mut user: Option<String> = None;
+    let mut failures = 0;
+    loop {
+        let command = match client.next(codec::decode_command).await {
+            Ok(command) => command,
+            Err(end) => return close(&mut client, end).await,
+        };
+        let login = match collect_login(&mut client, command, &mut user).await {
+            Step::Continue => continue,
+            Step::End(outcome) => return outcome,
+            Step::Login(login) => login,
+        };
+        match login::attempt(&mut client.stream, &mut client.buf, login, peer, ctx).await {
+            LoginResult::Proxied => return Outcome::Proxied,
+            LoginResult::TempFail => return Outcome::BackendUnavailable,
+            LoginResult::Refused => failures += 1,
+        }
+        if failures >= ctx.limits.max_auth_failures {
+            client
+                .send(&codec::err(Some("AUTH"), "Too many failed logins; closing"))
+                .await;
+            return Outcome::AuthFailed;
+        }
+    }
+}
+
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>, end: ReadEnd) -> Outcome {
+    match end {
+        ReadEnd::Closed => Outcome::ClientQuit,
+        ReadEnd::TimedOut => {
+            client
+                .send(&codec::err(None, "Timed out waiting for login; closing"))
+                .await;
+            Outcome::ClientError
+        }
+        ReadEnd::TooLong => {
+            client
+                .send(&codec::err(None, "Line too long; closing"))
+                .await;
+            Outcome::ClientError
+        }
+    }
+}
+
+enum Step {
+    Continue,
+    End(Outcome),
+    Login(Login),
+}
+
+async fn collect_login<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Client<S>,
+    command: Command,
+    user: &mut Option<String>,
+) -> Step {
+    let reply = match command {
+        Command::Capa => codec::capa(CAPABILITIES),
+        Command::User(name) => {
+            *user = Some(name);
+            codec::ok("Send PASS")
+        }
+        Command::Pass(password) => match user.take() {
+            Some(name) => return Step::Login(Login { name, password }),
+            None => codec::err(None, "Send USER first"),
+        },
+        Command::Auth { mechanism, initial } => return auth(client, &mechanism, initial).await,
+        Command::AuthList => codec::multiline("", &["PLAIN", "LOGIN"]),
+        Command::Quit => {
+            client.send(&codec::ok("Bye")).await;
+            return Step::End(Outcome::ClientQuit);
+        }
+        Command::Stls => codec::err(None, "STLS is not available on this port"),
+        Command::Apop => codec::err(None, "APOP is not supported; use USER/PASS or AUTH PLAIN"),
+        Command::Noop | Command::Empty | Command::Unknown { .. } => {
+            codec::err(None, "Log in first (USER/PASS or AUTH)")
+        }
+    };
+    if client.send(&reply).await {
+        Step::Continue
+    } else {
+        Step::End(Outcome::ClientQuit)
+    }
+}
+
+async fn auth<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Client<S>,
+    mechanism: &str,
+    initial: Option<InitialResponse>,
+) -> Step {
+    let login = match mechanism {
+        "PLAIN" => auth_plain(client, initial).await,
+        "LOGIN" => auth_login(client, initial).await,
+        _ => Err(codec::err(
+            None,
+            "Unsupported mechanism; use PLAIN or LOGIN",
+        )),
+    };
+    match login {
+        Ok(Some(login)) => Step::Login(login),
+        Ok(None) => Step::End(Outcome::ClientQuit),
+        Err(reply) if client.send(&reply).await => Step::Continue,
+        Err(_) => Step::End(Outcome::ClientQuit),
+    }
+}
+
+/// `Ok(None)`: the client went away; `Err(reply)`: answer and carry on.
+type AuthStep = Result<Option<Login>, Vec<u8>>;
+
+async fn sasl_response<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Client<S>,
+    prompt: &[u8],
+) -> Result<Option<Secret<String>>, Vec<u8>> {
+    if !client.send(prompt).await {
+        return Ok(None);
+    }
+    match client.next(codec::decode_sasl_line).await {
+        Ok(SaslLine::Payload(payload)) => Ok(Some(payload)),
+        Ok(SaslLine::Cancel) => Err(codec::err(None, "Authentication cancelled")),
+        Err(_) => Ok(None),
+    }
+}
+
+async fn auth_plain<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Client<S>,
+    initial: Option<InitialResponse>,
+) -> AuthStep {
+    let payload = match initial {
+        Some(InitialResponse::Base64(payload)) => payload,
+        Some(InitialResponse::Empty) | None => match sasl_response(client, b"+ \r\n").await? {
+            Some(payload) => payload,
+            None => return Ok(None),
+        },
+    };
+    let credentials = codec::parse_plain(payload.expose())
+        .map_err(|_| codec::err(None, "Invalid AUTH PLAIN response"))?;
+    if credentials
+        .authzid
+        .as_ref()
+        .is_some_and(|z| z != &credentials.authcid)
+    {
+        return Err(codec::err(
+            Some("AUTH"),
+            "Authorization identities are not supported",
+        ));
+    }
+    Ok(Some(Login {
+        name: credentials.authcid,
+        password: credentials.password,
+    }))
+}
+
+async fn auth_login<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Client<S>,
+    initial: Option<InitialResponse>,
+) -> AuthStep {
+    let user_b64 = match initial {
+        Some(InitialResponse::Base64(user)) => user,
+        _ => match sasl_response(client, codec::LOGIN_PROMPT_USERNAME).await? {
+            Some(user) => user,
+            None => return Ok(None),
+        },
+    };
+    let bad = |_| codec::err(None, "Invalid AUTH LOGIN response");
+    let name = codec::decode_sasl_text(user_b64.expose()).map_err(bad)?;
+    let Some(password) = sasl_response(client, codec::LOGIN_PROMPT_PASSWORD).await? else {
+        return Ok(None);
+    };
+    let password = Secret::new(codec::decode_sasl_text(password.expose()).map_err(bad)?);
+    Ok(Some(Login { name, password }))
+}

@@ -1,0 +1,134 @@
+//! What every proxied session shares: the directory, the backend pool, limits, metrics,
+//! per-address admission, and the splice that joins client and backend after login.
+
+pub mod admission;
+pub mod listener;
+pub mod splice;
+
+use std::sync::Arc;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use crate::{
+    backend::BackendPool,
+    config::{LimitsConfig, Protocol},
+    directory::{Directory, sqlite::SqliteDirectory},
+};
+
+pub struct ProxyContext {
+    pub directory: Arc<Directory<SqliteDirectory>>,
+    pub pool: BackendPool,
+    pub limits: LimitsConfig,
+    pub banner: String,
+    pub metrics: ProxyMetrics,
+    pub admission: admission::Admission,
+}
+
+/// How a session ended; the `outcome` label of `protobalance_sessions_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Logged in and proxied until one side closed.
+    Proxied,
+    /// The client quit (or vanished) before logging in.
+    ClientQuit,
+    /// Too many failed logins.
+    AuthFailed,
+    /// The owning backend (or the directory) was unavailable: temporary failure.
+    BackendUnavailable,
+    /// Protocol violation, over-long line, timeout.
+    ClientError,
+    /// Refused at the door: too many sessions from the address.
+    Refused,
+}
+
+impl Outcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Proxied => "proxied",
+            Self::ClientQuit => "client_quit",
+            Self::AuthFailed => "auth_failed",
+            Self::BackendUnavailable => "backend_unavailable",
+            Self::ClientError => "client_error",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+pub struct ProxyMetrics {
+    sessions: IntCounterVec,
+    active: IntGaugeVec,
+    logins: IntCounterVec,
+    login_seconds: HistogramVec,
+}
+
+impl ProxyMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let sessions = IntCounterVec::new(
+            Opts::new(
+                "protobalance_sessions_total",
+                "Finished client sessions by protocol and outcome",
+            ),
+            &["protocol", "outcome"],
+        )?;
+        let active = IntGaugeVec::new(
+            Opts::new(
+                "protobalance_sessions_active",
+                "Open client sessions by protocol",
+            ),
+            &["protocol"],
+        )?;
+        let logins = IntCounterVec::new(
+            Opts::new(
+                "protobalance_logins_total",
+                "Login attempts by protocol, backend and result",
+            ),
+            &["protocol", "backend", "result"],
+        )?;
+        let login_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "protobalance_login_duration_seconds",
+                "From the login command to the backend's answer (directory + connect + replay)",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["protocol"],
+        )?;
+        registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(active.clone()))?;
+        registry.register(Box::new(logins.clone()))?;
+        registry.register(Box::new(login_seconds.clone()))?;
+        Ok(Self {
+            sessions,
+            active,
+            logins,
+            login_seconds,
+        })
+    }
+
+    pub fn session_started(&self, protocol: Protocol) {
+        self.active.with_label_values(&[protocol.as_str()]).inc();
+    }
+
+    pub fn session_ended(&self, protocol: Protocol, outcome: Outcome) {
+        self.active.with_label_values(&[protocol.as_str()]).dec();
+        self.refused_or_ended(protocol, outcome);
+    }
+
+    /// Counts a session that never started (refused at admission).
+    pub fn refused_or_ended(&self, protocol: Protocol, outcome: Outcome) {
+        self.sessions
+            .with_label_values(&[protocol.as_str(), outcome.as_str()])
+            .inc();
+    }
+
+    /// `backend` is a configured backend name or `none`, so the label stays bounded.
+    pub fn login(&self, protocol: Protocol, backend: &str, result: &str, seconds: f64) {
+        self.logins
+            .with_label_values(&[protocol.as_str(), backend, result])
+            .inc();
+        self.login_seconds
+            .with_label_values(&[protocol.as_str()])
+            .observe(seconds);
+    }
+}

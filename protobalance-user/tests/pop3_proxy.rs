@@ -1,0 +1,345 @@
+//! POP3 through protobalance against three real Dovecot backends, driven by Python's
+//! poplib: logins reach the mailbox's owner (mail delivered there by LMTP comes back
+//! byte for byte), the backend sees the real client address, credential failures and
+//! temporary failures keep their meaning, and bad input gets a protocol answer.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use protobalance::{
+    app::open_directory,
+    config::Config,
+    directory::{MailboxDirectory as _, Normalizer, import::import},
+};
+use protobalance_tests::{
+    ChildGuard, DovecotCluster, free_port, password_for, python, require_root,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_protobalance");
+const USERS: usize = 300;
+/// The client's own loopback address, so "real client IP" differs from the proxy's.
+const CLIENT_IP: &str = "127.0.0.77";
+
+struct Edge {
+    _guard: ChildGuard,
+    pop3: SocketAddr,
+    config: Config,
+    _dir: tempfile::TempDir,
+}
+
+fn start_edge(cluster: &DovecotCluster) -> Edge {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lo = IpAddr::from([127, 0, 0, 1]);
+    let pop3 = SocketAddr::new(lo, free_port(lo).expect("port"));
+    let admin = SocketAddr::new(lo, free_port(lo).expect("port"));
+    let mut text = format!(
+        "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 1\n[directory]\npath = \"dir.db\"\n\
+         [limits]\npre_auth_timeout_seconds = 2\nmax_auth_failures = 3\n\
+         [[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n\
+         [[listener]]\nprotocol = \"pop3\"\nlisten = \"{pop3}\"\n"
+    );
+    for b in cluster.backends() {
+        text.push_str(&format!(
+            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\nlmtp_port = {}\n",
+            b.name(),
+            b.ip(),
+            b.pop3_port(),
+            b.imap_port(),
+            b.lmtp_port()
+        ));
+    }
+    let path = dir.path().join("pb.toml");
+    std::fs::write(&path, text).expect("config");
+    let config = Config::load(&path).expect("valid config").config;
+    provision(&config);
+    let guard = ChildGuard::spawn(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null()),
+        "protobalance",
+    )
+    .expect("spawn");
+    wait_healthy(admin);
+    Edge {
+        _guard: guard,
+        pop3,
+        config,
+        _dir: dir,
+    }
+}
+
+/// Imports user1..user300 (apportioned by capacity: 100 each).
+fn provision(config: &Config) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let store = runtime.block_on(open_directory(config)).expect("directory");
+    let list: String = (1..=USERS)
+        .map(|i| format!("user{i}@example.com\n"))
+        .collect();
+    let report = import(
+        &store,
+        &Normalizer::default(),
+        std::io::Cursor::new(list),
+        1000,
+        |_| (),
+    )
+    .expect("import");
+    assert_eq!(report.added, USERS as u64);
+    let counts: Vec<u64> = runtime
+        .block_on(store.backends())
+        .expect("backends")
+        .iter()
+        .map(|b| b.mailboxes)
+        .collect();
+    assert_eq!(
+        counts,
+        [100, 100, 100],
+        "apportioned evenly over equal capacities"
+    );
+}
+
+fn wait_healthy(admin: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(admin) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut response = String::new();
+            if s.read_to_string(&mut response).is_ok() && response.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "protobalance did not become healthy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn owner(edge: &Edge, user: &str) -> String {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let store = runtime
+        .block_on(open_directory(&edge.config))
+        .expect("directory");
+    let mailbox = Normalizer::default()
+        .normalize(user)
+        .expect("address")
+        .mailbox;
+    runtime
+        .block_on(store.owner_of(&mailbox))
+        .expect("lookup")
+        .expect("provisioned")
+}
+
+fn deliver(cluster: &DovecotCluster, backend: &str, user: &str, token: &str) {
+    let b = cluster
+        .backends()
+        .iter()
+        .find(|b| b.name() == backend)
+        .expect("backend");
+    python(&format!(
+        "import smtplib\nl=smtplib.LMTP('{}',{})\n\
+         l.sendmail('sender@example.net',['{user}'],'Subject: {token}\\r\\n\\r\\nbody {token}\\r\\nline two\\r\\n')\nl.quit()",
+        b.ip(),
+        b.lmtp_port()
+    ))
+    .expect("LMTP delivery");
+}
+
+/// A poplib session through the edge from CLIENT_IP; `login` is Python code using `p`.
+fn pop3_script(edge: &Edge, login: &str, then: &str) -> anyhow::Result<String> {
+    python(&format!(
+        "import socket, poplib, base64\n\
+         orig = socket.create_connection\n\
+         socket.create_connection = lambda a, t=None, s=None: orig(a, t, ('{CLIENT_IP}', 0))\n\
+         p = poplib.POP3('{}', {}, timeout=10)\n{login}\n{then}\n",
+        edge.pop3.ip(),
+        edge.pop3.port()
+    ))
+}
+
+fn user_pass(user: &str) -> String {
+    let pass = password_for(user).expect("test user");
+    format!("p.user('{user}')\np.pass_('{pass}')")
+}
+
+fn auth_plain(user: &str) -> String {
+    let pass = password_for(user).expect("test user");
+    format!("p._shortcmd('AUTH PLAIN ' + base64.b64encode(b'\\0{user}\\0{pass}').decode())")
+}
+
+fn skip() -> bool {
+    !require_root("pop3_proxy") || !protobalance_tests::dovecot::require_dovecot("pop3_proxy")
+}
+
+#[test]
+fn logins_reach_the_owner_and_read_what_was_delivered_there() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let edge = start_edge(&cluster);
+    for (i, n) in [1, 42, 100, 150, 201, 299].into_iter().enumerate() {
+        let user = format!("user{n}@example.com");
+        let backend = owner(&edge, &user);
+        let token = format!("token-{n}-{}", std::process::id());
+        deliver(&cluster, &backend, &user, &token);
+        let login = if i % 2 == 0 {
+            user_pass(&user)
+        } else {
+            auth_plain(&user)
+        };
+        let out = pop3_script(
+            &edge,
+            &login,
+            "print(p.stat()); print(b'\\n'.join(p.retr(1)[1]).decode()); p.quit()",
+        )
+        .expect("pop3 through the edge");
+        assert!(out.starts_with("(1, "), "{user}: one message: {out}");
+        assert!(
+            out.contains(&format!("Subject: {token}"))
+                && out.contains(&format!("body {token}\nline two")),
+            "{out}"
+        );
+        for other in cluster.backends().iter().filter(|b| b.name() != backend) {
+            assert_eq!(
+                other.message_count(&user).expect("count"),
+                0,
+                "{user} only on {backend}"
+            );
+        }
+        let log = std::fs::read_to_string(
+            cluster
+                .backends()
+                .iter()
+                .find(|b| b.name() == backend)
+                .expect("b")
+                .log_path(),
+        )
+        .expect("dovecot log");
+        assert!(
+            log.lines().any(|l| l.contains("pop3-login: Info: Login")
+                && l.contains(&format!("<{user}>"))
+                && l.contains(&format!("rip={CLIENT_IP}"))),
+            "Dovecot logged the real client address for {user}"
+        );
+    }
+    // Normalized logins reach the same mailbox.
+    let out = pop3_script(
+        &edge,
+        &user_pass("user42@example.com").replace(
+            "p.user('user42@example.com')",
+            "p.user('User42+list@EXAMPLE.com')",
+        ),
+        "print(p.stat()); p.quit()",
+    )
+    .expect("normalized login");
+    assert!(out.starts_with("(1, "), "{out}");
+}
+
+#[test]
+fn failures_keep_their_meaning() {
+    if skip() {
+        return;
+    }
+    let mut cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let edge = start_edge(&cluster);
+    let wrong = pop3_script(&edge, "p.user('user7@example.com')\np.pass_('wrong')", "")
+        .expect_err("wrong password");
+    assert!(
+        wrong.to_string().contains("-ERR [AUTH]"),
+        "backend's refusal relayed: {wrong}"
+    );
+    let unknown =
+        pop3_script(&edge, "p.user('nobody@example.com')\np.pass_('x')", "").expect_err("unknown");
+    assert!(
+        unknown
+            .to_string()
+            .contains("-ERR [AUTH] Authentication failed."),
+        "{unknown}"
+    );
+    let foreign = pop3_script(&edge, "p.user('user1@elsewhere.example')\np.pass_('x')", "")
+        .expect_err("foreign");
+    assert!(foreign.to_string().contains("-ERR [AUTH]"), "{foreign}");
+
+    // Stop the owner of user5: its logins fail temporarily and fast, others still work.
+    let victim = owner(&edge, "user5@example.com");
+    let survivor = (1..=USERS)
+        .map(|n| format!("user{n}@example.com"))
+        .find(|u| owner(&edge, u) != victim)
+        .expect("a user on another backend");
+    let index: usize = victim
+        .trim_start_matches("backend")
+        .parse()
+        .expect("backendN");
+    cluster.backend_mut(index).expect("backend").stop();
+    let started = Instant::now();
+    let down = pop3_script(&edge, &user_pass("user5@example.com"), "").expect_err("owner down");
+    assert!(
+        down.to_string().contains("-ERR [SYS/TEMP]"),
+        "temporary failure, not a credential error: {down}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "fails fast: {:?}",
+        started.elapsed()
+    );
+    let ok = pop3_script(&edge, &user_pass(&survivor), "print(p.stat()); p.quit()")
+        .expect("other backend fine");
+    assert!(ok.starts_with('('), "{ok}");
+}
+
+/// Raw-socket bad input: each gets its documented reply or a close, never a hang.
+#[test]
+fn bad_input_gets_protocol_answers() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let edge = start_edge(&cluster);
+    let session = |send: &[u8]| -> String {
+        let mut s = TcpStream::connect(edge.pop3).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = s.write_all(send);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let long = session(&vec![b'A'; 100 * 1024]);
+    assert!(long.contains("-ERR Line too long; closing"), "{long}");
+    let garbage = session(b"\x16\x03\x01\x02\x00\x01\x00\xfc\x03\x03\r\nQUIT\r\n");
+    assert!(
+        garbage.contains("-ERR Invalid command") && garbage.ends_with("+OK Bye\r\n"),
+        "{garbage}"
+    );
+    let mut attempts = Vec::new();
+    for _ in 0..1000 {
+        attempts.extend_from_slice(b"AUTH PLAIN AHVzZXIxQGV4YW1wbGUuY29tAG5vcGU=\r\n");
+    }
+    let brute = session(&attempts);
+    assert_eq!(
+        brute.matches("-ERR").count(),
+        4,
+        "3 refusals then the closing line: {brute}"
+    );
+    assert!(brute.contains("Too many failed logins; closing"), "{brute}");
+    let started = Instant::now();
+    let silent = session(b"");
+    assert!(
+        silent.contains("-ERR Timed out waiting for login"),
+        "{silent}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "pre-auth timeout (2 s) enforced"
+    );
+    let stls = session(b"STLS\r\nCAPA\r\nQUIT\r\n");
+    assert!(stls.contains("-ERR STLS is not available"), "{stls}");
+}
