@@ -120,6 +120,7 @@ impl App {
             tracker.clone(),
         ));
         if let Some(ctx) = &self.proxy {
+            tracker.spawn(Arc::clone(&ctx.pool).run_health_checks(shutdown.clone()));
             for (protocol, listener) in self.mail {
                 if let Ok(addr) = listener.local_addr() {
                     tracing::info!(%addr, protocol = protocol.as_str(), "mail listener ready");
@@ -247,7 +248,12 @@ async fn proxy_context(config: &Config, registry: &Registry) -> Result<ProxyCont
     ))?))?;
     Ok(ProxyContext {
         directory,
-        pool: BackendPool::new(&config.backends, config.limits.backend_connect_timeout()),
+        pool: Arc::new(BackendPool::new(
+            &config.backends,
+            config.health,
+            config.limits.backend_connect_timeout(),
+            registry,
+        )?),
         limits: config.limits.clone(),
         banner: config.server.banner.clone(),
         metrics: ProxyMetrics::new(registry)?,

@@ -27,6 +27,7 @@ const CLIENT_IP: &str = "127.0.0.77";
 struct Edge {
     _guard: ChildGuard,
     pop3: SocketAddr,
+    admin: SocketAddr,
     config: Config,
     _dir: tempfile::TempDir,
 }
@@ -39,6 +40,7 @@ fn start_edge(cluster: &DovecotCluster) -> Edge {
     let mut text = format!(
         "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 1\n[directory]\npath = \"dir.db\"\n\
          [limits]\npre_auth_timeout_seconds = 2\nmax_auth_failures = 3\n\
+         [health]\ninterval_seconds = 1\ntimeout_seconds = 1\nfall = 1\nrise = 1\n\
          [[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n\
          [[listener]]\nprotocol = \"pop3\"\nlisten = \"{pop3}\"\n"
     );
@@ -69,6 +71,7 @@ fn start_edge(cluster: &DovecotCluster) -> Edge {
     Edge {
         _guard: guard,
         pop3,
+        admin,
         config,
         _dir: dir,
     }
@@ -103,16 +106,25 @@ fn provision(config: &Config) {
     );
 }
 
+fn get(admin: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn metrics(edge: &Edge) -> String {
+    get(edge.admin, "/metrics").expect("metrics")
+}
+
 fn wait_healthy(admin: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if let Ok(mut s) = TcpStream::connect(admin) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-            let mut response = String::new();
-            if s.read_to_string(&mut response).is_ok() && response.starts_with("HTTP/1.1 200") {
-                return;
-            }
+        if get(admin, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -293,6 +305,37 @@ fn failures_keep_their_meaning() {
     let ok = pop3_script(&edge, &user_pass(&survivor), "print(p.stat()); p.quit()")
         .expect("other backend fine");
     assert!(ok.starts_with('('), "{ok}");
+    let up_line = format!("protobalance_backend_up{{backend=\"{victim}\",service=\"pop3\"}}");
+    assert!(
+        metrics(&edge).contains(&format!("{up_line} 0")),
+        "breaker open on /metrics"
+    );
+
+    // The owner comes back: the health check closes the breaker and logins work again.
+    cluster
+        .backend_mut(index)
+        .expect("backend")
+        .restart()
+        .expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match pop3_script(
+            &edge,
+            &user_pass("user5@example.com"),
+            "print(p.stat()); p.quit()",
+        ) {
+            Ok(out) if out.starts_with('(') => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "logins never recovered: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        metrics(&edge).contains(&format!("{up_line} 1")),
+        "breaker closed again"
+    );
 }
 
 /// Raw-socket bad input: each gets its documented reply or a close, never a hang.

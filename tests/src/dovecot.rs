@@ -198,6 +198,20 @@ impl DovecotBackend {
         };
         let config_path = self.config_path();
         std::fs::write(&config_path, render_config(&spec)?).context("writing dovecot.conf")?;
+        self.spawn_and_wait()
+    }
+
+    /// Starts a stopped instance again with the same config and ports: a backend that
+    /// comes back after an outage. A running instance is left alone.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.master.is_some() {
+            return Ok(());
+        }
+        self.spawn_and_wait()
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<()> {
+        let config_path = self.config_path();
         let stderr = File::create(self.dir().join("stderr.log")).context("creating stderr.log")?;
         // A fresh log per attempt, so a retry is not confused by the last attempt's errors.
         File::create(self.log_path()).context("creating dovecot.log")?;

@@ -1,17 +1,24 @@
 //! The backend pool: where each backend is and how to reach it. Connections set
 //! TCP_NODELAY (login exchanges are tiny request/response pairs; Nagle would add tens of
-//! milliseconds per session) and have a connect timeout, so a dead backend costs the
-//! client a quick temporary failure, not a hang. Health checks and the circuit breaker
-//! extend this module next.
+//! milliseconds per session) and have a connect timeout; a circuit breaker per backend and
+//! service (`health`) makes a dead backend cost the client a fast temporary failure.
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+pub mod health;
 
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, HealthConfig};
+use health::{Breaker, Thresholds};
+
+/// Every service a backend offers; each has its own breaker.
+pub const SERVICES: [Service; 3] = [Service::Pop3, Service::Imap, Service::Lmtp];
 
 /// Which service on a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Service {
     Pop3,
     Imap,
@@ -30,6 +37,8 @@ impl Service {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    #[error("backend `{0}` {1} is marked down by its health checks")]
+    Down(String, &'static str),
     #[error("backend `{0}` is not configured")]
     Unknown(String),
     #[error("backend `{name}` ({addr}): connect timed out after {timeout:?}")]
@@ -48,18 +57,42 @@ pub enum ConnectError {
 
 pub struct BackendPool {
     backends: HashMap<String, BackendConfig>,
+    breakers: HashMap<(String, Service), Breaker>,
+    health: HealthConfig,
     connect_timeout: Duration,
+    metrics: BackendMetrics,
 }
 
 impl BackendPool {
-    pub fn new(backends: &[BackendConfig], connect_timeout: Duration) -> Self {
-        Self {
+    pub fn new(
+        backends: &[BackendConfig],
+        health: HealthConfig,
+        connect_timeout: Duration,
+        registry: &Registry,
+    ) -> prometheus::Result<Self> {
+        let breakers = backends
+            .iter()
+            .flat_map(|b| SERVICES.map(|s| ((b.name.clone(), s), Breaker::default())))
+            .collect();
+        let metrics = BackendMetrics::new(registry)?;
+        for b in backends {
+            for service in SERVICES {
+                metrics
+                    .up
+                    .with_label_values(&[b.name.as_str(), service.as_str()])
+                    .set(1);
+            }
+        }
+        Ok(Self {
             backends: backends
                 .iter()
                 .map(|b| (b.name.clone(), b.clone()))
                 .collect(),
+            breakers,
+            health,
             connect_timeout,
-        }
+            metrics,
+        })
     }
 
     pub fn address(&self, name: &str, service: Service) -> Option<SocketAddr> {
@@ -72,23 +105,121 @@ impl BackendPool {
         Some(SocketAddr::new(b.address, port))
     }
 
+    fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            fall: self.health.fall,
+            rise: self.health.rise,
+        }
+    }
+
+    /// Connects to `service` on backend `name`, failing at once while its breaker is open.
     pub async fn connect(&self, name: &str, service: Service) -> Result<TcpStream, ConnectError> {
         let addr = self
             .address(name, service)
             .ok_or_else(|| ConnectError::Unknown(name.to_owned()))?;
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ConnectError::Timeout {
-                name: name.to_owned(),
-                addr,
-                timeout: self.connect_timeout,
-            })?
-            .map_err(|source| ConnectError::Io {
-                name: name.to_owned(),
-                addr,
-                source,
-            })?;
+        let breaker = self.breakers.get(&(name.to_owned(), service));
+        if breaker.is_some_and(|b| !b.is_up()) {
+            return Err(ConnectError::Down(name.to_owned(), service.as_str()));
+        }
+        let result =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Err(_) => Err(ConnectError::Timeout {
+                    name: name.to_owned(),
+                    addr,
+                    timeout: self.connect_timeout,
+                }),
+                Ok(Err(source)) => Err(ConnectError::Io {
+                    name: name.to_owned(),
+                    addr,
+                    source,
+                }),
+                Ok(Ok(stream)) => Ok(stream),
+            };
+        if let Some(breaker) = breaker
+            && breaker.record_passive(result.is_ok(), self.thresholds())
+        {
+            self.state_changed(name, service, false, "connect failed during a login");
+        }
+        let stream = result?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+
+    /// Probes every backend service each `health.interval` until `shutdown`.
+    pub async fn run_health_checks(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.health.interval());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let mut checks = tokio::task::JoinSet::new();
+            for (name, service) in self.breakers.keys() {
+                let (this, name, service) = (Arc::clone(&self), name.clone(), *service);
+                checks.spawn(async move { this.check_one(&name, service).await });
+            }
+            while checks.join_next().await.is_some() {}
+        }
+    }
+
+    async fn check_one(&self, name: &str, service: Service) {
+        let (Some(addr), Some(breaker)) = (
+            self.address(name, service),
+            self.breakers.get(&(name.to_owned(), service)),
+        ) else {
+            return;
+        };
+        let result = health::check(addr, service, self.health.timeout()).await;
+        let ok = result.is_ok();
+        self.metrics
+            .checks
+            .with_label_values(&[name, service.as_str(), if ok { "ok" } else { "failed" }])
+            .inc();
+        if breaker.record(ok, self.thresholds()) {
+            let why = result
+                .err()
+                .map_or_else(|| "checks pass again".to_owned(), |e| e.to_string());
+            self.state_changed(name, service, ok, &why);
+        }
+    }
+
+    fn state_changed(&self, name: &str, service: Service, up: bool, why: &str) {
+        self.metrics
+            .up
+            .with_label_values(&[name, service.as_str()])
+            .set(i64::from(up));
+        if up {
+            tracing::info!(backend = %name, service = service.as_str(), why, "backend is up");
+        } else {
+            tracing::warn!(backend = %name, service = service.as_str(), why, "backend is down: its mailboxes get temporary failures");
+        }
+    }
+}
+
+struct BackendMetrics {
+    up: IntGaugeVec,
+    checks: IntCounterVec,
+}
+
+impl BackendMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let up = IntGaugeVec::new(
+            Opts::new(
+                "protobalance_backend_up",
+                "1 while the backend service's circuit breaker is closed",
+            ),
+            &["backend", "service"],
+        )?;
+        let checks = IntCounterVec::new(
+            Opts::new(
+                "protobalance_backend_checks_total",
+                "Active health checks by result",
+            ),
+            &["backend", "service", "result"],
+        )?;
+        registry.register(Box::new(up.clone()))?;
+        registry.register(Box::new(checks.clone()))?;
+        Ok(Self { up, checks })
     }
 }

@@ -206,3 +206,77 @@ pub(super) fn validate_backends(backends: &[BackendConfig]) -> Result<(), Proble
     }
     Ok(())
 }
+
+/// `[health]`: active checks and the circuit breaker of every backend service.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default = "default_health_interval")]
+    pub interval_seconds: u64,
+    #[serde(default = "default_health_timeout")]
+    pub timeout_seconds: u64,
+    /// Consecutive failures (checks or login connects) that mark a service down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Consecutive successful checks that mark it up again.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_seconds: default_health_interval(),
+            timeout_seconds: default_health_timeout(),
+            fall: default_fall(),
+            rise: default_rise(),
+        }
+    }
+}
+
+const fn default_health_interval() -> u64 {
+    5
+}
+const fn default_health_timeout() -> u64 {
+    2
+}
+const fn default_fall() -> u32 {
+    2
+}
+const fn default_rise() -> u32 {
+    2
+}
+
+impl HealthConfig {
+    pub const fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.interval_seconds)
+    }
+
+    pub const fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout_seconds)
+    }
+
+    pub(super) fn validate(&self) -> Result<(), Problem> {
+        let checks = [
+            ("health.interval_seconds", self.interval_seconds, 1, 3600),
+            ("health.timeout_seconds", self.timeout_seconds, 1, 60),
+            ("health.fall", u64::from(self.fall), 1, 100),
+            ("health.rise", u64::from(self.rise), 1, 100),
+        ];
+        for (key, value, min, max) in checks {
+            if !(min..=max).contains(&value) {
+                return Err(Problem::new(
+                    key,
+                    format!("{value} is outside {min}..={max}"),
+                ));
+            }
+        }
+        if self.timeout_seconds > self.interval_seconds {
+            return Err(Problem::new(
+                "health.timeout_seconds",
+                "must not exceed health.interval_seconds".into(),
+            ));
+        }
+        Ok(())
+    }
+}

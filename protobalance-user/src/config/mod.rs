@@ -8,7 +8,7 @@
 mod cluster;
 mod listeners;
 
-pub use cluster::{BackendConfig, DirectoryConfig, DomainConfig};
+pub use cluster::{BackendConfig, DirectoryConfig, DomainConfig, HealthConfig};
 pub use listeners::{LimitsConfig, ListenerConfig, Protocol};
 
 use std::{
@@ -42,6 +42,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub server: ServerConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
 }
 
 /// How the edge presents itself: one name and banner for the whole cluster.
@@ -201,6 +203,7 @@ impl Config {
         listeners::validate_listeners(&self.listeners, !self.backends.is_empty())
             .map_err(to_error)?;
         self.limits.validate().map_err(to_error)?;
+        self.health.validate().map_err(to_error)?;
         if self.server.banner.is_empty()
             || self.server.banner.len() > 200
             || self.server.banner.chars().any(char::is_control)

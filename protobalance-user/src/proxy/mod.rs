@@ -17,7 +17,7 @@ use crate::{
 
 pub struct ProxyContext {
     pub directory: Arc<Directory<SqliteDirectory>>,
-    pub pool: BackendPool,
+    pub pool: Arc<BackendPool>,
     pub limits: LimitsConfig,
     pub banner: String,
     pub metrics: ProxyMetrics,
