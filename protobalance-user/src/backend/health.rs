@@ -104,55 +104,71 @@ pub async fn check(
         .map_err(|_| CheckError::Timeout)?
 }
 
+/// What a probe says and expects for one service.
+struct Script {
+    greeting: &'static str,
+    command: &'static [u8],
+    /// `Some(true)`: the answer is complete and good; `Some(false)`: bad; `None`: read on.
+    done: fn(&str) -> Option<bool>,
+    bye: &'static [u8],
+}
+
+const fn script(service: Service) -> Script {
+    match service {
+        Service::Pop3 => Script {
+            greeting: "+OK",
+            command: b"CAPA\r\n",
+            done: |l| {
+                if l == "." {
+                    Some(true)
+                } else if l.starts_with("-ERR") {
+                    Some(false)
+                } else {
+                    None
+                }
+            },
+            bye: b"QUIT\r\n",
+        },
+        Service::Imap => Script {
+            greeting: "* OK",
+            command: b"h1 NOOP\r\n",
+            done: |l| l.starts_with("h1 ").then(|| l.starts_with("h1 OK")),
+            bye: b"h2 LOGOUT\r\n",
+        },
+        Service::Lmtp => Script {
+            greeting: "220",
+            command: b"LHLO protobalance.health\r\n",
+            done: |l| (!l.starts_with("250-")).then(|| l.starts_with("250 ")),
+            bye: b"QUIT\r\n",
+        },
+    }
+}
+
 async fn probe(addr: SocketAddr, service: Service) -> Result<(), CheckError> {
+    let script = script(service);
     let stream = TcpStream::connect(addr)
         .await
         .map_err(CheckError::Connect)?;
     let mut stream = BufReader::new(stream);
-    let (greeting, command, done, bye): (&str, &[u8], fn(&str) -> Option<bool>, &[u8]) =
-        match service {
-            Service::Pop3 => (
-                "+OK",
-                b"CAPA\r\n",
-                |l| {
-                    (l == ".")
-                        .then_some(true)
-                        .or(l.starts_with("-ERR").then_some(false))
-                },
-                b"QUIT\r\n",
-            ),
-            Service::Imap => (
-                "* OK",
-                b"h1 NOOP\r\n",
-                |l| l.starts_with("h1 ").then(|| l.starts_with("h1 OK")),
-                b"h2 LOGOUT\r\n",
-            ),
-            Service::Lmtp => (
-                "220",
-                b"LHLO protobalance.health\r\n",
-                |l| (l.len() >= 4 && !l.starts_with("250-")).then(|| l.starts_with("250 ")),
-                b"QUIT\r\n",
-            ),
-        };
     let line = read_line(&mut stream).await?;
-    if !line.starts_with(greeting) {
+    if !line.starts_with(script.greeting) {
         return Err(CheckError::Answer(line));
     }
     stream
         .get_mut()
-        .write_all(command)
+        .write_all(script.command)
         .await
         .map_err(|_| CheckError::Closed)?;
     // Bounded: a backend that streams endless lines hits the overall timeout.
     loop {
         let line = read_line(&mut stream).await?;
-        match done(&line) {
+        match (script.done)(&line) {
             Some(true) => break,
             Some(false) => return Err(CheckError::Answer(line)),
             None => {}
         }
     }
-    let _ = stream.get_mut().write_all(bye).await;
+    let _ = stream.get_mut().write_all(script.bye).await;
     Ok(())
 }
 
