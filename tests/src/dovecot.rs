@@ -37,6 +37,9 @@ pub struct BackendOptions {
     /// Extra networks (CIDR) trusted for XCLIENT / ID x-originating-ip / PROXY, on top
     /// of `127.0.0.0/8 ::1`.
     pub trusted_networks: Vec<String>,
+    /// Fixed ports instead of free ones (the demo cluster's well-known addresses). A bind
+    /// failure is then an error, not a retry.
+    pub fixed_ports: Option<Ports>,
 }
 
 /// True if Dovecot backends can run here; otherwise prints `SKIP <test>: <reason>`.
@@ -83,10 +86,11 @@ impl DovecotBackend {
             dir,
         };
         for attempt in 1..=BIND_ATTEMPTS {
-            match backend.launch(owner, &options.trusted_networks) {
+            match backend.launch(owner, options) {
                 Ok(()) => return Ok(backend),
                 Err(_)
                     if attempt < BIND_ATTEMPTS
+                        && options.fixed_ports.is_none()
                         && backend.log_contains("Address already in use") =>
                 {
                     continue;
@@ -182,11 +186,15 @@ impl DovecotBackend {
     }
 
     /// One attempt: fresh ports, config, spawn, wait for listeners.
-    fn launch(&mut self, owner: MailOwner, trusted_networks: &[String]) -> Result<()> {
-        self.ports = Ports {
-            lmtp: free_port(self.ip)?,
-            pop3: free_port(self.ip)?,
-            imap: free_port(self.ip)?,
+    fn launch(&mut self, owner: MailOwner, options: &BackendOptions) -> Result<()> {
+        let trusted_networks = &options.trusted_networks;
+        self.ports = match options.fixed_ports {
+            Some(ports) => ports,
+            None => Ports {
+                lmtp: free_port(self.ip)?,
+                pop3: free_port(self.ip)?,
+                imap: free_port(self.ip)?,
+            },
         };
         let spec = InstanceSpec {
             name: &self.name,

@@ -34,7 +34,7 @@ impl DovecotCluster {
             ips,
             &BackendOptions {
                 users,
-                trusted_networks: Vec::new(),
+                ..BackendOptions::default()
             },
         )
     }

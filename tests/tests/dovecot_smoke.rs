@@ -123,6 +123,7 @@ fn backend_on_caller_address_trusts_caller_networks() -> Result<()> {
     let options = BackendOptions {
         users: 3,
         trusted_networks: vec!["198.51.100.0/24".into()],
+        ..Default::default()
     };
     let cluster = DovecotCluster::start_with(&[IpAddr::V6(Ipv6Addr::LOCALHOST)], &options)?;
     let backend = cluster.backend(1)?;

@@ -13,7 +13,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use protobalance_tests::{ChildGuard, DovecotCluster, NetNs, Veth, password_for};
+use protobalance_tests::{
+    BackendOptions, ChildGuard, DovecotCluster, NetNs, Veth, dovecot_config::Ports, loopback_ip,
+    password_for,
+};
 
 use crate::util::{self, step};
 
@@ -27,9 +30,22 @@ pub fn run(binary: &Path, users: usize) -> Result<()> {
         );
     }
     step(&format!(
-        "starting 3 Dovecot backends (LMTP, POP3, IMAP) with {users} users each"
+        "starting 3 Dovecot backends on 127.0.1.1-3 (LMTP :24, POP3 :110, IMAP :143), {users} users each"
     ));
-    let cluster = DovecotCluster::start(3, users)?;
+    let ips = (1..=3).map(loopback_ip).collect::<Result<Vec<_>>>()?;
+    let options = BackendOptions {
+        users,
+        fixed_ports: Some(Ports {
+            lmtp: 24,
+            pop3: 110,
+            imap: 143,
+        }),
+        ..BackendOptions::default()
+    };
+    let cluster = DovecotCluster::start_with(&ips, &options)
+        .context("starting the demo backends (are ports 24/110/143 on 127.0.1.1-3 free?)")?;
+    let config = util::workspace_root().join("examples/demo.toml");
+    provision(binary, &config, users)?;
     step(
         "creating the demo network: veth pb-demo0 (198.51.100.1) <-> namespace (198.51.100.2, .66)",
     );
@@ -40,7 +56,6 @@ pub fn run(binary: &Path, users: usize) -> Result<()> {
     veth.add_ns_addr("198.51.100.2/24")?;
     veth.add_ns_addr("198.51.100.66/24")?;
     veth.up()?;
-    let config = util::workspace_root().join("examples/demo.toml");
     step(&format!(
         "starting protobalance --config {}",
         config.display()
@@ -55,7 +70,7 @@ pub fn run(binary: &Path, users: usize) -> Result<()> {
         "protobalance",
     )?;
     wait_healthy(&mut protobalance)?;
-    print_guide(&cluster, &ns);
+    print_guide(binary, &config, &cluster, &ns);
     loop {
         if stop_rx.recv_timeout(Duration::from_millis(500)).is_ok() {
             println!("\nstopping the demo cluster ...");
@@ -92,11 +107,42 @@ fn wait_healthy(protobalance: &mut ChildGuard) -> Result<()> {
     bail!("protobalance did not open its admin listener {ADMIN} within 15 s")
 }
 
-fn print_guide(cluster: &DovecotCluster, ns: &NetNs) {
+/// A fresh directory with every demo user apportioned by capacity (1:1:2).
+fn provision(binary: &Path, config: &Path, users: usize) -> Result<()> {
+    let dir = util::workspace_root().join("target/demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let list = dir.join("users.csv");
+    let lines: String = (1..=users)
+        .map(|i| format!("user{i}@example.com\n"))
+        .collect();
+    std::fs::write(&list, lines)?;
+    step(&format!(
+        "provisioning {users} mailboxes: protobalance directory import"
+    ));
+    util::run(
+        Command::new(binary)
+            .args(["directory", "import", "--config"])
+            .arg(config)
+            .arg(&list),
+    )
+}
+
+fn owner_of(binary: &Path, config: &Path, user: &str) -> Option<String> {
+    let out = util::output(
+        Command::new(binary)
+            .args(["directory", "lookup", "--config"])
+            .arg(config)
+            .arg(user),
+    )?;
+    out.split_whitespace().nth(2).map(str::to_owned)
+}
+
+fn print_guide(binary: &Path, config: &Path, cluster: &DovecotCluster, ns: &NetNs) {
     println!("\nprotobalance demo cluster is up. Backends (real Dovecot):");
     for b in cluster.backends() {
         println!(
-            "  {:<4} {}  LMTP :{}  POP3 :{}  IMAP :{}",
+            "  {:<9} {}  LMTP :{}  POP3 :{}  IMAP :{}",
             b.name(),
             b.ip(),
             b.lmtp_port(),
@@ -104,25 +150,32 @@ fn print_guide(cluster: &DovecotCluster, ns: &NetNs) {
             b.imap_port()
         );
     }
-    let Some(b1) = cluster.backends().first() else {
-        return;
-    };
-    let (ip, lmtp, pop3) = (b1.ip(), b1.lmtp_port(), b1.pop3_port());
-    let pass = password_for("user1@example.com").unwrap_or_default();
+    let user = "user1@example.com";
+    let pass = password_for(user).unwrap_or_default();
+    let owner = owner_of(binary, config, user).unwrap_or_else(|| "backend1".into());
+    let lmtp = cluster
+        .backends()
+        .iter()
+        .find(|b| b.name() == owner)
+        .map_or_else(|| "127.0.1.1:24".to_owned(), |b| b.lmtp_addr().to_string());
     let ns = ns.name();
+    let bin = binary.display();
+    let cfg = config.display();
     println!(
         r#"
-Users: user1@example.com .. (password: pass<N>, e.g. user1 / {pass}).
-Mailbox routing through protobalance's own SMTP/POP3/IMAP listeners arrives with the
-directory issue; until then talk to a backend directly:
+Mailboxes: user1..userN@example.com (password pass<N>), apportioned 1:1:2 over the backends;
+new example.com mailboxes are auto-provisioned on first login.
 
-  deliver:  swaks --protocol LMTP --server {ip}:{lmtp} --to user1@example.com --from demo@example.net
-  read:     python3 -c "import poplib; p=poplib.POP3('{ip}',{pop3}); p.user('user1@example.com'); p.pass_('{pass}'); print(p.stat())"
+  where:    {bin} directory lookup --config {cfg} {user}     # -> {owner}
+  deliver:  swaks --protocol LMTP --server {lmtp} --to {user} --from demo@example.net
+  read:     python3 -c "import poplib; p=poplib.POP3('127.0.0.1',1110); p.user('{user}'); p.pass_('{pass}'); print(p.stat())"
+            (POP3 through protobalance on 127.0.0.1:1110: the login lands on {owner}, where the mail is)
+  backends: {bin} directory backends --config {cfg}
 
 Kernel filter (XDP on {DEMO_IFACE}; 198.51.100.66 is blocklisted):
   allowed:  ip netns exec {ns} python3 -c "import socket; s=socket.socket(); s.bind(('198.51.100.2',0)); s.settimeout(2); print(s.connect_ex(('198.51.100.1',9)))"   # 111: refused at once
-  dropped:  ip netns exec {ns} python3 -c "import socket; s=socket.socket(); s.bind(('198.51.100.66',0)); s.settimeout(2); print(s.connect_ex(('198.51.100.1',9)))"  # times out
-  metrics:  curl -s http://{ADMIN}/metrics | grep protobalance_xdp
+  dropped:  ip netns exec {ns} python3 -c "import socket; s=socket.socket(); s.bind(('198.51.100.66',0)); s.settimeout(2); print(s.connect_ex(('198.51.100.1',9)))"  # 11: times out
+  metrics:  curl -s http://{ADMIN}/metrics | grep -E 'protobalance_(xdp|sessions|logins|backend_up)'
 
 Ctrl-C stops protobalance and the backends and removes the demo network.
 "#

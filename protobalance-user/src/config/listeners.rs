@@ -10,13 +10,14 @@ use super::Problem;
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Pop3,
-    // Imap joins with its session driver (the codec is in imap::codec already).
+    Imap,
 }
 
 impl Protocol {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Pop3 => "pop3",
+            Self::Imap => "imap",
         }
     }
 }

@@ -8,7 +8,7 @@ use tokio::{io::AsyncWriteExt as _, net::TcpListener};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{Outcome, ProxyContext};
-use crate::{config::Protocol, pop3};
+use crate::{config::Protocol, imap, pop3};
 
 pub async fn serve(
     listener: TcpListener,
@@ -43,6 +43,11 @@ pub async fn serve(
             ctx.metrics.session_started(protocol);
             let outcome = match protocol {
                 Protocol::Pop3 => pop3::session::run(stream, peer, &ctx).await,
+                Protocol::Imap => match stream.local_addr() {
+                    Ok(local) => imap::session::run(stream, peer, local, &ctx).await,
+                    // The socket is already dead; there is nobody to answer.
+                    Err(_) => Outcome::ClientQuit,
+                },
             };
             ctx.metrics.session_ended(protocol, outcome);
             drop(permit);
@@ -55,5 +60,6 @@ fn refusal(protocol: Protocol) -> Vec<u8> {
         Protocol::Pop3 => {
             pop3::codec::err(Some("SYS/TEMP"), "Too many connections from your address")
         }
+        Protocol::Imap => imap::codec::bye("[UNAVAILABLE] Too many connections from your address"),
     }
 }
