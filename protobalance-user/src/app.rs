@@ -12,7 +12,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState},
     backend::BackendPool,
-    config::{Config, Protocol, Validated},
+    config::{Config, Protocol, TlsMode, Validated},
     directory::{Directory, DirectoryError, MailboxDirectory as _, sqlite::SqliteDirectory},
     filter::xdp::{Attached, XdpError, XdpFilter},
     metrics,
@@ -41,6 +41,8 @@ pub enum AppError {
     },
     #[error("directory (`directory.path`): {0}")]
     Directory(#[from] DirectoryError),
+    #[error("TLS certificates (`certificate`): {0}")]
+    Tls(String),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
 }
@@ -51,7 +53,7 @@ pub struct App {
     registry: Registry,
     admin: TcpListener,
     xdp: Option<(String, XdpFilter)>,
-    mail: Vec<(Protocol, TcpListener)>,
+    mail: Vec<(Protocol, TlsMode, TcpListener)>,
     proxy: Option<Arc<ProxyContext>>,
 }
 
@@ -63,13 +65,14 @@ impl App {
         let admin = TcpListener::bind(addr)
             .await
             .map_err(|source| AppError::BindAdmin { addr, source })?;
+        let have_certs = !validated.config.certificates.is_empty();
         let mut mail = Vec::new();
         for listener in &validated.config.listeners {
             let addr = listener.listen;
             let bound = TcpListener::bind(addr)
                 .await
                 .map_err(|source| AppError::BindListener { addr, source })?;
-            mail.push((listener.protocol, bound));
+            mail.push((listener.protocol, listener.tls_mode(have_certs), bound));
         }
         let proxy = if mail.is_empty() {
             None
@@ -121,13 +124,14 @@ impl App {
         ));
         if let Some(ctx) = &self.proxy {
             tracker.spawn(Arc::clone(&ctx.pool).run_health_checks(shutdown.clone()));
-            for (protocol, listener) in self.mail {
+            for (protocol, tls, listener) in self.mail {
                 if let Ok(addr) = listener.local_addr() {
-                    tracing::info!(%addr, protocol = protocol.as_str(), "mail listener ready");
+                    tracing::info!(%addr, protocol = protocol.as_str(), ?tls, "mail listener ready");
                 }
                 let serve = listener::serve(
                     listener,
                     protocol,
+                    tls,
                     Arc::clone(ctx),
                     shutdown.clone(),
                     tracker.clone(),
@@ -258,5 +262,7 @@ async fn proxy_context(config: &Config, registry: &Registry) -> Result<ProxyCont
         banner: config.server.banner.clone(),
         metrics: ProxyMetrics::new(registry)?,
         admission: Admission::new(config.limits.max_sessions_per_ip),
+        tls: crate::tls::acceptor(&config.certificates)
+            .map_err(|e| AppError::Tls(e.to_string()))?,
     })
 }

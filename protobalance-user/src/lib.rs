@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod pop3;
 pub mod proxy;
 pub mod secret;
+pub mod tls;

@@ -6,165 +6,21 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
-    process::{Command, Stdio},
+    net::TcpStream,
     time::{Duration, Instant},
 };
 
-use protobalance::{
-    app::open_directory,
-    config::Config,
-    directory::{MailboxDirectory as _, Normalizer, import::import},
-    imap::codec::encode_plain,
-    secret::Secret,
-};
-use protobalance_tests::{
-    ChildGuard, DovecotCluster, free_port, password_for, python, require_root,
+use protobalance::{imap::codec::encode_plain, secret::Secret};
+use protobalance_tests::{DovecotCluster, password_for, python};
+
+mod support;
+
+use support::{
+    CLIENT_IP, Edge, Listen, USERS, backend_index, deliver, metric_line, owner, start_edge,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_protobalance");
-const USERS: usize = 300;
-/// The client's own loopback address, so "real client IP" differs from the proxy's.
-const CLIENT_IP: &str = "127.0.0.77";
-
-struct Edge {
-    _guard: ChildGuard,
-    imap: SocketAddr,
-    admin: SocketAddr,
-    config: Config,
-    _dir: tempfile::TempDir,
-}
-
-fn start_edge(cluster: &DovecotCluster) -> Edge {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let lo = IpAddr::from([127, 0, 0, 1]);
-    let imap = SocketAddr::new(lo, free_port(lo).expect("port"));
-    let admin = SocketAddr::new(lo, free_port(lo).expect("port"));
-    let mut text = format!(
-        "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 1\n[directory]\npath = \"dir.db\"\n\
-         [limits]\npre_auth_timeout_seconds = 2\nmax_auth_failures = 3\n\
-         [health]\ninterval_seconds = 1\ntimeout_seconds = 1\nfall = 1\nrise = 1\n\
-         [[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n\
-         [[listener]]\nprotocol = \"imap\"\nlisten = \"{imap}\"\n"
-    );
-    for b in cluster.backends() {
-        text.push_str(&format!(
-            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\nlmtp_port = {}\n",
-            b.name(),
-            b.ip(),
-            b.pop3_port(),
-            b.imap_port(),
-            b.lmtp_port()
-        ));
-    }
-    let path = dir.path().join("pb.toml");
-    std::fs::write(&path, text).expect("config");
-    let config = Config::load(&path).expect("valid config").config;
-    provision(&config);
-    let guard = ChildGuard::spawn(
-        Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null()),
-        "protobalance",
-    )
-    .expect("spawn");
-    wait_healthy(admin);
-    Edge {
-        _guard: guard,
-        imap,
-        admin,
-        config,
-        _dir: dir,
-    }
-}
-
-/// Imports user1..user300 (apportioned by capacity: 100 each).
-fn provision(config: &Config) {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let store = runtime.block_on(open_directory(config)).expect("directory");
-    let list: String = (1..=USERS)
-        .map(|i| format!("user{i}@example.com\n"))
-        .collect();
-    let report = import(
-        &store,
-        &Normalizer::default(),
-        std::io::Cursor::new(list),
-        1000,
-        |_| (),
-    )
-    .expect("import");
-    assert_eq!(report.added, USERS as u64);
-}
-
-fn get(admin: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(admin).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    Some(response)
-}
-
-fn wait_healthy(admin: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !get(admin, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
-        assert!(
-            Instant::now() < deadline,
-            "protobalance did not become healthy"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits up to 2 s for a /metrics line holding all of `parts`; returns it.
-fn metric_line(edge: &Edge, parts: &[&str]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let metrics = get(edge.admin, "/metrics").unwrap_or_default();
-        let found = metrics
-            .lines()
-            .find(|line| parts.iter().all(|part| line.contains(part)));
-        if let Some(line) = found {
-            return line.to_owned();
-        }
-        assert!(Instant::now() < deadline, "no metric with {parts:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn owner(edge: &Edge, user: &str) -> String {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let store = runtime
-        .block_on(open_directory(&edge.config))
-        .expect("directory");
-    let mailbox = Normalizer::default()
-        .normalize(user)
-        .expect("address")
-        .mailbox;
-    runtime
-        .block_on(store.owner_of(&mailbox))
-        .expect("lookup")
-        .expect("provisioned")
-}
-
-fn backend_index(name: &str) -> usize {
-    name.trim_start_matches("backend")
-        .parse()
-        .expect("backendN")
-}
-
-fn deliver(cluster: &DovecotCluster, backend: &str, user: &str, token: &str) {
-    let b = cluster.backend(backend_index(backend)).expect("backend");
-    python(&format!(
-        "import smtplib\nl=smtplib.LMTP('{}',{})\n\
-         l.sendmail('sender@example.net',['{user}'],'Subject: {token}\\r\\n\\r\\nbody {token}\\r\\nline two\\r\\n')\nl.quit()",
-        b.ip(),
-        b.lmtp_port()
-    ))
-    .expect("LMTP delivery");
+fn start(cluster: &DovecotCluster) -> Edge {
+    start_edge(cluster, &[Listen("imap", None)], "")
 }
 
 /// The one message in `user`'s maildir on `backend`, with CRLF line ends as IMAP sends it.
@@ -191,8 +47,8 @@ fn imap_script(edge: &Edge, login: &str, then: &str) -> anyhow::Result<String> {
          orig = socket.create_connection\n\
          socket.create_connection = lambda a, t=None, s=None: orig(a, t, ('{CLIENT_IP}', 0))\n\
          m = imaplib.IMAP4('{}', {}, timeout=10)\n{login}\n{then}\n",
-        edge.imap.ip(),
-        edge.imap.port()
+        edge.listeners[0].ip(),
+        edge.listeners[0].port()
     ))
 }
 
@@ -221,7 +77,7 @@ struct Raw {
 
 impl Raw {
     fn connect(edge: &Edge) -> Self {
-        let stream = TcpStream::connect(edge.imap).expect("connect");
+        let stream = TcpStream::connect(edge.listeners[0]).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
@@ -256,7 +112,7 @@ impl Raw {
 
 /// Writes `send` at once and reads until the edge closes.
 fn session(edge: &Edge, send: &[u8]) -> String {
-    let mut s = TcpStream::connect(edge.imap).expect("connect");
+    let mut s = TcpStream::connect(edge.listeners[0]).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let _ = s.write_all(send);
@@ -271,7 +127,7 @@ fn sasl_plain(user: &str, pass: &str) -> String {
 }
 
 fn skip() -> bool {
-    !require_root("imap_proxy") || !protobalance_tests::dovecot::require_dovecot("imap_proxy")
+    support::skip("imap_proxy")
 }
 
 #[test]
@@ -280,7 +136,7 @@ fn logins_reach_the_owner_and_read_what_was_delivered_there() {
         return;
     }
     let cluster = DovecotCluster::start(3, USERS).expect("cluster");
-    let edge = start_edge(&cluster);
+    let edge = start(&cluster);
     let logins: [fn(&str) -> String; 3] = [login, auth_plain, auth_login];
     for (i, n) in [1, 42, 100, 150, 201, 299].into_iter().enumerate() {
         let user = format!("user{n}@example.com");
@@ -323,7 +179,7 @@ fn literals_sasl_ir_and_pipelining() {
         return;
     }
     let cluster = DovecotCluster::start(3, USERS).expect("cluster");
-    let edge = start_edge(&cluster);
+    let edge = start(&cluster);
     // Synchronizing literals: the edge asks for each with `+`.
     let mut raw = Raw::connect(&edge);
     raw.send(b"a1 LOGIN {17}\r\n");
@@ -366,7 +222,7 @@ fn failures_keep_their_meaning() {
         return;
     }
     let mut cluster = DovecotCluster::start(3, USERS).expect("cluster");
-    let edge = start_edge(&cluster);
+    let edge = start(&cluster);
     let wrong = imap_script(&edge, "m.login('user7@example.com', 'wrong')", "")
         .expect_err("wrong password");
     assert!(
@@ -435,7 +291,7 @@ fn bad_input_gets_protocol_answers() {
         return;
     }
     let cluster = DovecotCluster::start(3, USERS).expect("cluster");
-    let edge = start_edge(&cluster);
+    let edge = start(&cluster);
     let long = session(&edge, &vec![b'A'; 100 * 1024]);
     assert!(long.ends_with("* BYE Line too long\r\n"), "{long}");
     let garbage = session(

@@ -5,163 +5,18 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
-    process::{Command, Stdio},
+    net::TcpStream,
     time::{Duration, Instant},
 };
 
-use protobalance::{
-    app::open_directory,
-    config::Config,
-    directory::{MailboxDirectory as _, Normalizer, import::import},
-};
-use protobalance_tests::{
-    ChildGuard, DovecotCluster, free_port, password_for, python, require_root,
-};
+use protobalance_tests::{DovecotCluster, password_for, python};
 
-const BIN: &str = env!("CARGO_BIN_EXE_protobalance");
-const USERS: usize = 300;
-/// The client's own loopback address, so "real client IP" differs from the proxy's.
-const CLIENT_IP: &str = "127.0.0.77";
+mod support;
 
-struct Edge {
-    _guard: ChildGuard,
-    pop3: SocketAddr,
-    admin: SocketAddr,
-    config: Config,
-    _dir: tempfile::TempDir,
-}
+use support::{CLIENT_IP, Edge, Listen, USERS, deliver, metrics, owner, start_edge};
 
-fn start_edge(cluster: &DovecotCluster) -> Edge {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let lo = IpAddr::from([127, 0, 0, 1]);
-    let pop3 = SocketAddr::new(lo, free_port(lo).expect("port"));
-    let admin = SocketAddr::new(lo, free_port(lo).expect("port"));
-    let mut text = format!(
-        "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 1\n[directory]\npath = \"dir.db\"\n\
-         [limits]\npre_auth_timeout_seconds = 2\nmax_auth_failures = 3\n\
-         [health]\ninterval_seconds = 1\ntimeout_seconds = 1\nfall = 1\nrise = 1\n\
-         [[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n\
-         [[listener]]\nprotocol = \"pop3\"\nlisten = \"{pop3}\"\n"
-    );
-    for b in cluster.backends() {
-        text.push_str(&format!(
-            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\nlmtp_port = {}\n",
-            b.name(),
-            b.ip(),
-            b.pop3_port(),
-            b.imap_port(),
-            b.lmtp_port()
-        ));
-    }
-    let path = dir.path().join("pb.toml");
-    std::fs::write(&path, text).expect("config");
-    let config = Config::load(&path).expect("valid config").config;
-    provision(&config);
-    let guard = ChildGuard::spawn(
-        Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null()),
-        "protobalance",
-    )
-    .expect("spawn");
-    wait_healthy(admin);
-    Edge {
-        _guard: guard,
-        pop3,
-        admin,
-        config,
-        _dir: dir,
-    }
-}
-
-/// Imports user1..user300 (apportioned by capacity: 100 each).
-fn provision(config: &Config) {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let store = runtime.block_on(open_directory(config)).expect("directory");
-    let list: String = (1..=USERS)
-        .map(|i| format!("user{i}@example.com\n"))
-        .collect();
-    let report = import(
-        &store,
-        &Normalizer::default(),
-        std::io::Cursor::new(list),
-        1000,
-        |_| (),
-    )
-    .expect("import");
-    assert_eq!(report.added, USERS as u64);
-    let counts: Vec<u64> = runtime
-        .block_on(store.backends())
-        .expect("backends")
-        .iter()
-        .map(|b| b.mailboxes)
-        .collect();
-    assert_eq!(
-        counts,
-        [100, 100, 100],
-        "apportioned evenly over equal capacities"
-    );
-}
-
-fn get(admin: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(admin).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    Some(response)
-}
-
-fn metrics(edge: &Edge) -> String {
-    get(edge.admin, "/metrics").expect("metrics")
-}
-
-fn wait_healthy(admin: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if get(admin, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "protobalance did not become healthy"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn owner(edge: &Edge, user: &str) -> String {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let store = runtime
-        .block_on(open_directory(&edge.config))
-        .expect("directory");
-    let mailbox = Normalizer::default()
-        .normalize(user)
-        .expect("address")
-        .mailbox;
-    runtime
-        .block_on(store.owner_of(&mailbox))
-        .expect("lookup")
-        .expect("provisioned")
-}
-
-fn deliver(cluster: &DovecotCluster, backend: &str, user: &str, token: &str) {
-    let b = cluster
-        .backends()
-        .iter()
-        .find(|b| b.name() == backend)
-        .expect("backend");
-    python(&format!(
-        "import smtplib\nl=smtplib.LMTP('{}',{})\n\
-         l.sendmail('sender@example.net',['{user}'],'Subject: {token}\\r\\n\\r\\nbody {token}\\r\\nline two\\r\\n')\nl.quit()",
-        b.ip(),
-        b.lmtp_port()
-    ))
-    .expect("LMTP delivery");
+fn start(cluster: &DovecotCluster) -> Edge {
+    start_edge(cluster, &[Listen("pop3", None)], "")
 }
 
 /// A poplib session through the edge from CLIENT_IP; `login` is Python code using `p`.
@@ -171,8 +26,8 @@ fn pop3_script(edge: &Edge, login: &str, then: &str) -> anyhow::Result<String> {
          orig = socket.create_connection\n\
          socket.create_connection = lambda a, t=None, s=None: orig(a, t, ('{CLIENT_IP}', 0))\n\
          p = poplib.POP3('{}', {}, timeout=10)\n{login}\n{then}\n",
-        edge.pop3.ip(),
-        edge.pop3.port()
+        edge.listeners[0].ip(),
+        edge.listeners[0].port()
     ))
 }
 
@@ -187,7 +42,7 @@ fn auth_plain(user: &str) -> String {
 }
 
 fn skip() -> bool {
-    !require_root("pop3_proxy") || !protobalance_tests::dovecot::require_dovecot("pop3_proxy")
+    support::skip("pop3_proxy")
 }
 
 #[test]
@@ -196,7 +51,7 @@ fn logins_reach_the_owner_and_read_what_was_delivered_there() {
         return;
     }
     let cluster = DovecotCluster::start(3, USERS).expect("cluster");
-    let edge = start_edge(&cluster);
+    let edge = start(&cluster);
     for (i, n) in [1, 42, 100, 150, 201, 299].into_iter().enumerate() {
         let user = format!("user{n}@example.com");
         let backend = owner(&edge, &user);
@@ -261,7 +116,7 @@ fn failures_keep_their_meaning() {
         return;
     }
     let mut cluster = DovecotCluster::start(3, USERS).expect("cluster");
-    let edge = start_edge(&cluster);
+    let edge = start(&cluster);
     let wrong = pop3_script(&edge, "p.user('user7@example.com')\np.pass_('wrong')", "")
         .expect_err("wrong password");
     assert!(
@@ -345,9 +200,9 @@ fn bad_input_gets_protocol_answers() {
         return;
     }
     let cluster = DovecotCluster::start(3, USERS).expect("cluster");
-    let edge = start_edge(&cluster);
+    let edge = start(&cluster);
     let session = |send: &[u8]| -> String {
-        let mut s = TcpStream::connect(edge.pop3).expect("connect");
+        let mut s = TcpStream::connect(edge.listeners[0]).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
         let _ = s.write_all(send);

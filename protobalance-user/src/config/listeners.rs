@@ -28,6 +28,41 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     /// e.g. `"0.0.0.0:110"` in production, a loopback address in tests.
     pub listen: SocketAddr,
+    /// `starttls` (plaintext, STLS/STARTTLS offered), `implicit` (TLS from the first
+    /// byte: 995, 993) or `none`. Default: `starttls` when a `[[certificate]]` exists.
+    pub tls: Option<TlsMode>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    None,
+    Starttls,
+    Implicit,
+}
+
+impl ListenerConfig {
+    /// The effective mode: explicit, or `starttls` when certificates exist.
+    pub fn tls_mode(&self, have_certificates: bool) -> TlsMode {
+        self.tls.unwrap_or(if have_certificates {
+            TlsMode::Starttls
+        } else {
+            TlsMode::None
+        })
+    }
+}
+
+/// `[[certificate]]`: a PEM chain and key, served for its SNI `names` (exact or
+/// `*.example.com`); the first one is the default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// PEM certificate chain, leaf first; relative paths are from the config file.
+    pub cert: std::path::PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,6 +172,7 @@ impl LimitsConfig {
 pub(super) fn validate_listeners(
     listeners: &[ListenerConfig],
     have_backends: bool,
+    have_certificates: bool,
 ) -> Result<(), Problem> {
     let mut seen = HashSet::new();
     for (i, listener) in listeners.iter().enumerate() {
@@ -144,6 +180,12 @@ pub(super) fn validate_listeners(
             return Err(Problem::new(
                 &format!("listener[{i}].listen"),
                 format!("{} is used twice", listener.listen),
+            ));
+        }
+        if listener.tls_mode(have_certificates) != TlsMode::None && !have_certificates {
+            return Err(Problem::new(
+                &format!("listener[{i}].tls"),
+                "TLS needs a certificate: add a [[certificate]] with cert and key".into(),
             ));
         }
     }

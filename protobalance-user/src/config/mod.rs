@@ -9,7 +9,7 @@ mod cluster;
 mod listeners;
 
 pub use cluster::{BackendConfig, DirectoryConfig, DomainConfig, HealthConfig};
-pub use listeners::{LimitsConfig, ListenerConfig, Protocol};
+pub use listeners::{CertificateConfig, LimitsConfig, ListenerConfig, Protocol, TlsMode};
 
 use std::{
     net::SocketAddr,
@@ -44,6 +44,8 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default, rename = "certificate")]
+    pub certificates: Vec<CertificateConfig>,
 }
 
 /// How the edge presents itself: one name and banner for the whole cluster.
@@ -200,7 +202,20 @@ impl Config {
         self.directory.validate(base).map_err(to_error)?;
         cluster::validate_domains(&self.domains, &self.directory.normalizer()).map_err(to_error)?;
         cluster::validate_backends(&self.backends).map_err(to_error)?;
-        listeners::validate_listeners(&self.listeners, !self.backends.is_empty())
+        for cert in &mut self.certificates {
+            cert.cert = base.join(&cert.cert);
+            cert.key = base.join(&cert.key);
+        }
+        // Loading the certificates is the only full check of the cert and key files.
+        crate::tls::acceptor(&self.certificates).map_err(|e| {
+            let key = match &e {
+                crate::tls::TlsError::Load { index, .. } => format!("certificate[{index}]"),
+                crate::tls::TlsError::Rustls(_) => "certificate".to_owned(),
+            };
+            to_error(Problem::new(&key, e.to_string()))
+        })?;
+        let have_certs = !self.certificates.is_empty();
+        listeners::validate_listeners(&self.listeners, !self.backends.is_empty(), have_certs)
             .map_err(to_error)?;
         self.limits.validate().map_err(to_error)?;
         self.health.validate().map_err(to_error)?;

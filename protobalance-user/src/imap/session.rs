@@ -8,7 +8,7 @@
 //! Every read is bounded by the codec (MAX_LINE, MAX_LITERAL, MAX_COMMAND) and by the
 //! pre-auth timeout.
 
-use std::{net::SocketAddr, time::Instant};
+use std::time::Instant;
 
 use bytes::{Buf as _, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -20,12 +20,13 @@ use super::{
     login::{self, Endpoints, Login, LoginResult},
 };
 use crate::{
-    proxy::{Outcome, ProxyContext},
+    proxy::{Conn, Outcome, ProxyContext},
     secret::Secret,
+    tls::{ClientStream, TlsAcceptor},
 };
 
-/// What the edge implements before login, for the whole cluster. No STARTTLS until the
-/// edge speaks TLS; LITERAL+ because the codec accepts `{n+}`.
+/// What the edge implements before login, for the whole cluster; STARTTLS is added on
+/// plaintext listeners that offer it. LITERAL+ because the codec accepts `{n+}`.
 const CAPABILITIES: &[&str] = &[
     "IMAP4rev1",
     "SASL-IR",
@@ -52,7 +53,9 @@ enum ReadEnd {
 }
 
 struct Client<S> {
-    stream: S,
+    stream: ClientStream<S>,
+    /// Offered as STARTTLS while the stream is still plaintext.
+    starttls: Option<TlsAcceptor>,
     buf: BytesMut,
     deadline: Instant,
     /// Buffer length when we last sent `+` for a literal, so each gets exactly one.
@@ -60,6 +63,19 @@ struct Client<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    fn offers_starttls(&self) -> bool {
+        self.starttls.is_some() && !self.stream.is_tls()
+    }
+
+    /// The capability list for the current state of the connection.
+    fn capabilities(&self) -> Vec<&'static str> {
+        let mut caps = CAPABILITIES.to_vec();
+        if self.offers_starttls() {
+            caps.push("STARTTLS");
+        }
+        caps
+    }
+
     async fn send(&mut self, bytes: &[u8]) -> bool {
         self.stream.write_all(bytes).await.is_ok()
     }
@@ -158,19 +174,20 @@ fn error_reply(error: &CodecError) -> Option<Vec<u8>> {
 }
 
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
-    peer: SocketAddr,
-    local: SocketAddr,
+    stream: ClientStream<S>,
+    conn: &Conn,
     ctx: &ProxyContext,
 ) -> Outcome {
+    let (peer, local) = (conn.peer, conn.local);
     let mut client = Client {
         stream,
+        starttls: conn.starttls.clone(),
         buf: BytesMut::with_capacity(codec::MAX_LINE),
         deadline: Instant::now() + ctx.limits.pre_auth_timeout(),
         continued_at: None,
     };
     if !client
-        .send(&codec::greeting(CAPABILITIES, &ctx.banner))
+        .send(&codec::greeting(&client.capabilities(), &ctx.banner))
         .await
     {
         return Outcome::ClientQuit;
@@ -262,7 +279,7 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             return Step::End(Outcome::ClientQuit);
         }
         CommandKind::Capability => [
-            codec::capability_line(CAPABILITIES),
+            codec::capability_line(&client.capabilities()),
             codec::tagged_ok(&tag, None, "Capability completed."),
         ]
         .concat(),
@@ -273,6 +290,10 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             codec::tagged_ok(&tag, None, "ID completed."),
         ]
         .concat(),
+        CommandKind::StartTls if client.offers_starttls() => return starttls(client, &tag).await,
+        CommandKind::StartTls if client.stream.is_tls() => {
+            codec::tagged_bad(&tag, None, "TLS is already active")
+        }
         CommandKind::StartTls => {
             codec::tagged_no(&tag, None, "STARTTLS is not available on this port")
         }
@@ -285,6 +306,29 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         Step::Continue
     } else {
         Step::End(Outcome::ClientQuit)
+    }
+}
+
+/// RFC 9051 §6.2.1: answer, drop whatever the client pipelined in plaintext (it must not
+/// be read as commands after the handshake), then negotiate TLS within the pre-auth
+/// deadline.
+async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>, tag: &str) -> Step {
+    let Some(acceptor) = client.starttls.clone() else {
+        return Step::Continue;
+    };
+    if !client
+        .send(&codec::tagged_ok(tag, None, "Begin TLS negotiation now"))
+        .await
+    {
+        return Step::End(Outcome::ClientQuit);
+    }
+    client.buf.clear();
+    client.continued_at = None;
+    let handshake =
+        tokio::time::timeout_at(client.deadline.into(), client.stream.start_tls(&acceptor));
+    match handshake.await {
+        Ok(Ok(())) => Step::Continue,
+        Ok(Err(_)) | Err(_) => Step::End(Outcome::ClientError),
     }
 }
 

@@ -5,7 +5,7 @@
 //! Generic over the stream so tests can drive it in memory and STLS can swap it later.
 //! Every read is bounded by the codec's MAX_LINE and by the pre-auth timeout.
 
-use std::{net::SocketAddr, time::Instant};
+use std::time::Instant;
 
 use bytes::{Buf as _, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -15,8 +15,9 @@ use super::{
     login::{self, Login, LoginResult},
 };
 use crate::{
-    proxy::{Outcome, ProxyContext},
+    proxy::{Conn, Outcome, ProxyContext},
     secret::Secret,
+    tls::{ClientStream, TlsAcceptor},
 };
 
 const CAPABILITIES: &[&str] = &[
@@ -37,12 +38,18 @@ enum ReadEnd {
 }
 
 struct Client<S> {
-    stream: S,
+    stream: ClientStream<S>,
     buf: BytesMut,
     deadline: Instant,
+    /// Offered as STLS while the stream is still plaintext.
+    starttls: Option<TlsAcceptor>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    fn offers_stls(&self) -> bool {
+        self.starttls.is_some() && !self.stream.is_tls()
+    }
+
     async fn send(&mut self, bytes: &[u8]) -> bool {
         self.stream.write_all(bytes).await.is_ok()
     }
@@ -95,14 +102,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 }
 
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
-    peer: SocketAddr,
+    stream: ClientStream<S>,
+    conn: &Conn,
     ctx: &ProxyContext,
 ) -> Outcome {
+    let peer = conn.peer;
     let mut client = Client {
         stream,
         buf: BytesMut::with_capacity(codec::MAX_LINE),
         deadline: Instant::now() + ctx.limits.pre_auth_timeout(),
+        starttls: conn.starttls.clone(),
     };
     if !client.send(&codec::ok(&ctx.banner)).await {
         return Outcome::ClientQuit;
@@ -163,6 +172,7 @@ async fn collect_login<S: AsyncRead + AsyncWrite + Unpin>(
     user: &mut Option<String>,
 ) -> Step {
     let reply = match command {
+        Command::Capa if client.offers_stls() => codec::capa(&[CAPABILITIES, &["STLS"]].concat()),
         Command::Capa => codec::capa(CAPABILITIES),
         Command::User(name) => {
             *user = Some(name);
@@ -178,6 +188,11 @@ async fn collect_login<S: AsyncRead + AsyncWrite + Unpin>(
             client.send(&codec::ok("Bye")).await;
             return Step::End(Outcome::ClientQuit);
         }
+        Command::Stls if client.offers_stls() => {
+            *user = None;
+            return stls(client).await;
+        }
+        Command::Stls if client.stream.is_tls() => codec::err(None, "TLS is already active"),
         Command::Stls => codec::err(None, "STLS is not available on this port"),
         Command::Apop => codec::err(None, "APOP is not supported; use USER/PASS or AUTH PLAIN"),
         Command::Noop | Command::Empty | Command::Unknown { .. } => {
@@ -188,6 +203,24 @@ async fn collect_login<S: AsyncRead + AsyncWrite + Unpin>(
         Step::Continue
     } else {
         Step::End(Outcome::ClientQuit)
+    }
+}
+
+/// RFC 2595 §4: answer, drop whatever the client pipelined in plaintext (it must not be
+/// read as commands after the handshake), then negotiate TLS within the pre-auth deadline.
+async fn stls<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>) -> Step {
+    let Some(acceptor) = client.starttls.clone() else {
+        return Step::Continue;
+    };
+    if !client.send(&codec::ok("Begin TLS negotiation")).await {
+        return Step::End(Outcome::ClientQuit);
+    }
+    client.buf.clear();
+    let handshake =
+        tokio::time::timeout_at(client.deadline.into(), client.stream.start_tls(&acceptor));
+    match handshake.await {
+        Ok(Ok(())) => Step::Continue,
+        Ok(Err(_)) | Err(_) => Step::End(Outcome::ClientError),
     }
 }
 

@@ -2,17 +2,25 @@
 //! shutdown token (tests bind port 0); sessions run as tasks on the shared tracker and
 //! finish within the grace period after shutdown.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
-use tokio::{io::AsyncWriteExt as _, net::TcpListener};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Outcome, ProxyContext};
-use crate::{config::Protocol, imap, pop3};
+use super::{Conn, Outcome, ProxyContext};
+use crate::{
+    config::{Protocol, TlsMode},
+    imap, pop3,
+    tls::ClientStream,
+};
 
 pub async fn serve(
     listener: TcpListener,
     protocol: Protocol,
+    tls: TlsMode,
     ctx: Arc<ProxyContext>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -41,17 +49,48 @@ pub async fn serve(
         let ctx = Arc::clone(&ctx);
         tracker.spawn(async move {
             ctx.metrics.session_started(protocol);
-            let outcome = match protocol {
-                Protocol::Pop3 => pop3::session::run(stream, peer, &ctx).await,
-                Protocol::Imap => match stream.local_addr() {
-                    Ok(local) => imap::session::run(stream, peer, local, &ctx).await,
-                    // The socket is already dead; there is nobody to answer.
-                    Err(_) => Outcome::ClientQuit,
-                },
-            };
+            let outcome = session(stream, peer, protocol, tls, &ctx).await;
             ctx.metrics.session_ended(protocol, outcome);
             drop(permit);
         });
+    }
+}
+
+async fn session(
+    stream: TcpStream,
+    peer: SocketAddr,
+    protocol: Protocol,
+    tls: TlsMode,
+    ctx: &ProxyContext,
+) -> Outcome {
+    let Ok(local) = stream.local_addr() else {
+        // The socket is already dead; there is nobody to answer.
+        return Outcome::ClientQuit;
+    };
+    let starttls = ctx.tls.clone().filter(|_| tls == TlsMode::Starttls);
+    let conn = Conn {
+        peer,
+        local,
+        starttls,
+    };
+    let stream = match (tls, &ctx.tls) {
+        (TlsMode::Implicit, Some(acceptor)) => {
+            let handshake =
+                tokio::time::timeout(ctx.limits.pre_auth_timeout(), acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                    return Outcome::ClientError;
+                }
+                Err(_) => return Outcome::ClientError,
+            }
+        }
+        _ => ClientStream::Plain(stream),
+    };
+    match protocol {
+        Protocol::Pop3 => pop3::session::run(stream, &conn, ctx).await,
+        Protocol::Imap => imap::session::run(stream, &conn, ctx).await,
     }
 }
 

@@ -15,6 +15,14 @@ use crate::{
     directory::{Directory, sqlite::SqliteDirectory},
 };
 
+/// One accepted connection's addresses and what it may do.
+pub struct Conn {
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+    /// Set when the listener offers STLS/STARTTLS (plaintext listeners with a certificate).
+    pub starttls: Option<crate::tls::TlsAcceptor>,
+}
+
 pub struct ProxyContext {
     pub directory: Arc<Directory<SqliteDirectory>>,
     pub pool: Arc<BackendPool>,
@@ -22,6 +30,8 @@ pub struct ProxyContext {
     pub banner: String,
     pub metrics: ProxyMetrics,
     pub admission: admission::Admission,
+    /// Certificates for implicit-TLS listeners and STLS/STARTTLS; `None` without any.
+    pub tls: Option<crate::tls::TlsAcceptor>,
 }
 
 /// How a session ended; the `outcome` label of `protobalance_sessions_total`.

@@ -1,0 +1,108 @@
+//! TLS towards clients (rustls): certificates per SNI name from config, the acceptor for
+//! implicit-TLS listeners (995, 993) and STLS/STARTTLS, and [`ClientStream`], the stream a
+//! session owns, which can switch from plaintext to TLS in place.
+//!
+//! Only rustls with the `ring` provider: no OpenSSL, no C toolchain beyond what ring needs.
+
+mod stream;
+
+use std::{collections::HashMap, fmt, path::Path, sync::Arc};
+
+use rustls::{
+    ServerConfig,
+    crypto::ring::sign::any_supported_type,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+pub use stream::ClientStream;
+pub use tokio_rustls::TlsAcceptor;
+
+use crate::config::CertificateConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("`{path}`: {message}")]
+    Load {
+        index: usize,
+        path: String,
+        message: String,
+    },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Builds the acceptor shared by every TLS listener and STLS/STARTTLS; `None` without
+/// certificates. The first certificate is the default for clients that send no (or an
+/// unknown) SNI name.
+pub fn acceptor(certificates: &[CertificateConfig]) -> Result<Option<TlsAcceptor>, TlsError> {
+    if certificates.is_empty() {
+        return Ok(None);
+    }
+    let mut resolver = SniResolver::default();
+    for (index, cert) in certificates.iter().enumerate() {
+        let key = Arc::new(load(index, &cert.cert, &cert.key)?);
+        resolver.default.get_or_insert_with(|| Arc::clone(&key));
+        for name in &cert.names {
+            resolver
+                .by_name
+                .insert(name.to_ascii_lowercase(), Arc::clone(&key));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+fn load(index: usize, cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let err = |path: &Path, message: String| TlsError::Load {
+        index,
+        path: path.display().to_string(),
+        message,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| err(cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(err(cert, "no CERTIFICATE block in the file".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| err(key, format!("{e} (expected a PEM private key)")))?;
+    let signing = any_supported_type(&key_der).map_err(|e| err(key, e.to_string()))?;
+    Ok(CertifiedKey::new(chain, signing))
+}
+
+/// Picks the certificate by SNI name: exact match, then `*.parent` wildcard, then default.
+#[derive(Default)]
+struct SniResolver {
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SniResolver")
+            .field("names", &self.by_name.keys())
+            .finish()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name().map(str::to_ascii_lowercase) else {
+            return self.default.clone();
+        };
+        let wildcard = name
+            .split_once('.')
+            .map(|(_, parent)| format!("*.{parent}"));
+        self.by_name
+            .get(&name)
+            .or_else(|| wildcard.and_then(|w| self.by_name.get(&w)))
+            .or(self.default.as_ref())
+            .cloned()
+    }
+}

@@ -1,0 +1,93 @@
+//! The client connection a session owns: plaintext until STLS/STARTTLS (or TLS from the
+//! first byte on implicit-TLS listeners). Generic over the transport so tests can use
+//! in-memory streams.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+
+pub enum ClientStream<S> {
+    Plain(S),
+    Tls(Box<TlsStream<S>>),
+    /// Only while a handshake is in progress; IO on it fails.
+    Upgrading,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream<S> {
+    pub const fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
+
+    /// Replaces a plaintext stream with its TLS form (the handshake happens here). The
+    /// caller must have dropped any plaintext it buffered: bytes pipelined after
+    /// STLS/STARTTLS are an injection attempt, never commands (CVE-2011-0411 class).
+    pub async fn start_tls(&mut self, acceptor: &TlsAcceptor) -> io::Result<()> {
+        let Self::Plain(plain) = std::mem::replace(self, Self::Upgrading) else {
+            return Err(io::Error::other("TLS is already active"));
+        };
+        let tls = acceptor.accept(plain).await?;
+        *self = Self::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    /// The SNI name the client asked for, once TLS is up.
+    pub fn sni(&self) -> Option<&str> {
+        match self {
+            Self::Tls(tls) => tls.get_ref().1.server_name(),
+            _ => None,
+        }
+    }
+}
+
+fn upgrading() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "TLS handshake in progress")
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+            Self::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+}

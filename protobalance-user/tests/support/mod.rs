@@ -1,0 +1,208 @@
+//! Shared fixtures of the end-to-end proxy tests: a real Dovecot cluster (from the
+//! `protobalance_tests` harness), protobalance started as a process on a config written
+//! for it, users provisioned through the library's import, and small client helpers.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use protobalance::{
+    app::open_directory,
+    config::Config,
+    directory::{MailboxDirectory as _, Normalizer, import::import},
+};
+use protobalance_tests::{ChildGuard, DovecotCluster, free_port, python, require_root};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_protobalance");
+pub const USERS: usize = 300;
+/// The client's own loopback address, so "real client IP" differs from the proxy's.
+pub const CLIENT_IP: &str = "127.0.0.77";
+
+/// protobalance running on a config written for `cluster`.
+pub struct Edge {
+    _guard: ChildGuard,
+    /// One address per requested listener, in order.
+    pub listeners: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub config: Config,
+    pub dir: tempfile::TempDir,
+}
+
+/// A listener to open: protocol and optional `tls` mode (`starttls`, `implicit`, `none`).
+pub struct Listen<'a>(pub &'a str, pub Option<&'a str>);
+
+/// Starts protobalance in front of `cluster` with `listeners`; `extra` is appended to the
+/// config (e.g. `[[certificate]]` sections). Users 1..=USERS are provisioned first.
+pub fn start_edge(cluster: &DovecotCluster, listeners: &[Listen<'_>], extra: &str) -> Edge {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lo = IpAddr::from([127, 0, 0, 1]);
+    let admin = SocketAddr::new(lo, free_port(lo).expect("port"));
+    let mut text = format!(
+        "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 1\n[directory]\npath = \"dir.db\"\n\
+         [limits]\npre_auth_timeout_seconds = 2\nmax_auth_failures = 3\n\
+         [health]\ninterval_seconds = 1\ntimeout_seconds = 1\nfall = 1\nrise = 1\n\
+         [[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n{extra}\n"
+    );
+    let mut addrs = Vec::new();
+    for Listen(protocol, tls) in listeners {
+        let addr = SocketAddr::new(lo, free_port(lo).expect("port"));
+        let tls = tls.map(|t| format!("tls = \"{t}\"\n")).unwrap_or_default();
+        text.push_str(&format!(
+            "[[listener]]\nprotocol = \"{protocol}\"\nlisten = \"{addr}\"\n{tls}"
+        ));
+        addrs.push(addr);
+    }
+    for b in cluster.backends() {
+        text.push_str(&format!(
+            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\nlmtp_port = {}\n",
+            b.name(),
+            b.ip(),
+            b.pop3_port(),
+            b.imap_port(),
+            b.lmtp_port()
+        ));
+    }
+    let path = dir.path().join("pb.toml");
+    std::fs::write(&path, text).expect("config");
+    let config = Config::load(&path).expect("valid config").config;
+    provision(&config);
+    let guard = ChildGuard::spawn(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null()),
+        "protobalance",
+    )
+    .expect("spawn");
+    wait_healthy(admin);
+    Edge {
+        _guard: guard,
+        listeners: addrs,
+        admin,
+        config,
+        dir,
+    }
+}
+
+/// Imports user1..USERS (apportioned by capacity: 100 each over three equal backends).
+fn provision(config: &Config) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let store = runtime.block_on(open_directory(config)).expect("directory");
+    let list: String = (1..=USERS)
+        .map(|i| format!("user{i}@example.com\n"))
+        .collect();
+    let report = import(
+        &store,
+        &Normalizer::default(),
+        std::io::Cursor::new(list),
+        1000,
+        |_| (),
+    )
+    .expect("import");
+    assert_eq!(report.added, USERS as u64);
+    let counts: Vec<u64> = runtime
+        .block_on(store.backends())
+        .expect("backends")
+        .iter()
+        .map(|b| b.mailboxes)
+        .collect();
+    assert_eq!(
+        counts,
+        [100, 100, 100],
+        "apportioned evenly over equal capacities"
+    );
+}
+
+pub fn get(admin: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn wait_healthy(admin: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !get(admin, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        assert!(
+            Instant::now() < deadline,
+            "protobalance did not become healthy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn metrics(edge: &Edge) -> String {
+    get(edge.admin, "/metrics").expect("metrics")
+}
+
+/// Waits up to 2 s for a /metrics line holding all of `parts`; returns it.
+pub fn metric_line(edge: &Edge, parts: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let metrics = get(edge.admin, "/metrics").unwrap_or_default();
+        if let Some(line) = metrics
+            .lines()
+            .find(|line| parts.iter().all(|part| line.contains(part)))
+        {
+            return line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no metric with {parts:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The backend that owns `user`, from the directory file the edge uses.
+pub fn owner(edge: &Edge, user: &str) -> String {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let store = runtime
+        .block_on(open_directory(&edge.config))
+        .expect("directory");
+    let mailbox = Normalizer::default()
+        .normalize(user)
+        .expect("address")
+        .mailbox;
+    runtime
+        .block_on(store.owner_of(&mailbox))
+        .expect("lookup")
+        .expect("provisioned")
+}
+
+/// `backendN` -> N.
+pub fn backend_index(name: &str) -> usize {
+    name.trim_start_matches("backend")
+        .parse()
+        .expect("backendN")
+}
+
+/// Delivers a message with `token` in subject and body to `user` on `backend` by LMTP.
+pub fn deliver(cluster: &DovecotCluster, backend: &str, user: &str, token: &str) {
+    let b = cluster.backend(backend_index(backend)).expect("backend");
+    python(&format!(
+        "import smtplib\nl=smtplib.LMTP('{}',{})\n\
+         l.sendmail('sender@example.net',['{user}'],'Subject: {token}\\r\\n\\r\\nbody {token}\\r\\nline two\\r\\n')\nl.quit()",
+        b.ip(),
+        b.lmtp_port()
+    ))
+    .expect("LMTP delivery");
+}
+
+/// True when the privileged, Dovecot-backed tests cannot run here (and says why).
+pub fn skip(test: &str) -> bool {
+    !require_root(test) || !protobalance_tests::dovecot::require_dovecot(test)
+}
+
+/// Python prelude that makes every client socket come from CLIENT_IP.
+pub fn python_from_client_ip() -> String {
+    format!(
+        "import socket\norig = socket.create_connection\n\
+         socket.create_connection = lambda a, t=None, s=None: orig(a, t, ('{CLIENT_IP}', 0))\n"
+    )
+}

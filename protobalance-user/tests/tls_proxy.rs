@@ -1,0 +1,238 @@
+//! TLS towards clients: STLS (POP3) and STARTTLS (IMAP) on plaintext listeners, implicit
+//! TLS listeners (the 995/993 kind), certificates chosen by SNI, and plaintext pipelined
+//! behind STLS/STARTTLS discarded. Real Dovecot backends, Python's poplib/imaplib/ssl with
+//! a CA made here by rcgen.
+
+mod support;
+
+use std::path::Path;
+
+use protobalance_tests::{DovecotCluster, password_for, python};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use support::{Edge, Listen, USERS, deliver, owner, start_edge};
+
+/// Writes ca.pem and two leaf certificates (mail.example.test, other.example.test) signed
+/// by it; returns the `[[certificate]]` config sections (mail first: the default).
+fn make_certificates(dir: &Path) -> String {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "protobalance test CA");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write ca");
+    let mut config = String::new();
+    for name in ["mail.example.test", "other.example.test"] {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec![name.to_owned()]).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &ca).expect("sign");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write key");
+        config.push_str(&format!(
+            "[[certificate]]\nnames = [\"{name}\"]\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\n",
+            dir.display()
+        ));
+    }
+    config
+}
+
+struct Tls {
+    edge: Edge,
+    certs: tempfile::TempDir,
+}
+
+impl Tls {
+    fn addr(&self, i: usize) -> (String, u16) {
+        (
+            self.edge.listeners[i].ip().to_string(),
+            self.edge.listeners[i].port(),
+        )
+    }
+
+    /// A Python prelude with `ctx`: verifies the chain against our CA; host names are
+    /// checked only where a test sends SNI itself.
+    fn prelude(&self) -> String {
+        format!(
+            "import ssl, socket, poplib, imaplib, sys\n\
+             ctx = ssl.create_default_context(cafile='{}/ca.pem')\nctx.check_hostname = False\n",
+            self.certs.path().display()
+        )
+    }
+}
+
+const POP3_STARTTLS: usize = 0;
+const POP3_IMPLICIT: usize = 1;
+const IMAP_STARTTLS: usize = 2;
+const IMAP_IMPLICIT: usize = 3;
+
+fn start(cluster: &DovecotCluster) -> Tls {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let sections = make_certificates(certs.path());
+    let listeners = [
+        Listen("pop3", None), // starttls: the default once a certificate exists
+        Listen("pop3", Some("implicit")),
+        Listen("imap", Some("starttls")),
+        Listen("imap", Some("implicit")),
+    ];
+    let edge = start_edge(cluster, &listeners, &sections);
+    Tls { edge, certs }
+}
+
+#[test]
+fn logins_over_stls_starttls_and_implicit_tls_read_the_owners_mail() {
+    if support::skip("tls_proxy") {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let tls = start(&cluster);
+    let user = "user17@example.com";
+    let pass = password_for(user).expect("test user");
+    deliver(&cluster, &owner(&tls.edge, user), user, "tls-token");
+    let (host, p0) = tls.addr(POP3_STARTTLS);
+    let (_, p1) = tls.addr(POP3_IMPLICIT);
+    let (_, i0) = tls.addr(IMAP_STARTTLS);
+    let (_, i1) = tls.addr(IMAP_IMPLICIT);
+    let script = format!(
+        "{}\
+         p = poplib.POP3('{host}', {p0}, timeout=10)\n\
+         assert 'STLS' in p.capa(), p.capa()\n\
+         p.stls(context=ctx)\nassert 'STLS' not in p.capa()\n\
+         p.user('{user}'); p.pass_('{pass}')\nprint('stls', b'\\n'.join(p.retr(1)[1]).decode()); p.quit()\n\
+         p = poplib.POP3_SSL('{host}', {p1}, context=ctx, timeout=10)\n\
+         p.user('{user}'); p.pass_('{pass}')\nprint('pop3s', p.stat()); p.quit()\n\
+         m = imaplib.IMAP4('{host}', {i0}, timeout=10)\n\
+         assert 'STARTTLS' in m.capabilities, m.capabilities\n\
+         m.starttls(ssl_context=ctx)\nm.login('{user}', '{pass}')\n\
+         typ, d = m.select('INBOX'); print('starttls EXISTS', d[0].decode()); m.logout()\n\
+         m = imaplib.IMAP4_SSL('{host}', {i1}, ssl_context=ctx, timeout=10)\n\
+         assert 'STARTTLS' not in m.capabilities, m.capabilities\n\
+         m.login('{user}', '{pass}'); m.select('INBOX')\n\
+         typ, d = m.fetch('1', '(RFC822)'); print('imaps', d[0][1].decode()); m.logout()\n",
+        tls.prelude()
+    );
+    let out = python(&script).expect("TLS sessions");
+    // The message, read once over STLS and once over implicit-TLS IMAP.
+    assert!(
+        out.starts_with("stls Return-Path: <sender@example.net>"),
+        "{out}"
+    );
+    assert_eq!(out.matches("Subject: tls-token").count(), 2, "{out}");
+    assert_eq!(out.matches("body tls-token").count(), 2, "{out}");
+    assert!(out.contains("pop3s (1, "), "{out}");
+    assert!(out.contains("starttls EXISTS 1"), "{out}");
+    assert!(
+        out.contains("imaps Return-Path: <sender@example.net>"),
+        "{out}"
+    );
+}
+
+#[test]
+fn certificates_follow_sni_and_plaintext_after_starttls_is_discarded() {
+    if support::skip("tls_proxy") {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let tls = start(&cluster);
+    let (host, p1) = tls.addr(POP3_IMPLICIT);
+    let (_, p0) = tls.addr(POP3_STARTTLS);
+    let (_, i0) = tls.addr(IMAP_STARTTLS);
+    // SNI picks the certificate; no or unknown SNI gets the first (default) one. The
+    // client checks the host name here, so a wrong certificate fails the handshake.
+    let script = format!(
+        "{}\
+         strict = ssl.create_default_context(cafile=ctx.get_ca_certs() and '{}/ca.pem')\n\
+         def subject(name, check):\n\
+         \x20   c = strict if check else ctx\n\
+         \x20   s = c.wrap_socket(socket.create_connection(('{host}', {p1}), 10), server_hostname=name)\n\
+         \x20   alt = s.getpeercert()['subjectAltName'][0][1]; s.close(); return alt\n\
+         print('mail', subject('mail.example.test', True))\n\
+         print('other', subject('other.example.test', True))\n\
+         print('unknown', subject('unknown.example.test', False))\n\
+         print('none', subject(None, False))\n\
+         def upgrade(port, first, upgrade_cmd, then):\n\
+         \x20   s = socket.create_connection(('{host}', port), 10); f = s.makefile('rb')\n\
+         \x20   f.readline()\n\
+         \x20   s.sendall(upgrade_cmd + then)  # pipelined plaintext behind the upgrade\n\
+         \x20   line = f.readline(); assert line.startswith(first), line\n\
+         \x20   t = ctx.wrap_socket(s, server_hostname='mail.example.test')\n\
+         \x20   t.sendall(then); return t.recv(4096).decode()\n\
+         print('pop3', repr(upgrade({p0}, b'+OK', b'STLS\\r\\n', b'CAPA\\r\\n')))\n\
+         print('imap', repr(upgrade({i0}, b'a OK', b'a STARTTLS\\r\\n', b'b CAPABILITY\\r\\n')))\n",
+        tls.prelude(),
+        tls.certs.path().display()
+    );
+    let out = python(&script).expect("SNI and pipelining script");
+    assert!(out.contains("mail mail.example.test"), "{out}");
+    assert!(out.contains("other other.example.test"), "{out}");
+    assert!(
+        out.contains("unknown mail.example.test"),
+        "default certificate: {out}"
+    );
+    assert!(
+        out.contains("none mail.example.test"),
+        "default certificate without SNI: {out}"
+    );
+    // The handshake succeeded (the pipelined plaintext did not corrupt it) and the command
+    // sent over TLS got exactly one answer, without STLS/STARTTLS on offer any more.
+    let pop3 = out
+        .lines()
+        .find(|l| l.starts_with("pop3 "))
+        .expect("pop3 line");
+    assert!(
+        pop3.contains("+OK") && pop3.contains("SASL PLAIN LOGIN") && !pop3.contains("STLS"),
+        "{pop3}"
+    );
+    assert_eq!(pop3.matches("+OK").count(), 1, "one CAPA answer: {pop3}");
+    let imap = out
+        .lines()
+        .find(|l| l.starts_with("imap "))
+        .expect("imap line");
+    assert!(
+        imap.contains("b OK") && !imap.contains("STARTTLS"),
+        "{imap}"
+    );
+    assert_eq!(
+        imap.matches("b OK").count(),
+        1,
+        "one CAPABILITY answer: {imap}"
+    );
+}
+
+#[test]
+fn tls_config_errors_name_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let check = |text: &str| {
+        let path = dir.path().join("pb.toml");
+        std::fs::write(&path, text).expect("config");
+        let out = std::process::Command::new(support::BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run check");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let backend = "[[backend]]\nname = \"b1\"\naddress = \"127.0.1.1\"\n";
+    let (ok, err) = check(&format!(
+        "{backend}[[listener]]\nprotocol = \"pop3\"\nlisten = \"127.0.0.1:1995\"\ntls = \"implicit\"\n"
+    ));
+    assert!(
+        !ok && err.contains("`listener[0].tls`") && err.contains("[[certificate]]"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("bad.pem"), "not a certificate\n").expect("write");
+    let (ok, err) = check("[[certificate]]\ncert = \"bad.pem\"\nkey = \"bad.pem\"\n");
+    assert!(
+        !ok && err.contains("`certificate[0]`") && err.contains("bad.pem"),
+        "{err}"
+    );
+    let (ok, err) = check("[[certificate]]\ncert = \"missing.pem\"\nkey = \"missing.key\"\n");
+    assert!(
+        !ok && err.contains("`certificate[0]`") && err.contains("missing.pem"),
+        "{err}"
+    );
+}
