@@ -3,7 +3,7 @@
 //! own IP, stopped on drop (SIGTERM, then SIGKILL) so no process outlives the test.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
@@ -37,6 +37,8 @@ pub struct BackendOptions {
     /// Extra networks (CIDR) trusted for XCLIENT / ID x-originating-ip / PROXY, on top
     /// of `127.0.0.0/8 ::1`.
     pub trusted_networks: Vec<String>,
+    /// POP3 and IMAP expect a PROXY protocol v2 header first (Dovecot `haproxy = yes`).
+    pub haproxy: bool,
     /// Fixed ports instead of free ones (the demo cluster's well-known addresses). A bind
     /// failure is then an error, not a retry.
     pub fixed_ports: Option<Ports>,
@@ -61,6 +63,8 @@ pub struct DovecotBackend {
     name: String,
     ip: IpAddr,
     ports: Ports,
+    /// POP3/IMAP listeners expect a PROXY protocol header.
+    haproxy: bool,
     master: Option<Child>,
     // Declared last: dropped after `Drop::drop` has stopped the master.
     dir: TestDir,
@@ -82,6 +86,7 @@ impl DovecotBackend {
             name: name.to_owned(),
             ip,
             ports,
+            haproxy: options.haproxy,
             master: None,
             dir,
         };
@@ -203,6 +208,7 @@ impl DovecotBackend {
             ports: self.ports,
             owner,
             trusted_networks,
+            haproxy: self.haproxy,
         };
         let config_path = self.config_path();
         std::fs::write(&config_path, render_config(&spec)?).context("writing dovecot.conf")?;
@@ -251,16 +257,16 @@ impl DovecotBackend {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut pending = vec![
-            (self.lmtp_addr(), "220 "),
-            (self.pop3_addr(), "+OK"),
-            (self.imap_addr(), "* OK"),
+            (self.lmtp_addr(), "220 ", false),
+            (self.pop3_addr(), "+OK", self.haproxy),
+            (self.imap_addr(), "* OK", self.haproxy),
         ];
         let master = self.master.as_mut().context("dovecot master not spawned")?;
         loop {
             if let Some(status) = master.try_wait().context("try_wait on dovecot")? {
                 bail!("dovecot exited during startup ({status})");
             }
-            pending.retain(|(addr, greeting)| !greets(*addr, greeting));
+            pending.retain(|(addr, greeting, haproxy)| !greets(*addr, greeting, *haproxy));
             if pending.is_empty() {
                 return Ok(());
             }
@@ -309,10 +315,16 @@ impl Drop for DovecotBackend {
     }
 }
 
-fn greets(addr: SocketAddr, greeting: &str) -> bool {
+/// The PROXY protocol v2 header of a LOCAL connection (no client behind it).
+const PROXY_V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+
+fn greets(addr: SocketAddr, greeting: &str, haproxy: bool) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
+    if haproxy && stream.write_all(PROXY_V2_LOCAL).is_err() {
+        return false;
+    }
     let mut buf = [0u8; 64];
     let read = stream
         .set_read_timeout(Some(Duration::from_millis(500)))

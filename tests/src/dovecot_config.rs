@@ -98,6 +98,8 @@ pub struct InstanceSpec<'a> {
     pub owner: MailOwner,
     /// Networks besides loopback allowed to send XCLIENT / ID x-originating-ip / PROXY.
     pub trusted_networks: &'a [String],
+    /// POP3 and IMAP listeners expect a PROXY protocol header (`haproxy = yes`).
+    pub haproxy: bool,
 }
 
 /// Renders the complete dovecot.conf for one instance.
@@ -105,7 +107,7 @@ pub fn render_config(spec: &InstanceSpec<'_>) -> Result<String> {
     let mut conf = String::new();
     write_core(&mut conf, spec)?;
     write_auth(&mut conf, spec)?;
-    write_services(&mut conf, spec.ports)?;
+    write_services(&mut conf, spec.ports, spec.haproxy)?;
     Ok(conf)
 }
 
@@ -169,13 +171,15 @@ userdb {{
 
 /// Login services stay resident (`service_count = 0`, `process_min_avail`) so many short
 /// sessions measure the proxy, not Dovecot forking; TLS listeners are disabled.
-fn write_services(conf: &mut String, ports: Ports) -> Result<()> {
+fn write_services(conf: &mut String, ports: Ports, haproxy: bool) -> Result<()> {
     let Ports { lmtp, pop3, imap } = ports;
+    let haproxy = if haproxy { "yes" } else { "no" };
     writeln!(
         conf,
         "service imap-login {{
   inet_listener imap {{
     port = {imap}
+    haproxy = {haproxy}
   }}
   inet_listener imaps {{
     port = 0
@@ -186,6 +190,7 @@ fn write_services(conf: &mut String, ports: Ports) -> Result<()> {
 service pop3-login {{
   inet_listener pop3 {{
     port = {pop3}
+    haproxy = {haproxy}
   }}
   inet_listener pop3s {{
     port = 0

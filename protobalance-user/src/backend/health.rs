@@ -98,8 +98,9 @@ pub async fn check(
     addr: SocketAddr,
     service: Service,
     timeout: Duration,
+    proxy_protocol: bool,
 ) -> Result<(), CheckError> {
-    tokio::time::timeout(timeout, probe(addr, service))
+    tokio::time::timeout(timeout, probe(addr, service, proxy_protocol))
         .await
         .map_err(|_| CheckError::Timeout)?
 }
@@ -144,11 +145,18 @@ const fn script(service: Service) -> Script {
     }
 }
 
-async fn probe(addr: SocketAddr, service: Service) -> Result<(), CheckError> {
+async fn probe(addr: SocketAddr, service: Service, proxy_protocol: bool) -> Result<(), CheckError> {
     let script = script(service);
-    let stream = TcpStream::connect(addr)
+    let mut stream = TcpStream::connect(addr)
         .await
         .map_err(CheckError::Connect)?;
+    if proxy_protocol {
+        let local = super::proxy_protocol::local();
+        stream
+            .write_all(&local)
+            .await
+            .map_err(|_| CheckError::Closed)?;
+    }
     let mut stream = BufReader::new(stream);
     let line = read_line(&mut stream).await?;
     if !line.starts_with(script.greeting) {

@@ -4,11 +4,12 @@
 //! service (`health`) makes a dead backend cost the client a fast temporary failure.
 
 pub mod health;
+pub mod proxy_protocol;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendConfig, HealthConfig};
@@ -105,6 +106,12 @@ impl BackendPool {
         Some(SocketAddr::new(b.address, port))
     }
 
+    /// PROXY headers go to the login services (POP3, IMAP); LMTP is configured with the
+    /// SMTP side.
+    fn uses_proxy_protocol(&self, name: &str, service: Service) -> bool {
+        service != Service::Lmtp && self.backends.get(name).is_some_and(|b| b.proxy_protocol)
+    }
+
     fn thresholds(&self) -> Thresholds {
         Thresholds {
             fall: self.health.fall,
@@ -112,8 +119,16 @@ impl BackendPool {
         }
     }
 
-    /// Connects to `service` on backend `name`, failing at once while its breaker is open.
-    pub async fn connect(&self, name: &str, service: Service) -> Result<TcpStream, ConnectError> {
+    /// Connects to `service` on backend `name` for a client that connected from `client`
+    /// to our `local` address, failing at once while the breaker is open. Backends with
+    /// `proxy_protocol` get a PROXY v2 header first.
+    pub async fn connect(
+        &self,
+        name: &str,
+        service: Service,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<TcpStream, ConnectError> {
         let addr = self
             .address(name, service)
             .ok_or_else(|| ConnectError::Unknown(name.to_owned()))?;
@@ -140,8 +155,19 @@ impl BackendPool {
         {
             self.state_changed(name, service, false, "connect failed during a login");
         }
-        let stream = result?;
+        let mut stream = result?;
         let _ = stream.set_nodelay(true);
+        if self.uses_proxy_protocol(name, service) {
+            let header = proxy_protocol::proxy(client, local);
+            stream
+                .write_all(&header)
+                .await
+                .map_err(|source| ConnectError::Io {
+                    name: name.to_owned(),
+                    addr,
+                    source,
+                })?;
+        }
         Ok(stream)
     }
 
@@ -170,7 +196,8 @@ impl BackendPool {
         ) else {
             return;
         };
-        let result = health::check(addr, service, self.health.timeout()).await;
+        let proxy_protocol = self.uses_proxy_protocol(name, service);
+        let result = health::check(addr, service, self.health.timeout(), proxy_protocol).await;
         let ok = result.is_ok();
         self.metrics
             .checks

@@ -79,6 +79,10 @@ pub struct BackendConfig {
     pub imap_port: u16,
     #[serde(default = "default_lmtp_port")]
     pub lmtp_port: u16,
+    /// Send a PROXY protocol v2 header first on POP3 and IMAP connections (Dovecot:
+    /// `haproxy = yes` on those listeners and this edge in `haproxy_trusted_networks`).
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 const fn default_capacity() -> u32 {

@@ -83,7 +83,11 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
             return temp_fail(client, &login.tag).await;
         }
     };
-    let mut upstream = match ctx.pool.connect(&backend, Service::Imap).await {
+    let mut upstream = match ctx
+        .pool
+        .connect(&backend, Service::Imap, endpoints.client, endpoints.local)
+        .await
+    {
         Ok(stream) => Upstream::new(stream),
         Err(error) => {
             tracing::warn!(%backend, %error, "backend unavailable for a login");

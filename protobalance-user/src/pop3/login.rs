@@ -23,7 +23,7 @@ use crate::{
     backend::Service,
     config::Protocol,
     directory::Route,
-    proxy::{ProxyContext, splice},
+    proxy::{Conn, ProxyContext, splice},
     secret::Secret,
 };
 
@@ -47,9 +47,10 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     pending: &mut BytesMut,
     login: Login,
-    peer: SocketAddr,
+    conn: &Conn,
     ctx: &ProxyContext,
 ) -> LoginResult {
+    let peer = conn.peer;
     let started = Instant::now();
     let record = |backend: &str, result: &str| {
         ctx.metrics.login(
@@ -81,7 +82,7 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
             return temp_fail(client, "Directory temporarily unavailable, try again later").await;
         }
     };
-    let mut upstream = match connect(ctx, &backend).await {
+    let mut upstream = match connect(ctx, &backend, conn).await {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::warn!(%backend, %error, "backend unavailable for a login");
@@ -124,8 +125,12 @@ async fn temp_fail<S: AsyncWrite + Unpin>(client: &mut S, text: &str) -> LoginRe
 async fn connect(
     ctx: &ProxyContext,
     backend: &str,
+    conn: &Conn,
 ) -> Result<Upstream, crate::backend::ConnectError> {
-    let stream = ctx.pool.connect(backend, Service::Pop3).await?;
+    let stream = ctx
+        .pool
+        .connect(backend, Service::Pop3, conn.peer, conn.local)
+        .await?;
     Ok(Upstream {
         stream,
         buf: BytesMut::with_capacity(codec::MAX_LINE),

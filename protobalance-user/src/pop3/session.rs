@@ -106,7 +106,6 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &Conn,
     ctx: &ProxyContext,
 ) -> Outcome {
-    let peer = conn.peer;
     let mut client = Client {
         stream,
         buf: BytesMut::with_capacity(codec::MAX_LINE),
@@ -128,7 +127,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Step::End(outcome) => return outcome,
             Step::Login(login) => login,
         };
-        match login::attempt(&mut client.stream, &mut client.buf, login, peer, ctx).await {
+        match login::attempt(&mut client.stream, &mut client.buf, login, conn, ctx).await {
             LoginResult::Proxied => return Outcome::Proxied,
             LoginResult::TempFail => return Outcome::BackendUnavailable,
             LoginResult::Refused => failures += 1,

@@ -38,6 +38,16 @@ pub struct Listen<'a>(pub &'a str, pub Option<&'a str>);
 /// Starts protobalance in front of `cluster` with `listeners`; `extra` is appended to the
 /// config (e.g. `[[certificate]]` sections). Users 1..=USERS are provisioned first.
 pub fn start_edge(cluster: &DovecotCluster, listeners: &[Listen<'_>], extra: &str) -> Edge {
+    start_edge_with(cluster, listeners, extra, "")
+}
+
+/// [`start_edge`], with `backend_extra` added to every `[[backend]]` section.
+pub fn start_edge_with(
+    cluster: &DovecotCluster,
+    listeners: &[Listen<'_>],
+    extra: &str,
+    backend_extra: &str,
+) -> Edge {
     let dir = tempfile::tempdir().expect("tempdir");
     let lo = IpAddr::from([127, 0, 0, 1]);
     let admin = SocketAddr::new(lo, free_port(lo).expect("port"));
@@ -58,7 +68,7 @@ pub fn start_edge(cluster: &DovecotCluster, listeners: &[Listen<'_>], extra: &st
     }
     for b in cluster.backends() {
         text.push_str(&format!(
-            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\nlmtp_port = {}\n",
+            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\nlmtp_port = {}\n{backend_extra}\n",
             b.name(),
             b.ip(),
             b.pop3_port(),

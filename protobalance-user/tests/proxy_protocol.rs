@@ -1,0 +1,91 @@
+//! PROXY protocol v2 towards backends: Dovecot listeners with `haproxy = yes` accept only
+//! connections that start with the header, so logins through the edge (and its health
+//! checks, which send a LOCAL header) working at all prove the header; Dovecot's log
+//! shows the client's address.
+
+mod support;
+
+use protobalance_tests::{
+    BackendOptions, DovecotCluster, dovecot::loopback_ip, password_for, python,
+};
+use support::{
+    CLIENT_IP, Listen, USERS, metric_line, owner, python_from_client_ip, start_edge_with,
+};
+
+#[test]
+fn logins_reach_haproxy_listeners_with_the_client_address() {
+    if support::skip("proxy_protocol") {
+        return;
+    }
+    let ips: Vec<_> = (1..=3).map(|n| loopback_ip(n).expect("ip")).collect();
+    let options = BackendOptions {
+        users: USERS,
+        haproxy: true,
+        ..BackendOptions::default()
+    };
+    let cluster = DovecotCluster::start_with(&ips, &options).expect("cluster");
+    let listeners = [Listen("pop3", None), Listen("imap", None)];
+    let edge = start_edge_with(&cluster, &listeners, "", "proxy_protocol = true");
+    for service in ["pop3", "imap", "lmtp"] {
+        for b in cluster.backends() {
+            let name = format!("backend=\"{}\"", b.name());
+            let line = metric_line(
+                &edge,
+                &[
+                    "protobalance_backend_checks_total",
+                    &name,
+                    &format!("service=\"{service}\""),
+                    "result=\"ok\"",
+                ],
+            );
+            assert!(
+                !line.ends_with(" 0"),
+                "health checks pass through the PROXY header: {line}"
+            );
+        }
+    }
+    for b in cluster.backends() {
+        let up = format!(
+            "protobalance_backend_up{{backend=\"{}\",service=\"lmtp\"}} 1",
+            b.name()
+        );
+        assert!(
+            support::metrics(&edge).contains(&up),
+            "LMTP gets no PROXY header, its checks keep passing: {up}"
+        );
+    }
+    let user = "user11@example.com";
+    let pass = password_for(user).expect("test user");
+    let (pop3, imap) = (edge.listeners[0], edge.listeners[1]);
+    let out = python(&format!(
+        "{}import poplib, imaplib\n\
+         p = poplib.POP3('{}', {}, timeout=10); p.user('{user}'); p.pass_('{pass}'); print('pop3', p.stat()); p.quit()\n\
+         m = imaplib.IMAP4('{}', {}, timeout=10); m.login('{user}', '{pass}'); print('imap', m.select('INBOX')[0]); m.logout()\n",
+        python_from_client_ip(),
+        pop3.ip(),
+        pop3.port(),
+        imap.ip(),
+        imap.port()
+    ))
+    .expect("logins through haproxy listeners");
+    assert!(
+        out.contains("pop3 (0, 0)") && out.contains("imap OK"),
+        "{out}"
+    );
+    let backend = owner(&edge, user);
+    let log_path = cluster
+        .backends()
+        .iter()
+        .find(|b| b.name() == backend)
+        .expect("owner")
+        .log_path();
+    let log = std::fs::read_to_string(log_path).expect("dovecot log");
+    for service in ["pop3-login", "imap-login"] {
+        assert!(
+            log.lines().any(|l| l.contains(service)
+                && l.contains(&format!("<{user}>"))
+                && l.contains(&format!("rip={CLIENT_IP}"))),
+            "{service} logged the client address"
+        );
+    }
+}
