@@ -241,3 +241,56 @@ fn bad_input_gets_protocol_answers() {
     let stls = session(b"STLS\r\nCAPA\r\nQUIT\r\n");
     assert!(stls.contains("-ERR STLS is not available"), "{stls}");
 }
+
+/// Per-address admission and the idle timeout of proxied sessions.
+#[test]
+fn sessions_per_address_and_idle_sessions_are_limited() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let limits = "[limits]\nmax_sessions_per_ip = 2\nidle_timeout_seconds = 1\npre_auth_timeout_seconds = 10\n";
+    let edge = support::start_edge(&cluster, &[support::Listen("pop3", None)], limits);
+    let addr = edge.listeners[0];
+    let greet = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut first = TcpStream::connect(addr).expect("connect");
+    let mut second = TcpStream::connect(addr).expect("connect");
+    assert!(greet(&mut first).starts_with("+OK"));
+    assert!(greet(&mut second).starts_with("+OK"));
+    let mut third = TcpStream::connect(addr).expect("connect");
+    let refused = greet(&mut third);
+    assert!(
+        refused.starts_with("-ERR [SYS/TEMP] Too many connections"),
+        "{refused}"
+    );
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = TcpStream::connect(addr).expect("connect");
+    assert!(greet(&mut again).starts_with("+OK"), "a slot is free again");
+
+    // A logged-in session that stays silent is closed after the idle timeout (1 s).
+    let user = "user3@example.com";
+    let pass = password_for(user).expect("test user");
+    drop((second, again));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut s = TcpStream::connect(addr).expect("connect");
+    greet(&mut s);
+    s.write_all(format!("USER {user}\r\nPASS {pass}\r\n").as_bytes())
+        .expect("login");
+    let started = Instant::now();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.contains("+OK Logged in"), "{text}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "closed when idle: {waited:?}"
+    );
+}

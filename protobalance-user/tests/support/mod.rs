@@ -51,9 +51,15 @@ pub fn start_edge_with(
     let dir = tempfile::tempdir().expect("tempdir");
     let lo = IpAddr::from([127, 0, 0, 1]);
     let admin = SocketAddr::new(lo, free_port(lo).expect("port"));
+    // A test may bring its own [limits]; otherwise short timeouts keep tests fast.
+    let limits = if extra.contains("[limits]") {
+        ""
+    } else {
+        "[limits]\npre_auth_timeout_seconds = 2\nmax_auth_failures = 3\n"
+    };
     let mut text = format!(
         "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 1\n[directory]\npath = \"dir.db\"\n\
-         [limits]\npre_auth_timeout_seconds = 2\nmax_auth_failures = 3\n\
+         {limits}\
          [health]\ninterval_seconds = 1\ntimeout_seconds = 1\nfall = 1\nrise = 1\n\
          [[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n{extra}\n"
     );
