@@ -41,6 +41,8 @@ pub enum AppError {
     },
     #[error("directory (`directory.path`): {0}")]
     Directory(#[from] DirectoryError),
+    #[error("backend pool: {0}")]
+    Pool(#[from] crate::backend::PoolError),
     #[error("TLS certificates (`certificate`): {0}")]
     Tls(String),
     #[error("metrics registry: {0}")]

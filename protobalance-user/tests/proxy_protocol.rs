@@ -9,7 +9,8 @@ use protobalance_tests::{
     BackendOptions, DovecotCluster, dovecot::loopback_ip, password_for, python,
 };
 use support::{
-    CLIENT_IP, Listen, USERS, metric_line, owner, python_from_client_ip, start_edge_with,
+    CLIENT_IP, Listen, USERS, backend_section, metric_line, owner, python_from_client_ip,
+    start_edge_with,
 };
 
 #[test]
@@ -25,7 +26,9 @@ fn logins_reach_haproxy_listeners_with_the_client_address() {
     };
     let cluster = DovecotCluster::start_with(&ips, &options).expect("cluster");
     let listeners = [Listen("pop3", None), Listen("imap", None)];
-    let edge = start_edge_with(&cluster, &listeners, "", "proxy_protocol = true");
+    let edge = start_edge_with(&cluster, &listeners, "", |b| {
+        backend_section(b, "proxy_protocol = true")
+    });
     for service in ["pop3", "imap", "lmtp"] {
         for b in cluster.backends() {
             let name = format!("backend=\"{}\"", b.name());

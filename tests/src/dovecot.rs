@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 pub use crate::dovecot_cluster::{DovecotCluster, loopback_ip};
-use crate::dovecot_config::{InstanceSpec, render_config, write_users_file};
+use crate::dovecot_config::{InstanceSpec, TlsListeners, render_config, write_users_file};
 pub use crate::dovecot_config::{MailOwner, Ports, TEST_DOMAIN, password_for, user_name};
 use crate::net::free_port;
 use crate::process::{self, wait_child};
@@ -39,6 +39,8 @@ pub struct BackendOptions {
     pub trusted_networks: Vec<String>,
     /// POP3 and IMAP expect a PROXY protocol v2 header first (Dovecot `haproxy = yes`).
     pub haproxy: bool,
+    /// PEM certificate and key for implicit-TLS POP3S/IMAPS listeners on free ports.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Fixed ports instead of free ones (the demo cluster's well-known addresses). A bind
     /// failure is then an error, not a retry.
     pub fixed_ports: Option<Ports>,
@@ -65,6 +67,8 @@ pub struct DovecotBackend {
     ports: Ports,
     /// POP3/IMAP listeners expect a PROXY protocol header.
     haproxy: bool,
+    /// POP3S and IMAPS ports, when started with a certificate.
+    tls_ports: Option<(u16, u16)>,
     master: Option<Child>,
     // Declared last: dropped after `Drop::drop` has stopped the master.
     dir: TestDir,
@@ -87,6 +91,7 @@ impl DovecotBackend {
             ip,
             ports,
             haproxy: options.haproxy,
+            tls_ports: None,
             master: None,
             dir,
         };
@@ -120,6 +125,14 @@ impl DovecotBackend {
     }
     pub fn imap_port(&self) -> u16 {
         self.ports.imap
+    }
+    /// The implicit-TLS POP3 port (0 without a certificate).
+    pub fn pop3s_port(&self) -> u16 {
+        self.tls_ports.map_or(0, |(pop3s, _)| pop3s)
+    }
+    /// The implicit-TLS IMAP port (0 without a certificate).
+    pub fn imaps_port(&self) -> u16 {
+        self.tls_ports.map_or(0, |(_, imaps)| imaps)
     }
     pub fn lmtp_addr(&self) -> SocketAddr {
         SocketAddr::new(self.ip, self.ports.lmtp)
@@ -193,6 +206,9 @@ impl DovecotBackend {
     /// One attempt: fresh ports, config, spawn, wait for listeners.
     fn launch(&mut self, owner: MailOwner, options: &BackendOptions) -> Result<()> {
         let trusted_networks = &options.trusted_networks;
+        if options.tls.is_some() {
+            self.tls_ports = Some((free_port(self.ip)?, free_port(self.ip)?));
+        }
         self.ports = match options.fixed_ports {
             Some(ports) => ports,
             None => Ports {
@@ -201,15 +217,24 @@ impl DovecotBackend {
                 imap: free_port(self.ip)?,
             },
         };
-        let spec = InstanceSpec {
-            name: &self.name,
-            dir: self.dir(),
-            ip: self.ip,
-            ports: self.ports,
-            owner,
-            trusted_networks,
-            haproxy: self.haproxy,
-        };
+        let spec =
+            InstanceSpec {
+                name: &self.name,
+                dir: self.dir(),
+                ip: self.ip,
+                ports: self.ports,
+                owner,
+                trusted_networks,
+                haproxy: self.haproxy,
+                tls: options.tls.as_ref().zip(self.tls_ports).map(
+                    |((cert, key), (pop3s, imaps))| TlsListeners {
+                        cert,
+                        key,
+                        pop3s,
+                        imaps,
+                    },
+                ),
+            };
         let config_path = self.config_path();
         std::fs::write(&config_path, render_config(&spec)?).context("writing dovecot.conf")?;
         self.spawn_and_wait()

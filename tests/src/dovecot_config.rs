@@ -100,6 +100,17 @@ pub struct InstanceSpec<'a> {
     pub trusted_networks: &'a [String],
     /// POP3 and IMAP listeners expect a PROXY protocol header (`haproxy = yes`).
     pub haproxy: bool,
+    /// Implicit-TLS POP3S/IMAPS listeners with this certificate.
+    pub tls: Option<TlsListeners<'a>>,
+}
+
+/// A certificate for Dovecot's pop3s/imaps listeners and their ports.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsListeners<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub pop3s: u16,
+    pub imaps: u16,
 }
 
 /// Renders the complete dovecot.conf for one instance.
@@ -107,7 +118,12 @@ pub fn render_config(spec: &InstanceSpec<'_>) -> Result<String> {
     let mut conf = String::new();
     write_core(&mut conf, spec)?;
     write_auth(&mut conf, spec)?;
-    write_services(&mut conf, spec.ports, spec.haproxy)?;
+    write_services(
+        &mut conf,
+        spec.ports,
+        spec.haproxy,
+        spec.tls.map_or((0, 0), |t| (t.pop3s, t.imaps)),
+    )?;
     Ok(conf)
 }
 
@@ -127,7 +143,7 @@ state_dir = {dir}/state
 log_path = {dir}/dovecot.log
 protocols = imap pop3 lmtp
 listen = {ip}
-ssl = no
+{ssl}
 login_trusted_networks = {trusted}
 haproxy_trusted_networks = {trusted}
 mail_location = maildir:~/Maildir
@@ -143,6 +159,14 @@ protocol pop3 {{
         name = spec.name,
         pid = std::process::id(),
         ip = spec.ip,
+        ssl = match spec.tls {
+            Some(t) => format!(
+                "ssl = yes\nssl_cert = <{}\nssl_key = <{}",
+                t.cert.display(),
+                t.key.display()
+            ),
+            None => "ssl = no".to_owned(),
+        },
     )?;
     Ok(())
 }
@@ -170,8 +194,14 @@ userdb {{
 }
 
 /// Login services stay resident (`service_count = 0`, `process_min_avail`) so many short
-/// sessions measure the proxy, not Dovecot forking; TLS listeners are disabled.
-fn write_services(conf: &mut String, ports: Ports, haproxy: bool) -> Result<()> {
+/// sessions measure the proxy, not Dovecot forking; TLS listeners only with a certificate
+/// (port 0 disables them).
+fn write_services(
+    conf: &mut String,
+    ports: Ports,
+    haproxy: bool,
+    (pop3s, imaps): (u16, u16),
+) -> Result<()> {
     let Ports { lmtp, pop3, imap } = ports;
     let haproxy = if haproxy { "yes" } else { "no" };
     writeln!(
@@ -182,7 +212,7 @@ fn write_services(conf: &mut String, ports: Ports, haproxy: bool) -> Result<()> 
     haproxy = {haproxy}
   }}
   inet_listener imaps {{
-    port = 0
+    port = {imaps}
   }}
   service_count = 0
   process_min_avail = 2
@@ -193,7 +223,7 @@ service pop3-login {{
     haproxy = {haproxy}
   }}
   inet_listener pop3s {{
-    port = 0
+    port = {pop3s}
   }}
   service_count = 0
   process_min_avail = 2

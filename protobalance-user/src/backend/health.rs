@@ -10,18 +10,11 @@
 //! (`-ERR [SYS/TEMP]`, `NO [UNAVAILABLE]`, `451 4.4.x`) in microseconds instead of after a
 //! connect timeout, and the dead backend is not hammered. Only the active check closes it.
 
-use std::{
-    net::SocketAddr,
-    sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed},
-    time::Duration,
-};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 
-use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::TcpStream,
-};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
-use super::Service;
+use super::{BackendStream, Service};
 
 /// Breaker thresholds.
 #[derive(Clone, Copy, Debug)]
@@ -84,25 +77,13 @@ impl Breaker {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error("connect: {0}")]
-    Connect(std::io::Error),
+    Connect(String),
     #[error("timed out")]
     Timeout,
     #[error("unexpected answer `{0}`")]
     Answer(String),
     #[error("connection closed")]
     Closed,
-}
-
-/// One protocol-level probe of `service` at `addr`.
-pub async fn check(
-    addr: SocketAddr,
-    service: Service,
-    timeout: Duration,
-    proxy_protocol: bool,
-) -> Result<(), CheckError> {
-    tokio::time::timeout(timeout, probe(addr, service, proxy_protocol))
-        .await
-        .map_err(|_| CheckError::Timeout)?
 }
 
 /// What a probe says and expects for one service.
@@ -145,18 +126,10 @@ const fn script(service: Service) -> Script {
     }
 }
 
-async fn probe(addr: SocketAddr, service: Service, proxy_protocol: bool) -> Result<(), CheckError> {
+/// One protocol-level probe of `service` on an open connection (the caller bounds it
+/// with the check timeout).
+pub async fn probe(stream: BackendStream, service: Service) -> Result<(), CheckError> {
     let script = script(service);
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(CheckError::Connect)?;
-    if proxy_protocol {
-        let local = super::proxy_protocol::local();
-        stream
-            .write_all(&local)
-            .await
-            .map_err(|_| CheckError::Closed)?;
-    }
     let mut stream = BufReader::new(stream);
     let line = read_line(&mut stream).await?;
     if !line.starts_with(script.greeting) {
@@ -180,7 +153,7 @@ async fn probe(addr: SocketAddr, service: Service, proxy_protocol: bool) -> Resu
     Ok(())
 }
 
-async fn read_line(stream: &mut BufReader<TcpStream>) -> Result<String, CheckError> {
+async fn read_line(stream: &mut BufReader<BackendStream>) -> Result<String, CheckError> {
     let mut line = String::new();
     let n = (&mut *stream)
         .take(4096)

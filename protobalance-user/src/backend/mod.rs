@@ -13,7 +13,11 @@ use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendConfig, HealthConfig};
-use health::{Breaker, Thresholds};
+use health::{Breaker, CheckError, Thresholds};
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsStream;
+
+use crate::tls::{MaybeTls, TlsConnector};
 
 /// Every service a backend offers; each has its own breaker.
 pub const SERVICES: [Service; 3] = [Service::Pop3, Service::Imap, Service::Lmtp];
@@ -38,6 +42,12 @@ impl Service {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    #[error("backend `{name}` ({addr}): TLS handshake: {source}")]
+    Tls {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("backend `{0}` {1} is marked down by its health checks")]
     Down(String, &'static str),
     #[error("backend `{0}` is not configured")]
@@ -56,8 +66,21 @@ pub enum ConnectError {
     },
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("backend `{0}` TLS: {1}")]
+    Tls(String, String),
+}
+
+/// A connection to a backend: plaintext, or TLS for backends with `tls = true`.
+pub type BackendStream = MaybeTls<TcpStream>;
+
 pub struct BackendPool {
     backends: HashMap<String, BackendConfig>,
+    /// Connector and expected certificate name of each backend with `tls = true`.
+    tls: HashMap<String, (TlsConnector, ServerName<'static>)>,
     breakers: HashMap<(String, Service), Breaker>,
     health: HealthConfig,
     connect_timeout: Duration,
@@ -70,7 +93,20 @@ impl BackendPool {
         health: HealthConfig,
         connect_timeout: Duration,
         registry: &Registry,
-    ) -> prometheus::Result<Self> {
+    ) -> Result<Self, PoolError> {
+        let mut tls = HashMap::new();
+        for b in backends.iter().filter(|b| b.tls) {
+            let ca = b
+                .tls_ca
+                .as_deref()
+                .ok_or_else(|| PoolError::Tls(b.name.clone(), "no tls_ca".into()))?;
+            let connector =
+                crate::tls::connector(ca).map_err(|e| PoolError::Tls(b.name.clone(), e))?;
+            let name = b.tls_name.clone().unwrap_or_else(|| b.address.to_string());
+            let name = ServerName::try_from(name)
+                .map_err(|e| PoolError::Tls(b.name.clone(), e.to_string()))?;
+            tls.insert(b.name.clone(), (connector, name));
+        }
         let breakers = backends
             .iter()
             .flat_map(|b| SERVICES.map(|s| ((b.name.clone(), s), Breaker::default())))
@@ -90,6 +126,7 @@ impl BackendPool {
                 .map(|b| (b.name.clone(), b.clone()))
                 .collect(),
             breakers,
+            tls,
             health,
             connect_timeout,
             metrics,
@@ -121,54 +158,72 @@ impl BackendPool {
 
     /// Connects to `service` on backend `name` for a client that connected from `client`
     /// to our `local` address, failing at once while the breaker is open. Backends with
-    /// `proxy_protocol` get a PROXY v2 header first.
+    /// `proxy_protocol` get a PROXY v2 header first; `tls` backends a TLS handshake.
     pub async fn connect(
         &self,
         name: &str,
         service: Service,
         client: SocketAddr,
         local: SocketAddr,
-    ) -> Result<TcpStream, ConnectError> {
-        let addr = self
-            .address(name, service)
-            .ok_or_else(|| ConnectError::Unknown(name.to_owned()))?;
+    ) -> Result<BackendStream, ConnectError> {
         let breaker = self.breakers.get(&(name.to_owned(), service));
         if breaker.is_some_and(|b| !b.is_up()) {
             return Err(ConnectError::Down(name.to_owned(), service.as_str()));
         }
-        let result =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Err(_) => Err(ConnectError::Timeout {
-                    name: name.to_owned(),
-                    addr,
-                    timeout: self.connect_timeout,
-                }),
-                Ok(Err(source)) => Err(ConnectError::Io {
-                    name: name.to_owned(),
-                    addr,
-                    source,
-                }),
-                Ok(Ok(stream)) => Ok(stream),
-            };
+        let header = self
+            .uses_proxy_protocol(name, service)
+            .then(|| proxy_protocol::proxy(client, local));
+        let result = self.open(name, service, header).await;
         if let Some(breaker) = breaker
             && breaker.record_passive(result.is_ok(), self.thresholds())
         {
             self.state_changed(name, service, false, "connect failed during a login");
         }
-        let mut stream = result?;
+        result
+    }
+
+    /// TCP connect (bounded by the connect timeout), optional PROXY header, optional TLS.
+    async fn open(
+        &self,
+        name: &str,
+        service: Service,
+        header: Option<Vec<u8>>,
+    ) -> Result<BackendStream, ConnectError> {
+        let addr = self
+            .address(name, service)
+            .ok_or_else(|| ConnectError::Unknown(name.to_owned()))?;
+        let io_error = |source| ConnectError::Io {
+            name: name.to_owned(),
+            addr,
+            source,
+        };
+        let timed_out = || ConnectError::Timeout {
+            name: name.to_owned(),
+            addr,
+            timeout: self.connect_timeout,
+        };
+        let mut stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(io_error)?;
         let _ = stream.set_nodelay(true);
-        if self.uses_proxy_protocol(name, service) {
-            let header = proxy_protocol::proxy(client, local);
-            stream
-                .write_all(&header)
-                .await
-                .map_err(|source| ConnectError::Io {
-                    name: name.to_owned(),
-                    addr,
-                    source,
-                })?;
+        if let Some(header) = header {
+            stream.write_all(&header).await.map_err(io_error)?;
         }
-        Ok(stream)
+        let tls = self.tls.get(name).filter(|_| service != Service::Lmtp);
+        let Some((connector, server_name)) = tls else {
+            return Ok(MaybeTls::Plain(stream));
+        };
+        let handshake = connector.connect(server_name.clone(), stream);
+        let tls = tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|source| ConnectError::Tls {
+                name: name.to_owned(),
+                addr,
+                source,
+            })?;
+        Ok(MaybeTls::Tls(Box::new(TlsStream::Client(tls))))
     }
 
     /// Probes every backend service each `health.interval` until `shutdown`.
@@ -190,14 +245,22 @@ impl BackendPool {
     }
 
     async fn check_one(&self, name: &str, service: Service) {
-        let (Some(addr), Some(breaker)) = (
-            self.address(name, service),
-            self.breakers.get(&(name.to_owned(), service)),
-        ) else {
+        let Some(breaker) = self.breakers.get(&(name.to_owned(), service)) else {
             return;
         };
-        let proxy_protocol = self.uses_proxy_protocol(name, service);
-        let result = health::check(addr, service, self.health.timeout(), proxy_protocol).await;
+        let header = self
+            .uses_proxy_protocol(name, service)
+            .then(proxy_protocol::local);
+        let probe = async {
+            let stream = self
+                .open(name, service, header)
+                .await
+                .map_err(|e| CheckError::Connect(e.to_string()))?;
+            health::probe(stream, service).await
+        };
+        let result = tokio::time::timeout(self.health.timeout(), probe)
+            .await
+            .unwrap_or(Err(CheckError::Timeout));
         let ok = result.is_ok();
         self.metrics
             .checks

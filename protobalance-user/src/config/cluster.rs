@@ -83,6 +83,16 @@ pub struct BackendConfig {
     /// `haproxy = yes` on those listeners and this edge in `haproxy_trusted_networks`).
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Speak TLS to this backend's POP3 and IMAP ports (then implicit-TLS ports, e.g. 995
+    /// and 993), verifying its certificate against `tls_ca`.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM CA certificate(s) the backend's certificate must chain to; relative paths are
+    /// from the config file. Required with `tls = true`.
+    pub tls_ca: Option<PathBuf>,
+    /// The name the backend's certificate is checked against (and sent as SNI); default:
+    /// `address` (then the certificate needs that IP address as a subject alt name).
+    pub tls_name: Option<String>,
 }
 
 const fn default_capacity() -> u32 {
@@ -164,9 +174,16 @@ pub(super) fn validate_domains(
     Ok(())
 }
 
-pub(super) fn validate_backends(backends: &[BackendConfig]) -> Result<(), Problem> {
+pub(super) fn validate_backends(
+    backends: &mut [BackendConfig],
+    base: &Path,
+) -> Result<(), Problem> {
     let mut names = HashSet::new();
-    for (i, backend) in backends.iter().enumerate() {
+    for (i, backend) in backends.iter_mut().enumerate() {
+        if let Some(ca) = &mut backend.tls_ca {
+            *ca = base.join(&*ca);
+        }
+        validate_backend_tls(i, backend)?;
         let key = |field: &str| format!("backend[{i}].{field}");
         let name_ok = !backend.name.is_empty()
             && backend.name.len() <= 64
@@ -283,4 +300,27 @@ impl HealthConfig {
         }
         Ok(())
     }
+}
+
+fn validate_backend_tls(i: usize, backend: &BackendConfig) -> Result<(), Problem> {
+    let key = |field: &str| format!("backend[{i}].{field}");
+    match (&backend.tls_ca, backend.tls) {
+        (None, true) => Err(Problem::new(
+            &key("tls_ca"),
+            "tls = true needs the CA file that signed the backend's certificate".into(),
+        )),
+        (Some(ca), true) => crate::tls::connector(ca)
+            .map(drop)
+            .map_err(|e| Problem::new(&key("tls_ca"), format!("{}: {e}", ca.display()))),
+        (_, false) => Ok(()),
+    }?;
+    if let Some(name) = &backend.tls_name
+        && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+    {
+        return Err(Problem::new(
+            &key("tls_name"),
+            format!("`{name}` is not a DNS name or IP address"),
+        ));
+    }
+    Ok(())
 }

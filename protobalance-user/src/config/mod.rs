@@ -201,7 +201,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         self.directory.validate(base).map_err(to_error)?;
         cluster::validate_domains(&self.domains, &self.directory.normalizer()).map_err(to_error)?;
-        cluster::validate_backends(&self.backends).map_err(to_error)?;
+        cluster::validate_backends(&mut self.backends, base).map_err(to_error)?;
         for cert in &mut self.certificates {
             cert.cert = base.join(&cert.cert);
             cert.key = base.join(&cert.key);

@@ -14,14 +14,11 @@ use std::{
 };
 
 use bytes::BytesMut;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::codec::{self, Decoded, EncodedCommand, LiteralMode, Response, Status};
 use crate::{
-    backend::Service,
+    backend::{BackendStream, Service},
     config::Protocol,
     directory::{DirectoryError, Normalized, Route},
     proxy::{ProxyContext, splice},
@@ -244,12 +241,12 @@ enum Next {
 }
 
 struct Upstream {
-    stream: TcpStream,
+    stream: BackendStream,
     buf: BytesMut,
 }
 
 impl Upstream {
-    fn new(stream: TcpStream) -> Self {
+    fn new(stream: BackendStream) -> Self {
         Self {
             stream,
             buf: BytesMut::with_capacity(codec::MAX_LINE),

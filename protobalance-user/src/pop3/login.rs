@@ -13,14 +13,11 @@ use std::{
 };
 
 use bytes::{Buf as _, BytesMut};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::codec::{self, Decoded, Reply};
 use crate::{
-    backend::Service,
+    backend::{BackendStream, Service},
     config::Protocol,
     directory::Route,
     proxy::{Conn, ProxyContext, splice},
@@ -172,7 +169,7 @@ enum UpstreamError {
 }
 
 struct Upstream {
-    stream: TcpStream,
+    stream: BackendStream,
     buf: BytesMut,
 }
 

@@ -78,7 +78,7 @@ async fn session(
             let handshake =
                 tokio::time::timeout(ctx.limits.pre_auth_timeout(), acceptor.accept(stream));
             match handshake.await {
-                Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
+                Ok(Ok(tls)) => ClientStream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
                 Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "TLS handshake failed");
                     return Outcome::ClientError;

@@ -1,6 +1,7 @@
-//! TLS towards clients (rustls): certificates per SNI name from config, the acceptor for
-//! implicit-TLS listeners (995, 993) and STLS/STARTTLS, and [`ClientStream`], the stream a
-//! session owns, which can switch from plaintext to TLS in place.
+//! TLS with rustls. Towards clients: certificates per SNI name from config, the acceptor
+//! for implicit-TLS listeners (995, 993) and STLS/STARTTLS. Towards backends: a connector
+//! that trusts the CA file a backend names. [`MaybeTls`] is either side's stream, which can
+//! switch from plaintext to TLS in place.
 //!
 //! Only rustls with the `ring` provider: no OpenSSL, no C toolchain beyond what ring needs.
 
@@ -15,8 +16,8 @@ use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
-pub use stream::ClientStream;
-pub use tokio_rustls::TlsAcceptor;
+pub use stream::{ClientStream, MaybeTls};
+pub use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::CertificateConfig;
 
@@ -55,6 +56,27 @@ pub fn acceptor(certificates: &[CertificateConfig]) -> Result<Option<TlsAcceptor
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+/// A connector for backends whose certificates chain to the CA certificates in `ca_file`.
+pub fn connector(ca_file: &Path) -> Result<TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file).map_err(|e| e.to_string())?;
+    for cert in certs {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    if roots.is_empty() {
+        return Err("no CERTIFICATE block in the file".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 fn load(index: usize, cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {

@@ -1,6 +1,7 @@
-//! The client connection a session owns: plaintext until STLS/STARTTLS (or TLS from the
-//! first byte on implicit-TLS listeners). Generic over the transport so tests can use
-//! in-memory streams.
+//! A connection that is plaintext or TLS: the client side of a session (plaintext until
+//! STLS/STARTTLS, or TLS from the first byte on implicit-TLS listeners) and the backend
+//! side (TLS when the backend is configured with `tls = true`). Generic over the transport
+//! so tests can use in-memory streams.
 
 use std::{
     io,
@@ -9,16 +10,20 @@ use std::{
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_rustls::{TlsAcceptor, TlsStream};
 
-pub enum ClientStream<S> {
+pub enum MaybeTls<S> {
     Plain(S),
+    /// Server side (towards clients) or client side (towards backends).
     Tls(Box<TlsStream<S>>),
     /// Only while a handshake is in progress; IO on it fails.
     Upgrading,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream<S> {
+/// What a session holds for its client.
+pub type ClientStream<S> = MaybeTls<S>;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> MaybeTls<S> {
     pub const fn is_tls(&self) -> bool {
         matches!(self, Self::Tls(_))
     }
@@ -31,14 +36,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream<S> {
             return Err(io::Error::other("TLS is already active"));
         };
         let tls = acceptor.accept(plain).await?;
-        *self = Self::Tls(Box::new(tls));
+        *self = Self::Tls(Box::new(TlsStream::Server(tls)));
         Ok(())
     }
 
     /// The SNI name the client asked for, once TLS is up.
     pub fn sni(&self) -> Option<&str> {
         match self {
-            Self::Tls(tls) => tls.get_ref().1.server_name(),
+            Self::Tls(tls) => match tls.as_ref() {
+                TlsStream::Server(server) => server.get_ref().1.server_name(),
+                TlsStream::Client(_) => None,
+            },
             _ => None,
         }
     }
@@ -48,7 +56,7 @@ fn upgrading() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "TLS handshake in progress")
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -62,7 +70,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientStream<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -15,7 +15,9 @@ use protobalance::{
     config::Config,
     directory::{MailboxDirectory as _, Normalizer, import::import},
 };
-use protobalance_tests::{ChildGuard, DovecotCluster, free_port, python, require_root};
+use protobalance_tests::{
+    ChildGuard, DovecotBackend, DovecotCluster, free_port, python, require_root,
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_protobalance");
 pub const USERS: usize = 300;
@@ -38,15 +40,27 @@ pub struct Listen<'a>(pub &'a str, pub Option<&'a str>);
 /// Starts protobalance in front of `cluster` with `listeners`; `extra` is appended to the
 /// config (e.g. `[[certificate]]` sections). Users 1..=USERS are provisioned first.
 pub fn start_edge(cluster: &DovecotCluster, listeners: &[Listen<'_>], extra: &str) -> Edge {
-    start_edge_with(cluster, listeners, extra, "")
+    start_edge_with(cluster, listeners, extra, |b| backend_section(b, ""))
 }
 
-/// [`start_edge`], with `backend_extra` added to every `[[backend]]` section.
+/// The `[[backend]]` section for a harness backend, plus `extra` keys.
+pub fn backend_section(b: &DovecotBackend, extra: &str) -> String {
+    format!(
+        "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\nlmtp_port = {}\n{extra}\n",
+        b.name(),
+        b.ip(),
+        b.pop3_port(),
+        b.imap_port(),
+        b.lmtp_port()
+    )
+}
+
+/// [`start_edge`], with each `[[backend]]` section written by `backend`.
 pub fn start_edge_with(
     cluster: &DovecotCluster,
     listeners: &[Listen<'_>],
     extra: &str,
-    backend_extra: &str,
+    backend: impl Fn(&DovecotBackend) -> String,
 ) -> Edge {
     let dir = tempfile::tempdir().expect("tempdir");
     let lo = IpAddr::from([127, 0, 0, 1]);
@@ -73,14 +87,7 @@ pub fn start_edge_with(
         addrs.push(addr);
     }
     for b in cluster.backends() {
-        text.push_str(&format!(
-            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\nlmtp_port = {}\n{backend_extra}\n",
-            b.name(),
-            b.ip(),
-            b.pop3_port(),
-            b.imap_port(),
-            b.lmtp_port()
-        ));
+        text.push_str(&backend(b));
     }
     let path = dir.path().join("pb.toml");
     std::fs::write(&path, text).expect("config");
