@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod app;
 pub mod backend;
+pub mod base64;
 pub mod config;
 pub mod directory;
 pub mod filter;

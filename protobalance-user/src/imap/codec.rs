@@ -14,12 +14,10 @@
 //! normal result, never an error. Files: `codec_frame` cuts commands out of the stream
 //! (lines, literals, bounds), `codec_parse` reads tokens, `codec_command` the client
 //! commands, `codec_response` the backend's lines, `codec_encode` everything we send,
-//! `codec_sasl` and `codec_base64` the SASL parts.
+//! `codec_sasl` the SASL parts (base64 is `crate::base64`).
 
 use thiserror::Error;
 
-#[path = "codec_base64.rs"]
-mod base64;
 #[path = "codec_command.rs"]
 mod command;
 #[path = "codec_encode.rs"]

@@ -4,7 +4,8 @@
 
 use super::frame::{Frame, frame_command};
 use super::parse::{Parser, Stop};
-use super::{CodecError, Decoded, base64};
+use super::{CodecError, Decoded};
+use crate::base64;
 use crate::secret::Secret;
 
 /// RFC 2971 §3.3 limits on what a client may send in ID.

