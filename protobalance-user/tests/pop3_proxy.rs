@@ -294,3 +294,51 @@ fn sessions_per_address_and_idle_sessions_are_limited() {
         "closed when idle: {waited:?}"
     );
 }
+
+/// In an auto-provisioning domain a login to an unassigned mailbox goes to the candidate
+/// backend and is recorded only if that backend accepts it: failed logins leave no trace.
+#[test]
+fn auto_provisioning_logins_assign_only_on_success() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, 400).expect("cluster");
+    let domain = "[[domain]]\nname = \"example.com\"\nunknown_mailbox = \"auto-provision\"\n";
+    let edge = support::start_edge(&cluster, &[support::Listen("pop3", None)], domain);
+    let lookup = |user: &str| {
+        let out = std::process::Command::new(support::BIN)
+            .args(["directory", "lookup", "--config"])
+            .arg(edge.dir.path().join("pb.toml"))
+            .arg(user)
+            .output()
+            .expect("lookup");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // user350 exists on the Dovecot side but not in the directory (300 were imported).
+    let wrong = pop3_script(&edge, "p.user('user350@example.com')\np.pass_('wrong')", "")
+        .expect_err("refused");
+    assert!(wrong.to_string().contains("-ERR [AUTH]"), "{wrong}");
+    let junk = pop3_script(
+        &edge,
+        "p.user('nobody-at-all@example.com')\np.pass_('x')",
+        "",
+    )
+    .expect_err("refused");
+    assert!(junk.to_string().contains("-ERR [AUTH]"), "{junk}");
+    assert!(
+        lookup("user350@example.com").contains("not in the directory"),
+        "failed login assigned nothing"
+    );
+    assert!(lookup("nobody-at-all@example.com").contains("not in the directory"));
+    let ok = pop3_script(
+        &edge,
+        &user_pass("user350@example.com"),
+        "print(p.stat()); p.quit()",
+    )
+    .expect("login");
+    assert!(ok.starts_with("(0, 0)"), "{ok}");
+    assert!(
+        lookup("user350@example.com").contains("user350@example.com -> backend"),
+        "assigned on success"
+    );
+}

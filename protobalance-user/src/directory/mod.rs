@@ -118,6 +118,17 @@ pub trait MailboxDirectory: Send + Sync + 'static {
         mailbox: &Mailbox,
     ) -> impl Future<Output = Result<String, DirectoryError>> + Send;
 
+    /// The backend `assign` would choose now, without assigning anything.
+    fn candidate(&self) -> impl Future<Output = Result<String, DirectoryError>> + Send;
+
+    /// The owner of `mailbox` after assigning it to `backend` if it had none (an existing
+    /// owner wins and is returned).
+    fn assign_to(
+        &self,
+        mailbox: &Mailbox,
+        backend: &str,
+    ) -> impl Future<Output = Result<String, DirectoryError>> + Send;
+
     /// The policy of `domain`, or `None` when the domain is not ours.
     fn domain_policy(
         &self,
@@ -152,10 +163,24 @@ pub enum Route {
         mailbox: Normalized,
         backend: String,
     },
+    /// A login to an unassigned mailbox of an auto-provisioning domain: try `backend`, and
+    /// [`Directory::confirm`] the assignment only if it accepts the credentials — failed
+    /// logins must not fill the directory with junk.
+    Candidate {
+        mailbox: Normalized,
+        backend: String,
+    },
     /// Our domain, no such mailbox, and the domain does not auto-provision.
     UnknownMailbox(Normalized),
     /// Not one of our domains.
     ForeignDomain(Normalized),
+}
+
+/// Whether resolving may assign an unassigned mailbox.
+#[derive(Clone, Copy)]
+enum Provision {
+    Assign,
+    Candidate,
 }
 
 /// Normalization + cache + domain policy over a store.
@@ -195,9 +220,40 @@ impl<S: MailboxDirectory> Directory<S> {
         &self.stats
     }
 
-    /// Normalizes `login` and finds its backend, auto-provisioning per domain policy.
-    pub async fn route(&self, login: &str) -> Result<Result<Route, AddressError>, DirectoryError> {
-        let normalized = match self.normalizer.normalize(login) {
+    /// Where a delivery to `address` goes: its owner, auto-assigning it first where the
+    /// domain's policy says so.
+    pub async fn route(
+        &self,
+        address: &str,
+    ) -> Result<Result<Route, AddressError>, DirectoryError> {
+        self.resolve(address, Provision::Assign).await
+    }
+
+    /// Where a login goes: like [`route`](Self::route), but an unassigned mailbox of an
+    /// auto-provisioning domain yields [`Route::Candidate`] and stays unassigned until
+    /// [`confirm`](Self::confirm).
+    pub async fn route_login(
+        &self,
+        login: &str,
+    ) -> Result<Result<Route, AddressError>, DirectoryError> {
+        self.resolve(login, Provision::Candidate).await
+    }
+
+    /// Assigns `mailbox` to `backend` after that backend accepted a login for it. False when
+    /// a concurrent assignment chose another backend (the session must not continue there).
+    pub async fn confirm(&self, mailbox: &Mailbox, backend: &str) -> Result<bool, DirectoryError> {
+        let owner = self.store.assign_to(mailbox, backend).await?;
+        let agreed = owner == backend;
+        self.lock().put(mailbox.clone(), owner);
+        Ok(agreed)
+    }
+
+    async fn resolve(
+        &self,
+        input: &str,
+        provision: Provision,
+    ) -> Result<Result<Route, AddressError>, DirectoryError> {
+        let normalized = match self.normalizer.normalize(input) {
             Ok(n) => n,
             Err(e) => return Ok(Err(e)),
         };
@@ -207,30 +263,37 @@ impl<S: MailboxDirectory> Directory<S> {
                 backend,
             }));
         }
-        let route = match self.store.owner_of(&normalized.mailbox).await? {
-            Some(backend) => Route::Owner {
+        if let Some(backend) = self.store.owner_of(&normalized.mailbox).await? {
+            self.lock().put(normalized.mailbox.clone(), backend.clone());
+            return Ok(Ok(Route::Owner {
                 mailbox: normalized,
                 backend,
-            },
-            None => match self
-                .store
-                .domain_policy(normalized.mailbox.domain())
-                .await?
-            {
-                None => Route::ForeignDomain(normalized),
-                Some(DomainPolicy::Reject) => Route::UnknownMailbox(normalized),
-                Some(DomainPolicy::AutoProvision) => {
-                    let backend = self.store.assign(&normalized.mailbox).await?;
-                    Route::Owner {
-                        mailbox: normalized,
-                        backend,
-                    }
-                }
-            },
-        };
-        if let Route::Owner { mailbox, backend } = &route {
-            self.lock().put(mailbox.mailbox.clone(), backend.clone());
+            }));
         }
+        let route = match (
+            self.store
+                .domain_policy(normalized.mailbox.domain())
+                .await?,
+            provision,
+        ) {
+            (None, _) => Route::ForeignDomain(normalized),
+            (Some(DomainPolicy::Reject), _) => Route::UnknownMailbox(normalized),
+            (Some(DomainPolicy::AutoProvision), Provision::Candidate) => {
+                let backend = self.store.candidate().await?;
+                Route::Candidate {
+                    mailbox: normalized,
+                    backend,
+                }
+            }
+            (Some(DomainPolicy::AutoProvision), Provision::Assign) => {
+                let backend = self.store.assign(&normalized.mailbox).await?;
+                self.lock().put(normalized.mailbox.clone(), backend.clone());
+                Route::Owner {
+                    mailbox: normalized,
+                    backend,
+                }
+            }
+        };
         Ok(Ok(route))
     }
 

@@ -83,23 +83,44 @@ impl SqliteDirectory {
         .map_err(store_err)
     }
 
-    fn assign_blocking(conn: &mut Connection, address: &str) -> Result<String, DirectoryError> {
+    /// The active backend with capacity that has the lowest mailboxes/capacity (ties: name).
+    fn candidate_blocking(conn: &Connection) -> Result<(i64, String), DirectoryError> {
+        conn.query_row(
+            "SELECT id, name FROM backends WHERE state = 'active' AND capacity > 0
+             ORDER BY CAST(mailboxes AS REAL) / capacity, name LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+        .map_err(store_err)?
+        .ok_or(DirectoryError::NoActiveBackend)
+    }
+
+    /// The owner of `address` after assigning it — to `to`, or to the candidate — when it
+    /// has none. One IMMEDIATE transaction: concurrent callers agree on one owner.
+    fn assign_blocking(
+        conn: &mut Connection,
+        address: &str,
+        to: Option<&str>,
+    ) -> Result<String, DirectoryError> {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(store_err)?;
         if let Some(owner) = Self::owner_of_blocking(&tx, address)? {
             return Ok(owner);
         }
-        let (id, name): (i64, String) = tx
-            .query_row(
-                "SELECT id, name FROM backends WHERE state = 'active' AND capacity > 0
-                 ORDER BY CAST(mailboxes AS REAL) / capacity, name LIMIT 1",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()
-            .map_err(store_err)?
-            .ok_or(DirectoryError::NoActiveBackend)?;
+        let (id, name) = match to {
+            None => Self::candidate_blocking(&tx)?,
+            Some(name) => tx
+                .query_row(
+                    "SELECT id, name FROM backends WHERE name = ?1",
+                    [name],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()
+                .map_err(store_err)?
+                .ok_or_else(|| DirectoryError::UnknownBackend(name.to_owned()))?,
+        };
         tx.execute(
             "INSERT INTO mailboxes (address, backend_id) VALUES (?1, ?2)",
             params![address, id],
@@ -142,7 +163,18 @@ impl MailboxDirectory for SqliteDirectory {
 
     async fn assign(&self, mailbox: &Mailbox) -> Result<String, DirectoryError> {
         let address = mailbox.as_str().to_owned();
-        self.blocking(move |conn| Self::assign_blocking(conn, &address))
+        self.blocking(move |conn| Self::assign_blocking(conn, &address, None))
+            .await
+    }
+
+    async fn candidate(&self) -> Result<String, DirectoryError> {
+        self.blocking(|conn| Self::candidate_blocking(conn).map(|(_, name)| name))
+            .await
+    }
+
+    async fn assign_to(&self, mailbox: &Mailbox, backend: &str) -> Result<String, DirectoryError> {
+        let (address, backend) = (mailbox.as_str().to_owned(), backend.to_owned());
+        self.blocking(move |conn| Self::assign_blocking(conn, &address, Some(&backend)))
             .await
     }
 

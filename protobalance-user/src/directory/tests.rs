@@ -298,3 +298,43 @@ fn mb(address: &str) -> super::Mailbox {
         .expect("valid")
         .mailbox
 }
+
+#[tokio::test]
+async fn logins_provision_only_when_confirmed() {
+    let (store, _dir) = store();
+    with_backends(&store, &[("b1", 1), ("b2", 1)]).await;
+    let dir = directory(store);
+    let Ok(Route::Candidate { mailbox, backend }) =
+        dir.route_login("New@Example.com").await.expect("store")
+    else {
+        panic!("candidate expected for an unassigned auto-provision mailbox");
+    };
+    assert_eq!(backend, "b1");
+    assert_eq!(
+        dir.store().owner_of(&mailbox.mailbox).await.expect("owner"),
+        None,
+        "nothing assigned yet"
+    );
+    // A delivery in the meantime assigns it (to b1, the same candidate) ...
+    assert!(matches!(
+        dir.route("other@example.com").await.expect("store"),
+        Ok(Route::Owner { .. })
+    ));
+    // ... and a confirmation against a backend that lost the race is refused.
+    assert!(
+        dir.confirm(&mailbox.mailbox, "b2").await.expect("confirm"),
+        "first confirmation wins"
+    );
+    assert!(
+        !dir.confirm(&mailbox.mailbox, "b1").await.expect("confirm"),
+        "second one disagrees"
+    );
+    assert!(matches!(
+        dir.route_login("new@example.com").await.expect("store"),
+        Ok(Route::Owner { ref backend, .. }) if backend == "b2"
+    ));
+    assert!(matches!(
+        dir.route_login("x@strict.example").await.expect("store"),
+        Ok(Route::UnknownMailbox(_))
+    ));
+}

@@ -20,8 +20,7 @@ use super::codec::{self, Decoded, EncodedCommand, LiteralMode, Response, Status}
 use crate::{
     backend::{BackendStream, Service},
     config::Protocol,
-    directory::{DirectoryError, Normalized, Route},
-    proxy::{ProxyContext, splice},
+    proxy::{ProxyContext, splice, target},
     secret::Secret,
 };
 
@@ -68,8 +67,8 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
         let seconds = started.elapsed().as_secs_f64();
         ctx.metrics.login(Protocol::Imap, backend, result, seconds);
     };
-    let (backend, name) = match route(ctx, &login.name).await {
-        Ok(Some(owner)) => owner,
+    let target = match target::login_target(ctx, &login.name).await {
+        Ok(Some(target)) => target,
         Ok(None) => {
             record("none", "unknown_mailbox");
             return refuse(client, &login.tag).await;
@@ -80,60 +79,45 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
             return temp_fail(client, &login.tag).await;
         }
     };
+    let backend = target.backend.as_str();
     let mut upstream = match ctx
         .pool
-        .connect(&backend, Service::Imap, endpoints.client, endpoints.local)
+        .connect(backend, Service::Imap, endpoints.client, endpoints.local)
         .await
     {
         Ok(stream) => Upstream::new(stream),
         Err(error) => {
             tracing::warn!(%backend, %error, "backend unavailable for a login");
-            record(&backend, "backend_unavailable");
+            record(backend, "backend_unavailable");
             return temp_fail(client, &login.tag).await;
         }
     };
-    match upstream.replay(&login, &name, endpoints).await {
+    match upstream.replay(&login, &target.login_name, endpoints).await {
         Ok(Verdict {
             status: Status::Ok,
             lines,
-        }) => {
-            record(&backend, "ok");
+        }) if target::confirm(ctx, &target).await => {
+            record(backend, "ok");
             proxy(client, pending, upstream, &lines, ctx).await
         }
+        Ok(Verdict {
+            status: Status::Ok, ..
+        }) => {
+            record(backend, "directory_error");
+            upstream.logout().await;
+            temp_fail(client, &login.tag).await
+        }
         Ok(Verdict { lines, .. }) => {
-            record(&backend, "refused");
+            record(backend, "refused");
             upstream.logout().await;
             let _ = client.write_all(&lines).await;
             LoginResult::Refused
         }
         Err(error) => {
             tracing::warn!(%backend, %error, "backend broke the login exchange");
-            record(&backend, "backend_error");
+            record(backend, "backend_error");
             temp_fail(client, &login.tag).await
         }
-    }
-}
-
-/// The owner and the name to log in with there, `None` for a login that is no mailbox of
-/// ours (unknown, foreign domain, not an address).
-async fn route(
-    ctx: &ProxyContext,
-    login: &str,
-) -> Result<Option<(String, String)>, DirectoryError> {
-    match ctx.directory.route(login).await? {
-        Ok(Route::Owner { mailbox, backend }) => {
-            let separator = ctx.directory.normalizer().master_separator;
-            Ok(Some((backend, backend_login_name(mailbox, separator))))
-        }
-        Ok(Route::UnknownMailbox(_) | Route::ForeignDomain(_)) | Err(_) => Ok(None),
-    }
-}
-
-/// The normalized mailbox, plus `<separator><master>` when a master user logged in.
-fn backend_login_name(mailbox: Normalized, separator: Option<char>) -> String {
-    match (mailbox.master, separator) {
-        (Some(master), Some(separator)) => format!("{}{separator}{master}", mailbox.mailbox),
-        _ => mailbox.mailbox.to_string(),
     }
 }
 
@@ -373,7 +357,6 @@ fn starts_with_ok(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::directory::Normalizer;
 
     fn caps(list: &[&str]) -> Vec<String> {
         list.iter().map(|cap| (*cap).to_owned()).collect()
@@ -405,25 +388,6 @@ mod tests {
             "pb0 ID (\"x-originating-ip\" \"192.0.2.7\" \"x-originating-port\" \"50123\" \
              \"x-connected-ip\" \"2001:db8::1\" \"x-connected-port\" \"143\")\r\n"
         );
-    }
-
-    #[test]
-    fn master_logins_keep_their_master() {
-        let normalizer = Normalizer {
-            master_separator: Some('*'),
-            ..Normalizer::default()
-        };
-        let master = normalizer
-            .normalize("Bob@Example.com*admin")
-            .expect("address");
-        assert_eq!(
-            backend_login_name(master, Some('*')),
-            "bob@example.com*admin"
-        );
-        let plain = normalizer
-            .normalize("bob+tag@example.com")
-            .expect("address");
-        assert_eq!(backend_login_name(plain, Some('*')), "bob@example.com");
     }
 
     #[test]

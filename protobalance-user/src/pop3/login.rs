@@ -19,8 +19,7 @@ use super::codec::{self, Decoded, Reply};
 use crate::{
     backend::{BackendStream, Service},
     config::Protocol,
-    directory::Route,
-    proxy::{Conn, ProxyContext, splice},
+    proxy::{Conn, ProxyContext, splice, target},
     secret::Secret,
 };
 
@@ -57,16 +56,9 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
             started.elapsed().as_secs_f64(),
         );
     };
-    let (backend, name) = match ctx.directory.route(&login.name).await {
-        Ok(Ok(Route::Owner { mailbox, backend })) => {
-            let sep = ctx.directory.normalizer().master_separator;
-            let name = match (mailbox.master, sep) {
-                (Some(master), Some(sep)) => format!("{}{sep}{master}", mailbox.mailbox),
-                _ => mailbox.mailbox.to_string(),
-            };
-            (backend, name)
-        }
-        Ok(Ok(Route::UnknownMailbox(_) | Route::ForeignDomain(_)) | Err(_)) => {
+    let target = match target::login_target(ctx, &login.name).await {
+        Ok(Some(target)) => target,
+        Ok(None) => {
             record("none", "unknown_mailbox");
             let _ = client
                 .write_all(&codec::err(Some("AUTH"), "Authentication failed."))
@@ -79,11 +71,12 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
             return temp_fail(client, "Directory temporarily unavailable, try again later").await;
         }
     };
-    let mut upstream = match connect(ctx, &backend, conn).await {
+    let backend = target.backend.as_str();
+    let mut upstream = match connect(ctx, backend, conn).await {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::warn!(%backend, %error, "backend unavailable for a login");
-            record(&backend, "backend_unavailable");
+            record(backend, "backend_unavailable");
             return temp_fail(
                 client,
                 "Mailbox server temporarily unavailable, try again later",
@@ -91,20 +84,28 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
             .await;
         }
     };
-    match upstream.replay(&name, &login.password, peer).await {
-        Ok(Reply::Ok { text }) => {
-            record(&backend, "ok");
+    match upstream
+        .replay(&target.login_name, &login.password, peer)
+        .await
+    {
+        Ok(Reply::Ok { text }) if target::confirm(ctx, &target).await => {
+            record(backend, "ok");
             proxy(client, pending, upstream, &text, ctx).await
         }
+        Ok(Reply::Ok { .. }) => {
+            record(backend, "directory_error");
+            let _ = upstream.stream.write_all(codec::encode_quit()).await;
+            temp_fail(client, "Mailbox is being set up, try again later").await
+        }
         Ok(Reply::Err { code, text }) => {
-            record(&backend, "refused");
+            record(backend, "refused");
             let _ = upstream.stream.write_all(codec::encode_quit()).await;
             let _ = client.write_all(&codec::err(code.as_deref(), &text)).await;
             LoginResult::Refused
         }
         Ok(Reply::Continue { .. }) | Err(_) => {
             tracing::warn!(%backend, "backend broke the login exchange");
-            record(&backend, "backend_error");
+            record(backend, "backend_error");
             temp_fail(
                 client,
                 "Mailbox server temporarily unavailable, try again later",

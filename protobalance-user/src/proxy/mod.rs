@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod listener;
 pub mod splice;
+pub mod target;
 
 use std::sync::Arc;
 

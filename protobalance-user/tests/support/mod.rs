@@ -71,11 +71,16 @@ pub fn start_edge_with(
     } else {
         "[limits]\npre_auth_timeout_seconds = 2\nmax_auth_failures = 3\n"
     };
+    let domain = if extra.contains("[[domain]]") {
+        ""
+    } else {
+        "[[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n"
+    };
     let mut text = format!(
         "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 1\n[directory]\npath = \"dir.db\"\n\
          {limits}\
          [health]\ninterval_seconds = 1\ntimeout_seconds = 1\nfall = 1\nrise = 1\n\
-         [[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n{extra}\n"
+         {domain}{extra}\n"
     );
     let mut addrs = Vec::new();
     for Listen(protocol, tls) in listeners {
