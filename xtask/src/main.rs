@@ -7,7 +7,9 @@
 //! * `run`    — the demo cluster: three real Dovecot backends, a demo veth + namespace
 //!   with the XDP filter on it, protobalance on examples/demo.toml. Ctrl-C stops it all.
 //! * `test`   — setup, then the whole test suite.
+//! * `bench`  — end-to-end benchmarks (`pop3`, `directory`); without a target, lists them.
 
+mod bench;
 mod demo;
 mod setup;
 mod util;
@@ -59,6 +61,11 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// End-to-end benchmarks; without a target, lists them.
+    Bench {
+        #[command(subcommand)]
+        target: Option<bench::Target>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -101,6 +108,7 @@ fn main() -> Result<()> {
             demo::run(&binary, users)
         }
         Command::Test { args } => test(&args),
+        Command::Bench { target } => bench::run(target),
     }
 }
 

@@ -1,0 +1,163 @@
+//! The protobalance side of a benchmark: its config in a scratch directory, provisioning
+//! with `protobalance directory import`, and the running `protobalance run` (a
+//! [`ChildGuard`]: killed when dropped, also on an error or Ctrl-C).
+
+use std::{
+    fmt::Write as _,
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use protobalance_tests::{ChildGuard, DovecotBackend, free_port, test_dir::TestDir};
+
+use super::protocol::Protocol;
+use crate::util;
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A written config and where its files live.
+pub struct EdgeConfig {
+    pub path: PathBuf,
+    pub directory: PathBuf,
+    pub admin: SocketAddr,
+    /// The mail listener, when the config has one.
+    pub listener: Option<SocketAddr>,
+    dir: PathBuf,
+}
+
+/// `[[backend]]` as the config needs it: name, address and the three ports.
+pub struct BackendSpec {
+    pub name: String,
+    pub ip: IpAddr,
+    pub ports: [u16; 3],
+}
+
+impl BackendSpec {
+    pub fn of(backend: &DovecotBackend) -> Self {
+        Self {
+            name: backend.name().to_owned(),
+            ip: backend.ip(),
+            ports: [
+                backend.pop3_port(),
+                backend.imap_port(),
+                backend.lmtp_port(),
+            ],
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// Writes `protobalance.toml` into `dir`: the directory file beside it, domain
+    /// example.com (unknown mailboxes rejected), the backends, and a `protocol` listener on
+    /// a free loopback port if asked, with room for `max_sessions_per_ip` clients.
+    pub fn write(
+        dir: &TestDir,
+        backends: &[BackendSpec],
+        protocol: Option<Protocol>,
+        max_sessions_per_ip: u32,
+    ) -> Result<Self> {
+        let admin = SocketAddr::new(LOOPBACK, free_port(LOOPBACK)?);
+        let directory = dir.path().join("directory.db");
+        let mut text = format!(
+            "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 1\n\
+             [directory]\npath = \"{}\"\n[limits]\nmax_sessions_per_ip = {max_sessions_per_ip}\n\
+             [[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n",
+            directory.display()
+        );
+        let mut listener = None;
+        if let Some(protocol) = protocol {
+            let addr = SocketAddr::new(LOOPBACK, free_port(LOOPBACK)?);
+            let name = protocol.as_str();
+            write!(
+                text,
+                "[[listener]]\nprotocol = \"{name}\"\nlisten = \"{addr}\"\n"
+            )?;
+            listener = Some(addr);
+        }
+        for b in backends {
+            let [pop3, imap, lmtp] = b.ports;
+            write!(
+                text,
+                "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n\
+                 pop3_port = {pop3}\nimap_port = {imap}\nlmtp_port = {lmtp}\n",
+                b.name, b.ip
+            )?;
+        }
+        let path = dir.path().join("protobalance.toml");
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self {
+            path,
+            directory,
+            admin,
+            listener,
+            dir: dir.path().to_owned(),
+        })
+    }
+
+    /// `protobalance directory import --config C FILE`, its report printed as it runs.
+    pub fn import(&self, binary: &Path, file: &Path) -> Result<()> {
+        util::run(
+            Command::new(binary)
+                .args(["directory", "import", "--config"])
+                .arg(&self.path)
+                .arg(file),
+        )
+    }
+
+    /// Starts `protobalance run` (log in the scratch directory) and waits for /healthz.
+    pub fn start(&self, binary: &Path) -> Result<ChildGuard> {
+        let log_path = self.dir.join("protobalance.log");
+        let log = File::create(&log_path).context("creating protobalance.log")?;
+        let mut guard = ChildGuard::spawn(
+            Command::new(binary)
+                .arg("run")
+                .arg("--config")
+                .arg(&self.path)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log),
+            "protobalance",
+        )?;
+        self.wait_healthy(&mut guard).with_context(|| {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            format!("protobalance did not start; its log:\n{log}")
+        })?;
+        Ok(guard)
+    }
+
+    fn wait_healthy(&self, guard: &mut ChildGuard) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = guard.wait_timeout(Duration::ZERO)? {
+                bail!("protobalance exited during start-up ({status})");
+            }
+            if healthz(self.admin) {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "no 200 from http://{}/healthz within {START_TIMEOUT:?}",
+            self.admin
+        )
+    }
+}
+
+fn healthz(admin: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+    let mut response = String::new();
+    s.write_all(request).is_ok()
+        && s.read_to_string(&mut response).is_ok()
+        && response.starts_with("HTTP/1.1 200")
+}

@@ -1,0 +1,212 @@
+//! `cargo xtask bench pop3` (and, with IMAP, `imap`): the same closed-loop load twice, once
+//! straight to each mailbox's owner backend and once through protobalance, against three
+//! real Dovecot backends. Set-up: start the cluster, write protobalance's config, import
+//! the users, seed each mailbox with one message on its owner, start protobalance. Then
+//! one untimed session per mailbox on both paths (first opens are dearer), and the timed
+//! load in alternating slices so both paths see the same machine.
+
+use std::{collections::HashMap, net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+use protobalance_tests::{DovecotCluster, password_for, test_dir::TestDir, user_name};
+
+use super::{
+    check_interrupted,
+    edge::{BackendSpec, EdgeConfig},
+    lmtp,
+    load::{self, Endpoint, Phase},
+    protocol::{Login, Protocol},
+    stats::{self, PhaseResult},
+    store,
+};
+use crate::util::step;
+
+const BACKENDS: usize = 3;
+const WARMUP: Duration = Duration::from_secs(1);
+/// The measured time per path is split into at most this many alternating slices.
+const MAX_ROUNDS: u64 = 5;
+
+#[derive(Debug, Clone, Args)]
+pub struct MailArgs {
+    /// Concurrent simulated clients (closed loop: each starts its next session when one ends).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=2000))]
+    clients: u32,
+    /// Measured seconds per path (in up to 5 alternating slices, each after a 1 s warm-up).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    seconds: u64,
+    /// Mailboxes (user1..userN@example.com), spread over the three backends.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    users: u32,
+}
+
+/// (login, name of the backend that owns the mailbox), for user1..userN.
+type Owners = Vec<(String, String)>;
+
+pub fn run(binary: &Path, protocol: Protocol, args: &MailArgs) -> Result<()> {
+    let users = args.users as usize;
+    step(&format!(
+        "starting {BACKENDS} Dovecot backends (each knows all {users} test users)"
+    ));
+    let cluster = DovecotCluster::start(BACKENDS, users)?;
+    check_interrupted()?;
+    let scratch = TestDir::new("bench")?;
+    let specs: Vec<_> = cluster.backends().iter().map(BackendSpec::of).collect();
+    let limit = args.clients.saturating_mul(2).clamp(20, 100_000);
+    let edge = EdgeConfig::write(&scratch, &specs, Some(protocol), limit)?;
+    let owners = provision(binary, &edge, &scratch, users)?;
+    seed(&cluster, &owners)?;
+    step("starting protobalance");
+    let _protobalance = edge.start(binary)?;
+    compare(protocol, args, &cluster, &edge, &owners)
+}
+
+/// Primes every mailbox on both paths, then runs the timed phases and prints them.
+fn compare(
+    protocol: Protocol,
+    args: &MailArgs,
+    cluster: &DovecotCluster,
+    edge: &EdgeConfig,
+    owners: &Owners,
+) -> Result<()> {
+    let listener = edge
+        .listener
+        .context("the bench config has no mail listener")?;
+    let direct = direct_endpoints(protocol, cluster, owners)?;
+    let proxied = endpoints(owners, |_| Ok(listener))?;
+    step("priming: one untimed session per mailbox, direct and through protobalance");
+    load::prime(protocol, args.clients, &direct)?;
+    load::prime(protocol, args.clients, &proxied)?;
+    let [direct, proxy] = measure_interleaved(protocol, args, [&direct, &proxied])?;
+    stats::print_comparison(protocol.as_str(), args.clients, &direct, &proxy);
+    Ok(())
+}
+
+/// Alternates the two paths in rounds (direct, protobalance, direct, …), each slice after
+/// its own warm-up, so a neighbour's load that comes and goes hits both paths alike.
+fn measure_interleaved(
+    protocol: Protocol,
+    args: &MailArgs,
+    paths: [&[Endpoint]; 2],
+) -> Result<[PhaseResult; 2]> {
+    let rounds = args.seconds.min(MAX_ROUNDS);
+    let phase = Phase {
+        protocol,
+        clients: args.clients,
+        warmup: WARMUP,
+        measure: Duration::from_secs(args.seconds) / u32::try_from(rounds)?,
+    };
+    step(&format!(
+        "{} load: {} clients, {rounds} rounds of direct then protobalance, \
+         each {:?} warm-up + {:?} measured",
+        protocol.as_str(),
+        args.clients,
+        phase.warmup,
+        phase.measure
+    ));
+    let mut parts: [Vec<PhaseResult>; 2] = Default::default();
+    for round in 1..=rounds {
+        for (endpoints, part) in paths.iter().zip(&mut parts) {
+            part.push(load::run(phase, endpoints)?);
+        }
+        let rate = |p: &[PhaseResult]| p.last().map_or(0.0, PhaseResult::rate);
+        println!(
+            "  round {round}/{rounds}: direct {:.1}/s, protobalance {:.1}/s",
+            rate(&parts[0]),
+            rate(&parts[1])
+        );
+    }
+    let [direct, proxy] = parts.map(PhaseResult::merge);
+    check("direct", &direct)?;
+    check("protobalance", &proxy)?;
+    Ok([direct, proxy])
+}
+
+/// Imports user1..userN with `protobalance directory import` and reads back each owner.
+fn provision(binary: &Path, edge: &EdgeConfig, scratch: &TestDir, users: usize) -> Result<Owners> {
+    step(&format!(
+        "provisioning {users} mailboxes (protobalance directory import)"
+    ));
+    let list = scratch.path().join("users.txt");
+    let text: String = (1..=users).map(|i| user_name(i) + "\n").collect();
+    std::fs::write(&list, text).with_context(|| format!("writing {}", list.display()))?;
+    edge.import(binary, &list)?;
+    let mut owners: HashMap<String, String> =
+        store::all_owners(&store::open_read_only(&edge.directory)?)?;
+    (1..=users)
+        .map(|i| {
+            let user = user_name(i);
+            let owner = owners
+                .remove(&user)
+                .with_context(|| format!("{user} was not imported"))?;
+            Ok((user, owner))
+        })
+        .collect()
+}
+
+/// One ~10 KB message per mailbox, delivered by LMTP to its owner only.
+fn seed(cluster: &DovecotCluster, owners: &Owners) -> Result<()> {
+    step(&format!(
+        "seeding {} mailboxes with one ~10 KB message each (LMTP to the owner)",
+        owners.len()
+    ));
+    let batches: Vec<(SocketAddr, Vec<String>)> = cluster
+        .backends()
+        .iter()
+        .map(|b| {
+            let mine = owners
+                .iter()
+                .filter(|(_, o)| o == b.name())
+                .map(|(u, _)| u.clone());
+            (b.lmtp_addr(), mine.collect())
+        })
+        .collect();
+    lmtp::seed(&batches)
+}
+
+fn direct_endpoints(
+    protocol: Protocol,
+    cluster: &DovecotCluster,
+    owners: &Owners,
+) -> Result<Vec<Endpoint>> {
+    endpoints(owners, |owner| {
+        let backend = cluster.backends().iter().find(|b| b.name() == owner);
+        let backend =
+            backend.with_context(|| format!("the directory names an unknown backend {owner}"))?;
+        Ok(protocol.backend_addr(backend))
+    })
+}
+
+fn endpoints(
+    owners: &Owners,
+    addr_of: impl Fn(&str) -> Result<SocketAddr>,
+) -> Result<Vec<Endpoint>> {
+    owners
+        .iter()
+        .map(|(user, owner)| {
+            let password =
+                password_for(user).with_context(|| format!("{user} is not a test user"))?;
+            Ok(Endpoint {
+                addr: addr_of(owner)?,
+                login: Login {
+                    user: user.clone(),
+                    password,
+                },
+            })
+        })
+        .collect()
+}
+
+/// Fails when nothing completed; reports failed sessions (a benchmark does not hide them).
+fn check(path: &str, result: &PhaseResult) -> Result<()> {
+    if let Some(error) = &result.first_error {
+        if result.completed() == 0 {
+            bail!("{path}: no session completed; first error: {error}");
+        }
+        println!(
+            "  warning: {path}: {} failed sessions; first: {error}",
+            result.errors
+        );
+    }
+    Ok(())
+}

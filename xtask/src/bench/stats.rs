@@ -1,0 +1,112 @@
+//! What one load phase measured (completed sessions, errors, latencies) and how it is
+//! printed. Numbers only: nothing here judges a timing.
+
+use std::time::Duration;
+
+/// The outcome of one closed-loop phase.
+#[derive(Debug, Default)]
+pub struct PhaseResult {
+    /// Session latencies in nanoseconds, sorted ascending (completed sessions only).
+    latencies_ns: Vec<u64>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub measured: Duration,
+}
+
+impl PhaseResult {
+    pub fn new(mut latencies_ns: Vec<u64>, errors: u64, first_error: Option<String>) -> Self {
+        latencies_ns.sort_unstable();
+        Self {
+            latencies_ns,
+            errors,
+            first_error,
+            measured: Duration::ZERO,
+        }
+    }
+
+    /// One result from several slices of the same path.
+    pub fn merge(parts: Vec<Self>) -> Self {
+        let mut merged = Self::default();
+        for part in parts {
+            merged.latencies_ns.extend(part.latencies_ns);
+            merged.errors += part.errors;
+            merged.first_error = merged.first_error.or(part.first_error);
+            merged.measured += part.measured;
+        }
+        merged.latencies_ns.sort_unstable();
+        merged
+    }
+
+    pub fn completed(&self) -> u64 {
+        self.latencies_ns.len() as u64
+    }
+
+    /// Completed sessions per second of the measured window.
+    pub fn rate(&self) -> f64 {
+        self.completed() as f64 / self.measured.as_secs_f64().max(1e-9)
+    }
+
+    /// Nearest-rank percentile in milliseconds; 0 when nothing completed.
+    pub fn percentile_ms(&self, p: f64) -> f64 {
+        nearest_rank(&self.latencies_ns, p) as f64 / 1e6
+    }
+}
+
+/// Nearest-rank percentile of an ascending slice; 0 for an empty one.
+pub fn nearest_rank(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// `direct 880.1/s p50 51.20ms p99 90.30ms`
+pub fn describe(label: &str, phase: &PhaseResult) -> String {
+    format!(
+        "{label} {:.1}/s p50 {:.2}ms p99 {:.2}ms",
+        phase.rate(),
+        phase.percentile_ms(50.0),
+        phase.percentile_ms(99.0)
+    )
+}
+
+/// The table of both phases, then the one-line comparison.
+pub fn print_comparison(protocol: &str, clients: u32, direct: &PhaseResult, proxy: &PhaseResult) {
+    println!(
+        "\n{:<14} {:>10} {:>7} {:>12} {:>9} {:>9}",
+        "path", "sessions", "errors", "sessions/s", "p50 ms", "p99 ms"
+    );
+    for (label, phase) in [("direct", direct), ("protobalance", proxy)] {
+        println!(
+            "{label:<14} {:>10} {:>7} {:>12.1} {:>9.2} {:>9.2}",
+            phase.completed(),
+            phase.errors,
+            phase.rate(),
+            phase.percentile_ms(50.0),
+            phase.percentile_ms(99.0)
+        );
+    }
+    let ratio = proxy.rate() / direct.rate().max(1e-9);
+    let added = proxy.percentile_ms(50.0) - direct.percentile_ms(50.0);
+    println!(
+        "\n{protocol}  clients={clients}  {} | {} | ratio {ratio:.2} | added p50 {added:+.2}ms",
+        describe("direct", direct),
+        describe("protobalance", proxy),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nearest_rank;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(nearest_rank(&v, 50.0), 50);
+        assert_eq!(nearest_rank(&v, 99.0), 99);
+        assert_eq!(nearest_rank(&v, 100.0), 100);
+        assert_eq!(nearest_rank(&[7], 99.0), 7);
+        assert_eq!(nearest_rank(&[], 50.0), 0);
+    }
+}
