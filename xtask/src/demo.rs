@@ -169,7 +169,9 @@ new example.com mailboxes are auto-provisioned on first login.
   where:    {bin} directory lookup --config {cfg} {user}     # -> {owner}
   deliver:  swaks --protocol LMTP --server {lmtp} --to {user} --from demo@example.net
   read:     python3 -c "import poplib; p=poplib.POP3('127.0.0.1',1110); p.user('{user}'); p.pass_('{pass}'); print(p.stat())"
-            (POP3 through protobalance on 127.0.0.1:1110: the login lands on {owner}, where the mail is)
+            python3 -c "import imaplib; m=imaplib.IMAP4('127.0.0.1',1143); m.login('{user}','{pass}'); print(m.select('INBOX'))"
+            (POP3 and IMAP through protobalance on 127.0.0.1:1110 / :1143: the login lands on
+             {owner}, where the mail is)
   backends: {bin} directory backends --config {cfg}
 
 Kernel filter (XDP on {DEMO_IFACE}; 198.51.100.66 is blocklisted):

@@ -6,11 +6,13 @@
 //! * `load` / `unload` — attach/detach the kernel filter alone, with pinned maps.
 //! * `run`    — the demo cluster: three real Dovecot backends, a demo veth + namespace
 //!   with the XDP filter on it, protobalance on examples/demo.toml. Ctrl-C stops it all.
-//! * `test`   — setup, then the whole test suite.
+//! * `test`   — setup, then the whole test suite, then a short fuzzing smoke run.
+//! * `fuzz`   — the codec fuzz targets for longer.
 //! * `bench`  — end-to-end benchmarks (`pop3`, `directory`); without a target, lists them.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod util;
 
@@ -61,6 +63,14 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Fuzz the protocol codecs (cargo-fuzz targets in fuzz/).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// End-to-end benchmarks; without a target, lists them.
     Bench {
         #[command(subcommand)]
@@ -109,6 +119,10 @@ fn main() -> Result<()> {
         }
         Command::Test { args } => test(&args),
         Command::Bench { target } => bench::run(target),
+        Command::Fuzz { seconds, targets } => {
+            setup::run()?;
+            fuzz::run(&targets, seconds)
+        }
     }
 }
 
@@ -143,5 +157,14 @@ fn test(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         cargo.arg("--").args(args);
     }
-    util::run(&mut cargo)
+    util::run(&mut cargo)?;
+    if args.is_empty() {
+        // A filtered run is a developer iterating; the full run includes the fuzz smoke.
+        let seconds = std::env::var("PROTOBALANCE_FUZZ_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(15);
+        fuzz::run(&[], seconds)?;
+    }
+    Ok(())
 }

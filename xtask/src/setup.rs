@@ -14,6 +14,7 @@ use crate::util::{self, output, step};
 /// The toolchain the eBPF object is built with (must match protobalance-user/build.rs).
 pub const EBPF_TOOLCHAIN: &str = "1.95.0";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Debian packages: the eBPF toolchain's LLVM, network tools, and the real servers/clients
@@ -38,6 +39,7 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     rust_toolchain()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     println!("  prerequisites: ok");
     Ok(())
@@ -143,6 +145,25 @@ fn bpf_linker() -> Result<()> {
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
             .args(["--no-default-features", "--features", "llvm-22"]),
     )
+}
+
+/// cargo-fuzz drives the codec fuzz targets (`cargo xtask fuzz`, and the smoke run of
+/// `cargo xtask test`).
+fn cargo_fuzz() -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let version = output(Command::new(&cargo).args(["fuzz", "--version"])).unwrap_or_default();
+    if version.contains(CARGO_FUZZ_VERSION) {
+        println!("  cargo-fuzz {CARGO_FUZZ_VERSION}: ok");
+        return Ok(());
+    }
+    println!("  cargo-fuzz {CARGO_FUZZ_VERSION}: installing (about 30 s)");
+    util::run(Command::new(&cargo).args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }
 
 /// Pins (kept blocklists, `filter load`) need a bpffs at /sys/fs/bpf.
