@@ -146,16 +146,16 @@ fn failures_keep_their_meaning() {
         .parse()
         .expect("backendN");
     cluster.backend_mut(index).expect("backend").stop();
-    let started = Instant::now();
-    let down = pop3_script(&edge, &user_pass("user5@example.com"), "").expect_err("owner down");
+    let down = pop3_script(&edge, &support::timed(&user_pass("user5@example.com")), "")
+        .expect_err("owner down");
     assert!(
         down.to_string().contains("-ERR [SYS/TEMP]"),
         "temporary failure, not a credential error: {down}"
     );
+    let secs = support::elapsed(&down.to_string());
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "fails fast: {:?}",
-        started.elapsed()
+        secs < 1.0,
+        "temporary failure within 1 s (breaker open): {secs} s"
     );
     let ok = pop3_script(&edge, &user_pass(&survivor), "print(p.stat()); p.quit()")
         .expect("other backend fine");
@@ -210,6 +210,21 @@ fn bad_input_gets_protocol_answers() {
         let _ = s.read_to_end(&mut out);
         String::from_utf8_lossy(&out).into_owned()
     };
+    // Memory stays bounded under a barrage of over-long lines from parallel clients.
+    let before = edge.rss_kib();
+    std::thread::scope(|scope| {
+        for _ in 0..20 {
+            scope.spawn(|| {
+                let out = session(&vec![b'B'; 1024 * 1024]);
+                assert!(out.contains("-ERR Line too long; closing"), "{out}");
+            });
+        }
+    });
+    let grown = edge.rss_kib().saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "20 MiB of junk grew protobalance by {grown} KiB"
+    );
     let long = session(&vec![b'A'; 100 * 1024]);
     assert!(long.contains("-ERR Line too long; closing"), "{long}");
     let garbage = session(b"\x16\x03\x01\x02\x00\x01\x00\xfc\x03\x03\r\nQUIT\r\n");
@@ -249,7 +264,7 @@ fn sessions_per_address_and_idle_sessions_are_limited() {
         return;
     }
     let cluster = DovecotCluster::start(3, USERS).expect("cluster");
-    let limits = "[limits]\nmax_sessions_per_ip = 2\nidle_timeout_seconds = 1\npre_auth_timeout_seconds = 10\n";
+    let limits = "[limits]\nmax_sessions_per_ip = 2\nidle_timeout_seconds = 1\npre_auth_timeout_seconds = 10\nmax_line_octets = 300\n";
     let edge = support::start_edge(&cluster, &[support::Listen("pop3", None)], limits);
     let addr = edge.listeners[0];
     let greet = |s: &mut TcpStream| {
@@ -270,6 +285,11 @@ fn sessions_per_address_and_idle_sessions_are_limited() {
         "{refused}"
     );
     drop(first);
+    // The configured line limit (300) is tighter than the codec's 1024.
+    second.write_all(&[b'x'; 400]).expect("write");
+    let mut rest = String::new();
+    let _ = second.read_to_string(&mut rest);
+    assert!(rest.contains("-ERR Line too long; closing"), "{rest}");
     std::thread::sleep(Duration::from_millis(200));
     let mut again = TcpStream::connect(addr).expect("connect");
     assert!(greet(&mut again).starts_with("+OK"), "a slot is free again");
@@ -277,7 +297,7 @@ fn sessions_per_address_and_idle_sessions_are_limited() {
     // A logged-in session that stays silent is closed after the idle timeout (1 s).
     let user = "user3@example.com";
     let pass = password_for(user).expect("test user");
-    drop((second, again));
+    drop(again);
     std::thread::sleep(Duration::from_millis(200));
     let mut s = TcpStream::connect(addr).expect("connect");
     greet(&mut s);

@@ -80,6 +80,10 @@ pub struct LimitsConfig {
     /// Concurrent sessions from one client address, all listeners together.
     #[serde(default = "default_sessions_per_ip")]
     pub max_sessions_per_ip: u32,
+    /// Longest command line a client may send before login (the codecs' own bounds, 1024
+    /// for POP3 and 8192 for IMAP, still apply above it).
+    #[serde(default = "default_max_line")]
+    pub max_line_octets: usize,
     /// Seconds to wait for a backend's TCP connect.
     #[serde(default = "default_connect_timeout")]
     pub backend_connect_timeout_seconds: u64,
@@ -93,6 +97,7 @@ impl Default for LimitsConfig {
             idle_timeout_seconds: default_idle_timeout(),
             max_sessions_per_ip: default_sessions_per_ip(),
             backend_connect_timeout_seconds: default_connect_timeout(),
+            max_line_octets: default_max_line(),
         }
     }
 }
@@ -108,6 +113,9 @@ const fn default_idle_timeout() -> u64 {
 }
 const fn default_sessions_per_ip() -> u32 {
     20
+}
+const fn default_max_line() -> usize {
+    8192
 }
 const fn default_connect_timeout() -> u64 {
     3
@@ -155,6 +163,12 @@ impl LimitsConfig {
                 self.backend_connect_timeout_seconds,
                 1,
                 60,
+            ),
+            (
+                "limits.max_line_octets",
+                self.max_line_octets as u64,
+                256,
+                65_536,
             ),
         ];
         for (key, value, min, max) in checks {

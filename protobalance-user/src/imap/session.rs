@@ -58,6 +58,8 @@ struct Client<S> {
     starttls: Option<TlsAcceptor>,
     buf: BytesMut,
     deadline: Instant,
+    /// `limits.max_line_octets`: a first line longer than this ends the session.
+    max_line: usize,
     /// Buffer length when we last sent `+` for a literal, so each gets exactly one.
     continued_at: Option<usize>,
 }
@@ -93,6 +95,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     self.consume(consumed);
                     return Ok(value);
                 }
+                Ok(Decoded::Incomplete) if self.line_too_long() => return Err(ReadEnd::TooLong),
                 Ok(Decoded::Incomplete) => self.fill().await?,
                 Ok(Decoded::NeedContinuation { .. }) => {
                     if self.continued_at != Some(self.buf.len()) {
@@ -142,6 +145,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
     }
 
+    /// The configured line limit (tighter than the codec's own bound) is exceeded by
+    /// buffered input that has no line end yet.
+    fn line_too_long(&self) -> bool {
+        self.buf.len() > self.max_line && !self.buf.contains(&b'\n')
+    }
+
     async fn fill(&mut self) -> Result<(), ReadEnd> {
         self.buf.reserve(codec::MAX_LINE);
         let read =
@@ -182,6 +191,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut client = Client {
         stream,
         starttls: conn.starttls.clone(),
+        max_line: ctx.limits.max_line_octets,
         buf: BytesMut::with_capacity(codec::MAX_LINE),
         deadline: Instant::now() + ctx.limits.pre_auth_timeout(),
         continued_at: None,

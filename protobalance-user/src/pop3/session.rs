@@ -41,6 +41,8 @@ struct Client<S> {
     stream: ClientStream<S>,
     buf: BytesMut,
     deadline: Instant,
+    /// `limits.max_line_octets`: a first line longer than this ends the session.
+    max_line: usize,
     /// Offered as STLS while the stream is still plaintext.
     starttls: Option<TlsAcceptor>,
 }
@@ -66,6 +68,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     self.buf.advance(consumed);
                     return Ok(value);
                 }
+                Ok(Decoded::Incomplete) if self.line_too_long() => return Err(ReadEnd::TooLong),
                 Ok(Decoded::Incomplete) => self.fill().await?,
                 Err(CodecError::LineTooLong) => return Err(ReadEnd::TooLong),
                 Err(error) => {
@@ -87,6 +90,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 }
             }
         }
+    }
+
+    /// The configured line limit (tighter than the codec's own bound) is exceeded by
+    /// buffered input that has no line end yet.
+    fn line_too_long(&self) -> bool {
+        self.buf.len() > self.max_line && !self.buf.contains(&b'\n')
     }
 
     async fn fill(&mut self) -> Result<(), ReadEnd> {
@@ -111,6 +120,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         buf: BytesMut::with_capacity(codec::MAX_LINE),
         deadline: Instant::now() + ctx.limits.pre_auth_timeout(),
         starttls: conn.starttls.clone(),
+        max_line: ctx.limits.max_line_octets,
     };
     if !client.send(&codec::ok(&ctx.banner)).await {
         return Outcome::ClientQuit;

@@ -117,6 +117,20 @@ pub fn start_edge_with(
     }
 }
 
+impl Edge {
+    /// protobalance's resident memory, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self._guard.id()))
+            .expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .expect("VmRSS")
+    }
+}
+
 /// Imports user1..USERS (apportioned by capacity: 100 each over three equal backends).
 fn provision(config: &Config) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -233,4 +247,23 @@ pub fn python_from_client_ip() -> String {
         "import socket\norig = socket.create_connection\n\
          socket.create_connection = lambda a, t=None, s=None: orig(a, t, ('{CLIENT_IP}', 0))\n"
     )
+}
+
+/// Wraps Python client code so the time it takes is printed to stderr as
+/// `elapsed <seconds>`, even when it raises: timing the protocol exchange alone, without
+/// the interpreter's start-up.
+pub fn timed(code: &str) -> String {
+    let body: String = code.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "import sys, time\n_t = time.monotonic()\ntry:\n{body}finally:\n    print('elapsed', time.monotonic() - _t, file=sys.stderr)\n"
+    )
+}
+
+/// The seconds printed by [`timed`] code, from its output or error text.
+pub fn elapsed(text: &str) -> f64 {
+    text.split("elapsed ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or_else(|| panic!("no elapsed time in {text}"))
 }
