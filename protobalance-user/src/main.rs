@@ -168,7 +168,22 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// Each proxied session holds two sockets; the usual soft limit of 1024 descriptors would
+/// cap the edge at ~500 sessions. Raise the soft limit to the hard one.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < 16_384 => tracing::warn!(
+            limit,
+            "file descriptor limit is low: about {} concurrent sessions; raise LimitNOFILE",
+            limit / 2
+        ),
+        Ok(limit) => tracing::info!(limit, "file descriptor limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the file descriptor limit"),
+    }
+}
+
 async fn run(validated: protobalance::config::Validated) -> anyhow::Result<()> {
+    raise_fd_limit();
     let app = App::start(validated).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
