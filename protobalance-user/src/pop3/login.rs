@@ -184,19 +184,31 @@ impl Upstream {
         let Reply::Ok { text: greeting } = self.reply().await? else {
             return Err(UpstreamError::Greeting);
         };
-        if codec::split_response_code(&greeting).0 == Some("XCLIENT") {
-            self.send(&codec::encode_xclient(peer.ip(), peer.port(), None)?)
-                .await?;
-            if let Reply::Err { text, .. } = self.reply().await? {
-                tracing::warn!(%text, "backend refused XCLIENT; is this edge in its login_trusted_networks?");
+        let user = codec::encode_user(name)?;
+        let pass = codec::encode_pass(password)?;
+        if codec::split_response_code(&greeting).0 != Some("XCLIENT") {
+            // Not a Dovecot that trusts us: one command at a time, as RFC 1939 expects.
+            self.send(&user).await?;
+            if let reply @ Reply::Err { .. } = self.reply().await? {
+                return Ok(reply);
             }
+            self.send(pass.expose()).await?;
+            return self.reply().await;
         }
-        self.send(&codec::encode_user(name)?).await?;
-        if let reply @ Reply::Err { .. } = self.reply().await? {
-            return Ok(reply);
+        // Dovecot's login process pipelines: XCLIENT, USER and PASS in one write save two
+        // round trips (each a wake-up of the backend's login process) per session.
+        let xclient = codec::encode_xclient(peer.ip(), peer.port(), None)?;
+        let batch = Secret::new([xclient, user, pass.into_inner()].concat());
+        self.send(batch.expose()).await?;
+        if let Reply::Err { text, .. } = self.reply().await? {
+            tracing::warn!(%text, "backend refused XCLIENT; is this edge in its login_trusted_networks?");
         }
-        self.send(codec::encode_pass(password)?.expose()).await?;
-        self.reply().await
+        let user_reply = self.reply().await?;
+        let pass_reply = self.reply().await?;
+        Ok(match user_reply {
+            Reply::Err { .. } => user_reply,
+            _ => pass_reply,
+        })
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
