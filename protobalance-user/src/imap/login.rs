@@ -244,13 +244,27 @@ impl Upstream {
         endpoints: Endpoints,
     ) -> Result<Verdict, UpstreamError> {
         let caps = self.greeting().await?;
-        if has_capability(&caps, "ID") {
-            self.announce(endpoints).await?;
-        }
         let longest = name.len().max(login.password.expose().len());
         let mode = literal_mode(&caps, longest);
         let command = codec::encode_login(&login.tag, name, &login.password, mode)?;
-        self.login(&command, &login.tag).await
+        if !has_capability(&caps, "ID") {
+            return self.login(&command, &login.tag).await;
+        }
+        let id = id_command(endpoints)?;
+        match command.fragments() {
+            // One write for ID and a LOGIN that needs no continuation: a round trip fewer.
+            [only] if !command.needs_continuation() => {
+                let batch = Secret::new([id.as_slice(), only.expose()].concat());
+                self.send(batch.expose()).await?;
+                self.id_answer().await?;
+                self.verdict(&login.tag, Vec::new()).await
+            }
+            _ => {
+                self.send(&id).await?;
+                self.id_answer().await?;
+                self.login(&command, &login.tag).await
+            }
+        }
     }
 
     /// The capabilities from the greeting (Dovecot lists them there; without a list we
@@ -262,8 +276,8 @@ impl Upstream {
         }
     }
 
-    async fn announce(&mut self, endpoints: Endpoints) -> Result<(), UpstreamError> {
-        self.send(&id_command(endpoints)?).await?;
+    /// Reads the answer to our ID; a refusal is only worth a warning.
+    async fn id_answer(&mut self) -> Result<(), UpstreamError> {
         let mut discard = Vec::new();
         match self.next_for(ID_TAG, &mut discard).await? {
             Next::Done(Status::Ok) => Ok(()),
@@ -271,6 +285,14 @@ impl Upstream {
                 tracing::warn!("backend refused ID; is this edge in its login_trusted_networks?");
                 Ok(())
             }
+            Next::Continue => Err(UpstreamError::Unexpected),
+        }
+    }
+
+    /// Reads up to the tagged answer for `tag`; `lines` collects what is relayed.
+    async fn verdict(&mut self, tag: &str, mut lines: Vec<u8>) -> Result<Verdict, UpstreamError> {
+        match self.next_for(tag, &mut lines).await? {
+            Next::Done(status) => Ok(Verdict { status, lines }),
             Next::Continue => Err(UpstreamError::Unexpected),
         }
     }
@@ -290,10 +312,7 @@ impl Upstream {
             }
             self.send(fragment.expose()).await?;
         }
-        match self.next_for(tag, &mut lines).await? {
-            Next::Done(status) => Ok(Verdict { status, lines }),
-            Next::Continue => Err(UpstreamError::Unexpected),
-        }
+        self.verdict(tag, lines).await
     }
 
     /// Reads up to a continuation or the tagged answer for `tag`, appending untagged lines
