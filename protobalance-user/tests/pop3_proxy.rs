@@ -108,6 +108,29 @@ fn logins_reach_the_owner_and_read_what_was_delivered_there() {
     )
     .expect("normalized login");
     assert!(out.starts_with("(1, "), "{out}");
+    // Per-backend session metrics: every login above was spliced and has ended.
+    let owner42 = owner(&edge, "user42@example.com");
+    let total = support::metric_line(
+        &edge,
+        &[
+            "protobalance_proxied_sessions_total",
+            &format!("backend=\"{owner42}\""),
+        ],
+    );
+    let count: u64 = total
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("count");
+    assert!(count >= 2, "{total}");
+    let active = support::metric_line(
+        &edge,
+        &[
+            "protobalance_proxied_sessions_active",
+            &format!("backend=\"{owner42}\""),
+        ],
+    );
+    assert!(active.ends_with(" 0"), "all sessions ended: {active}");
 }
 
 #[test]

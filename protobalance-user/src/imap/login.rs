@@ -98,7 +98,7 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
             lines,
         }) if target::confirm(ctx, &target).await => {
             record(backend, "ok");
-            proxy(client, pending, upstream, &lines, ctx).await
+            proxy(client, pending, upstream, &lines, backend, ctx).await
         }
         Ok(Verdict {
             status: Status::Ok, ..
@@ -140,6 +140,7 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
     pending: &mut BytesMut,
     mut upstream: Upstream,
     lines: &[u8],
+    backend: &str,
     ctx: &ProxyContext,
 ) -> LoginResult {
     if client.write_all(lines).await.is_err() {
@@ -153,7 +154,9 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
     if !upstream.buf.is_empty() && client.write_all(&upstream.buf).await.is_err() {
         return LoginResult::Proxied;
     }
+    ctx.metrics.proxied(Protocol::Imap, backend, true);
     splice::splice(client, &mut upstream.stream, ctx.limits.idle_timeout()).await;
+    ctx.metrics.proxied(Protocol::Imap, backend, false);
     LoginResult::Proxied
 }
 

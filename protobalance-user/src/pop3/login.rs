@@ -90,7 +90,7 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
     {
         Ok(Reply::Ok { text }) if target::confirm(ctx, &target).await => {
             record(backend, "ok");
-            proxy(client, pending, upstream, &text, ctx).await
+            proxy(client, pending, upstream, &text, backend, ctx).await
         }
         Ok(Reply::Ok { .. }) => {
             record(backend, "directory_error");
@@ -140,6 +140,7 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
     pending: &mut BytesMut,
     mut upstream: Upstream,
     text: &str,
+    backend: &str,
     ctx: &ProxyContext,
 ) -> LoginResult {
     if client.write_all(&codec::ok(text)).await.is_err() {
@@ -153,7 +154,9 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
     if !upstream.buf.is_empty() && client.write_all(&upstream.buf).await.is_err() {
         return LoginResult::Proxied;
     }
+    ctx.metrics.proxied(Protocol::Pop3, backend, true);
     splice::splice(client, &mut upstream.stream, ctx.limits.idle_timeout()).await;
+    ctx.metrics.proxied(Protocol::Pop3, backend, false);
     LoginResult::Proxied
 }
 

@@ -67,6 +67,8 @@ impl Outcome {
 
 pub struct ProxyMetrics {
     sessions: IntCounterVec,
+    proxied: IntCounterVec,
+    proxied_active: IntGaugeVec,
     active: IntGaugeVec,
     logins: IntCounterVec,
     login_seconds: HistogramVec,
@@ -105,12 +107,30 @@ impl ProxyMetrics {
             ]),
             &["protocol"],
         )?;
+        let proxied = IntCounterVec::new(
+            Opts::new(
+                "protobalance_proxied_sessions_total",
+                "Sessions spliced to a backend after login",
+            ),
+            &["protocol", "backend"],
+        )?;
+        let proxied_active = IntGaugeVec::new(
+            Opts::new(
+                "protobalance_proxied_sessions_active",
+                "Logged-in sessions now spliced to each backend",
+            ),
+            &["protocol", "backend"],
+        )?;
+        registry.register(Box::new(proxied.clone()))?;
+        registry.register(Box::new(proxied_active.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(active.clone()))?;
         registry.register(Box::new(logins.clone()))?;
         registry.register(Box::new(login_seconds.clone()))?;
         Ok(Self {
             sessions,
+            proxied,
+            proxied_active,
             active,
             logins,
             login_seconds,
@@ -131,6 +151,17 @@ impl ProxyMetrics {
         self.sessions
             .with_label_values(&[protocol.as_str(), outcome.as_str()])
             .inc();
+    }
+
+    /// A session starts (`true`) or stops (`false`) being spliced to `backend`.
+    pub fn proxied(&self, protocol: Protocol, backend: &str, started: bool) {
+        let labels = [protocol.as_str(), backend];
+        if started {
+            self.proxied.with_label_values(&labels).inc();
+            self.proxied_active.with_label_values(&labels).inc();
+        } else {
+            self.proxied_active.with_label_values(&labels).dec();
+        }
     }
 
     /// `backend` is a configured backend name or `none`, so the label stays bounded.
