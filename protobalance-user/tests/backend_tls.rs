@@ -12,7 +12,7 @@ use protobalance_tests::{
     BackendOptions, DovecotBackend, DovecotCluster, dovecot::loopback_ip, password_for, python,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use support::{Listen, USERS, owner, start_edge_with};
+use support::{Listen, USERS, start_edge_with};
 
 const BACKEND_NAME: &str = "backends.example.test";
 
@@ -71,37 +71,13 @@ fn logins_reach_the_owner_over_verified_tls() {
     let ca = certs.path().join("ca.pem");
     let listeners = [Listen("pop3", None), Listen("imap", None)];
     let edge = start_edge_with(&cluster, &listeners, "", |b| tls_section(b, &ca));
-    let user = "user21@example.com";
-    let pass = password_for(user).expect("test user");
-    let (pop3, imap) = (edge.listeners[0], edge.listeners[1]);
-    let out = python(&format!(
-        "import poplib, imaplib\n\
-         p = poplib.POP3('{}', {}, timeout=10); p.user('{user}'); p.pass_('{pass}'); print('pop3', p.stat()); p.quit()\n\
-         m = imaplib.IMAP4('{}', {}, timeout=10); m.login('{user}', '{pass}'); print('imap', m.select('INBOX')[0]); m.logout()\n",
-        pop3.ip(),
-        pop3.port(),
-        imap.ip(),
-        imap.port()
-    ))
-    .expect("logins over backend TLS");
-    assert!(
-        out.contains("pop3 (0, 0)") && out.contains("imap OK"),
-        "{out}"
-    );
-    let backend = owner(&edge, user);
-    let log_path = cluster
-        .backends()
-        .iter()
-        .find(|b| b.name() == backend)
-        .expect("owner")
-        .log_path();
-    let log = std::fs::read_to_string(log_path).expect("dovecot log");
+    let logins = support::login_pop3_and_imap(&cluster, &edge, "user21@example.com");
     for service in ["pop3-login", "imap-login"] {
         assert!(
-            log.lines().any(|l| l.contains(service)
-                && l.contains(&format!("<{user}>"))
-                && l.contains(", TLS")),
-            "{service}: the backend saw a TLS login:\n{log}"
+            logins
+                .iter()
+                .any(|l| l.contains(service) && l.contains(", TLS")),
+            "{service}: the backend saw a TLS login: {logins:?}"
         );
     }
 }
@@ -132,19 +108,7 @@ fn a_backend_certificate_that_does_not_verify_is_a_temporary_failure() {
 #[test]
 fn backend_tls_config_errors_name_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let check = |text: &str| {
-        let path = dir.path().join("pb.toml");
-        std::fs::write(&path, text).expect("config");
-        let out = std::process::Command::new(support::BIN)
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run check");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let check = |text: &str| support::check_config(dir.path(), text);
     let base = "[[backend]]\nname = \"b1\"\naddress = \"127.0.1.1\"\ntls = true\n";
     let (ok, err) = check(base);
     assert!(!ok && err.contains("`backend[0].tls_ca`"), "{err}");

@@ -5,13 +5,8 @@
 
 mod support;
 
-use protobalance_tests::{
-    BackendOptions, DovecotCluster, dovecot::loopback_ip, password_for, python,
-};
-use support::{
-    CLIENT_IP, Listen, USERS, backend_section, metric_line, owner, python_from_client_ip,
-    start_edge_with,
-};
+use protobalance_tests::{BackendOptions, DovecotCluster, dovecot::loopback_ip};
+use support::{CLIENT_IP, Listen, USERS, backend_section, metric_line, start_edge_with};
 
 #[test]
 fn logins_reach_haproxy_listeners_with_the_client_address() {
@@ -57,38 +52,13 @@ fn logins_reach_haproxy_listeners_with_the_client_address() {
             "LMTP gets no PROXY header, its checks keep passing: {up}"
         );
     }
-    let user = "user11@example.com";
-    let pass = password_for(user).expect("test user");
-    let (pop3, imap) = (edge.listeners[0], edge.listeners[1]);
-    let out = python(&format!(
-        "{}import poplib, imaplib\n\
-         p = poplib.POP3('{}', {}, timeout=10); p.user('{user}'); p.pass_('{pass}'); print('pop3', p.stat()); p.quit()\n\
-         m = imaplib.IMAP4('{}', {}, timeout=10); m.login('{user}', '{pass}'); print('imap', m.select('INBOX')[0]); m.logout()\n",
-        python_from_client_ip(),
-        pop3.ip(),
-        pop3.port(),
-        imap.ip(),
-        imap.port()
-    ))
-    .expect("logins through haproxy listeners");
-    assert!(
-        out.contains("pop3 (0, 0)") && out.contains("imap OK"),
-        "{out}"
-    );
-    let backend = owner(&edge, user);
-    let log_path = cluster
-        .backends()
-        .iter()
-        .find(|b| b.name() == backend)
-        .expect("owner")
-        .log_path();
-    let log = std::fs::read_to_string(log_path).expect("dovecot log");
+    let logins = support::login_pop3_and_imap(&cluster, &edge, "user11@example.com");
     for service in ["pop3-login", "imap-login"] {
         assert!(
-            log.lines().any(|l| l.contains(service)
-                && l.contains(&format!("<{user}>"))
-                && l.contains(&format!("rip={CLIENT_IP}"))),
-            "{service} logged the client address"
+            logins
+                .iter()
+                .any(|l| l.contains(service) && l.contains(&format!("rip={CLIENT_IP}"))),
+            "{service} logged the client address: {logins:?}"
         );
     }
 }

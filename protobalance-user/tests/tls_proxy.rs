@@ -203,19 +203,7 @@ fn certificates_follow_sni_and_plaintext_after_starttls_is_discarded() {
 #[test]
 fn tls_config_errors_name_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let check = |text: &str| {
-        let path = dir.path().join("pb.toml");
-        std::fs::write(&path, text).expect("config");
-        let out = std::process::Command::new(support::BIN)
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run check");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let check = |text: &str| support::check_config(dir.path(), text);
     let backend = "[[backend]]\nname = \"b1\"\naddress = \"127.0.1.1\"\n";
     let (ok, err) = check(&format!(
         "{backend}[[listener]]\nprotocol = \"pop3\"\nlisten = \"127.0.0.1:1995\"\ntls = \"implicit\"\n"

@@ -143,20 +143,19 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
     backend: &str,
     ctx: &ProxyContext,
 ) -> LoginResult {
-    if client.write_all(lines).await.is_err() {
-        return LoginResult::Proxied;
-    }
-    // Commands the client pipelined behind its login belong to the backend now.
-    if !pending.is_empty() && upstream.stream.write_all(pending).await.is_err() {
-        return LoginResult::Proxied;
-    }
-    pending.clear();
-    if !upstream.buf.is_empty() && client.write_all(&upstream.buf).await.is_err() {
-        return LoginResult::Proxied;
-    }
-    ctx.metrics.proxied(Protocol::Imap, backend, true);
-    splice::splice(client, &mut upstream.stream, ctx.limits.idle_timeout()).await;
-    ctx.metrics.proxied(Protocol::Imap, backend, false);
+    let Upstream { stream, buf } = &mut upstream;
+    let verdict = lines;
+    splice::hand_over(
+        ctx,
+        Protocol::Imap,
+        backend,
+        client,
+        pending,
+        stream,
+        buf,
+        verdict,
+    )
+    .await;
     LoginResult::Proxied
 }
 

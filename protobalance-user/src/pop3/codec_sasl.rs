@@ -120,41 +120,14 @@ mod tests {
         Ok(Decoded::Complete { value, consumed })
     }
 
+    /// The wrappers only map the shared codec's errors (its own tests cover RFC 4648).
     #[test]
-    fn rfc4648_test_vectors() {
-        let vectors = [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ];
-        for (plain, encoded) in vectors {
-            assert_eq!(encode_base64(plain.as_bytes()), encoded);
-            assert_eq!(decode_base64(encoded), Ok(plain.as_bytes().to_vec()));
-        }
-    }
-
-    #[test]
-    fn base64_round_trips_every_byte_and_length() {
-        let data: Vec<u8> = (0..=255).collect();
-        for len in 0..data.len() {
-            let slice = data.get(..len).unwrap_or_default();
-            assert_eq!(decode_base64(&encode_base64(slice)), Ok(slice.to_vec()));
-        }
-        assert_eq!(encode_base64(&[0xfb, 0xff]), "+/8=");
-    }
-
-    #[test]
-    fn bad_base64() {
-        let bad = [
-            "Zg", "Zg=", "Z===", "====", "Zg==Zg==", "Zm9v\r\n", "Zm 9", "Zm9-", "Zg=a",
-        ];
-        for text in bad {
-            assert_eq!(decode_base64(text), Err(CodecError::BadBase64), "{text:?}");
-        }
+    fn base64_wrappers_map_errors() {
+        assert_eq!(
+            decode_base64(&encode_base64(b"foobar")),
+            Ok(b"foobar".to_vec())
+        );
+        assert_eq!(decode_base64("Zg="), Err(CodecError::BadBase64));
     }
 
     #[test]

@@ -11,7 +11,47 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+
+use super::ProxyContext;
+use crate::config::Protocol;
+
+/// The hand-over after a successful login, shared by POP3 and IMAP: the backend's verdict
+/// to the client, the commands the client pipelined behind its login to the backend, any
+/// bytes the backend sent past its verdict to the client, then [`splice`] until either
+/// side closes. Counted per backend while it lasts.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per protocol, all distinct"
+)]
+pub async fn hand_over<C, B>(
+    ctx: &ProxyContext,
+    protocol: Protocol,
+    backend: &str,
+    client: &mut C,
+    pending: &mut BytesMut,
+    upstream: &mut B,
+    upstream_extra: &[u8],
+    verdict: &[u8],
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    if client.write_all(verdict).await.is_err() {
+        return;
+    }
+    if !pending.is_empty() && upstream.write_all(pending).await.is_err() {
+        return;
+    }
+    pending.clear();
+    if !upstream_extra.is_empty() && client.write_all(upstream_extra).await.is_err() {
+        return;
+    }
+    ctx.metrics.proxied(protocol, backend, true);
+    splice(client, upstream, ctx.limits.idle_timeout()).await;
+    ctx.metrics.proxied(protocol, backend, false);
+}
 
 /// Why a splice ended.
 #[derive(Debug, PartialEq, Eq)]

@@ -267,3 +267,55 @@ pub fn elapsed(text: &str) -> f64 {
         .and_then(|secs| secs.parse().ok())
         .unwrap_or_else(|| panic!("no elapsed time in {text}"))
 }
+
+/// Logs `user` in through the edge's first two listeners (POP3, then IMAP) from
+/// CLIENT_IP and checks both sessions worked; returns the owner's Dovecot log lines of
+/// those logins (`pop3-login` and `imap-login` lines naming the user).
+pub fn login_pop3_and_imap(cluster: &DovecotCluster, edge: &Edge, user: &str) -> Vec<String> {
+    let pass = protobalance_tests::password_for(user).expect("test user");
+    let (pop3, imap) = (edge.listeners[0], edge.listeners[1]);
+    let out = python(&format!(
+        "{}import poplib, imaplib\n\
+         p = poplib.POP3('{}', {}, timeout=10); p.user('{user}'); p.pass_('{pass}'); print('pop3', p.stat()); p.quit()\n\
+         m = imaplib.IMAP4('{}', {}, timeout=10); m.login('{user}', '{pass}'); print('imap', m.select('INBOX')[0]); m.logout()\n",
+        python_from_client_ip(),
+        pop3.ip(),
+        pop3.port(),
+        imap.ip(),
+        imap.port()
+    ))
+    .expect("POP3 and IMAP logins through the edge");
+    assert!(
+        out.contains("pop3 (0, 0)") && out.contains("imap OK"),
+        "{out}"
+    );
+    let backend = owner(edge, user);
+    let owner = cluster
+        .backends()
+        .iter()
+        .find(|b| b.name() == backend)
+        .expect("owner");
+    let log = std::fs::read_to_string(owner.log_path()).expect("dovecot log");
+    log.lines()
+        .filter(|l| {
+            (l.contains("pop3-login") || l.contains("imap-login"))
+                && l.contains(&format!("<{user}>"))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs `protobalance check` on `text` written to `dir`/pb.toml: (success, stderr).
+pub fn check_config(dir: &std::path::Path, text: &str) -> (bool, String) {
+    let path = dir.join("pb.toml");
+    std::fs::write(&path, text).expect("config");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
