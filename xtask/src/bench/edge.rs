@@ -1,6 +1,6 @@
 //! The protobalance side of a benchmark: its config in a scratch directory, provisioning
-//! with `protobalance directory import`, and the running `protobalance run` (a
-//! [`ChildGuard`]: killed when dropped, also on an error or Ctrl-C).
+//! with `protobalance directory import`, the running `protobalance run` (a [`ChildGuard`]:
+//! killed when dropped, also on an error or Ctrl-C), and its admin endpoint.
 
 use std::{
     fmt::Write as _,
@@ -113,10 +113,39 @@ impl EdgeConfig {
 
     /// Starts `protobalance run` (log in the scratch directory) and waits for /healthz.
     pub fn start(&self, binary: &Path) -> Result<ChildGuard> {
+        self.launch(Command::new(binary))
+    }
+
+    /// As [`Self::start`], under `prlimit --nofile=N:N` (util-linux, which then execs
+    /// protobalance: the guard's pid is protobalance's), for more sockets than the
+    /// inherited limit allows.
+    pub fn start_with_nofile(&self, binary: &Path, nofile: u64) -> Result<ChildGuard> {
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg(binary);
+        self.launch(command)
+    }
+
+    /// The text of `GET /metrics` (Prometheus format).
+    pub fn metrics(&self) -> Result<String> {
+        let response = http_get(self.admin, "/metrics")
+            .with_context(|| format!("GET http://{}/metrics", self.admin))?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("no HTTP header end in the /metrics response")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("/metrics answered {:?}", head.lines().next());
+        }
+        Ok(body.to_owned())
+    }
+
+    /// `command` is protobalance or a launcher that execs it with the arguments added here.
+    fn launch(&self, mut command: Command) -> Result<ChildGuard> {
         let log_path = self.dir.join("protobalance.log");
         let log = File::create(&log_path).context("creating protobalance.log")?;
         let mut guard = ChildGuard::spawn(
-            Command::new(binary)
+            command
                 .arg("run")
                 .arg("--config")
                 .arg(&self.path)
@@ -151,13 +180,16 @@ impl EdgeConfig {
 }
 
 fn healthz(admin: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let request = b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+    http_get(admin, "/healthz").is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+}
+
+/// The whole response (the admin server sends a Content-Length body, never chunks).
+fn http_get(admin: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_millis(200))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())?;
     let mut response = String::new();
-    s.write_all(request).is_ok()
-        && s.read_to_string(&mut response).is_ok()
-        && response.starts_with("HTTP/1.1 200")
+    s.read_to_string(&mut response)?;
+    Ok(response)
 }

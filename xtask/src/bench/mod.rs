@@ -4,6 +4,10 @@
 //!   (connect, greeting, USER, PASS, STAT, RETR 1 of a ~10 KB message, QUIT) against
 //!   three real Dovecot backends, once direct to each mailbox's owner and once through
 //!   protobalance; prints the ratio proxy/direct and the latency protobalance adds.
+//! * `imap` — the same for IMAP (connect, greeting, LOGIN, SELECT INBOX, FETCH 1 (RFC822)
+//!   read by its literal size, LOGOUT).
+//! * `memory` — protobalance's RSS/Pss per idle logged-in POP3 session (10 000 by default),
+//!   in front of a stand-in backend, since Dovecot cannot hold that many sessions here.
 //! * `directory` — `protobalance directory import` rate (mailboxes/s) for N mailboxes, the
 //!   disk it takes, and the latency of random owner lookups on the resulting SQLite file.
 //!
@@ -15,11 +19,16 @@
 
 mod directory;
 mod edge;
+mod imap;
 mod lmtp;
 mod load;
 mod mail;
+mod memory;
+mod memory_report;
 mod pop3;
+mod procfs;
 mod protocol;
+mod standin_pop3;
 mod stats;
 mod store;
 mod wire;
@@ -35,6 +44,10 @@ use crate::util;
 pub enum Target {
     /// POP3 sessions/s and latency: direct to Dovecot vs through protobalance.
     Pop3(mail::MailArgs),
+    /// IMAP sessions/s and latency: direct to Dovecot vs through protobalance.
+    Imap(mail::MailArgs),
+    /// protobalance's memory (RSS, Pss) per idle logged-in POP3 session.
+    Memory(memory::MemoryArgs),
     /// Directory import rate (mailboxes/s), disk use and owner-lookup latency.
     Directory(directory::DirectoryArgs),
 }
@@ -59,10 +72,10 @@ pub fn run(target: Option<Target>) -> Result<()> {
         print_targets();
         return Ok(());
     };
-    if matches!(target, Target::Pop3(_)) && !util::is_root() {
+    if matches!(target, Target::Pop3(_) | Target::Imap(_)) && !util::is_root() {
         bail!(
-            "the POP3 bench runs real Dovecot backends, which must start as root to switch \
-             to the mail user: run `cargo xtask bench pop3` as root"
+            "the POP3 and IMAP benches run real Dovecot backends, which must start as root \
+             to switch to the mail user: run `cargo xtask bench pop3|imap` as root"
         );
     }
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))
@@ -73,6 +86,8 @@ pub fn run(target: Option<Target>) -> Result<()> {
     let binary = crate::build()?;
     match target {
         Target::Pop3(args) => mail::run(&binary, protocol::Protocol::Pop3, &args),
+        Target::Imap(args) => mail::run(&binary, protocol::Protocol::Imap, &args),
+        Target::Memory(args) => memory::run(&binary, &args),
         Target::Directory(args) => directory::run(&binary, &args),
     }
 }

@@ -1,16 +1,17 @@
 //! The mail protocols the load generator can speak, each as one session script. Adding a
-//! protocol (IMAP next) is a variant here, its script module, and a verb in `mod.rs`.
+//! protocol is a variant here, its script module, and a target in `mod.rs`.
 
 use std::net::SocketAddr;
 
 use anyhow::Result;
 use protobalance_tests::DovecotBackend;
 
-use super::{pop3, wire::LineConn};
+use super::{imap, pop3, wire::LineConn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Pop3,
+    Imap,
 }
 
 /// One mailbox's credentials, formatted once so the hot loop does not allocate them.
@@ -25,6 +26,7 @@ impl Protocol {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Pop3 => "pop3",
+            Self::Imap => "imap",
         }
     }
 
@@ -32,6 +34,7 @@ impl Protocol {
     pub fn backend_addr(self, backend: &DovecotBackend) -> SocketAddr {
         match self {
             Self::Pop3 => backend.pop3_addr(),
+            Self::Imap => backend.imap_addr(),
         }
     }
 
@@ -40,6 +43,7 @@ impl Protocol {
     pub fn session(self, conn: &mut LineConn, login: &Login) -> Result<()> {
         match self {
             Self::Pop3 => pop3::session(conn, login),
+            Self::Imap => imap::session(conn, login),
         }
     }
 }

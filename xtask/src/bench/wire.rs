@@ -59,6 +59,27 @@ impl LineConn {
         Ok(&self.line)
     }
 
+    /// Reads and discards exactly `n` bytes (an IMAP literal's contents).
+    pub fn skip_bytes(&mut self, n: u64) -> Result<()> {
+        let read = std::io::copy(&mut (&mut self.reader).take(n), &mut std::io::sink())
+            .context("reading a literal")?;
+        ensure!(
+            read == n,
+            "connection closed after {read} of {n} literal bytes"
+        );
+        Ok(())
+    }
+
+    /// The bare socket, for a session held open and idle: the read buffer and the write
+    /// clone (a second descriptor) are released.
+    pub fn into_stream(self) -> Result<TcpStream> {
+        ensure!(
+            self.reader.buffer().is_empty(),
+            "the server sent more than was asked for"
+        );
+        Ok(self.reader.into_inner())
+    }
+
     /// Reads one line and fails unless it starts with `prefix`; returns the line.
     pub fn expect(&mut self, prefix: &str, after: &str) -> Result<&[u8]> {
         let line = self.read_line().with_context(|| format!("after {after}"))?;

@@ -1,0 +1,114 @@
+//! What `/proc` says about a process, for `bench memory`: resident memory (VmRSS, and Pss
+//! from smaps_rollup, which charges shared pages by share), open descriptors, and the
+//! open-file limit — which this process raises for itself with util-linux `prlimit`
+//! (xtask has no libc binding, and `prlimit` comes with util-linux like `mount`).
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::util;
+
+/// One memory sample, in KiB as /proc reports them.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    pub rss_kib: u64,
+    /// None where the kernel has no smaps_rollup (before 4.14).
+    pub pss_kib: Option<u64>,
+}
+
+pub fn memory(pid: u32) -> Result<Memory> {
+    let status = read(pid, "status")?;
+    let rss_kib = field_kib(&status, "VmRSS:").context("no VmRSS in /proc/<pid>/status")?;
+    let pss_kib = read(pid, "smaps_rollup")
+        .ok()
+        .and_then(|text| field_kib(&text, "Pss:"));
+    Ok(Memory { rss_kib, pss_kib })
+}
+
+/// Entries in /proc/<pid>/fd.
+pub fn open_fds(pid: u32) -> Result<usize> {
+    let dir = proc_path(pid, "fd");
+    let entries = std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
+    Ok(entries.count())
+}
+
+/// (soft, hard) RLIMIT_NOFILE of `pid`, from /proc/<pid>/limits.
+pub fn nofile_limit(pid: u32) -> Result<(u64, u64)> {
+    let limits = read(pid, "limits")?;
+    let line = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .context("no `Max open files` in /proc/<pid>/limits")?;
+    let mut words = line.split_ascii_whitespace().map(str::parse::<u64>);
+    match (words.next(), words.next()) {
+        (Some(Ok(soft)), Some(Ok(hard))) => Ok((soft, hard)),
+        _ => bail!("cannot parse `Max open files{line}`"),
+    }
+}
+
+/// Raises this process's soft RLIMIT_NOFILE towards `wanted`: past the hard limit only
+/// where the kernel allows it (CAP_SYS_RESOURCE), else up to the hard limit. Returns the
+/// soft limit now in force, which may be less than `wanted`. Never lowers anything.
+pub fn raise_own_nofile(wanted: u64) -> Result<u64> {
+    let pid = std::process::id();
+    let (soft, hard) = nofile_limit(pid)?;
+    if soft >= wanted {
+        return Ok(soft);
+    }
+    // Quietly: without CAP_SYS_RESOURCE this fails, and the caller reports the cap.
+    if hard >= wanted || !set_nofile(pid, wanted, wanted) {
+        let target = wanted.min(hard);
+        if soft < target && !set_nofile(pid, target, hard) {
+            bail!("prlimit could not raise the soft open-file limit from {soft} to {target}");
+        }
+    }
+    Ok(nofile_limit(pid)?.0)
+}
+
+fn set_nofile(pid: u32, soft: u64, hard: u64) -> bool {
+    util::output(
+        Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg(format!("--nofile={soft}:{hard}")),
+    )
+    .is_some()
+}
+
+fn proc_path(pid: u32, name: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/{name}"))
+}
+
+fn read(pid: u32, name: &str) -> Result<String> {
+    let path = proc_path(pid, name);
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// `VmRSS:     12345 kB` → 12345.
+fn field_kib(text: &str, key: &str) -> Option<u64> {
+    let rest = text.lines().find_map(|l| l.strip_prefix(key))?;
+    rest.split_ascii_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kib_fields() {
+        let status = "Name:\tx\nVmHWM:\t  200 kB\nVmRSS:\t  123 kB\n";
+        assert_eq!(field_kib(status, "VmRSS:"), Some(123));
+        assert_eq!(field_kib("Rss: 9 kB\nPss: 7 kB\n", "Pss:"), Some(7));
+        assert_eq!(field_kib(status, "Pss:"), None);
+    }
+
+    #[test]
+    fn reads_own_limits_and_memory() -> Result<()> {
+        let pid = std::process::id();
+        let (soft, hard) = nofile_limit(pid)?;
+        assert!(soft <= hard);
+        assert!(memory(pid)?.rss_kib > 0);
+        assert!(open_fds(pid)? >= 3);
+        Ok(())
+    }
+}
