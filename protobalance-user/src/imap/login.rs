@@ -20,7 +20,11 @@ use super::codec::{self, Decoded, EncodedCommand, LiteralMode, Response, Status}
 use crate::{
     backend::{BackendStream, Service},
     config::Protocol,
-    proxy::{ProxyContext, splice, target},
+    proxy::{
+        ProxyContext,
+        splice::{self, PlainTcp},
+        target,
+    },
     secret::Secret,
 };
 
@@ -55,7 +59,7 @@ pub enum LoginResult {
     TempFail,
 }
 
-pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     client: &mut S,
     pending: &mut BytesMut,
     login: Login,
@@ -135,7 +139,7 @@ async fn temp_fail<S: AsyncWrite + Unpin>(client: &mut S, tag: &str) -> LoginRes
     LoginResult::TempFail
 }
 
-async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
+async fn proxy<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     client: &mut S,
     pending: &mut BytesMut,
     mut upstream: Upstream,

@@ -20,7 +20,7 @@ use super::{
     login::{self, Endpoints, Login, LoginResult},
 };
 use crate::{
-    proxy::{Conn, Outcome, ProxyContext},
+    proxy::{Conn, Outcome, ProxyContext, splice::PlainTcp},
     tls::{ClientStream, TlsAcceptor},
 };
 use sasl::authenticate;
@@ -182,7 +182,7 @@ fn error_reply(error: &CodecError) -> Option<Vec<u8>> {
     })
 }
 
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     stream: ClientStream<S>,
     conn: &Conn,
     ctx: &ProxyContext,

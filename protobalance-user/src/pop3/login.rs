@@ -19,7 +19,11 @@ use super::codec::{self, Decoded, Reply};
 use crate::{
     backend::{BackendStream, Service},
     config::Protocol,
-    proxy::{Conn, ProxyContext, splice, target},
+    proxy::{
+        Conn, ProxyContext,
+        splice::{self, PlainTcp},
+        target,
+    },
     secret::Secret,
 };
 
@@ -39,7 +43,7 @@ pub enum LoginResult {
     TempFail,
 }
 
-pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     client: &mut S,
     pending: &mut BytesMut,
     login: Login,
@@ -135,7 +139,7 @@ async fn connect(
     })
 }
 
-async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
+async fn proxy<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     client: &mut S,
     pending: &mut BytesMut,
     mut upstream: Upstream,

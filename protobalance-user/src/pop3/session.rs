@@ -15,7 +15,7 @@ use super::{
     login::{self, Login, LoginResult},
 };
 use crate::{
-    proxy::{Conn, Outcome, ProxyContext},
+    proxy::{Conn, Outcome, ProxyContext, splice::PlainTcp},
     secret::Secret,
     tls::{ClientStream, TlsAcceptor},
 };
@@ -110,7 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 }
 
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     stream: ClientStream<S>,
     conn: &Conn,
     ctx: &ProxyContext,
