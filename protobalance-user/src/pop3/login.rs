@@ -190,31 +190,25 @@ impl Upstream {
         let Reply::Ok { text: greeting } = self.reply().await? else {
             return Err(UpstreamError::Greeting);
         };
-        let user = codec::encode_user(name)?;
-        let pass = codec::encode_pass(password)?;
-        if codec::split_response_code(&greeting).0 != Some("XCLIENT") {
-            // Not a Dovecot that trusts us: one command at a time, as RFC 1939 expects.
-            self.send(&user).await?;
-            if let reply @ Reply::Err { .. } = self.reply().await? {
-                return Ok(reply);
-            }
-            self.send(pass.expose()).await?;
-            return self.reply().await;
+        // A Dovecot that trusts us offers XCLIENT in its greeting: hand over the client's
+        // address in the same write as USER (a round trip saved). PASS always goes on its
+        // own: Dovecot's pop3-login answers a PASS that arrives in the same read as USER
+        // only ~40 ms later (measured: 42 ms pipelined vs 4 ms stepwise).
+        let xclient = codec::split_response_code(&greeting).0 == Some("XCLIENT");
+        let mut first = Vec::new();
+        if xclient {
+            first = codec::encode_xclient(peer.ip(), peer.port(), None)?;
         }
-        // Dovecot's login process pipelines: XCLIENT, USER and PASS in one write save two
-        // round trips (each a wake-up of the backend's login process) per session.
-        let xclient = codec::encode_xclient(peer.ip(), peer.port(), None)?;
-        let batch = Secret::new([xclient, user, pass.into_inner()].concat());
-        self.send(batch.expose()).await?;
-        if let Reply::Err { text, .. } = self.reply().await? {
+        first.extend(codec::encode_user(name)?);
+        self.send(&first).await?;
+        if xclient && let Reply::Err { text, .. } = self.reply().await? {
             tracing::warn!(%text, "backend refused XCLIENT; is this edge in its login_trusted_networks?");
         }
-        let user_reply = self.reply().await?;
-        let pass_reply = self.reply().await?;
-        Ok(match user_reply {
-            Reply::Err { .. } => user_reply,
-            _ => pass_reply,
-        })
+        if let reply @ Reply::Err { .. } = self.reply().await? {
+            return Ok(reply);
+        }
+        self.send(codec::encode_pass(password)?.expose()).await?;
+        self.reply().await
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
