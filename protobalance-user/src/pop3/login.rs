@@ -43,6 +43,63 @@ pub enum LoginResult {
     TempFail,
 }
 
+/// A backend session made ready for a login up to the point where the password is
+/// needed: routed, connected, the client's address handed over, USER accepted.
+pub struct Prepared {
+    target: target::Target,
+    upstream: Upstream,
+}
+
+/// Why a login could not be prepared; each keeps its meaning for the client.
+pub enum NotPrepared {
+    /// Not a mailbox of ours: a credential failure.
+    Unknown,
+    Directory,
+    Unavailable(String),
+    /// The backend refused USER (relayed as it said it).
+    Refused {
+        backend: String,
+        code: Option<String>,
+        text: String,
+    },
+    Broken(String),
+}
+
+/// Routes `name` and opens its backend session up to USER. The session driver starts this
+/// as soon as USER arrives, while the client is still sending PASS, so the backend's
+/// connect, greeting and USER overlap the client's own round trip.
+pub async fn prepare(name: &str, conn: &Conn, ctx: &ProxyContext) -> Result<Prepared, NotPrepared> {
+    let target = match target::login_target(ctx, name).await {
+        Ok(Some(target)) => target,
+        Ok(None) => return Err(NotPrepared::Unknown),
+        Err(error) => {
+            tracing::error!(%error, "directory lookup failed");
+            return Err(NotPrepared::Directory);
+        }
+    };
+    let backend = target.backend.clone();
+    let mut upstream = match connect(ctx, &backend, conn).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::warn!(%backend, %error, "backend unavailable for a login");
+            return Err(NotPrepared::Unavailable(backend));
+        }
+    };
+    match upstream.open(&target.login_name, conn.peer).await {
+        Ok(Reply::Ok { .. }) => Ok(Prepared { target, upstream }),
+        Ok(Reply::Err { code, text }) => Err(NotPrepared::Refused {
+            backend,
+            code,
+            text,
+        }),
+        Ok(Reply::Continue { .. }) | Err(_) => {
+            tracing::warn!(%backend, "backend broke the login exchange");
+            Err(NotPrepared::Broken(backend))
+        }
+    }
+}
+
+/// A login collected in one go (AUTH PLAIN/LOGIN): prepare, then finish.
 pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     client: &mut S,
     pending: &mut BytesMut,
@@ -50,7 +107,19 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     conn: &Conn,
     ctx: &ProxyContext,
 ) -> LoginResult {
-    let peer = conn.peer;
+    let prepared = prepare(&login.name, conn, ctx).await;
+    finish(client, pending, prepared, &login.password, ctx).await
+}
+
+/// Sends the password on a prepared session and acts on the verdict: splice on success,
+/// relay a refusal, or a temporary failure.
+pub async fn finish<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
+    client: &mut S,
+    pending: &mut BytesMut,
+    prepared: Result<Prepared, NotPrepared>,
+    password: &Secret<String>,
+    ctx: &ProxyContext,
+) -> LoginResult {
     let started = Instant::now();
     let record = |backend: &str, result: &str| {
         ctx.metrics.login(
@@ -60,38 +129,43 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
             started.elapsed().as_secs_f64(),
         );
     };
-    let target = match target::login_target(ctx, &login.name).await {
-        Ok(Some(target)) => target,
-        Ok(None) => {
+    let unavailable = "Mailbox server temporarily unavailable, try again later";
+    let Prepared {
+        target,
+        mut upstream,
+    } = match prepared {
+        Ok(prepared) => prepared,
+        Err(NotPrepared::Unknown) => {
             record("none", "unknown_mailbox");
             let _ = client
                 .write_all(&codec::err(Some("AUTH"), "Authentication failed."))
                 .await;
             return LoginResult::Refused;
         }
-        Err(error) => {
-            tracing::error!(%error, "directory lookup failed");
+        Err(NotPrepared::Directory) => {
             record("none", "directory_error");
             return temp_fail(client, "Directory temporarily unavailable, try again later").await;
         }
-    };
-    let backend = target.backend.as_str();
-    let mut upstream = match connect(ctx, backend, conn).await {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            tracing::warn!(%backend, %error, "backend unavailable for a login");
-            record(backend, "backend_unavailable");
-            return temp_fail(
-                client,
-                "Mailbox server temporarily unavailable, try again later",
-            )
-            .await;
+        Err(NotPrepared::Unavailable(backend)) => {
+            record(&backend, "backend_unavailable");
+            return temp_fail(client, unavailable).await;
+        }
+        Err(NotPrepared::Refused {
+            backend,
+            code,
+            text,
+        }) => {
+            record(&backend, "refused");
+            let _ = client.write_all(&codec::err(code.as_deref(), &text)).await;
+            return LoginResult::Refused;
+        }
+        Err(NotPrepared::Broken(backend)) => {
+            record(&backend, "backend_error");
+            return temp_fail(client, unavailable).await;
         }
     };
-    match upstream
-        .replay(&target.login_name, &login.password, peer)
-        .await
-    {
+    let backend = target.backend.as_str();
+    match upstream.pass(password).await {
         Ok(Reply::Ok { text }) if target::confirm(ctx, &target).await => {
             record(backend, "ok");
             proxy(client, pending, upstream, &text, backend, ctx).await
@@ -110,11 +184,7 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
         Ok(Reply::Continue { .. }) | Err(_) => {
             tracing::warn!(%backend, "backend broke the login exchange");
             record(backend, "backend_error");
-            temp_fail(
-                client,
-                "Mailbox server temporarily unavailable, try again later",
-            )
-            .await
+            temp_fail(client, unavailable).await
         }
     }
 }
@@ -181,12 +251,8 @@ struct Upstream {
 }
 
 impl Upstream {
-    async fn replay(
-        &mut self,
-        name: &str,
-        password: &Secret<String>,
-        peer: SocketAddr,
-    ) -> Result<Reply, UpstreamError> {
+    /// Greeting, then XCLIENT (when offered) and USER; returns the USER reply.
+    async fn open(&mut self, name: &str, peer: SocketAddr) -> Result<Reply, UpstreamError> {
         let Reply::Ok { text: greeting } = self.reply().await? else {
             return Err(UpstreamError::Greeting);
         };
@@ -204,9 +270,10 @@ impl Upstream {
         if xclient && let Reply::Err { text, .. } = self.reply().await? {
             tracing::warn!(%text, "backend refused XCLIENT; is this edge in its login_trusted_networks?");
         }
-        if let reply @ Reply::Err { .. } = self.reply().await? {
-            return Ok(reply);
-        }
+        self.reply().await
+    }
+
+    async fn pass(&mut self, password: &Secret<String>) -> Result<Reply, UpstreamError> {
         self.send(codec::encode_pass(password)?.expose()).await?;
         self.reply().await
     }

@@ -127,17 +127,53 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     }
     let mut user: Option<String> = None;
     let mut failures = 0;
+    // A command read while a USER's backend session was being prepared, not yet handled.
+    let mut carried: Option<Command> = None;
     loop {
-        let command = match client.next(codec::decode_command).await {
-            Ok(command) => command,
-            Err(end) => return close(&mut client, end).await,
+        let command = match carried.take() {
+            Some(command) => command,
+            None => match client.next(codec::decode_command).await {
+                Ok(command) => command,
+                Err(end) => return close(&mut client, end).await,
+            },
         };
-        let login = match collect_login(&mut client, command, &mut user).await {
+        let result = match collect_login(&mut client, command, &mut user).await {
             Step::Continue => continue,
             Step::End(outcome) => return outcome,
-            Step::Login(login) => login,
+            Step::Login(login) => {
+                login::attempt(&mut client.stream, &mut client.buf, login, conn, ctx).await
+            }
+            Step::User(name) => {
+                if !client.send(&codec::ok("Send PASS")).await {
+                    return Outcome::ClientQuit;
+                }
+                // Open the backend session while the client sends its password.
+                let (next, prepared) = tokio::join!(
+                    client.next(codec::decode_command),
+                    login::prepare(&name, conn, ctx)
+                );
+                match next {
+                    Ok(Command::Pass(password)) => {
+                        login::finish(
+                            &mut client.stream,
+                            &mut client.buf,
+                            prepared,
+                            &password,
+                            ctx,
+                        )
+                        .await
+                    }
+                    Ok(other) => {
+                        // Not the password: the prepared session is dropped (closed).
+                        user = Some(name);
+                        carried = Some(other);
+                        continue;
+                    }
+                    Err(end) => return close(&mut client, end).await,
+                }
+            }
         };
-        match login::attempt(&mut client.stream, &mut client.buf, login, conn, ctx).await {
+        match result {
             LoginResult::Proxied => return Outcome::Proxied,
             LoginResult::TempFail => return Outcome::BackendUnavailable,
             LoginResult::Refused => failures += 1,
@@ -173,6 +209,8 @@ enum Step {
     Continue,
     End(Outcome),
     Login(Login),
+    /// USER: answered by the driver, which prepares the backend session meanwhile.
+    User(String),
 }
 
 async fn collect_login<S: AsyncRead + AsyncWrite + Unpin>(
@@ -183,10 +221,7 @@ async fn collect_login<S: AsyncRead + AsyncWrite + Unpin>(
     let reply = match command {
         Command::Capa if client.offers_stls() => codec::capa(&[CAPABILITIES, &["STLS"]].concat()),
         Command::Capa => codec::capa(CAPABILITIES),
-        Command::User(name) => {
-            *user = Some(name);
-            codec::ok("Send PASS")
-        }
+        Command::User(name) => return Step::User(name),
         Command::Pass(password) => match user.take() {
             Some(name) => return Step::Login(Login { name, password }),
             None => codec::err(None, "Send USER first"),
