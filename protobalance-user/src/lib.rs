@@ -3,8 +3,9 @@
 //!
 //! Module map (see docs/development.md): `config` → `app` (wiring, shutdown) → `admin`
 //! (/metrics, later the XML API) and `filter` (`xdp` is the only aya user). Protocol
-//! modules (`pop3`, `imap`, later `smtp`) each hold a sans-IO `codec` (bytes in, commands
-//! out; no sockets) and a session driver. `secret` keeps credentials out of logs.
+//! modules (`pop3`, `imap`, `smtp`) each hold a sans-IO `codec` (bytes in, commands out;
+//! no sockets) and a session driver (SMTP's arrives with the SMTP edge). `secret` keeps
+//! credentials out of logs.
 
 pub mod admin;
 pub mod app;
@@ -18,4 +19,5 @@ pub mod metrics;
 pub mod pop3;
 pub mod proxy;
 pub mod secret;
+pub mod smtp;
 pub mod tls;

@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use crate::util::{self, step};
 
-pub const TARGETS: &[&str] = &["pop3_codec", "imap_codec"];
+pub const TARGETS: &[&str] = &["pop3_codec", "imap_codec", "smtp_codec"];
 
 /// Fuzzes `targets` (all when empty) for `seconds` each; a crash fails with its input kept
 /// under fuzz/artifacts/.

@@ -1,0 +1,5 @@
+//! SMTP at the edge (RFC 5321): the sans-IO codec — client commands, replies in both
+//! directions, and the DATA stream reader that enforces the end-of-data rule and the size
+//! limit while the message streams through to the owning backend.
+
+pub mod codec;
