@@ -1,8 +1,10 @@
 //! The protobalance XDP program: the cheap first line of defence in front of the mail proxy.
 //!
-//! Per packet: parse Ethernet (with one 802.1Q/802.1ad tag), IPv4 or IPv6 and — for the later
-//! SYN limiter — TCP; drop when the source address is in the v4/v6 LPM-trie blocklist; count
-//! every verdict in a per-CPU array. Anything we cannot parse is *passed* (and counted as
+//! Per packet: parse Ethernet (with one 802.1Q/802.1ad tag), IPv4 or IPv6 and TCP, then
+//! in this order: allowlisted source (LPM) → pass; blocklisted source (LPM) → drop; source
+//! under an unexpired ban (hash of the address, for IPv6 also of its /64) → drop, or only
+//! its new connections (SYN without ACK) for a SYN-only ban; count every verdict in a
+//! per-CPU array. Anything we cannot parse is *passed* (and counted as
 //! malformed) so the kernel stack decides: a parser bug must never black-hole traffic, and the
 //! program never returns `XDP_ABORTED`.
 // Built for bpfel-unknown-none by protobalance-user's build.rs. On the host (cargo clippy
@@ -14,13 +16,17 @@ mod parse;
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
-use protobalance_common::{BLOCKLIST_MAX_ENTRIES, BlockEntry, Counter, CounterValue};
+use protobalance_common::{
+    ALLOWLIST_MAX_ENTRIES, BAN_ALL, BANS_MAX_ENTRIES, BLOCKLIST_MAX_ENTRIES, BanEntry, BlockEntry,
+    Counter, CounterValue,
+};
 
-use crate::parse::{Parsed, Source};
+use crate::parse::{L4, Parsed, Source};
 
 // Map statics are named exactly like protobalance_common::MAP_* (the loader finds them by name).
 #[map]
@@ -30,6 +36,21 @@ static PB_BLOCK_V4: LpmTrie<[u8; 4], BlockEntry> =
 #[map]
 static PB_BLOCK_V6: LpmTrie<[u8; 16], BlockEntry> =
     LpmTrie::with_max_entries(BLOCKLIST_MAX_ENTRIES, 0);
+
+#[map]
+static PB_ALLOW_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(ALLOWLIST_MAX_ENTRIES, 0);
+
+#[map]
+static PB_ALLOW_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(ALLOWLIST_MAX_ENTRIES, 0);
+
+#[map]
+static PB_BANS_V4: HashMap<[u8; 4], BanEntry> = HashMap::with_max_entries(BANS_MAX_ENTRIES, 0);
+
+#[map]
+static PB_BANS_V6: HashMap<[u8; 16], BanEntry> = HashMap::with_max_entries(BANS_MAX_ENTRIES, 0);
+
+#[map]
+static PB_BANS_V6_64: HashMap<[u8; 8], BanEntry> = HashMap::with_max_entries(BANS_MAX_ENTRIES, 0);
 
 #[map]
 static PB_COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -42,20 +63,32 @@ pub fn protobalance(ctx: XdpContext) -> u32 {
 }
 
 fn classify(ctx: &XdpContext) -> (Counter, u32) {
-    let parsed = match parse::packet(ctx) {
-        Ok(parsed) => parsed,
-        Err(_) => return (Counter::PassMalformed, xdp_action::XDP_PASS),
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+    let (source, l4) = match parse::packet(ctx) {
+        Ok(Parsed::Ip { source, l4 }) => (source, l4),
+        Ok(Parsed::NotIp) => return (Counter::PassNonIp, PASS),
+        Err(_) => return (Counter::PassMalformed, PASS),
     };
-    let source = match parsed {
-        Parsed::NotIp => return (Counter::PassNonIp, xdp_action::XDP_PASS),
-        Parsed::Ip { source, .. } => source,
-    };
-    if is_blocklisted(&source) {
-        return (Counter::DropBlocklist, xdp_action::XDP_DROP);
+    if is_allowlisted(&source) {
+        return (Counter::PassAllowlist, PASS);
     }
-    match parsed {
-        Parsed::Ip { l4_ok: false, .. } => (Counter::PassMalformed, xdp_action::XDP_PASS),
-        _ => (Counter::Pass, xdp_action::XDP_PASS),
+    if is_blocklisted(&source) {
+        return (Counter::DropBlocklist, DROP);
+    }
+    if is_banned(&source, l4 == L4::TcpSyn) {
+        return (Counter::DropBan, DROP);
+    }
+    match l4 {
+        L4::Truncated => (Counter::PassMalformed, PASS),
+        L4::Other | L4::Tcp | L4::TcpSyn => (Counter::Pass, PASS),
+    }
+}
+
+fn is_allowlisted(source: &Source) -> bool {
+    match source {
+        Source::V4(addr) => PB_ALLOW_V4.get(Key::new(32, *addr)).is_some(),
+        Source::V6(addr) => PB_ALLOW_V6.get(Key::new(128, *addr)).is_some(),
     }
 }
 
@@ -64,6 +97,30 @@ fn is_blocklisted(source: &Source) -> bool {
         Source::V4(addr) => PB_BLOCK_V4.get(Key::new(32, *addr)).is_some(),
         Source::V6(addr) => PB_BLOCK_V6.get(Key::new(128, *addr)).is_some(),
     }
+}
+
+/// An unexpired ban of the source (for IPv6: of the address, or of its /64) that covers
+/// this packet: every packet, or only connection openings for a SYN-only ban.
+fn is_banned(source: &Source, opens_connection: bool) -> bool {
+    let entry = match source {
+        Source::V4(addr) => PB_BANS_V4.get_ptr(addr),
+        Source::V6(addr) => {
+            let mut net = [0u8; 8];
+            net.copy_from_slice(&addr[..8]);
+            PB_BANS_V6
+                .get_ptr(addr)
+                .or_else(|| PB_BANS_V6_64.get_ptr(net))
+        }
+    };
+    let Some(entry) = entry else {
+        return false;
+    };
+    // SAFETY: the pointer comes from a successful map lookup and the value is plain data;
+    // a concurrent update from user space can at worst mix two valid entries.
+    let entry = unsafe { *entry };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    entry.expires_ns > now && (entry.mode == BAN_ALL || opens_connection)
 }
 
 fn count(counter: Counter, len: usize) {

@@ -15,6 +15,8 @@ const IPV4_MIN_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const IPPROTO_TCP: u8 = 6;
 const TCP_MIN_HLEN: usize = 20;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// A frame too short for the headers it announces, or with impossible header fields.
 pub struct Malformed;
@@ -25,11 +27,26 @@ pub enum Source {
     V6([u8; 16]),
 }
 
+/// What the transport header says, as far as the rules care.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    /// Not TCP, or a non-first fragment (which carries no TCP header).
+    Other,
+    /// TCP opening a connection: SYN without ACK.
+    TcpSyn,
+    /// Any other TCP segment.
+    Tcp,
+    /// Claims to be TCP but the header is cut off.
+    Truncated,
+}
+
 pub enum Parsed {
     /// ARP, LLDP and every other non-IP ethertype.
     NotIp,
-    /// An IP packet. `l4_ok` is false when it claims to be TCP but the TCP header is cut off.
-    Ip { source: Source, l4_ok: bool },
+    Ip {
+        source: Source,
+        l4: L4,
+    },
 }
 
 #[inline(always)]
@@ -83,10 +100,14 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Malformed> {
     let frag: u16 = read_be16(ctx, l3 + 6)?;
     // Only the first fragment (offset 0) carries the TCP header.
     let first_fragment = frag & 0x1fff == 0;
-    let l4_ok = protocol != IPPROTO_TCP || !first_fragment || tcp(ctx, l3 + header_len);
+    let l4 = if protocol == IPPROTO_TCP && first_fragment {
+        tcp(ctx, l3 + header_len)
+    } else {
+        L4::Other
+    };
     Ok(Parsed::Ip {
         source: Source::V4(source),
-        l4_ok,
+        l4,
     })
 }
 
@@ -100,21 +121,33 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Malformed> {
     // Extension headers are walked by the next slice (issue 5); here only a TCP header
     // directly after the fixed header is checked.
     let next_header: u8 = read(ctx, l3 + 6)?;
-    let l4_ok = next_header != IPPROTO_TCP || tcp(ctx, l3 + IPV6_HLEN);
+    let l4 = if next_header == IPPROTO_TCP {
+        tcp(ctx, l3 + IPV6_HLEN)
+    } else {
+        L4::Other
+    };
     Ok(Parsed::Ip {
         source: Source::V6(source),
-        l4_ok,
+        l4,
     })
 }
 
-/// True when a complete TCP header (including options, per its data offset) is present.
-fn tcp(ctx: &XdpContext, l4: usize) -> bool {
-    let Ok(offset_byte) = read::<u8>(ctx, l4 + 12) else {
-        return false;
+/// The TCP segment kind, or `Truncated` unless the whole header (options included, per
+/// its data offset) is present.
+fn tcp(ctx: &XdpContext, l4: usize) -> L4 {
+    let (Ok(offset_byte), Ok(flags)) = (read::<u8>(ctx, l4 + 12), read::<u8>(ctx, l4 + 13)) else {
+        return L4::Truncated;
     };
     let header_len = usize::from(offset_byte >> 4) * 4;
-    if header_len < TCP_MIN_HLEN {
-        return false;
+    if header_len < TCP_MIN_HLEN
+        || ptr_at::<u8>(ctx, l4 + header_len - 1).is_err()
+        || ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, l4).is_err()
+    {
+        return L4::Truncated;
     }
-    ptr_at::<u8>(ctx, l4 + header_len - 1).is_ok() && ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, l4).is_ok()
+    if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+        L4::TcpSyn
+    } else {
+        L4::Tcp
+    }
 }

@@ -1,10 +1,13 @@
 //! The XDP program without a NIC: hand-built frames through `BPF_PROG_TEST_RUN`, verdicts and
 //! counters checked. Needs root (CAP_BPF + CAP_NET_ADMIN); skips loudly without it.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
-use protobalance::filter::{cidr::Cidr, xdp::XdpFilter};
-use protobalance_common::Counter;
+use protobalance::filter::{
+    cidr::Cidr,
+    xdp::{BanMode, BanTarget, XdpFilter, monotonic_ns},
+};
+use protobalance_common::{BanEntry, Counter};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -241,4 +244,151 @@ fn replace_list_swaps_one_list_and_leaves_others() {
     assert_eq!(verdict(&filter, &frame_from(ip("203.0.113.1"))), XDP_DROP);
     assert_eq!(verdict(&filter, &frame_from(ip("192.0.2.1"))), XDP_DROP);
     assert_eq!(verdict(&filter, &frame_from(ip("2001:db8:1::1"))), XDP_DROP);
+}
+
+/// A frame whose TCP flags are `flags` (0x02 SYN, 0x10 ACK).
+fn frame_with_flags(src: IpAddr, flags: u8) -> Vec<u8> {
+    let mut frame = frame_from(src);
+    let tcp_flags = frame.len() - 20 + 13;
+    frame[tcp_flags] = flags;
+    frame
+}
+
+#[test]
+fn allowlisted_sources_pass_before_blocklist_and_bans() {
+    let Some(mut filter) = load() else { return };
+    filter.block(cidr("203.0.113.0/24"), 1).expect("block");
+    filter.allow(cidr("203.0.113.8/29"), 9).expect("allow");
+    filter
+        .ban(
+            BanTarget::Address(ip("203.0.113.9")),
+            Duration::from_secs(60),
+            BanMode::All,
+            3,
+        )
+        .expect("ban");
+    assert_eq!(
+        verdict(&filter, &frame_from(ip("203.0.113.9"))),
+        XDP_PASS,
+        "allowlist wins"
+    );
+    assert_eq!(
+        verdict(&filter, &frame_from(ip("203.0.113.20"))),
+        XDP_DROP,
+        "rest of the /24 blocked"
+    );
+    assert_eq!(value(&filter, Counter::PassAllowlist), 1);
+}
+
+#[test]
+fn bans_drop_while_unexpired_by_address_and_ipv6_64() {
+    let Some(mut filter) = load() else { return };
+    let hour = Duration::from_secs(3600);
+    filter
+        .ban(
+            BanTarget::Address(ip("198.51.100.7")),
+            hour,
+            BanMode::All,
+            1,
+        )
+        .expect("ban v4");
+    filter
+        .ban(BanTarget::Address(ip("2001:db8::7")), hour, BanMode::All, 1)
+        .expect("ban v6");
+    let net: std::net::Ipv6Addr = "2001:db8:1:2::".parse().expect("ip");
+    filter
+        .ban(BanTarget::Ipv6Net64(net), hour, BanMode::All, 1)
+        .expect("ban /64");
+    for (src, want) in [
+        ("198.51.100.7", XDP_DROP),
+        ("198.51.100.8", XDP_PASS),
+        ("2001:db8::7", XDP_DROP),
+        ("2001:db8::8", XDP_PASS),
+        ("2001:db8:1:2:abcd::1", XDP_DROP),
+        ("2001:db8:1:3::1", XDP_PASS),
+    ] {
+        assert_eq!(verdict(&filter, &frame_from(ip(src))), want, "{src}");
+    }
+    assert_eq!(value(&filter, Counter::DropBan), 3);
+    filter
+        .unban(BanTarget::Address(ip("198.51.100.7")))
+        .expect("unban");
+    assert_eq!(
+        verdict(&filter, &frame_from(ip("198.51.100.7"))),
+        XDP_PASS,
+        "after unban"
+    );
+    assert_eq!(filter.bans().expect("bans").len(), 2);
+}
+
+#[test]
+fn expired_bans_pass_and_are_swept() {
+    let Some(mut filter) = load() else { return };
+    let past = BanEntry {
+        expires_ns: monotonic_ns().saturating_sub(1_000_000),
+        mode: 0,
+        reason: 1,
+    };
+    filter
+        .put_ban(BanTarget::Address(ip("198.51.100.9")), past)
+        .expect("put");
+    filter
+        .ban(
+            BanTarget::Address(ip("198.51.100.10")),
+            Duration::from_secs(60),
+            BanMode::All,
+            2,
+        )
+        .expect("ban");
+    assert_eq!(
+        verdict(&filter, &frame_from(ip("198.51.100.9"))),
+        XDP_PASS,
+        "expired ban passes"
+    );
+    assert_eq!(verdict(&filter, &frame_from(ip("198.51.100.10"))), XDP_DROP);
+    assert_eq!(filter.sweep_bans().expect("sweep"), 1);
+    let left = filter.bans().expect("bans");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].target, BanTarget::Address(ip("198.51.100.10")));
+    assert!(left[0].remaining > Duration::from_secs(50));
+}
+
+#[test]
+fn new_connection_bans_drop_only_syns() {
+    let Some(mut filter) = load() else { return };
+    let src = ip("198.51.100.11");
+    filter
+        .ban(
+            BanTarget::Address(src),
+            Duration::from_secs(60),
+            BanMode::NewConnections,
+            1,
+        )
+        .expect("ban");
+    assert_eq!(
+        verdict(&filter, &frame_with_flags(src, 0x02)),
+        XDP_DROP,
+        "SYN dropped"
+    );
+    assert_eq!(
+        verdict(&filter, &frame_with_flags(src, 0x12)),
+        XDP_PASS,
+        "SYN+ACK passes"
+    );
+    assert_eq!(
+        verdict(&filter, &frame_with_flags(src, 0x10)),
+        XDP_PASS,
+        "established ACK passes"
+    );
+    let v6 = ip("2001:db8::11");
+    filter
+        .ban(
+            BanTarget::Address(v6),
+            Duration::from_secs(60),
+            BanMode::NewConnections,
+            1,
+        )
+        .expect("ban");
+    assert_eq!(verdict(&filter, &frame_with_flags(v6, 0x02)), XDP_DROP);
+    assert_eq!(verdict(&filter, &frame_with_flags(v6, 0x18)), XDP_PASS);
 }

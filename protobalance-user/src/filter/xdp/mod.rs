@@ -28,14 +28,17 @@ use aya::{
     },
 };
 use protobalance_common::{
-    BlockEntry, Counter, CounterValue, MAP_BLOCK_V4, MAP_BLOCK_V6, MAP_COUNTERS, PROG_XDP,
+    BlockEntry, Counter, CounterValue, MAP_BLOCK_V4, MAP_BLOCK_V6, MAP_COUNTERS, PINNED_MAPS,
+    PROG_XDP,
 };
 
 use crate::filter::cidr::Cidr;
 
 mod pin;
+mod rules;
 use pin::prepare_pin_dir;
 pub use pin::unload_pinned;
+pub use rules::{Ban, BanMode, BanTarget, monotonic_ns};
 
 /// The XDP object, built by build.rs from the protobalance-ebpf crate.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/protobalance"));
@@ -120,7 +123,7 @@ impl XdpFilter {
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => {
                 prepare_pin_dir(dir)?;
-                [MAP_BLOCK_V4, MAP_BLOCK_V6, MAP_COUNTERS]
+                PINNED_MAPS
                     .into_iter()
                     .map(|name| (name, dir.join(name)))
                     .collect()

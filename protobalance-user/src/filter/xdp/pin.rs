@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use aya::programs::links::PinnedLink;
-use protobalance_common::{MAP_BLOCK_V4, MAP_BLOCK_V6, MAP_COUNTERS};
+use protobalance_common::PINNED_MAPS;
 
 use super::XdpError;
 
@@ -51,7 +51,7 @@ pub fn unload_pinned(pin_dir: &Path, iface: &str, remove_maps: bool) -> Result<b
         })?;
     }
     if remove_maps {
-        for name in [MAP_BLOCK_V4, MAP_BLOCK_V6, MAP_COUNTERS] {
+        for name in PINNED_MAPS {
             let path = pin_dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}

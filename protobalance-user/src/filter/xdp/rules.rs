@@ -1,0 +1,196 @@
+//! The allowlist and timed bans in the kernel maps (the proxy's verdicts become drops).
+//!
+//! Bans expire in the kernel by themselves (the program compares `expires_ns` with
+//! CLOCK_MONOTONIC); [`XdpFilter::sweep_bans`] only frees the map slots of expired entries.
+//! With `xdp.pin_dir` the maps are pinned, so bans survive a restart of protobalance.
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    time::Duration,
+};
+
+use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
+use protobalance_common::{
+    BAN_ALL, BAN_SYN_ONLY, BanEntry, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANS_V4, MAP_BANS_V6,
+    MAP_BANS_V6_64,
+};
+
+use super::{XdpError, XdpFilter};
+use crate::filter::cidr::Cidr;
+
+/// What a ban drops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BanMode {
+    /// Every packet from the source.
+    All,
+    /// Only new connections (TCP SYN without ACK): sessions already open continue.
+    NewConnections,
+}
+
+/// What a ban covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BanTarget {
+    Address(IpAddr),
+    /// The IPv6 /64 around this address (one host typically owns a whole /64).
+    Ipv6Net64(Ipv6Addr),
+}
+
+/// A ban as read back from the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ban {
+    pub target: BanTarget,
+    pub mode: BanMode,
+    pub reason: u32,
+    /// Time left; zero when expired but not yet swept.
+    pub remaining: Duration,
+}
+
+impl XdpFilter {
+    /// Adds (or replaces) an allowlist entry: matching sources pass before any other rule.
+    pub fn allow(&mut self, cidr: Cidr, list_id: u32) -> Result<(), XdpError> {
+        let len = u32::from(cidr.prefix_len());
+        match cidr.network().addr() {
+            IpAddr::V4(a) => allow_v4(self)?.insert(&Key::new(len, a.octets()), list_id, 0)?,
+            IpAddr::V6(a) => allow_v6(self)?.insert(&Key::new(len, a.octets()), list_id, 0)?,
+        }
+        Ok(())
+    }
+
+    /// Bans `target` for `ttl` (replacing an existing ban of it).
+    pub fn ban(
+        &mut self,
+        target: BanTarget,
+        ttl: Duration,
+        mode: BanMode,
+        reason: u32,
+    ) -> Result<(), XdpError> {
+        let ttl_ns = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+        let entry = BanEntry {
+            expires_ns: monotonic_ns().saturating_add(ttl_ns),
+            mode: match mode {
+                BanMode::All => BAN_ALL,
+                BanMode::NewConnections => BAN_SYN_ONLY,
+            },
+            reason,
+        };
+        self.put_ban(target, entry)
+    }
+
+    /// Writes a ban entry as it is: tests use it for expiries in the past.
+    pub fn put_ban(&mut self, target: BanTarget, entry: BanEntry) -> Result<(), XdpError> {
+        match target {
+            BanTarget::Address(IpAddr::V4(a)) => bans_v4(self)?.insert(a.octets(), entry, 0)?,
+            BanTarget::Address(IpAddr::V6(a)) => bans_v6(self)?.insert(a.octets(), entry, 0)?,
+            BanTarget::Ipv6Net64(a) => bans_v6_64(self)?.insert(net64(a), entry, 0)?,
+        }
+        Ok(())
+    }
+
+    /// Lifts a ban; lifting an absent ban is not an error.
+    pub fn unban(&mut self, target: BanTarget) -> Result<(), XdpError> {
+        let result = match target {
+            BanTarget::Address(IpAddr::V4(a)) => bans_v4(self)?.remove(&a.octets()),
+            BanTarget::Address(IpAddr::V6(a)) => bans_v6(self)?.remove(&a.octets()),
+            BanTarget::Ipv6Net64(a) => bans_v6_64(self)?.remove(&net64(a)),
+        };
+        match result {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    /// Every ban in the kernel, expired ones included (remaining zero).
+    pub fn bans(&mut self) -> Result<Vec<Ban>, XdpError> {
+        let now = monotonic_ns();
+        let mut out = Vec::new();
+        for item in bans_v4(self)?.iter() {
+            let (key, entry) = item?;
+            out.push(ban(BanTarget::Address(IpAddr::from(key)), entry, now));
+        }
+        for item in bans_v6(self)?.iter() {
+            let (key, entry) = item?;
+            out.push(ban(BanTarget::Address(IpAddr::from(key)), entry, now));
+        }
+        for item in bans_v6_64(self)?.iter() {
+            let (key, entry) = item?;
+            let mut addr = [0u8; 16];
+            addr[..8].copy_from_slice(&key);
+            out.push(ban(BanTarget::Ipv6Net64(Ipv6Addr::from(addr)), entry, now));
+        }
+        Ok(out)
+    }
+
+    /// Removes expired bans; returns how many.
+    pub fn sweep_bans(&mut self) -> Result<usize, XdpError> {
+        let expired: Vec<BanTarget> = self
+            .bans()?
+            .into_iter()
+            .filter(|b| b.remaining.is_zero())
+            .map(|b| b.target)
+            .collect();
+        for target in &expired {
+            self.unban(*target)?;
+        }
+        Ok(expired.len())
+    }
+}
+
+fn ban(target: BanTarget, entry: BanEntry, now: u64) -> Ban {
+    Ban {
+        target,
+        mode: if entry.mode == BAN_SYN_ONLY {
+            BanMode::NewConnections
+        } else {
+            BanMode::All
+        },
+        reason: entry.reason,
+        remaining: Duration::from_nanos(entry.expires_ns.saturating_sub(now)),
+    }
+}
+
+fn net64(addr: Ipv6Addr) -> [u8; 8] {
+    let mut net = [0u8; 8];
+    net.copy_from_slice(&addr.octets()[..8]);
+    net
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads in the kernel.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+fn map<'a>(
+    filter: &'a mut XdpFilter,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, XdpError> {
+    filter.ebpf.map_mut(name).ok_or(XdpError::Missing(name))
+}
+
+fn allow_v4(f: &mut XdpFilter) -> Result<LpmTrie<&mut MapData, [u8; 4], u32>, XdpError> {
+    Ok(LpmTrie::try_from(map(f, MAP_ALLOW_V4)?)?)
+}
+
+fn allow_v6(f: &mut XdpFilter) -> Result<LpmTrie<&mut MapData, [u8; 16], u32>, XdpError> {
+    Ok(LpmTrie::try_from(map(f, MAP_ALLOW_V6)?)?)
+}
+
+fn bans_v4(f: &mut XdpFilter) -> Result<HashMap<&mut MapData, [u8; 4], BanEntry>, XdpError> {
+    Ok(HashMap::try_from(map(f, MAP_BANS_V4)?)?)
+}
+
+fn bans_v6(f: &mut XdpFilter) -> Result<HashMap<&mut MapData, [u8; 16], BanEntry>, XdpError> {
+    Ok(HashMap::try_from(map(f, MAP_BANS_V6)?)?)
+}
+
+fn bans_v6_64(f: &mut XdpFilter) -> Result<HashMap<&mut MapData, [u8; 8], BanEntry>, XdpError> {
+    Ok(HashMap::try_from(map(f, MAP_BANS_V6_64)?)?)
+}
