@@ -112,6 +112,15 @@ impl App {
     /// Serves until `shutdown` is cancelled, then waits up to the grace period for tasks.
     pub async fn serve(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        if let Some((_, filter)) = &self.xdp {
+            let sweeper = metrics::BanSweeper::new(filter.ban_handle(), &self.registry);
+            match sweeper {
+                Ok(sweeper) => {
+                    tracker.spawn(sweeper.run(shutdown.clone()));
+                }
+                Err(error) => tracing::error!(%error, "ban metrics"),
+            }
+        }
         let state = Arc::new(AdminState {
             registry: self.registry,
         });

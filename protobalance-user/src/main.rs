@@ -1,7 +1,7 @@
 //! The `protobalance` command line: `run`, `check`, and `filter load|unload` for operators
 //! who attach the kernel filter at boot, before the proxy starts.
 
-use std::{io::IsTerminal as _, path::PathBuf};
+use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 
@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use protobalance::{
     app::App,
     config::Config,
-    filter::xdp::{self, AttachMode, XdpFilter},
+    filter::xdp::{self, AttachMode, BanMaps, BanMode, BanTarget, XdpFilter},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -87,6 +87,32 @@ enum FilterCommand {
         #[arg(long)]
         keep_maps: bool,
     },
+    /// Ban an address (or an IPv6 /64: `2001:db8:1:2::/64`) in the pinned filter.
+    Ban {
+        target: String,
+        /// Seconds until the ban expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Drop only new connections (TCP SYN); open sessions continue.
+        #[arg(long)]
+        new_connections: bool,
+        /// A number recorded with the ban (why it was placed).
+        #[arg(long, default_value_t = 0)]
+        reason: u32,
+        #[arg(long, default_value = "/sys/fs/bpf/protobalance")]
+        pin_dir: PathBuf,
+    },
+    /// Lift a ban placed with `filter ban` (or by protobalance).
+    Unban {
+        target: String,
+        #[arg(long, default_value = "/sys/fs/bpf/protobalance")]
+        pin_dir: PathBuf,
+    },
+    /// List the bans in the pinned filter with the time they have left.
+    Bans {
+        #[arg(long, default_value = "/sys/fs/bpf/protobalance")]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -149,6 +175,11 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Filter(
+            command @ (FilterCommand::Ban { .. }
+            | FilterCommand::Unban { .. }
+            | FilterCommand::Bans { .. }),
+        ) => bans_cli(command),
         Command::Filter(FilterCommand::Unload {
             iface,
             pin_dir,
@@ -180,6 +211,60 @@ fn raise_fd_limit() {
         Ok(limit) => tracing::info!(limit, "file descriptor limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the file descriptor limit"),
     }
+}
+
+/// `filter ban|unban|bans` on the maps a running (or boot-loaded) filter pinned.
+fn bans_cli(command: FilterCommand) -> anyhow::Result<()> {
+    match command {
+        FilterCommand::Ban {
+            target,
+            ttl,
+            new_connections,
+            reason,
+            pin_dir,
+        } => {
+            let target = parse_ban_target(&target)?;
+            let mode = if new_connections {
+                BanMode::NewConnections
+            } else {
+                BanMode::All
+            };
+            BanMaps::open_pinned(&pin_dir)?.ban(target, Duration::from_secs(ttl), mode, reason)?;
+            println!("banned {target:?} for {ttl} s ({mode:?})");
+        }
+        FilterCommand::Unban { target, pin_dir } => {
+            let target = parse_ban_target(&target)?;
+            BanMaps::open_pinned(&pin_dir)?.unban(target)?;
+            println!("unbanned {target:?}");
+        }
+        FilterCommand::Bans { pin_dir } => {
+            for ban in BanMaps::open_pinned(&pin_dir)?.list()? {
+                println!(
+                    "{:?}\t{:?}\treason {}\t{} s left",
+                    ban.target,
+                    ban.mode,
+                    ban.reason,
+                    ban.remaining.as_secs()
+                );
+            }
+        }
+        FilterCommand::Load { .. } | FilterCommand::Unload { .. } => {}
+    }
+    Ok(())
+}
+
+/// `198.51.100.7`, `2001:db8::7`, or `2001:db8:1:2::/64` (a whole IPv6 /64).
+fn parse_ban_target(text: &str) -> anyhow::Result<BanTarget> {
+    if let Some(net) = text.strip_suffix("/64") {
+        let addr: std::net::Ipv6Addr = net
+            .parse()
+            .with_context(|| format!("`{text}`: expected an IPv6 /64 like 2001:db8:1:2::/64"))?;
+        return Ok(BanTarget::Ipv6Net64(addr));
+    }
+    let addr: std::net::IpAddr = text
+        .parse()
+        .with_context(|| format!("`{text}` is not an IP address (or IPv6 /64)"))?;
+    Ok(BanTarget::Address(addr))
 }
 
 async fn run(validated: protobalance::config::Validated) -> anyhow::Result<()> {

@@ -131,3 +131,62 @@ impl Collector for DirectoryCollector {
         lookups.collect()
     }
 }
+
+/// Frees the slots of expired bans every few seconds and reports the bans in force.
+pub struct BanSweeper {
+    bans: std::sync::Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>,
+    active: prometheus::IntGauge,
+    expired: prometheus::IntCounter,
+}
+
+impl BanSweeper {
+    pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub fn new(
+        bans: std::sync::Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>,
+        registry: &Registry,
+    ) -> prometheus::Result<Self> {
+        let active = prometheus::IntGauge::new(
+            "protobalance_xdp_bans_active",
+            "Unexpired bans in the kernel",
+        )?;
+        let expired = prometheus::IntCounter::new(
+            "protobalance_xdp_bans_expired_total",
+            "Expired bans removed from the kernel maps by the sweeper",
+        )?;
+        registry.register(Box::new(active.clone()))?;
+        registry.register(Box::new(expired.clone()))?;
+        Ok(Self {
+            bans,
+            active,
+            expired,
+        })
+    }
+
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut ticker = tokio::time::interval(Self::INTERVAL);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => self.sweep(),
+            }
+        }
+    }
+
+    fn sweep(&self) {
+        let mut bans = self
+            .bans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match bans
+            .sweep()
+            .and_then(|swept| Ok((swept, bans.list()?.len())))
+        {
+            Ok((swept, active)) => {
+                self.expired.inc_by(swept as u64);
+                self.active.set(i64::try_from(active).unwrap_or(i64::MAX));
+            }
+            Err(error) => tracing::warn!(%error, "sweeping expired bans failed"),
+        }
+    }
+}

@@ -260,6 +260,7 @@ fn allowlisted_sources_pass_before_blocklist_and_bans() {
     filter.block(cidr("203.0.113.0/24"), 1).expect("block");
     filter.allow(cidr("203.0.113.8/29"), 9).expect("allow");
     filter
+        .bans()
         .ban(
             BanTarget::Address(ip("203.0.113.9")),
             Duration::from_secs(60),
@@ -282,9 +283,10 @@ fn allowlisted_sources_pass_before_blocklist_and_bans() {
 
 #[test]
 fn bans_drop_while_unexpired_by_address_and_ipv6_64() {
-    let Some(mut filter) = load() else { return };
+    let Some(filter) = load() else { return };
     let hour = Duration::from_secs(3600);
     filter
+        .bans()
         .ban(
             BanTarget::Address(ip("198.51.100.7")),
             hour,
@@ -293,10 +295,12 @@ fn bans_drop_while_unexpired_by_address_and_ipv6_64() {
         )
         .expect("ban v4");
     filter
+        .bans()
         .ban(BanTarget::Address(ip("2001:db8::7")), hour, BanMode::All, 1)
         .expect("ban v6");
     let net: std::net::Ipv6Addr = "2001:db8:1:2::".parse().expect("ip");
     filter
+        .bans()
         .ban(BanTarget::Ipv6Net64(net), hour, BanMode::All, 1)
         .expect("ban /64");
     for (src, want) in [
@@ -311,6 +315,7 @@ fn bans_drop_while_unexpired_by_address_and_ipv6_64() {
     }
     assert_eq!(value(&filter, Counter::DropBan), 3);
     filter
+        .bans()
         .unban(BanTarget::Address(ip("198.51.100.7")))
         .expect("unban");
     assert_eq!(
@@ -318,21 +323,23 @@ fn bans_drop_while_unexpired_by_address_and_ipv6_64() {
         XDP_PASS,
         "after unban"
     );
-    assert_eq!(filter.bans().expect("bans").len(), 2);
+    assert_eq!(filter.bans().list().expect("bans").len(), 2);
 }
 
 #[test]
 fn expired_bans_pass_and_are_swept() {
-    let Some(mut filter) = load() else { return };
+    let Some(filter) = load() else { return };
     let past = BanEntry {
         expires_ns: monotonic_ns().saturating_sub(1_000_000),
         mode: 0,
         reason: 1,
     };
     filter
-        .put_ban(BanTarget::Address(ip("198.51.100.9")), past)
+        .bans()
+        .put(BanTarget::Address(ip("198.51.100.9")), past)
         .expect("put");
     filter
+        .bans()
         .ban(
             BanTarget::Address(ip("198.51.100.10")),
             Duration::from_secs(60),
@@ -346,8 +353,8 @@ fn expired_bans_pass_and_are_swept() {
         "expired ban passes"
     );
     assert_eq!(verdict(&filter, &frame_from(ip("198.51.100.10"))), XDP_DROP);
-    assert_eq!(filter.sweep_bans().expect("sweep"), 1);
-    let left = filter.bans().expect("bans");
+    assert_eq!(filter.bans().sweep().expect("sweep"), 1);
+    let left = filter.bans().list().expect("bans");
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].target, BanTarget::Address(ip("198.51.100.10")));
     assert!(left[0].remaining > Duration::from_secs(50));
@@ -355,9 +362,10 @@ fn expired_bans_pass_and_are_swept() {
 
 #[test]
 fn new_connection_bans_drop_only_syns() {
-    let Some(mut filter) = load() else { return };
+    let Some(filter) = load() else { return };
     let src = ip("198.51.100.11");
     filter
+        .bans()
         .ban(
             BanTarget::Address(src),
             Duration::from_secs(60),
@@ -382,6 +390,7 @@ fn new_connection_bans_drop_only_syns() {
     );
     let v6 = ip("2001:db8::11");
     filter
+        .bans()
         .ban(
             BanTarget::Address(v6),
             Duration::from_secs(60),

@@ -308,3 +308,74 @@ fn filter_load_pins_and_run_swaps_into_the_pinned_link() {
         "bot connects once unloaded"
     );
 }
+
+#[test]
+fn cli_bans_drop_new_connections_and_survive_a_restart() {
+    if !require_root("cli_bans_drop_new_connections_and_survive_a_restart") {
+        return;
+    }
+    let net = Net::new("ban");
+    let pins = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/pbt-{}-{}",
+        std::process::id(),
+        net.iface()
+    )));
+    let pin = pins.0.display().to_string();
+    let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
+    let v4 = listener.local_addr().expect("addr");
+    let client = IpAddr::V4(net.subnet.ns_v4);
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("filter")
+            .args(args)
+            .args(["--pin-dir", &pin])
+            .output()
+            .expect("run filter");
+        assert!(
+            out.status.success(),
+            "filter {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let mut proxy = start(&net, "auto", Some(&pins.0));
+    assert!(net.connects(client, v4), "not banned yet");
+    cli(&["ban", &client.to_string(), "--ttl", "120", "--reason", "7"]);
+    assert!(
+        !net.connects(client, v4),
+        "a CLI ban drops the next connection"
+    );
+    assert!(
+        metrics(proxy.admin).contains("reason=\"ban\",verdict=\"drop\"}"),
+        "ban drops counted"
+    );
+
+    // A restart of protobalance keeps the ban: the maps are pinned.
+    process::signal(proxy.guard.id(), "TERM");
+    assert!(
+        proxy
+            .guard
+            .wait_timeout(Duration::from_secs(10))
+            .expect("wait")
+            .is_some()
+    );
+    let mut proxy = start(&net, "auto", Some(&pins.0));
+    assert!(!net.connects(client, v4), "ban survives the restart");
+    let listing = cli(&["bans"]);
+    assert!(
+        listing.contains(&client.to_string()) && listing.contains("reason 7"),
+        "{listing}"
+    );
+
+    cli(&["unban", &client.to_string()]);
+    assert!(net.connects(client, v4), "unban lets it through");
+    process::signal(proxy.guard.id(), "TERM");
+    assert!(
+        proxy
+            .guard
+            .wait_timeout(Duration::from_secs(10))
+            .expect("wait")
+            .is_some()
+    );
+}

@@ -38,7 +38,7 @@ mod pin;
 mod rules;
 use pin::prepare_pin_dir;
 pub use pin::unload_pinned;
-pub use rules::{Ban, BanMode, BanTarget, monotonic_ns};
+pub use rules::{Ban, BanMaps, BanMode, BanTarget, monotonic_ns};
 
 /// The XDP object, built by build.rs from the protobalance-ebpf crate.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/protobalance"));
@@ -108,6 +108,7 @@ pub struct XdpFilter {
     ebpf: Ebpf,
     counters: Arc<Mutex<PerCpuArray<MapData, CounterValue>>>,
     pin_dir: Option<PathBuf>,
+    bans: Arc<Mutex<BanMaps>>,
     /// The attachment this filter owns (detached when the filter is dropped).
     link: Option<XdpLinkId>,
 }
@@ -139,9 +140,11 @@ impl XdpFilter {
             .take_map(MAP_COUNTERS)
             .ok_or(XdpError::Missing(MAP_COUNTERS))?;
         let counters = Arc::new(Mutex::new(PerCpuArray::try_from(counters)?));
+        let bans = Arc::new(Mutex::new(BanMaps::take(&mut ebpf)?));
         Ok(Self {
             ebpf,
             counters,
+            bans,
             pin_dir: pin_dir.map(Path::to_owned),
             link: None,
         })
@@ -274,6 +277,19 @@ impl XdpFilter {
             }
         }
         Ok(out)
+    }
+
+    /// The ban maps (ban, unban, list, sweep), locked for the caller.
+    pub fn bans(&self) -> std::sync::MutexGuard<'_, BanMaps> {
+        self.bans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Shared access to the ban maps for tasks that outlive a borrow (the sweeper, and the
+    /// reputation engine later).
+    pub fn ban_handle(&self) -> Arc<Mutex<BanMaps>> {
+        Arc::clone(&self.bans)
     }
 
     /// Number of entries in the (v4, v6) blocklists.

@@ -1,11 +1,12 @@
 //! The allowlist and timed bans in the kernel maps (the proxy's verdicts become drops).
 //!
 //! Bans expire in the kernel by themselves (the program compares `expires_ns` with
-//! CLOCK_MONOTONIC); [`XdpFilter::sweep_bans`] only frees the map slots of expired entries.
+//! CLOCK_MONOTONIC); [`BanMaps::sweep`] only frees the map slots of expired entries.
 //! With `xdp.pin_dir` the maps are pinned, so bans survive a restart of protobalance.
 
 use std::{
     net::{IpAddr, Ipv6Addr},
+    path::Path,
     time::Duration,
 };
 
@@ -55,6 +56,43 @@ impl XdpFilter {
         }
         Ok(())
     }
+}
+
+/// The three ban maps, taken out of a loaded filter or opened from their pins (so
+/// `protobalance filter ban` works on the filter a running protobalance owns).
+pub struct BanMaps {
+    v4: HashMap<MapData, [u8; 4], BanEntry>,
+    v6: HashMap<MapData, [u8; 16], BanEntry>,
+    v6_64: HashMap<MapData, [u8; 8], BanEntry>,
+}
+
+impl BanMaps {
+    pub(super) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, XdpError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(XdpError::Missing(name));
+        Ok(Self {
+            v4: HashMap::try_from(take(MAP_BANS_V4)?)?,
+            v6: HashMap::try_from(take(MAP_BANS_V6)?)?,
+            v6_64: HashMap::try_from(take(MAP_BANS_V6_64)?)?,
+        })
+    }
+
+    /// The ban maps pinned under `pin_dir` by a running (or boot-loaded) filter.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, XdpError> {
+        let open = |name: &str| {
+            let path = pin_dir.join(name);
+            MapData::from_pin(&path)
+                .map(aya::maps::Map::HashMap)
+                .map_err(|e| XdpError::Io {
+                    path,
+                    source: std::io::Error::other(e.to_string()),
+                })
+        };
+        Ok(Self {
+            v4: HashMap::try_from(open(MAP_BANS_V4)?)?,
+            v6: HashMap::try_from(open(MAP_BANS_V6)?)?,
+            v6_64: HashMap::try_from(open(MAP_BANS_V6_64)?)?,
+        })
+    }
 
     /// Bans `target` for `ttl` (replacing an existing ban of it).
     pub fn ban(
@@ -73,15 +111,15 @@ impl XdpFilter {
             },
             reason,
         };
-        self.put_ban(target, entry)
+        self.put(target, entry)
     }
 
-    /// Writes a ban entry as it is: tests use it for expiries in the past.
-    pub fn put_ban(&mut self, target: BanTarget, entry: BanEntry) -> Result<(), XdpError> {
+    /// Writes a ban entry as it is (tests use it for expiries in the past).
+    pub fn put(&mut self, target: BanTarget, entry: BanEntry) -> Result<(), XdpError> {
         match target {
-            BanTarget::Address(IpAddr::V4(a)) => bans_v4(self)?.insert(a.octets(), entry, 0)?,
-            BanTarget::Address(IpAddr::V6(a)) => bans_v6(self)?.insert(a.octets(), entry, 0)?,
-            BanTarget::Ipv6Net64(a) => bans_v6_64(self)?.insert(net64(a), entry, 0)?,
+            BanTarget::Address(IpAddr::V4(a)) => self.v4.insert(a.octets(), entry, 0)?,
+            BanTarget::Address(IpAddr::V6(a)) => self.v6.insert(a.octets(), entry, 0)?,
+            BanTarget::Ipv6Net64(a) => self.v6_64.insert(net64(a), entry, 0)?,
         }
         Ok(())
     }
@@ -89,9 +127,9 @@ impl XdpFilter {
     /// Lifts a ban; lifting an absent ban is not an error.
     pub fn unban(&mut self, target: BanTarget) -> Result<(), XdpError> {
         let result = match target {
-            BanTarget::Address(IpAddr::V4(a)) => bans_v4(self)?.remove(&a.octets()),
-            BanTarget::Address(IpAddr::V6(a)) => bans_v6(self)?.remove(&a.octets()),
-            BanTarget::Ipv6Net64(a) => bans_v6_64(self)?.remove(&net64(a)),
+            BanTarget::Address(IpAddr::V4(a)) => self.v4.remove(&a.octets()),
+            BanTarget::Address(IpAddr::V6(a)) => self.v6.remove(&a.octets()),
+            BanTarget::Ipv6Net64(a) => self.v6_64.remove(&net64(a)),
         };
         match result {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
@@ -100,18 +138,18 @@ impl XdpFilter {
     }
 
     /// Every ban in the kernel, expired ones included (remaining zero).
-    pub fn bans(&mut self) -> Result<Vec<Ban>, XdpError> {
+    pub fn list(&self) -> Result<Vec<Ban>, XdpError> {
         let now = monotonic_ns();
         let mut out = Vec::new();
-        for item in bans_v4(self)?.iter() {
+        for item in self.v4.iter() {
             let (key, entry) = item?;
             out.push(ban(BanTarget::Address(IpAddr::from(key)), entry, now));
         }
-        for item in bans_v6(self)?.iter() {
+        for item in self.v6.iter() {
             let (key, entry) = item?;
             out.push(ban(BanTarget::Address(IpAddr::from(key)), entry, now));
         }
-        for item in bans_v6_64(self)?.iter() {
+        for item in self.v6_64.iter() {
             let (key, entry) = item?;
             let mut addr = [0u8; 16];
             addr[..8].copy_from_slice(&key);
@@ -121,9 +159,9 @@ impl XdpFilter {
     }
 
     /// Removes expired bans; returns how many.
-    pub fn sweep_bans(&mut self) -> Result<usize, XdpError> {
+    pub fn sweep(&mut self) -> Result<usize, XdpError> {
         let expired: Vec<BanTarget> = self
-            .bans()?
+            .list()?
             .into_iter()
             .filter(|b| b.remaining.is_zero())
             .map(|b| b.target)
@@ -181,16 +219,4 @@ fn allow_v4(f: &mut XdpFilter) -> Result<LpmTrie<&mut MapData, [u8; 4], u32>, Xd
 
 fn allow_v6(f: &mut XdpFilter) -> Result<LpmTrie<&mut MapData, [u8; 16], u32>, XdpError> {
     Ok(LpmTrie::try_from(map(f, MAP_ALLOW_V6)?)?)
-}
-
-fn bans_v4(f: &mut XdpFilter) -> Result<HashMap<&mut MapData, [u8; 4], BanEntry>, XdpError> {
-    Ok(HashMap::try_from(map(f, MAP_BANS_V4)?)?)
-}
-
-fn bans_v6(f: &mut XdpFilter) -> Result<HashMap<&mut MapData, [u8; 16], BanEntry>, XdpError> {
-    Ok(HashMap::try_from(map(f, MAP_BANS_V6)?)?)
-}
-
-fn bans_v6_64(f: &mut XdpFilter) -> Result<HashMap<&mut MapData, [u8; 8], BanEntry>, XdpError> {
-    Ok(HashMap::try_from(map(f, MAP_BANS_V6_64)?)?)
 }
