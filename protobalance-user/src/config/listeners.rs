@@ -11,6 +11,8 @@ use super::Problem;
 pub enum Protocol {
     Pop3,
     Imap,
+    /// Inbound mail (MX, port 25) delivered to the owner's LMTP service.
+    Smtp,
 }
 
 impl Protocol {
@@ -18,6 +20,7 @@ impl Protocol {
         match self {
             Self::Pop3 => "pop3",
             Self::Imap => "imap",
+            Self::Smtp => "smtp",
         }
     }
 }
@@ -87,6 +90,10 @@ pub struct LimitsConfig {
     /// Seconds to wait for a backend's TCP connect.
     #[serde(default = "default_connect_timeout")]
     pub backend_connect_timeout_seconds: u64,
+    /// Largest message SMTP accepts, in octets as RFC 1870 counts them (advertised as
+    /// `SIZE`; larger ones get `552 5.3.4`).
+    #[serde(default = "default_max_message")]
+    pub max_message_octets: u64,
 }
 
 impl Default for LimitsConfig {
@@ -98,6 +105,7 @@ impl Default for LimitsConfig {
             max_sessions_per_ip: default_sessions_per_ip(),
             backend_connect_timeout_seconds: default_connect_timeout(),
             max_line_octets: default_max_line(),
+            max_message_octets: default_max_message(),
         }
     }
 }
@@ -119,6 +127,9 @@ const fn default_max_line() -> usize {
 }
 const fn default_connect_timeout() -> u64 {
     3
+}
+const fn default_max_message() -> u64 {
+    25 * 1024 * 1024
 }
 
 impl LimitsConfig {
@@ -169,6 +180,12 @@ impl LimitsConfig {
                 self.max_line_octets as u64,
                 256,
                 65_536,
+            ),
+            (
+                "limits.max_message_octets",
+                self.max_message_octets,
+                1024,
+                1 << 31,
             ),
         ];
         for (key, value, min, max) in checks {

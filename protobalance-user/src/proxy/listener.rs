@@ -13,7 +13,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{Conn, Outcome, ProxyContext};
 use crate::{
     config::{Protocol, TlsMode},
-    imap, pop3,
+    imap, pop3, smtp,
     tls::ClientStream,
 };
 
@@ -91,6 +91,7 @@ async fn session(
     match protocol {
         Protocol::Pop3 => pop3::session::run(stream, &conn, ctx).await,
         Protocol::Imap => imap::session::run(stream, &conn, ctx).await,
+        Protocol::Smtp => smtp::session::run(stream, &conn, ctx).await,
     }
 }
 
@@ -100,5 +101,8 @@ fn refusal(protocol: Protocol) -> Vec<u8> {
             pop3::codec::err(Some("SYS/TEMP"), "Too many connections from your address")
         }
         Protocol::Imap => imap::codec::bye("[UNAVAILABLE] Too many connections from your address"),
+        Protocol::Smtp => {
+            smtp::codec::reply(421, Some("4.7.0"), "Too many connections from your address")
+        }
     }
 }

@@ -1,0 +1,374 @@
+//! The inbound SMTP session driver (MX, RFC 5321): banner, EHLO/HELO, MAIL, RCPT, DATA,
+//! RSET, NOOP, QUIT, VRFY, HELP, with PIPELINING (RFC 2920: commands are taken from the
+//! buffer one by one, so pipelined input is answered in order), SIZE (RFC 1870), 8BITMIME
+//! (RFC 6152) and ENHANCEDSTATUSCODES (RFC 2034). One banner and one capability list for
+//! the whole cluster.
+//!
+//! Routing (`transaction`): the first accepted recipient binds the transaction to its
+//! owner's LMTP service (`deliver`); recipients of other backends get `452 4.5.3`, and
+//! the edge is never a relay (`554 5.7.1`).
+//!
+//! DATA streams through a `DataReader` (bounded, strict `CRLF.CRLF`): bare CR/LF are
+//! refused with `550 5.6.0`, so no smuggled transaction reaches a backend. Every read has
+//! the command timeout (`limits.pre_auth_timeout` for now) and every buffer a bound.
+//! Not yet here: STARTTLS, AUTH/submission, XCLIENT, SMTP (non-LMTP) backends, SMTPUTF8.
+
+use std::time::Duration;
+
+use bytes::{Buf as _, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use super::{
+    codec::{
+        self, BareLineEndings, CodecError, Command, DataReader, DataState, DataVerdict, Decoded,
+        ForwardPath, MailParameters, ReversePath, reply,
+    },
+    deliver::{self, Lmtp, Verdict},
+    transaction::{Binding, Transaction, backend_lost},
+};
+use crate::{
+    proxy::{Conn, Outcome, ProxyContext},
+    tls::ClientStream,
+};
+
+/// Refused commands per session before it is closed.
+const MAX_ERRORS: u32 = 10;
+/// Bare CR/LF in DATA are refused (configurable normalization is for later).
+const BARE_LINE_ENDINGS: BareLineEndings = BareLineEndings::Reject;
+/// Client read size; the buffer never holds more than a command line plus one read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why reading from the client stopped.
+enum ReadEnd {
+    Closed,
+    TimedOut,
+}
+
+struct Client<S> {
+    stream: ClientStream<S>,
+    buf: BytesMut,
+    timeout: Duration,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    async fn send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).await.is_ok()
+    }
+
+    async fn fill(&mut self) -> Result<(), ReadEnd> {
+        self.buf.reserve(READ_CHUNK);
+        let read = tokio::time::timeout(self.timeout, self.stream.read_buf(&mut self.buf));
+        match read.await {
+            Err(_) => Err(ReadEnd::TimedOut),
+            Ok(Ok(0) | Err(_)) => Err(ReadEnd::Closed),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// The next command, or the codec's complaint about the next line (already skipped
+    /// when the codec says where the line ends).
+    async fn next_command(&mut self) -> Result<Result<Command, CodecError>, ReadEnd> {
+        loop {
+            match codec::decode_command(&self.buf) {
+                Ok(Decoded::Complete { value, consumed }) => {
+                    self.buf.advance(consumed);
+                    return Ok(Ok(value));
+                }
+                Ok(Decoded::Incomplete) => self.fill().await?,
+                Err(error) => {
+                    self.buf.advance(error.resume_at().unwrap_or(0));
+                    return Ok(Err(error));
+                }
+            }
+        }
+    }
+}
+
+/// Where the session stands.
+enum Phase {
+    /// Before EHLO/HELO.
+    Connected,
+    /// Greeted, no transaction.
+    Idle,
+    Mail(Transaction),
+}
+
+enum Step {
+    Continue,
+    End(Outcome),
+}
+
+struct Session<'a, S> {
+    client: Client<S>,
+    conn: &'a Conn,
+    ctx: &'a ProxyContext,
+    phase: Phase,
+    errors: u32,
+    delivered: u32,
+}
+
+/// Serves one inbound SMTP connection. The outcome is `Proxied` when at least one message
+/// was delivered, else `ClientQuit` (or `ClientError` for a timeout or protocol abuse).
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: ClientStream<S>,
+    conn: &Conn,
+    ctx: &ProxyContext,
+) -> Outcome {
+    let client = Client {
+        stream,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        timeout: ctx.limits.pre_auth_timeout(),
+    };
+    let mut session = Session {
+        client,
+        conn,
+        ctx,
+        phase: Phase::Connected,
+        errors: 0,
+        delivered: 0,
+    };
+    if !session.client.send(&reply(220, None, &ctx.banner)).await {
+        return Outcome::ClientQuit;
+    }
+    loop {
+        let step = match session.client.next_command().await {
+            Ok(Ok(command)) => session.handle(command).await,
+            Ok(Err(error)) => session.refuse_line(error).await,
+            Err(end) => return session.close(end).await,
+        };
+        if let Step::End(outcome) = step {
+            return outcome;
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
+    async fn handle(&mut self, command: Command) -> Step {
+        let answer = match command {
+            Command::Ehlo { .. } => self.greet(true),
+            Command::Helo { .. } => self.greet(false),
+            Command::Mail { from, params } => self.mail(&from, &params),
+            Command::Rcpt { to, params } => self.rcpt(&to, params.is_empty()).await,
+            Command::Data => return self.data().await,
+            Command::Rset => {
+                if !matches!(self.phase, Phase::Connected) {
+                    self.phase = Phase::Idle;
+                }
+                reply(250, Some("2.0.0"), "OK")
+            }
+            Command::Noop => reply(250, Some("2.0.0"), "OK"),
+            Command::Quit => {
+                self.client.send(&reply(221, Some("2.0.0"), "Bye")).await;
+                return Step::End(self.finished());
+            }
+            Command::Vrfy { .. } => reply(252, Some("2.5.2"), "Cannot VRFY; send mail to it"),
+            Command::Help { .. } => reply(214, Some("2.0.0"), "See RFC 5321"),
+            Command::Expn { .. } | Command::StartTls | Command::Auth { .. } => {
+                reply(502, Some("5.5.1"), "Command not implemented")
+            }
+            Command::Bdat { .. } => {
+                // Its chunk follows unannounced; without CHUNKING there is no resync.
+                let text = "BDAT not supported; closing";
+                self.client.send(&reply(502, Some("5.5.1"), text)).await;
+                return Step::End(Outcome::ClientError);
+            }
+            Command::Unknown { .. } => {
+                return self.error(500, "5.5.2", "Command unrecognized").await;
+            }
+            Command::NonSmtp { .. } => return Step::End(Outcome::ClientError),
+        };
+        self.answer(&answer).await
+    }
+
+    async fn answer(&mut self, bytes: &[u8]) -> Step {
+        if self.client.send(bytes).await {
+            Step::Continue
+        } else {
+            Step::End(self.finished())
+        }
+    }
+
+    /// Answers a refused command; too many end the session.
+    async fn error(&mut self, code: u16, enhanced: &str, text: &str) -> Step {
+        self.errors += 1;
+        if self.errors > MAX_ERRORS {
+            let bye = reply(421, Some("4.7.0"), "Too many errors; closing");
+            self.client.send(&bye).await;
+            return Step::End(Outcome::ClientError);
+        }
+        self.answer(&reply(code, Some(enhanced), text)).await
+    }
+
+    async fn refuse_line(&mut self, error: CodecError) -> Step {
+        match error {
+            CodecError::LineTooLong => {
+                let text = "Line too long; closing";
+                self.client.send(&reply(500, Some("5.5.2"), text)).await;
+                Step::End(Outcome::ClientError)
+            }
+            CodecError::Syntax { problem, .. } => {
+                let (code, enhanced) = problem.reply_code();
+                self.error(code, enhanced, &problem.to_string()).await
+            }
+            _ => {
+                self.error(500, "5.5.2", "Bare LF in command; use CRLF")
+                    .await
+            }
+        }
+    }
+
+    async fn close(&mut self, end: ReadEnd) -> Outcome {
+        match end {
+            ReadEnd::Closed => self.finished(),
+            ReadEnd::TimedOut => {
+                let bye = reply(
+                    421,
+                    Some("4.4.2"),
+                    "Timed out waiting for a command; closing",
+                );
+                self.client.send(&bye).await;
+                Outcome::ClientError
+            }
+        }
+    }
+
+    fn finished(&self) -> Outcome {
+        match self.delivered {
+            0 => Outcome::ClientQuit,
+            _ => Outcome::Proxied,
+        }
+    }
+
+    /// EHLO/HELO reset any transaction (RFC 5321 §4.1.4).
+    fn greet(&mut self, extended: bool) -> Vec<u8> {
+        self.phase = Phase::Idle;
+        if !extended {
+            return reply(250, None, &self.ctx.banner);
+        }
+        let size = format!("SIZE {}", self.ctx.limits.max_message_octets);
+        let extensions = ["PIPELINING", &size, "8BITMIME", "ENHANCEDSTATUSCODES"];
+        codec::ehlo_reply(&self.ctx.banner, &extensions)
+    }
+
+    fn mail(&mut self, from: &ReversePath, params: &MailParameters) -> Vec<u8> {
+        match self.phase {
+            Phase::Connected => return reply(503, Some("5.5.1"), "Send EHLO or HELO first"),
+            Phase::Mail(_) => return reply(503, Some("5.5.1"), "Nested MAIL command"),
+            Phase::Idle => {}
+        }
+        match Transaction::begin(from, params, self.ctx.limits.max_message_octets) {
+            Ok(tx) => {
+                self.phase = Phase::Mail(tx);
+                reply(250, Some("2.1.0"), "OK")
+            }
+            Err(refusal) => refusal,
+        }
+    }
+
+    async fn rcpt(&mut self, to: &ForwardPath, no_params: bool) -> Vec<u8> {
+        let Phase::Mail(tx) = &mut self.phase else {
+            return reply(503, Some("5.5.1"), "Send MAIL first");
+        };
+        tx.rcpt(self.ctx, self.conn, to, no_params).await
+    }
+
+    async fn data(&mut self) -> Step {
+        let binding = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Mail(tx) => tx.into_binding(),
+            other => {
+                self.phase = other;
+                return self
+                    .answer(&reply(503, Some("5.5.1"), "Send MAIL first"))
+                    .await;
+            }
+        };
+        let mut lmtp = match binding {
+            Binding::Bound(lmtp) => lmtp,
+            Binding::Unbound => return self.answer(&no_recipients()).await,
+            Binding::Lost => return self.answer(&backend_lost()).await,
+        };
+        if let Err(error) = lmtp.start_data().await {
+            tracing::warn!(%error, "LMTP DATA failed");
+            return self.answer(&backend_lost()).await;
+        }
+        let go_on = reply(354, None, "End data with <CR><LF>.<CR><LF>");
+        if !self.client.send(&go_on).await {
+            return Step::End(self.finished());
+        }
+        match self.stream_data(lmtp).await {
+            Ok((verdict, lmtp)) => {
+                let answer = self.end_of_data(verdict, lmtp).await;
+                self.answer(&answer).await
+            }
+            Err(end) => Step::End(self.close(end).await),
+        }
+    }
+
+    /// Forwards the message as it arrives until its end; the backend is dropped (closed
+    /// without the end of data) when the message is refused or the backend fails.
+    async fn stream_data(&mut self, lmtp: Lmtp) -> Result<(DataVerdict, Option<Lmtp>), ReadEnd> {
+        let mut reader = DataReader::new(self.ctx.limits.max_message_octets, BARE_LINE_ENDINGS);
+        let mut backend = Some(lmtp);
+        let mut out = Vec::with_capacity(2 * READ_CHUNK);
+        loop {
+            if self.client.buf.is_empty() {
+                self.client.fill().await?;
+            }
+            out.clear();
+            let feed = reader.feed(&self.client.buf, &mut out);
+            self.client.buf.advance(feed.consumed);
+            if let Some(lmtp) = backend.as_mut()
+                && !out.is_empty()
+                && let Err(error) = lmtp.write(&out).await
+            {
+                tracing::warn!(%error, "backend lost during DATA");
+                backend = None;
+            }
+            match feed.state {
+                DataState::End => return Ok((reader.verdict(), backend)),
+                DataState::Exceeded | DataState::BareLineEnding => backend = None,
+                DataState::More => {}
+            }
+        }
+    }
+
+    async fn end_of_data(&mut self, verdict: DataVerdict, lmtp: Option<Lmtp>) -> Vec<u8> {
+        match (verdict, lmtp) {
+            (DataVerdict::Ok { .. }, Some(lmtp)) => self.deliver(lmtp).await,
+            (DataVerdict::Ok { .. }, None) => backend_lost(),
+            (DataVerdict::TooBig { .. }, _) => {
+                reply(552, Some("5.3.4"), "Message size exceeds fixed limit")
+            }
+            (DataVerdict::BareLineEnding, _) => {
+                reply(550, Some("5.6.0"), "Bare CR or LF in message; use CRLF")
+            }
+        }
+    }
+
+    async fn deliver(&mut self, lmtp: Lmtp) -> Vec<u8> {
+        let backend = lmtp.backend().to_owned();
+        let replies = match lmtp.finish().await {
+            Ok(replies) => replies,
+            Err(error) => {
+                tracing::warn!(%error, "backend lost at the end of DATA");
+                return backend_lost();
+            }
+        };
+        for (mailbox, refusal) in replies.iter().filter(|(_, r)| !r.is_positive()) {
+            tracing::warn!(%mailbox, %backend, code = refusal.code, "backend refused a recipient after DATA");
+        }
+        let replies: Vec<_> = replies.into_iter().map(|(_, r)| r).collect();
+        match deliver::verdict(&replies) {
+            Verdict::Delivered | Verdict::PartlyRefused => {
+                self.delivered += 1;
+                reply(250, Some("2.0.0"), "Message accepted for delivery")
+            }
+            Verdict::TryAgain => reply(451, Some("4.3.0"), "Delivery failed; try again later"),
+            Verdict::Refused(refusal) => deliver::relay(&refusal),
+        }
+    }
+}
+
+fn no_recipients() -> Vec<u8> {
+    reply(503, Some("5.5.1"), "No valid recipients")
+}

@@ -1,0 +1,196 @@
+//! One inbound SMTP transaction (RFC 5321 §3.3), from MAIL FROM to the end of DATA: the
+//! checks on MAIL (RFC 1870 SIZE, RFC 6152 BODY) and the routing of each RCPT.
+//!
+//! Routing rule: the first accepted recipient binds the transaction to its owner's LMTP
+//! service; a recipient owned by any other backend gets `452 4.5.3` (RFC 5321
+//! §4.5.3.1.10), so the sender delivers it in a new transaction — nothing is spooled at
+//! the edge and a mailbox is never delivered to a backend that does not own it. The edge
+//! is no relay: foreign domains, address literals, source routes (`<@a:x@ext>`), quoted
+//! local parts (`"x@ext"@ours`) and `%`/`!` routing (refused by the directory's
+//! normalizer) all get `554 5.7.1`.
+
+use super::{
+    codec::{Body, ForwardPath, MailParameters, ReversePath, reply},
+    deliver::{self, Envelope, Lmtp},
+};
+use crate::{
+    directory::{AddressError, Route},
+    proxy::{Conn, ProxyContext},
+};
+
+/// Accepted recipients per transaction; more get `452 4.5.3` (RFC 5321 §4.5.3.1.10).
+const MAX_RECIPIENTS: usize = 100;
+
+pub struct Transaction {
+    envelope: Envelope,
+    binding: Binding,
+}
+
+/// The backend a transaction is bound to.
+pub enum Binding {
+    /// No recipient accepted yet.
+    Unbound,
+    /// Bound by its first accepted recipient; holds the open LMTP transaction.
+    Bound(Lmtp),
+    /// Recipients were accepted, then the backend connection failed: DATA gets `451`.
+    Lost,
+}
+
+impl Transaction {
+    /// Checks MAIL FROM; `Err` is the refusal to send.
+    pub fn begin(
+        from: &ReversePath,
+        params: &MailParameters,
+        max_size: u64,
+    ) -> Result<Self, Vec<u8>> {
+        if params.size.is_some_and(|size| size > max_size) {
+            return Err(reply(
+                552,
+                Some("5.3.4"),
+                "Message size exceeds fixed limit",
+            ));
+        }
+        // Only what the EHLO reply offers; AUTH= is ignored (RFC 4954 §5).
+        let unsupported =
+            params.smtputf8 || params.body == Some(Body::BinaryMime) || !params.other.is_empty();
+        if unsupported {
+            return Err(reply(555, Some("5.5.4"), "Unsupported MAIL parameter"));
+        }
+        let path = match from {
+            ReversePath::Null => "",
+            ReversePath::Path(path) if path.is_ascii() => path.raw(),
+            ReversePath::Path(_) => {
+                return Err(reply(553, Some("5.6.7"), "SMTPUTF8 not supported"));
+            }
+        };
+        let envelope = Envelope {
+            reverse_path: format!("<{path}>"),
+            eight_bit: params.body == Some(Body::EightBitMime),
+            size: params.size,
+        };
+        Ok(Self {
+            envelope,
+            binding: Binding::Unbound,
+        })
+    }
+
+    /// Ends the transaction, handing over its backend for DATA.
+    pub fn into_binding(self) -> Binding {
+        self.binding
+    }
+
+    /// Routes one RCPT and answers it.
+    pub async fn rcpt(
+        &mut self,
+        ctx: &ProxyContext,
+        conn: &Conn,
+        to: &ForwardPath,
+        no_params: bool,
+    ) -> Vec<u8> {
+        if !no_params {
+            // NOTIFY/ORCPT (RFC 3461) need DSN, which is not offered.
+            return reply(555, Some("5.5.4"), "Unsupported RCPT parameter");
+        }
+        let address = match to {
+            ForwardPath::Path(path)
+                if !path.source_route && !path.quoted_local && !path.domain.starts_with('[') =>
+            {
+                format!("{}@{}", path.local, path.domain)
+            }
+            ForwardPath::Path(_) => return relay_denied(),
+            ForwardPath::Postmaster => return reply(550, Some("5.1.1"), "Use postmaster@domain"),
+        };
+        if self.accepted() >= MAX_RECIPIENTS {
+            return too_many_recipients();
+        }
+        match ctx.directory.route(&address).await {
+            Ok(Ok(Route::Owner { mailbox, backend })) => {
+                let mailbox = mailbox.mailbox.to_string();
+                self.offer(ctx, conn, &mailbox, &backend).await
+            }
+            Ok(Ok(Route::UnknownMailbox(_))) => reply(550, Some("5.1.1"), "No such mailbox"),
+            Ok(Ok(Route::ForeignDomain(_))) => relay_denied(),
+            // `route` assigns; a candidate is only ever a login's answer.
+            Ok(Ok(Route::Candidate { .. })) => reply(451, Some("4.3.0"), "Try again later"),
+            Ok(Err(AddressError::BadLocal(_) | AddressError::BadDomain(_))) => relay_denied(),
+            Ok(Err(_)) => reply(501, Some("5.1.3"), "Bad recipient address syntax"),
+            Err(error) => {
+                tracing::error!(%error, "directory lookup failed");
+                reply(451, Some("4.3.0"), "Directory unavailable; try again later")
+            }
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        match &self.binding {
+            Binding::Bound(lmtp) => lmtp.accepted(),
+            Binding::Unbound | Binding::Lost => 0,
+        }
+    }
+
+    /// Offers `mailbox` to its owner `backend`, binding the transaction on first
+    /// acceptance; the backend's own refusal is relayed.
+    async fn offer(
+        &mut self,
+        ctx: &ProxyContext,
+        conn: &Conn,
+        mailbox: &str,
+        backend: &str,
+    ) -> Vec<u8> {
+        if let Binding::Unbound = self.binding {
+            match Lmtp::open(ctx, conn, backend, &self.envelope).await {
+                Ok(lmtp) => self.binding = Binding::Bound(lmtp),
+                Err(error) => {
+                    tracing::warn!(%error, "owner unavailable for a recipient");
+                    return owner_unavailable();
+                }
+            }
+        }
+        let lmtp = match &mut self.binding {
+            Binding::Bound(lmtp) if lmtp.backend() == backend => lmtp,
+            Binding::Bound(_) => return too_many_recipients(),
+            Binding::Unbound | Binding::Lost => return backend_lost(),
+        };
+        let answer = lmtp.rcpt(mailbox).await;
+        let accepted = lmtp.accepted();
+        match answer {
+            Ok(answer) if answer.is_positive() => reply(250, Some("2.1.5"), "OK"),
+            Ok(refusal) => {
+                if accepted == 0 {
+                    self.binding = Binding::Unbound;
+                }
+                deliver::relay(&refusal)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "backend lost during RCPT");
+                self.binding = match accepted {
+                    0 => Binding::Unbound,
+                    _ => Binding::Lost,
+                };
+                owner_unavailable()
+            }
+        }
+    }
+}
+
+fn relay_denied() -> Vec<u8> {
+    reply(554, Some("5.7.1"), "Relay access denied")
+}
+
+fn too_many_recipients() -> Vec<u8> {
+    let text = "Too many recipients for this transaction; try again";
+    reply(452, Some("4.5.3"), text)
+}
+
+fn owner_unavailable() -> Vec<u8> {
+    reply(
+        451,
+        Some("4.4.1"),
+        "Mailbox server unavailable; try again later",
+    )
+}
+
+pub fn backend_lost() -> Vec<u8> {
+    let text = "Connection to the mailbox server lost; try again later";
+    reply(451, Some("4.4.2"), text)
+}

@@ -1,0 +1,353 @@
+//! Inbound SMTP (MX) through protobalance to three real Dovecot LMTP backends, driven by
+//! Python's smtplib and by raw sockets: mail lands in the owner's maildir and nowhere
+//! else, a transaction stays on one backend (the others' recipients get 452 4.5.3 and
+//! arrive in a second transaction), the edge is no relay, smuggled transactions and
+//! oversized messages are refused without anything stored, and a stopped owner is a
+//! temporary failure at RCPT.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use protobalance_tests::{DovecotCluster, python};
+
+mod support;
+
+use support::{Edge, Listen, USERS, backend_index, owner, start_edge};
+
+fn skip() -> bool {
+    support::skip("smtp_inbound")
+}
+
+/// Runs smtplib code with `s` connected (and EHLO'd) to the edge's first listener.
+fn smtplib(edge: &Edge, code: &str) -> String {
+    let addr = edge.listeners[0];
+    python(&format!(
+        "import smtplib\ns = smtplib.SMTP('{}', {}, timeout=10)\ns.ehlo('client.example.net')\n{code}\n",
+        addr.ip(),
+        addr.port()
+    ))
+    .expect("smtplib script")
+}
+
+fn message(token: &str) -> String {
+    format!("Subject: {token}\\r\\n\\r\\nbody {token}\\r\\nline two\\r\\n")
+}
+
+/// Every stored message of `user` on `backend`, line endings as LF.
+fn stored(cluster: &DovecotCluster, backend: &str, user: &str) -> Vec<String> {
+    let b = cluster.backend(backend_index(backend)).expect("backend");
+    let maildir = b.maildir(user).expect("maildir");
+    let mut messages = Vec::new();
+    for sub in ["new", "cur"] {
+        let Ok(entries) = std::fs::read_dir(maildir.join(sub)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let text = std::fs::read(entry.path()).expect("message file");
+            messages.push(String::from_utf8_lossy(&text).replace("\r\n", "\n"));
+        }
+    }
+    messages
+}
+
+/// Asserts `user` has exactly `count` messages on its owner and none anywhere else.
+fn assert_only_on_owner(cluster: &DovecotCluster, edge: &Edge, user: &str, count: usize) {
+    let home = owner(edge, user);
+    for b in cluster.backends() {
+        let expected = if b.name() == home { count } else { 0 };
+        assert_eq!(
+            b.message_count(user).expect("count"),
+            expected,
+            "{user} on {}",
+            b.name()
+        );
+    }
+}
+
+/// `n` users, the first two on one backend, the third on another.
+fn spread_users(edge: &Edge) -> [String; 3] {
+    let users: Vec<String> = (1..=USERS)
+        .map(|n| format!("user{n}@example.com"))
+        .collect();
+    let first = &users[0];
+    let home = owner(edge, first);
+    let same = users[1..]
+        .iter()
+        .find(|u| owner(edge, u) == home)
+        .expect("same backend");
+    let other = users[1..]
+        .iter()
+        .find(|u| owner(edge, u) != home)
+        .expect("other backend");
+    [first.clone(), same.clone(), other.clone()]
+}
+
+#[test]
+fn mail_lands_on_the_owner_and_transactions_stay_on_one_backend() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let edge = start_edge(&cluster, &[Listen("smtp", None)], "");
+
+    // One recipient: stored byte for byte on its owner only.
+    let user = "user250@example.com";
+    let token = format!("single-{}", std::process::id());
+    let out = smtplib(
+        &edge,
+        &format!(
+            "print(s.esmtp_features)\nprint(s.sendmail('a@sender.example.net', ['{user}'], '{}'))\ns.quit()",
+            message(&token)
+        ),
+    );
+    assert!(out.contains("'size': '26214400'"), "EHLO: {out}");
+    assert!(out.contains("'pipelining'") && out.contains("'enhancedstatuscodes'"));
+    assert!(out.trim_end().ends_with("{}"), "all accepted: {out}");
+    assert_only_on_owner(&cluster, &edge, user, 1);
+    let text = stored(&cluster, &owner(&edge, user), user).join("");
+    assert!(
+        text.contains(&format!("Subject: {token}\n\nbody {token}\nline two\n")),
+        "{text}"
+    );
+
+    // swaks, a second real client, with PIPELINING.
+    let user = "user251@example.com";
+    let addr = edge.listeners[0];
+    let out = std::process::Command::new("swaks")
+        .args([
+            "--server",
+            &addr.ip().to_string(),
+            "--port",
+            &addr.port().to_string(),
+        ])
+        .args(["--to", user, "--from", "b@sender.example.net", "--pipeline"])
+        .args(["--header", "Subject: swaks-token", "--body", "swaks body"])
+        .args(["--timeout", "10", "--helo", "client.example.net"])
+        .output()
+        .expect("run swaks");
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "swaks: {transcript}");
+    assert!(
+        transcript.contains("<-  250 2.0.0 Message accepted"),
+        "{transcript}"
+    );
+    assert_only_on_owner(&cluster, &edge, user, 1);
+    let text = stored(&cluster, &owner(&edge, user), user).join("");
+    assert!(
+        text.contains("Subject: swaks-token") && text.contains("swaks body"),
+        "{text}"
+    );
+
+    // Three recipients on two backends: the third is deferred, then sent on its own.
+    let [a, b, c] = spread_users(&edge);
+    let body = message("multi");
+    let out = smtplib(
+        &edge,
+        &format!(
+            "print(s.sendmail('a@sender.example.net', ['{a}', '{c}', '{b}'], '{body}'))\n\
+             print(s.sendmail('a@sender.example.net', ['{c}'], '{body}'))\ns.quit()"
+        ),
+    );
+    assert!(
+        out.contains(&format!("'{c}': (452, b'4.5.3 Too many recipients"))
+            && out.trim_end().ends_with("{}"),
+        "{out}"
+    );
+    for user in [&a, &b, &c] {
+        assert_only_on_owner(&cluster, &edge, user, 1);
+    }
+
+    // Unknown mailboxes and every relay form are refused at RCPT.
+    let mut smtp = RawSmtp::connect(edge.listeners[0]);
+    smtp.command("EHLO client.example.net", "250 ");
+    smtp.command("MAIL FROM:<a@sender.example.net>", "250 2.1.0");
+    smtp.command("RCPT TO:<nobody@example.com>", "550 5.1.1");
+    for relay in [
+        "<user1@elsewhere.example>",
+        "<x%elsewhere.example@example.com>",
+        "<\"x@elsewhere.example\"@example.com>",
+        "<@a.example:x@elsewhere.example>",
+        "<x!y@example.com>",
+    ] {
+        smtp.command(&format!("RCPT TO:{relay}"), "554 5.7.1 Relay access denied");
+    }
+    smtp.command("DATA", "503 5.5.1");
+    smtp.command("QUIT", "221");
+}
+
+#[test]
+fn smuggling_and_oversized_messages_store_nothing() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let limits = "[limits]\npre_auth_timeout_seconds = 5\nmax_message_octets = 10000\n";
+    let edge = start_edge(&cluster, &[Listen("smtp", None)], limits);
+    let user = "user7@example.com";
+    let mut smtp = RawSmtp::connect(edge.listeners[0]);
+    smtp.command("EHLO client.example.net", "250 ");
+    for end in ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r"] {
+        smtp.command("MAIL FROM:<a@sender.example.net>", "250");
+        smtp.command(&format!("RCPT TO:<{user}>"), "250 2.1.5");
+        smtp.command("DATA", "354");
+        let smuggled = format!(
+            "Subject: cover\r\n\r\nhello{end}MAIL FROM:<evil@x.example>\r\nRCPT TO:<{user}>\r\n\
+             DATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n"
+        );
+        smtp.send(smuggled.as_bytes());
+        smtp.expect("550 5.6.0 Bare CR or LF");
+    }
+    // The session is still in step: a clean message goes through after all that.
+    smtp.command("MAIL FROM:<a@sender.example.net>", "250");
+    smtp.command(&format!("RCPT TO:<{user}>"), "250");
+    smtp.command("DATA", "354");
+    smtp.send(b"Subject: clean\r\n\r\n.. a stuffed dot line\r\n.\r\n");
+    smtp.expect("250 2.0.0");
+    assert_only_on_owner(&cluster, &edge, user, 1);
+    let text = stored(&cluster, &owner(&edge, user), user).join("");
+    assert!(
+        text.contains("Subject: clean\n\n. a stuffed dot line\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("smuggled") && !text.contains("evil"),
+        "{text}"
+    );
+
+    // Over the limit in DATA (no SIZE announced): 552 after the end, nothing stored.
+    let big = "x".repeat(70);
+    let other = "user8@example.com";
+    smtp.command("MAIL FROM:<a@sender.example.net>", "250");
+    smtp.command(&format!("RCPT TO:<{other}>"), "250");
+    smtp.command("DATA", "354");
+    for _ in 0..300 {
+        smtp.send(format!("{big}\r\n").as_bytes());
+    }
+    smtp.send(b".\r\n");
+    smtp.expect("552 5.3.4");
+    smtp.command("NOOP", "250");
+    smtp.command("QUIT", "221");
+    // Announced with SIZE (smtplib does so when the server offers it): 552 at MAIL.
+    let out = smtplib(
+        &edge,
+        &format!(
+            "try:\n    s.sendmail('a@x.example', ['{other}'], 'Subject: big\\r\\n\\r\\n' + 'y' * 20000)\n\
+             except smtplib.SMTPSenderRefused as e:\n    print('refused', e.smtp_code)"
+        ),
+    );
+    assert!(out.contains("refused 552"), "{out}");
+    assert_only_on_owner(&cluster, &edge, other, 0);
+
+    // Bad input gets a protocol answer; what cannot be resynchronised is closed.
+    let mut smtp = RawSmtp::connect(edge.listeners[0]);
+    smtp.command("MAIL FROM:<a@sender.example.net>", "503 5.5.1");
+    smtp.command("FOO bar", "500 5.5.2");
+    smtp.command("EHLO client.example.net", "250 ");
+    smtp.command("MAIL FROM:<a@sender.example.net> SIZE=20000", "552 5.3.4");
+    smtp.command("RCPT TO:<user7@example.com>", "503 5.5.1");
+    smtp.command(&"NOOP ".repeat(1000), "500 5.5.2 Line too long");
+    smtp.expect_closed();
+    let mut smtp = RawSmtp::connect(edge.listeners[0]);
+    smtp.send(b"GET / HTTP/1.1\r\n");
+    smtp.expect_closed();
+}
+
+#[test]
+fn a_stopped_owner_is_a_temporary_failure_at_rcpt() {
+    if skip() {
+        return;
+    }
+    let mut cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let edge = start_edge(&cluster, &[Listen("smtp", None)], "");
+    let [victim, _, survivor] = spread_users(&edge);
+    let index = backend_index(&owner(&edge, &victim));
+    cluster.backend_mut(index).expect("backend").stop();
+    let mut smtp = RawSmtp::connect(edge.listeners[0]);
+    smtp.command("EHLO client.example.net", "250 ");
+    smtp.command("MAIL FROM:<a@sender.example.net>", "250");
+    smtp.command(&format!("RCPT TO:<{victim}>"), "451 4.4.1");
+    smtp.command(&format!("RCPT TO:<{survivor}>"), "250 2.1.5");
+    smtp.command("DATA", "354");
+    smtp.send(b"Subject: survivor\r\n\r\nstill delivered\r\n.\r\n");
+    smtp.expect("250 2.0.0");
+    assert_only_on_owner(&cluster, &edge, &survivor, 1);
+
+    // The owner dies while the message streams: a 4xx, never a 250, nothing stored.
+    let third = (1..=USERS)
+        .map(|n| format!("user{n}@example.com"))
+        .find(|u| {
+            ![&victim, &survivor]
+                .iter()
+                .any(|v| owner(&edge, v) == owner(&edge, u))
+        })
+        .expect("a user on the third backend");
+    smtp.command("MAIL FROM:<a@sender.example.net>", "250");
+    smtp.command(&format!("RCPT TO:<{third}>"), "250 2.1.5");
+    smtp.command("DATA", "354");
+    smtp.send(b"Subject: interrupted\r\n\r\nfirst part\r\n");
+    let index = backend_index(&owner(&edge, &third));
+    cluster.backend_mut(index).expect("backend").stop();
+    smtp.send(b"second part\r\n.\r\n");
+    smtp.expect("451 4.4.2");
+    smtp.command("QUIT", "221");
+    assert_only_on_owner(&cluster, &edge, &third, 0);
+}
+
+/// A plain SMTP client on a socket, for input smtplib would not send.
+struct RawSmtp {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl RawSmtp {
+    fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let writer = stream.try_clone().expect("clone");
+        let mut smtp = Self {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        smtp.expect("220 ");
+        smtp
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("send");
+    }
+
+    /// Sends `line` and checks that the reply starts with `expected`.
+    fn command(&mut self, line: &str, expected: &str) {
+        self.send(format!("{line}\r\n").as_bytes());
+        let reply = self.reply();
+        assert!(reply.starts_with(expected), "{line} → {reply}");
+    }
+
+    fn expect(&mut self, expected: &str) {
+        let reply = self.reply();
+        assert!(reply.starts_with(expected), "expected {expected}: {reply}");
+    }
+
+    fn expect_closed(&mut self) {
+        let mut rest = String::new();
+        let read = self.reader.read_line(&mut rest).expect("read until close");
+        assert_eq!(read, 0, "expected the edge to close, got {rest}");
+    }
+
+    /// The last line of the next (possibly multi-line) reply.
+    fn reply(&mut self) -> String {
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).expect("reply line");
+            assert!(!line.is_empty(), "connection closed");
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return line;
+            }
+        }
+    }
+}
