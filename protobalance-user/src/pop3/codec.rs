@@ -19,9 +19,11 @@ mod reply;
 #[path = "codec_sasl.rs"]
 mod sasl;
 
-#[cfg(test)]
+/// Property checks shared by `cargo test` and the cargo-fuzz target.
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
 #[path = "codec_props.rs"]
-mod props;
+pub mod props;
 
 pub use replay::{
     RFC2449_MAX_COMMAND, encode_auth_plain, encode_capa, encode_pass, encode_quit,

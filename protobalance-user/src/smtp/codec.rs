@@ -38,9 +38,11 @@ mod path;
 #[path = "codec_reply.rs"]
 mod reply;
 
-#[cfg(test)]
+/// Property checks shared by `cargo test` and the cargo-fuzz target.
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
 #[path = "codec_props.rs"]
-mod props;
+pub mod props;
 
 pub use command::{
     Command, Host, InitialResponse, SaslResponse, decode_command, decode_sasl_response,

@@ -1,5 +1,5 @@
 //! Property checks over generated inputs: the same invariants as the cargo-fuzz target
-//! `fuzz/fuzz_targets/smtp_codec.rs` (keep the two in step), run deterministically in
+//! `fuzz/fuzz_targets/smtp_codec.rs` (the fuzz target calls `check_invariants` here), run deterministically in
 //! `cargo test` from a seeded PRNG. Only the public API is used, as the fuzz target must.
 
 use crate::smtp::codec::{
@@ -9,7 +9,7 @@ use crate::smtp::codec::{
 };
 
 /// The fuzz target's body. The first byte picks the policy, size limit and chunk split.
-fn check_invariants(data: &[u8]) {
+pub fn check_invariants(data: &[u8]) {
     check_command(data);
     check_replies(data);
     let (control, input) = data.split_first().map_or((0, data), |(&c, rest)| (c, rest));
