@@ -43,10 +43,9 @@ fn stored_message(cluster: &DovecotCluster, backend: &str, user: &str) -> String
 /// An imaplib session through the edge from CLIENT_IP; `login` is Python code using `m`.
 fn imap_script(edge: &Edge, login: &str, then: &str) -> anyhow::Result<String> {
     python(&format!(
-        "import socket, imaplib, sys\n\
-         orig = socket.create_connection\n\
-         socket.create_connection = lambda a, t=None, s=None: orig(a, t, ('{CLIENT_IP}', 0))\n\
+        "{}import imaplib, sys\n\
          m = imaplib.IMAP4('{}', {}, timeout=10)\n{login}\n{then}\n",
+        support::python_from_client_ip(),
         edge.listeners[0].ip(),
         edge.listeners[0].port()
     ))

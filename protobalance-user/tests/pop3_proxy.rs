@@ -22,10 +22,9 @@ fn start(cluster: &DovecotCluster) -> Edge {
 /// A poplib session through the edge from CLIENT_IP; `login` is Python code using `p`.
 fn pop3_script(edge: &Edge, login: &str, then: &str) -> anyhow::Result<String> {
     python(&format!(
-        "import socket, poplib, base64\n\
-         orig = socket.create_connection\n\
-         socket.create_connection = lambda a, t=None, s=None: orig(a, t, ('{CLIENT_IP}', 0))\n\
+        "{}import poplib, base64\n\
          p = poplib.POP3('{}', {}, timeout=10)\n{login}\n{then}\n",
+        support::python_from_client_ip(),
         edge.listeners[0].ip(),
         edge.listeners[0].port()
     ))

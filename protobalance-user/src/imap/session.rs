@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use bytes::{Buf as _, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 
 mod sasl;
 
@@ -20,7 +20,11 @@ use super::{
     login::{self, Endpoints, Login, LoginResult},
 };
 use crate::{
-    proxy::{Conn, Outcome, ProxyContext, splice::PlainTcp},
+    proxy::{
+        Conn, Outcome, ProxyContext,
+        client_io::{self, ReadStop},
+        splice::PlainTcp,
+    },
     tls::{ClientStream, TlsAcceptor},
 };
 use sasl::authenticate;
@@ -145,21 +149,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
     }
 
-    /// The configured line limit (tighter than the codec's own bound) is exceeded by
-    /// buffered input that has no line end yet.
     fn line_too_long(&self) -> bool {
-        self.buf.len() > self.max_line && !self.buf.contains(&b'\n')
+        client_io::line_too_long(&self.buf, self.max_line)
     }
 
     async fn fill(&mut self) -> Result<(), ReadEnd> {
-        self.buf.reserve(codec::MAX_LINE);
-        let read =
-            tokio::time::timeout_at(self.deadline.into(), self.stream.read_buf(&mut self.buf));
-        match read.await {
-            Err(_) => Err(ReadEnd::TimedOut),
-            Ok(Ok(0) | Err(_)) => Err(ReadEnd::Closed),
-            Ok(Ok(_)) => Ok(()),
-        }
+        client_io::fill(
+            &mut self.stream,
+            &mut self.buf,
+            codec::MAX_LINE,
+            self.deadline,
+        )
+        .await
+        .map_err(|stop| match stop {
+            ReadStop::Closed => ReadEnd::Closed,
+            ReadStop::TimedOut => ReadEnd::TimedOut,
+        })
     }
 }
 

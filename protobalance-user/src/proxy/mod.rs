@@ -2,6 +2,7 @@
 //! per-address admission, and the splice that joins client and backend after login.
 
 pub mod admission;
+pub mod client_io;
 pub mod listener;
 pub mod splice;
 pub mod target;

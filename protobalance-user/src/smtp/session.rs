@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use bytes::{Buf as _, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 
 use super::{
     codec::{
@@ -27,7 +27,10 @@ use super::{
     transaction::{Binding, Transaction, backend_lost},
 };
 use crate::{
-    proxy::{Conn, Outcome, ProxyContext},
+    proxy::{
+        Conn, Outcome, ProxyContext,
+        client_io::{self, ReadStop},
+    },
     tls::ClientStream,
 };
 
@@ -55,14 +58,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.stream.write_all(bytes).await.is_ok()
     }
 
+    /// Each read gets the whole command timeout.
     async fn fill(&mut self) -> Result<(), ReadEnd> {
-        self.buf.reserve(READ_CHUNK);
-        let read = tokio::time::timeout(self.timeout, self.stream.read_buf(&mut self.buf));
-        match read.await {
-            Err(_) => Err(ReadEnd::TimedOut),
-            Ok(Ok(0) | Err(_)) => Err(ReadEnd::Closed),
-            Ok(Ok(_)) => Ok(()),
-        }
+        let deadline = std::time::Instant::now() + self.timeout;
+        client_io::fill(&mut self.stream, &mut self.buf, READ_CHUNK, deadline)
+            .await
+            .map_err(|stop| match stop {
+                ReadStop::Closed => ReadEnd::Closed,
+                ReadStop::TimedOut => ReadEnd::TimedOut,
+            })
     }
 
     /// The next command, or the codec's complaint about the next line (already skipped
