@@ -172,6 +172,7 @@ fn start_xdp(validated: &Validated, iface: &str) -> Result<XdpFilter, XdpError> 
     let cfg = &validated.config.xdp;
     let mut filter = XdpFilter::load(cfg.pin_dir.as_deref())?;
     // With pinned maps the previous run's config entries are still there: replace the list.
+    filter.replace_allowlist(&validated.allowlist)?;
     let removed = filter.replace_list(CONFIG_LIST_ID, &validated.blocklist)?;
     if removed > 0 {
         tracing::info!(%iface, removed, "removed blocklist entries no longer in the config");

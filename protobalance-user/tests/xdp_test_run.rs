@@ -401,3 +401,25 @@ fn new_connection_bans_drop_only_syns() {
     assert_eq!(verdict(&filter, &frame_with_flags(v6, 0x02)), XDP_DROP);
     assert_eq!(verdict(&filter, &frame_with_flags(v6, 0x18)), XDP_PASS);
 }
+
+#[test]
+fn replacing_the_allowlist_removes_stale_entries() {
+    let Some(mut filter) = load() else { return };
+    filter.block(cidr("203.0.113.0/24"), 1).expect("block");
+    let removed = filter
+        .replace_allowlist(&[
+            cidr("203.0.113.1"),
+            cidr("203.0.113.2"),
+            cidr("2001:db8::/32"),
+        ])
+        .expect("replace");
+    assert_eq!(removed, 0);
+    assert_eq!(verdict(&filter, &frame_from(ip("203.0.113.1"))), XDP_PASS);
+    // The next configuration no longer allows .1: it is blocked again; .2 stays allowed.
+    let removed = filter
+        .replace_allowlist(&[cidr("203.0.113.2")])
+        .expect("replace");
+    assert_eq!(removed, 2, "203.0.113.1/32 and 2001:db8::/32 removed");
+    assert_eq!(verdict(&filter, &frame_from(ip("203.0.113.1"))), XDP_DROP);
+    assert_eq!(verdict(&filter, &frame_from(ip("203.0.113.2"))), XDP_PASS);
+}

@@ -146,6 +146,12 @@ pub struct XdpConfig {
     /// Files with one CIDR per line (`#` comments); relative paths are from the config file.
     #[serde(default)]
     pub blocklist_files: Vec<PathBuf>,
+    /// Networks that always pass, before blocklists and bans (monitoring, partners).
+    #[serde(default)]
+    pub allowlist: Vec<String>,
+    /// Files like `blocklist_files`, for the allowlist.
+    #[serde(default)]
+    pub allowlist_files: Vec<PathBuf>,
 }
 
 /// A config error: which key, what is wrong, what to do.
@@ -172,6 +178,8 @@ pub struct Validated {
     pub config: Config,
     /// Every blocklist entry, inline and from files, parsed.
     pub blocklist: Vec<Cidr>,
+    /// Every allowlist entry, inline and from files, parsed.
+    pub allowlist: Vec<Cidr>,
 }
 
 impl Config {
@@ -262,32 +270,46 @@ impl Config {
                 ),
             ));
         }
-        let mut entries = Vec::new();
-        for (i, raw) in xdp.blocklist.iter().enumerate() {
-            let cidr = raw
-                .parse::<Cidr>()
-                .map_err(|e| invalid(&format!("xdp.blocklist[{i}]"), e.to_string()))?;
-            entries.push(cidr);
-        }
-        for (i, file) in xdp.blocklist_files.iter().enumerate() {
-            let file = base.join(file);
-            let list = blocklist::read(&file)
-                .map_err(|e| invalid(&format!("xdp.blocklist_files[{i}]"), e.to_string()))?;
-            entries.extend(list);
-        }
-        if xdp.interface.is_none() && !entries.is_empty() {
+        let entries = cidr_list(&xdp.blocklist, &xdp.blocklist_files, "xdp.blocklist", base)
+            .map_err(|(key, message)| invalid(&key, message))?;
+        let allow = cidr_list(&xdp.allowlist, &xdp.allowlist_files, "xdp.allowlist", base)
+            .map_err(|(key, message)| invalid(&key, message))?;
+        if xdp.interface.is_none() && !(entries.is_empty() && allow.is_empty()) {
             return Err(invalid(
                 "xdp.interface",
-                "blocklist entries are configured but no interface to filter on; \
-                 set xdp.interface or remove the blocklist"
+                "blocklist or allowlist entries are configured but no interface to filter on; \
+                 set xdp.interface or remove the lists"
                     .into(),
             ));
         }
         Ok(Validated {
             config: self,
             blocklist: entries,
+            allowlist: allow,
         })
     }
+}
+
+/// Inline CIDRs (`{key}`) plus those of the files (`{key}_files`); errors name the key.
+fn cidr_list(
+    inline: &[String],
+    files: &[PathBuf],
+    key: &str,
+    base: &Path,
+) -> Result<Vec<Cidr>, (String, String)> {
+    let mut entries = Vec::new();
+    for (i, raw) in inline.iter().enumerate() {
+        let cidr = raw
+            .parse::<Cidr>()
+            .map_err(|e| (format!("{key}[{i}]"), e.to_string()))?;
+        entries.push(cidr);
+    }
+    for (i, file) in files.iter().enumerate() {
+        let list = blocklist::read(&base.join(file))
+            .map_err(|e| (format!("{key}_files[{i}]"), e.to_string()))?;
+        entries.extend(list);
+    }
+    Ok(entries)
 }
 
 #[cfg(test)]
@@ -373,6 +395,9 @@ mod tests {
         );
         let err = check("[xdp]\ninterfac = \"eth0\"\n").expect_err("typo");
         assert!(err.to_string().contains("interfac"), "{err}");
+        let err =
+            check("[xdp]\ninterface = \"eth0\"\nallowlist = [\"nope\"]\n").expect_err("bad allow");
+        assert!(err.to_string().contains("`xdp.allowlist[0]`"), "{err}");
         let err = check("[xdp]\nblocklist = [\"192.0.2.0/24\"]\n").expect_err("no iface");
         assert!(err.to_string().contains("`xdp.interface`"), "{err}");
         let err = check("[xdp]\ninterface = \"a/b\"\n").expect_err("bad iface");

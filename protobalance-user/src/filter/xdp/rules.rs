@@ -56,6 +56,53 @@ impl XdpFilter {
         }
         Ok(())
     }
+
+    /// Makes the allowlist hold exactly `wanted` (inserting first, then removing the rest:
+    /// with pinned maps, entries a previous run allowed must not linger).
+    pub fn replace_allowlist(&mut self, wanted: &[Cidr]) -> Result<usize, XdpError> {
+        for cidr in wanted {
+            self.allow(*cidr, 0)?;
+        }
+        let wanted: std::collections::HashSet<Cidr> = wanted.iter().map(Cidr::network).collect();
+        let mut stale = Vec::new();
+        for key in allow_v4(self)?.keys() {
+            let key = key?;
+            stale.extend(stale_key(
+                key.prefix_len(),
+                IpAddr::from(key.data()),
+                &wanted,
+            ));
+        }
+        for key in allow_v6(self)?.keys() {
+            let key = key?;
+            stale.extend(stale_key(
+                key.prefix_len(),
+                IpAddr::from(key.data()),
+                &wanted,
+            ));
+        }
+        for cidr in &stale {
+            let len = u32::from(cidr.prefix_len());
+            let removed = match cidr.addr() {
+                IpAddr::V4(a) => allow_v4(self)?.remove(&Key::new(len, a.octets())),
+                IpAddr::V6(a) => allow_v6(self)?.remove(&Key::new(len, a.octets())),
+            };
+            match removed {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Ok(stale.len())
+    }
+}
+
+fn stale_key(
+    prefix_len: u32,
+    addr: IpAddr,
+    wanted: &std::collections::HashSet<Cidr>,
+) -> Option<Cidr> {
+    let cidr = Cidr::new(addr, u8::try_from(prefix_len).ok()?).ok()?;
+    (!wanted.contains(&cidr)).then_some(cidr)
 }
 
 /// The three ban maps, taken out of a loaded filter or opened from their pins (so
