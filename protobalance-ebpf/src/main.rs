@@ -1,6 +1,7 @@
 //! The protobalance XDP program: the cheap first line of defence in front of the mail proxy.
 //!
-//! Per packet: parse Ethernet (with one 802.1Q/802.1ad tag), IPv4 or IPv6 and TCP, then
+//! Per packet: parse Ethernet (up to two VLAN tags: 802.1Q, QinQ), IPv4 or IPv6 (extension
+//! headers walked with a fixed bound; non-first fragments never read as TCP) and TCP, then
 //! in this order: allowlisted source (LPM) → pass; blocklisted source (LPM) → drop; source
 //! under an unexpired ban (hash of the address, for IPv6 also of its /64) → drop, or only
 //! its new connections (SYN without ACK) for a SYN-only ban; count every verdict in a

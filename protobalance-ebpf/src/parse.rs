@@ -14,6 +14,13 @@ const VLAN_HLEN: usize = 4;
 const IPV4_MIN_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const IPPROTO_TCP: u8 = 6;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+/// Extension headers walked before giving up (real traffic carries one or two).
+const MAX_IPV6_EXT_HEADERS: usize = 4;
+const MAX_VLAN_TAGS: usize = 2;
 const TCP_MIN_HLEN: usize = 20;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -75,8 +82,11 @@ fn read_be16(ctx: &XdpContext, offset: usize) -> Result<u16, Malformed> {
 pub fn packet(ctx: &XdpContext) -> Result<Parsed, Malformed> {
     let mut ethertype = read_be16(ctx, 12)?;
     let mut l3 = ETH_HLEN;
-    // One 802.1Q or 802.1ad tag (QinQ is a later step, see issue 5).
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+    // Up to two VLAN tags: 802.1Q, or 802.1ad (QinQ) outer + 802.1Q inner.
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
         ethertype = read_be16(ctx, l3 + 2)?;
         l3 += VLAN_HLEN;
     }
@@ -118,18 +128,42 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Malformed> {
     if version >> 4 != 6 {
         return Err(Malformed);
     }
-    // Extension headers are walked by the next slice (issue 5); here only a TCP header
-    // directly after the fixed header is checked.
     let next_header: u8 = read(ctx, l3 + 6)?;
-    let l4 = if next_header == IPPROTO_TCP {
-        tcp(ctx, l3 + IPV6_HLEN)
-    } else {
-        L4::Other
+    let l4 = match extension_headers(ctx, next_header, l3 + IPV6_HLEN)? {
+        Some((IPPROTO_TCP, l4)) => tcp(ctx, l4),
+        Some(_) | None => L4::Other,
     };
     Ok(Parsed::Ip {
         source: Source::V6(source),
         l4,
     })
+}
+
+/// Walks IPv6 extension headers (hop-by-hop, routing, destination options, fragment) with
+/// a fixed bound. Returns the upper-layer protocol and its offset, or `None` for a
+/// non-first fragment (no TCP header in it) or a chain longer than the bound (passed
+/// unjudged, like any unknown protocol).
+fn extension_headers(ctx: &XdpContext, mut next: u8, mut offset: usize) -> Result<Option<(u8, usize)>, Malformed> {
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let header: [u8; 2] = read(ctx, offset)?;
+                next = header[0];
+                offset += (usize::from(header[1]) + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let header: [u8; 4] = read(ctx, offset)?;
+                let fragment_offset = u16::from_be_bytes([header[2], header[3]]) & 0xfff8;
+                if fragment_offset != 0 {
+                    return Ok(None);
+                }
+                next = header[0];
+                offset += 8;
+            }
+            _ => return Ok(Some((next, offset))),
+        }
+    }
+    Ok(None)
 }
 
 /// The TCP segment kind, or `Truncated` unless the whole header (options included, per

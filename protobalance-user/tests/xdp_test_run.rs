@@ -423,3 +423,97 @@ fn replacing_the_allowlist_removes_stale_entries() {
     assert_eq!(verdict(&filter, &frame_from(ip("203.0.113.1"))), XDP_DROP);
     assert_eq!(verdict(&filter, &frame_from(ip("203.0.113.2"))), XDP_PASS);
 }
+
+/// An IPv6 TCP SYN from `src` behind `ext` (extension header bytes, first byte = the next
+/// header after them is set by the caller), with the fixed header's next header `first`.
+fn ipv6_with_ext(src: &str, first: u8, ext: &[u8]) -> Vec<u8> {
+    let src: std::net::Ipv6Addr = src.parse().expect("ip");
+    let dst: std::net::Ipv6Addr = "2001:db8::1".parse().expect("ip");
+    let tcp = tcp_syn(25);
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&((ext.len() + tcp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[first, 64]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(ext);
+    ip.extend_from_slice(&tcp);
+    [eth(0x86DD), ip].concat()
+}
+
+#[test]
+fn qinq_and_ipv6_extension_headers_are_walked() {
+    let Some(mut filter) = load() else { return };
+    filter.block(cidr("203.0.113.0/24"), 1).expect("block");
+    // QinQ: 802.1ad outer tag, 802.1Q inner tag, then IPv4.
+    let mut qinq = eth(0x88A8);
+    qinq.extend_from_slice(&[0x00, 0x0a, 0x81, 0x00, 0x00, 0x2a, 0x08, 0x00]);
+    qinq.extend_from_slice(&ipv4_tcp([203, 0, 113, 9], [198, 51, 100, 1]));
+    assert_eq!(
+        verdict(&filter, &qinq),
+        XDP_DROP,
+        "QinQ-tagged blocked source"
+    );
+
+    let src = "2001:db8:5::1";
+    filter
+        .bans()
+        .ban(
+            BanTarget::Address(ip(src)),
+            Duration::from_secs(60),
+            BanMode::NewConnections,
+            1,
+        )
+        .expect("ban");
+    // Hop-by-hop (8 bytes) then destination options (16 bytes) then TCP: the SYN is found.
+    let hop = [60u8, 0, 1, 4, 0, 0, 0, 0];
+    let dst_opts = [6u8, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let chained = ipv6_with_ext(src, 0, &[hop.as_slice(), &dst_opts].concat());
+    assert_eq!(
+        verdict(&filter, &chained),
+        XDP_DROP,
+        "SYN behind two extension headers"
+    );
+    // First fragment (offset 0, more fragments): TCP header present, SYN found.
+    let first = ipv6_with_ext(src, 44, &[6, 0, 0x00, 0x01, 0, 0, 0, 7]);
+    assert_eq!(
+        verdict(&filter, &first),
+        XDP_DROP,
+        "first fragment carries the SYN"
+    );
+    // Non-first fragment (offset 8): never read as TCP, so a SYN-only ban lets it pass.
+    let later = ipv6_with_ext(src, 44, &[6, 0, 0x00, 0x08, 0, 0, 0, 7]);
+    assert_eq!(
+        verdict(&filter, &later),
+        XDP_PASS,
+        "non-first fragment is not TCP"
+    );
+    // A chain longer than the bound is passed unjudged (not read as TCP).
+    let long = [
+        hop,
+        [0, 0, 1, 4, 0, 0, 0, 0],
+        [0, 0, 1, 4, 0, 0, 0, 0],
+        [0, 0, 1, 4, 0, 0, 0, 0],
+        [6, 0, 1, 4, 0, 0, 0, 0],
+    ]
+    .concat();
+    let long: Vec<u8> = long
+        .iter()
+        .enumerate()
+        .map(|(i, b)| if i == 0 { 0 } else { *b })
+        .collect();
+    assert_eq!(
+        verdict(&filter, &ipv6_with_ext(src, 0, &long)),
+        XDP_PASS,
+        "over-long chain"
+    );
+    // Truncated at every length: never aborted.
+    for frame in [&chained, &first, &qinq] {
+        for len in 14..=frame.len() {
+            let action = verdict(&filter, &frame[..len]);
+            assert!(
+                action == XDP_PASS || action == XDP_DROP,
+                "len {len}: {action}"
+            );
+        }
+    }
+}
