@@ -143,7 +143,11 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Malformed> {
 /// a fixed bound. Returns the upper-layer protocol and its offset, or `None` for a
 /// non-first fragment (no TCP header in it) or a chain longer than the bound (passed
 /// unjudged, like any unknown protocol).
-fn extension_headers(ctx: &XdpContext, mut next: u8, mut offset: usize) -> Result<Option<(u8, usize)>, Malformed> {
+fn extension_headers(
+    ctx: &XdpContext,
+    mut next: u8,
+    mut offset: usize,
+) -> Result<Option<(u8, usize)>, Malformed> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
