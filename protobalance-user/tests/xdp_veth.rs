@@ -236,6 +236,29 @@ fn skb_mode_drops_blocklisted_sources_and_detaches_on_sigkill() {
 /// Removes a bpffs pin directory even when the test fails.
 struct PinDir(PathBuf);
 
+impl PinDir {
+    /// A pin directory under bpffs unique to this process and test network.
+    fn for_test(net: &Net) -> PinDir {
+        PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/pbt-{}-{}",
+            std::process::id(),
+            net.iface()
+        )))
+    }
+}
+
+impl Proxy {
+    /// SIGTERM, then wait for protobalance to exit.
+    fn stop(mut self) {
+        process::signal(self.guard.id(), "TERM");
+        let exited = self
+            .guard
+            .wait_timeout(Duration::from_secs(10))
+            .expect("wait");
+        assert!(exited.is_some(), "protobalance exits on SIGTERM");
+    }
+}
+
 impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -248,11 +271,7 @@ fn filter_load_pins_and_run_swaps_into_the_pinned_link() {
         return;
     }
     let net = Net::new("pin");
-    let pins = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/pbt-{}-{}",
-        std::process::id(),
-        net.iface()
-    )));
+    let pins = PinDir::for_test(&net);
     let pin = pins.0.display().to_string();
     let filter = |verb: &str| {
         let out = Command::new(BIN)
@@ -278,19 +297,12 @@ fn filter_load_pins_and_run_swaps_into_the_pinned_link() {
 
     let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
     let v4 = listener.local_addr().expect("addr");
-    let mut proxy = start(&net, "auto", Some(&pins.0));
+    let proxy = start(&net, "auto", Some(&pins.0));
     assert!(
         !net.connects(IpAddr::V4(net.bot_v4), v4),
         "run's blocklist applies in the pinned link"
     );
-    process::signal(proxy.guard.id(), "TERM");
-    assert!(
-        proxy
-            .guard
-            .wait_timeout(Duration::from_secs(10))
-            .expect("wait")
-            .is_some()
-    );
+    proxy.stop();
     assert!(
         net.xdp_attachment().is_some(),
         "a pinned filter outlives protobalance run"
@@ -315,11 +327,7 @@ fn cli_bans_drop_new_connections_and_survive_a_restart() {
         return;
     }
     let net = Net::new("ban");
-    let pins = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/pbt-{}-{}",
-        std::process::id(),
-        net.iface()
-    )));
+    let pins = PinDir::for_test(&net);
     let pin = pins.0.display().to_string();
     let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
     let v4 = listener.local_addr().expect("addr");
@@ -339,7 +347,7 @@ fn cli_bans_drop_new_connections_and_survive_a_restart() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
 
-    let mut proxy = start(&net, "auto", Some(&pins.0));
+    let proxy = start(&net, "auto", Some(&pins.0));
     assert!(net.connects(client, v4), "not banned yet");
     cli(&["ban", &client.to_string(), "--ttl", "120", "--reason", "7"]);
     assert!(
@@ -352,15 +360,8 @@ fn cli_bans_drop_new_connections_and_survive_a_restart() {
     );
 
     // A restart of protobalance keeps the ban: the maps are pinned.
-    process::signal(proxy.guard.id(), "TERM");
-    assert!(
-        proxy
-            .guard
-            .wait_timeout(Duration::from_secs(10))
-            .expect("wait")
-            .is_some()
-    );
-    let mut proxy = start(&net, "auto", Some(&pins.0));
+    proxy.stop();
+    let proxy = start(&net, "auto", Some(&pins.0));
     assert!(!net.connects(client, v4), "ban survives the restart");
     let listing = cli(&["bans"]);
     assert!(
@@ -370,12 +371,5 @@ fn cli_bans_drop_new_connections_and_survive_a_restart() {
 
     cli(&["unban", &client.to_string()]);
     assert!(net.connects(client, v4), "unban lets it through");
-    process::signal(proxy.guard.id(), "TERM");
-    assert!(
-        proxy
-            .guard
-            .wait_timeout(Duration::from_secs(10))
-            .expect("wait")
-            .is_some()
-    );
+    proxy.stop();
 }

@@ -26,6 +26,11 @@ mod encode;
 mod frame;
 #[path = "codec_parse.rs"]
 mod parse;
+/// Property checks shared by `cargo test` and the cargo-fuzz target.
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+#[path = "codec_props.rs"]
+pub mod props;
 #[path = "codec_response.rs"]
 mod response;
 #[path = "codec_sasl.rs"]

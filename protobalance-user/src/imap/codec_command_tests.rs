@@ -2,10 +2,7 @@
 //! input, and a seeded random sweep standing in for the fuzzer.
 
 use super::*;
-use crate::imap::codec::{
-    LiteralMode, MAX_COMMAND, MAX_LINE, MAX_LITERAL, decode_response, decode_sasl_line,
-    encode_login,
-};
+use crate::imap::codec::{MAX_COMMAND, MAX_LINE, MAX_LITERAL};
 
 fn command(tag: &str, kind: CommandKind) -> Command {
     Command {
@@ -473,62 +470,6 @@ fn debug_output_never_shows_secrets() {
     assert!(!format!("{auth:?}").contains("AGJvYgBodW50ZXIy"));
 }
 
-/// The body of the cargo-fuzz target (see the module report), run here on seeded
-/// random input built from IMAP-ish tokens.
-fn fuzz_body(data: &[u8]) {
-    match decode_command(data) {
-        Ok(Decoded::Complete { value, consumed }) => {
-            assert!(consumed > 0 && consumed <= data.len());
-            let prefix = data.get(..consumed).unwrap_or_default();
-            assert_eq!(
-                decode_command(prefix),
-                Ok(Decoded::Complete { value, consumed })
-            );
-        }
-        Ok(Decoded::NeedContinuation { .. }) => {
-            assert!(data.ends_with(b"}\n") || data.ends_with(b"}\r\n"))
-        }
-        Err(CodecError::Syntax { skip, .. }) => assert!(skip > 0 && skip <= data.len()),
-        Err(CodecError::LiteralTooLarge { skip, .. }) => assert!(skip <= data.len()),
-        Ok(Decoded::Incomplete) | Err(CodecError::LineTooLong) => {}
-    }
-    if let Ok(Decoded::Complete { consumed, .. }) = decode_response(data) {
-        assert!(consumed > 0 && consumed <= data.len());
-    }
-    if let Ok(Decoded::Complete { consumed, .. }) = decode_sasl_line(data) {
-        assert!(consumed > 0 && consumed <= data.len());
-    }
-    let text = String::from_utf8_lossy(data).replace('\0', "");
-    let middle = text
-        .char_indices()
-        .nth(text.chars().count() / 2)
-        .map_or(text.len(), |(at, _)| at);
-    let (user, password) = text.split_at(middle);
-    for mode in [LiteralMode::Synchronizing, LiteralMode::NonSynchronizing] {
-        let Ok(encoded) = encode_login("f1", user, &Secret::new(password.to_owned()), mode) else {
-            panic!("encode_login refused NUL-free text");
-        };
-        let bytes: Vec<u8> = encoded
-            .fragments()
-            .iter()
-            .flat_map(|f| f.expose().iter().copied())
-            .collect();
-        match decode_command(&bytes) {
-            Ok(Decoded::Complete { value, consumed }) => {
-                assert_eq!(consumed, bytes.len());
-                assert_eq!(
-                    value,
-                    Command {
-                        tag: "f1".into(),
-                        kind: login(user, password)
-                    }
-                );
-            }
-            other => assert!(text.len() > 2048, "{other:?}"),
-        }
-    }
-}
-
 #[test]
 fn random_input_never_panics_and_keeps_invariants() {
     const TOKENS: [&[u8]; 24] = [
@@ -574,10 +515,10 @@ fn random_input_never_panics_and_keeps_invariants() {
                     .unwrap_or_default(),
             );
         }
-        fuzz_body(&data);
+        crate::imap::codec::props::check_invariants(&data);
     }
     let (stream, _) = pipeline();
     for split in 0..=stream.len() {
-        fuzz_body(&stream[..split]);
+        crate::imap::codec::props::check_invariants(&stream[..split]);
     }
 }
