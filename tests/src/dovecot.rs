@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 pub use crate::dovecot_cluster::{DovecotCluster, loopback_ip};
 use crate::dovecot_config::{InstanceSpec, TlsListeners, render_config, write_users_file};
 pub use crate::dovecot_config::{MailOwner, Ports, TEST_DOMAIN, password_for, user_name};
-use crate::net::free_port;
+use crate::net::free_ports;
 use crate::process::{self, wait_child};
 use crate::test_dir::TestDir;
 
@@ -206,15 +206,17 @@ impl DovecotBackend {
     /// One attempt: fresh ports, config, spawn, wait for listeners.
     fn launch(&mut self, owner: MailOwner, options: &BackendOptions) -> Result<()> {
         let trusted_networks = &options.trusted_networks;
+        // Every port of one instance comes from one call, so no two listeners collide.
+        let fresh = free_ports(self.ip, 5)?;
         if options.tls.is_some() {
-            self.tls_ports = Some((free_port(self.ip)?, free_port(self.ip)?));
+            self.tls_ports = Some((fresh[3], fresh[4]));
         }
         self.ports = match options.fixed_ports {
             Some(ports) => ports,
             None => Ports {
-                lmtp: free_port(self.ip)?,
-                pop3: free_port(self.ip)?,
-                imap: free_port(self.ip)?,
+                lmtp: fresh[0],
+                pop3: fresh[1],
+                imap: fresh[2],
             },
         };
         let spec =

@@ -16,6 +16,6 @@ pub mod test_dir;
 
 pub use dovecot::{BackendOptions, DovecotBackend, password_for, user_name};
 pub use dovecot_cluster::{DovecotCluster, loopback_ip};
-pub use net::{free_port, wait_for_port};
+pub use net::{free_port, free_ports, wait_for_port};
 pub use netns::{NetNs, TestSubnet, Veth, require_root};
 pub use process::{ChildGuard, python};
