@@ -1,5 +1,5 @@
-//! TLS towards clients: STLS (POP3) and STARTTLS (IMAP) on plaintext listeners, implicit
-//! TLS listeners (the 995/993 kind), certificates chosen by SNI, and plaintext pipelined
+//! TLS towards clients: STLS (POP3) and STARTTLS (IMAP, SMTP) on plaintext listeners,
+//! implicit TLS listeners (the 995/993/465 kind), certificates chosen by SNI, and plaintext pipelined
 //! behind STLS/STARTTLS discarded. Real Dovecot backends, Python's poplib/imaplib/ssl with
 //! a CA made here by rcgen.
 
@@ -66,6 +66,8 @@ const POP3_STARTTLS: usize = 0;
 const POP3_IMPLICIT: usize = 1;
 const IMAP_STARTTLS: usize = 2;
 const IMAP_IMPLICIT: usize = 3;
+const SMTP_STARTTLS: usize = 4;
+const SMTP_IMPLICIT: usize = 5;
 
 fn start(cluster: &DovecotCluster) -> Tls {
     let certs = tempfile::tempdir().expect("tempdir");
@@ -75,6 +77,8 @@ fn start(cluster: &DovecotCluster) -> Tls {
         Listen("pop3", Some("implicit")),
         Listen("imap", Some("starttls")),
         Listen("imap", Some("implicit")),
+        Listen("smtp", Some("starttls")),
+        Listen("smtp", Some("implicit")),
     ];
     let edge = start_edge(cluster, &listeners, &sections);
     Tls { edge, certs }
@@ -138,6 +142,7 @@ fn certificates_follow_sni_and_plaintext_after_starttls_is_discarded() {
     let (host, p1) = tls.addr(POP3_IMPLICIT);
     let (_, p0) = tls.addr(POP3_STARTTLS);
     let (_, i0) = tls.addr(IMAP_STARTTLS);
+    let (_, s0) = tls.addr(SMTP_STARTTLS);
     // SNI picks the certificate; no or unknown SNI gets the first (default) one. The
     // client checks the host name here, so a wrong certificate fails the handshake.
     let script = format!(
@@ -159,7 +164,8 @@ fn certificates_follow_sni_and_plaintext_after_starttls_is_discarded() {
          \x20   t = ctx.wrap_socket(s, server_hostname='mail.example.test')\n\
          \x20   t.sendall(then); return t.recv(4096).decode()\n\
          print('pop3', repr(upgrade({p0}, b'+OK', b'STLS\\r\\n', b'CAPA\\r\\n')))\n\
-         print('imap', repr(upgrade({i0}, b'a OK', b'a STARTTLS\\r\\n', b'b CAPABILITY\\r\\n')))\n",
+         print('imap', repr(upgrade({i0}, b'a OK', b'a STARTTLS\\r\\n', b'b CAPABILITY\\r\\n')))\n\
+         print('smtp', repr(upgrade({s0}, b'220 2.0.0', b'STARTTLS\\r\\n', b'EHLO x.example.net\\r\\n')))\n",
         tls.prelude(),
         tls.certs.path().display()
     );
@@ -198,6 +204,76 @@ fn certificates_follow_sni_and_plaintext_after_starttls_is_discarded() {
         1,
         "one CAPABILITY answer: {imap}"
     );
+    // SMTP: one EHLO answer over TLS (the pipelined plaintext EHLO was dropped), and
+    // STARTTLS is no longer on offer.
+    let smtp = out
+        .lines()
+        .find(|l| l.starts_with("smtp "))
+        .expect("smtp line");
+    assert!(
+        smtp.contains("250-PIPELINING") && !smtp.contains("STARTTLS"),
+        "{smtp}"
+    );
+    assert_eq!(smtp.matches("250 ").count(), 1, "one EHLO answer: {smtp}");
+}
+
+/// SMTP over STARTTLS and implicit TLS delivers to the owner; STARTTLS is advertised only
+/// before TLS, refused inside a transaction and once TLS is up, and a failed handshake is
+/// the end of that session only.
+#[test]
+fn smtp_starttls_and_implicit_tls_deliver_to_the_owner() {
+    if support::skip("tls_proxy") {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let tls = start(&cluster);
+    let user = "user23@example.com";
+    let (host, s0) = tls.addr(SMTP_STARTTLS);
+    let (_, s1) = tls.addr(SMTP_IMPLICIT);
+    let script = format!(
+        "{}import smtplib\n\
+         s = smtplib.SMTP('{host}', {s0}, timeout=10)\n\
+         code, text = s.ehlo('client.example.net'); print('ehlo1', code, text.split(b'\\n')[0].decode())\n\
+         assert s.has_extn('starttls')\n\
+         s.mail('a@example.net'); print('in-tx', s.docmd('STARTTLS')); s.rset()\n\
+         print('tls', s.starttls(context=ctx)[0])\n\
+         s.ehlo('client.example.net'); print('offered-after', s.has_extn('starttls'))\n\
+         print('again', s.docmd('STARTTLS'))\n\
+         s.sendmail('sender@example.net', ['{user}'], 'Subject: starttls-token\\r\\n\\r\\nbody\\r\\n'); s.quit()\n\
+         s = smtplib.SMTP_SSL('{host}', {s1}, context=ctx, timeout=10)\n\
+         s.ehlo('client.example.net'); print('implicit-offers', s.has_extn('starttls'))\n\
+         s.sendmail('sender@example.net', ['{user}'], 'Subject: smtps-token\\r\\n\\r\\nbody\\r\\n'); s.quit()\n\
+         raw = socket.create_connection(('{host}', {s0}), 10); f = raw.makefile('rb'); f.readline()\n\
+         raw.sendall(b'STARTTLS\\r\\n'); f.readline(); raw.sendall(b'not a TLS hello\\r\\n' * 100)\n\
+         print('after-bad-handshake', repr(raw.recv(100)))\n",
+        tls.prelude()
+    );
+    let out = python(&script).expect("SMTP TLS script");
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    assert!(
+        out.contains(&format!("ehlo1 250 {}", hostname.trim())),
+        "EHLO names the host: {out}"
+    );
+    assert!(
+        out.contains("in-tx (503, b'5.5.1 Mail transaction in progress')"),
+        "{out}"
+    );
+    assert!(out.contains("tls 220"), "{out}");
+    assert!(out.contains("offered-after False"), "{out}");
+    assert!(
+        out.contains("again (503, b'5.5.1 TLS already active')"),
+        "{out}"
+    );
+    assert!(out.contains("implicit-offers False"), "{out}");
+    // The server closes on a failed handshake (an alert or nothing, never a command reply).
+    assert!(!out.contains("after-bad-handshake b'5"), "{out}");
+    let home = owner(&tls.edge, user);
+    let backend = cluster
+        .backends()
+        .iter()
+        .find(|b| b.name() == home)
+        .expect("owner");
+    assert_eq!(backend.message_count(user).expect("count"), 2, "{out}");
 }
 
 #[test]

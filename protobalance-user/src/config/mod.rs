@@ -55,14 +55,42 @@ pub struct ServerConfig {
     /// Greeting text after `+OK ` (POP3) and `* OK [CAPABILITY …] ` (IMAP).
     #[serde(default = "default_banner")]
     pub banner: String,
+    /// The cluster's host name in SMTP greetings (`220 <hostname> ESMTP …`, the first
+    /// EHLO line). Default: this machine's host name.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             banner: default_banner(),
+            hostname: default_hostname(),
         }
     }
+}
+
+/// The kernel's host name, or `localhost` when it cannot be read or is not a domain name.
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| valid_hostname(name))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A domain name as SMTP greetings carry it: dot-separated labels of letters, digits and
+/// inner hyphens, each 1-63 octets, 253 in all.
+pub fn valid_hostname(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn default_banner() -> String {
@@ -236,6 +264,15 @@ impl Config {
                 "use 1-200 printable characters".into(),
             )));
         }
+        if !valid_hostname(&self.server.hostname) {
+            return Err(to_error(Problem::new(
+                "server.hostname",
+                format!(
+                    "{:?} is not a domain name; use letters, digits, hyphens and dots, e.g. \"mx.example.net\"",
+                    self.server.hostname
+                ),
+            )));
+        }
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: path.display().to_string(),
             key: key.to_owned(),
@@ -321,6 +358,26 @@ mod tests {
     }
 
     #[test]
+    fn hostnames_are_domain_names() {
+        for good in ["mx.example.net", "localhost", "a-1.b2"] {
+            assert!(valid_hostname(good), "{good}");
+        }
+        let long = format!("{}.net", "a".repeat(64));
+        for bad in [
+            "",
+            "mx..net",
+            "-a.net",
+            "a-.net",
+            "a_b.net",
+            "mx example",
+            &long,
+        ] {
+            assert!(!valid_hostname(bad), "{bad:?}");
+        }
+        assert!(valid_hostname(&ServerConfig::default().hostname));
+    }
+
+    #[test]
     fn empty_file_gets_defaults() {
         let v = check("").expect("defaults are valid");
         assert_eq!(v.config.admin.listen.to_string(), "127.0.0.1:9925");
@@ -375,6 +432,15 @@ mod tests {
             (
                 "[directory]\ntag_separator = \"*\"\nmaster_separator = \"*\"\n",
                 "`directory.master_separator`",
+            ),
+            ("[server]\nhostname = \"mx example\"\n", "`server.hostname`"),
+            (
+                "[server]\nhostname = \"-mx.example\"\n",
+                "`server.hostname`",
+            ),
+            (
+                "[server]\nhostname = \"mx..example\"\n",
+                "`server.hostname`",
             ),
         ];
         for (text, key) in cases {

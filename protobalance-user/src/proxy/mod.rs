@@ -30,6 +30,8 @@ pub struct ProxyContext {
     pub pool: Arc<BackendPool>,
     pub limits: LimitsConfig,
     pub banner: String,
+    /// `server.hostname`: the name in SMTP greetings and LHLO/EHLO to backends.
+    pub hostname: String,
     pub metrics: ProxyMetrics,
     pub admission: admission::Admission,
     /// Certificates for implicit-TLS listeners and STLS/STARTTLS; `None` without any.

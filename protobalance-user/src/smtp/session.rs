@@ -11,7 +11,9 @@
 //! DATA streams through a `DataReader` (bounded, strict `CRLF.CRLF`): bare CR/LF are
 //! refused with `550 5.6.0`, so no smuggled transaction reaches a backend. Every read has
 //! the command timeout (`limits.pre_auth_timeout` for now) and every buffer a bound.
-//! Not yet here: STARTTLS, AUTH/submission, XCLIENT, SMTP (non-LMTP) backends, SMTPUTF8.
+//! STARTTLS (RFC 3207) is offered on plaintext listeners with a certificate: plaintext
+//! pipelined after the command is discarded, and the session starts over (EHLO again).
+//! Not yet here: AUTH/submission, XCLIENT, SMTP (non-LMTP) backends, SMTPUTF8.
 
 use std::time::Duration;
 
@@ -31,7 +33,7 @@ use crate::{
         Conn, Outcome, ProxyContext,
         client_io::{self, ReadStop},
     },
-    tls::ClientStream,
+    tls::{ClientStream, TlsAcceptor},
 };
 
 /// Refused commands per session before it is closed.
@@ -51,9 +53,15 @@ struct Client<S> {
     stream: ClientStream<S>,
     buf: BytesMut,
     timeout: Duration,
+    /// Offered as STARTTLS while the stream is still plaintext.
+    starttls: Option<TlsAcceptor>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    fn offers_starttls(&self) -> bool {
+        self.starttls.is_some() && !self.stream.is_tls()
+    }
+
     async fn send(&mut self, bytes: &[u8]) -> bool {
         self.stream.write_all(bytes).await.is_ok()
     }
@@ -122,6 +130,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         stream,
         buf: BytesMut::with_capacity(READ_CHUNK),
         timeout: ctx.limits.pre_auth_timeout(),
+        starttls: conn.starttls.clone(),
     };
     let mut session = Session {
         client,
@@ -131,7 +140,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         errors: 0,
         delivered: 0,
     };
-    if !session.client.send(&reply(220, None, &ctx.banner)).await {
+    let greeting = format!("{} ESMTP {}", ctx.hostname, ctx.banner);
+    if !session.client.send(&reply(220, None, &greeting)).await {
         return Outcome::ClientQuit;
     }
     loop {
@@ -167,7 +177,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             }
             Command::Vrfy { .. } => reply(252, Some("2.5.2"), "Cannot VRFY; send mail to it"),
             Command::Help { .. } => reply(214, Some("2.0.0"), "See RFC 5321"),
-            Command::Expn { .. } | Command::StartTls | Command::Auth { .. } => {
+            Command::StartTls => return self.starttls().await,
+            Command::Expn { .. } | Command::Auth { .. } => {
                 reply(502, Some("5.5.1"), "Command not implemented")
             }
             Command::Bdat { .. } => {
@@ -182,6 +193,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Command::NonSmtp { .. } => return Step::End(Outcome::ClientError),
         };
         self.answer(&answer).await
+    }
+
+    /// RFC 3207: answer 220, drop whatever the client pipelined in plaintext (it must not be
+    /// read as commands after the handshake), negotiate TLS within the command timeout,
+    /// and forget the EHLO: the client greets again over TLS.
+    async fn starttls(&mut self) -> Step {
+        if self.client.stream.is_tls() {
+            return self.error(503, "5.5.1", "TLS already active").await;
+        }
+        let Some(acceptor) = self.client.starttls.clone() else {
+            return self.error(502, "5.5.1", "STARTTLS not offered here").await;
+        };
+        if matches!(self.phase, Phase::Mail(_)) {
+            return self
+                .error(503, "5.5.1", "Mail transaction in progress")
+                .await;
+        }
+        if !self
+            .client
+            .send(&reply(220, Some("2.0.0"), "Ready to start TLS"))
+            .await
+        {
+            return Step::End(self.finished());
+        }
+        self.client.buf.clear();
+        let handshake =
+            tokio::time::timeout(self.client.timeout, self.client.stream.start_tls(&acceptor));
+        match handshake.await {
+            Ok(Ok(())) => {
+                self.phase = Phase::Connected;
+                Step::Continue
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(peer = %self.conn.peer, %error, "STARTTLS handshake failed");
+                Step::End(Outcome::ClientError)
+            }
+            Err(_) => Step::End(Outcome::ClientError),
+        }
     }
 
     async fn answer(&mut self, bytes: &[u8]) -> Step {
@@ -247,11 +296,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     fn greet(&mut self, extended: bool) -> Vec<u8> {
         self.phase = Phase::Idle;
         if !extended {
-            return reply(250, None, &self.ctx.banner);
+            return reply(250, None, &self.ctx.hostname);
         }
         let size = format!("SIZE {}", self.ctx.limits.max_message_octets);
-        let extensions = ["PIPELINING", &size, "8BITMIME", "ENHANCEDSTATUSCODES"];
-        codec::ehlo_reply(&self.ctx.banner, &extensions)
+        let mut extensions = vec!["PIPELINING", &size, "8BITMIME", "ENHANCEDSTATUSCODES"];
+        if self.client.offers_starttls() {
+            extensions.push("STARTTLS");
+        }
+        codec::ehlo_reply(&self.ctx.hostname, &extensions)
     }
 
     fn mail(&mut self, from: &ReversePath, params: &MailParameters) -> Vec<u8> {
