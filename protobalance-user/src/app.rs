@@ -273,6 +273,10 @@ async fn proxy_context(config: &Config, registry: &Registry) -> Result<ProxyCont
         limits: config.limits.clone(),
         banner: config.server.banner.clone(),
         hostname: config.server.hostname.clone(),
+        submission_limits: crate::smtp::limits::SubmissionLimits::new(
+            config.submission.clone(),
+            registry,
+        )?,
         metrics: ProxyMetrics::new(registry)?,
         admission: Admission::new(config.limits.max_sessions_per_ip),
         tls: crate::tls::acceptor(&config.certificates)

@@ -21,11 +21,13 @@ fn skip() -> bool {
     support::skip("smtp_inbound")
 }
 
-/// Runs smtplib code with `s` connected (and EHLO'd) to the edge's first listener.
+/// Runs smtplib code with `s` connected (and EHLO'd) to the edge's first listener, from
+/// 127.0.0.9 (so the backend can tell the client's address from the edge's).
 fn smtplib(edge: &Edge, code: &str) -> String {
     let addr = edge.listeners[0];
     python(&format!(
-        "import smtplib\ns = smtplib.SMTP('{}', {}, timeout=10)\ns.ehlo('client.example.net')\n{code}\n",
+        "import smtplib\ns = smtplib.SMTP('{}', {}, timeout=10, source_address=('127.0.0.9', 0))\n\
+         s.ehlo('client.example.net')\n{code}\n",
         addr.ip(),
         addr.port()
     ))
@@ -110,6 +112,11 @@ fn mail_lands_on_the_owner_and_transactions_stay_on_one_backend() {
     let text = stored(&cluster, &owner(&edge, user), user).join("");
     assert!(
         text.contains(&format!("Subject: {token}\n\nbody {token}\nline two\n")),
+        "{text}"
+    );
+    // XCLIENT handed the client's HELO name and address (not the edge's) to Dovecot.
+    assert!(
+        text.contains("Received: from client.example.net ([127.0.0.9])"),
         "{text}"
     );
 

@@ -123,6 +123,12 @@ const fn script(service: Service) -> Script {
             done: |l| (!l.starts_with("250-")).then(|| l.starts_with("250 ")),
             bye: b"QUIT\r\n",
         },
+        Service::Smtp | Service::Submission => Script {
+            greeting: "220",
+            command: b"EHLO protobalance.health\r\n",
+            done: |l| (!l.starts_with("250-")).then(|| l.starts_with("250 ")),
+            bye: b"QUIT\r\n",
+        },
     }
 }
 

@@ -19,15 +19,18 @@ use tokio_rustls::TlsStream;
 
 use crate::tls::{MaybeTls, TlsConnector};
 
-/// Every service a backend offers; each has its own breaker.
-pub const SERVICES: [Service; 3] = [Service::Pop3, Service::Imap, Service::Lmtp];
-
-/// Which service on a backend.
+/// Which service on a backend; each one a backend offers has its own breaker
+/// ([`BackendConfig::services`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Service {
     Pop3,
     Imap,
+    /// Inbound delivery over LMTP (`delivery = "lmtp"`).
     Lmtp,
+    /// Inbound delivery over SMTP (`delivery = "smtp"`).
+    Smtp,
+    /// Authenticated submission (`submission_port`).
+    Submission,
 }
 
 impl Service {
@@ -36,6 +39,8 @@ impl Service {
             Self::Pop3 => "pop3",
             Self::Imap => "imap",
             Self::Lmtp => "lmtp",
+            Self::Smtp => "smtp",
+            Self::Submission => "submission",
         }
     }
 }
@@ -109,11 +114,15 @@ impl BackendPool {
         }
         let breakers = backends
             .iter()
-            .flat_map(|b| SERVICES.map(|s| ((b.name.clone(), s), Breaker::default())))
+            .flat_map(|b| {
+                b.services()
+                    .into_iter()
+                    .map(|s| ((b.name.clone(), s), Breaker::default()))
+            })
             .collect();
         let metrics = BackendMetrics::new(registry)?;
         for b in backends {
-            for service in SERVICES {
+            for service in b.services() {
                 metrics
                     .up
                     .with_label_values(&[b.name.as_str(), service.as_str()])
@@ -135,17 +144,23 @@ impl BackendPool {
 
     pub fn address(&self, name: &str, service: Service) -> Option<SocketAddr> {
         let b = self.backends.get(name)?;
-        let port = match service {
-            Service::Pop3 => b.pop3_port,
-            Service::Imap => b.imap_port,
-            Service::Lmtp => b.lmtp_port,
-        };
-        Some(SocketAddr::new(b.address, port))
+        Some(SocketAddr::new(b.address, b.port(service)?))
     }
 
-    /// PROXY headers go to the login services (POP3, IMAP); LMTP is configured with the
-    /// SMTP side.
-    fn uses_proxy_protocol(&self, name: &str, service: Service) -> bool {
+    /// The service inbound mail for `name`'s mailboxes goes to (LMTP or SMTP).
+    pub fn delivery_service(&self, name: &str) -> Option<Service> {
+        self.backends.get(name).map(BackendConfig::delivery_service)
+    }
+
+    /// Whether `name` offers authenticated submission.
+    pub fn offers_submission(&self, name: &str) -> bool {
+        self.backends
+            .get(name)
+            .is_some_and(|b| b.submission_port.is_some())
+    }
+
+    /// PROXY headers go to every service but LMTP (which takes XCLIENT, when offered).
+    pub fn uses_proxy_protocol(&self, name: &str, service: Service) -> bool {
         service != Service::Lmtp && self.backends.get(name).is_some_and(|b| b.proxy_protocol)
     }
 
@@ -210,7 +225,9 @@ impl BackendPool {
         if let Some(header) = header {
             stream.write_all(&header).await.map_err(io_error)?;
         }
-        let tls = self.tls.get(name).filter(|_| service != Service::Lmtp);
+        // TLS is for the login services; mail services stay on the trusted backend network.
+        let login = matches!(service, Service::Pop3 | Service::Imap);
+        let tls = self.tls.get(name).filter(|_| login);
         let Some((connector, server_name)) = tls else {
             return Ok(MaybeTls::Plain(stream));
         };

@@ -10,7 +10,10 @@ use std::{
 use serde::Deserialize;
 
 use super::Problem;
-use crate::directory::{DomainPolicy, LocalCase, Normalizer};
+use crate::{
+    backend::Service,
+    directory::{DomainPolicy, LocalCase, Normalizer},
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,8 +82,20 @@ pub struct BackendConfig {
     pub imap_port: u16,
     #[serde(default = "default_lmtp_port")]
     pub lmtp_port: u16,
-    /// Send a PROXY protocol v2 header first on POP3 and IMAP connections (Dovecot:
-    /// `haproxy = yes` on those listeners and this edge in `haproxy_trusted_networks`).
+    /// How inbound (MX) mail reaches this backend: `lmtp` (e.g. Dovecot, on `lmtp_port`)
+    /// or `smtp` (e.g. Postfix, on `smtp_port`).
+    #[serde(default)]
+    pub delivery: Delivery,
+    #[serde(default = "default_smtp_port")]
+    pub smtp_port: u16,
+    /// The backend's authenticated submission port (e.g. Postfix 587 with Dovecot SASL):
+    /// the edge's submission listeners check a user's AUTH there and hand the message on.
+    pub submission_port: Option<u16>,
+    /// Send a PROXY protocol v2 header first on POP3, IMAP and SMTP/submission
+    /// connections (Dovecot: `haproxy = yes` on those listeners and this edge in
+    /// `haproxy_trusted_networks`; Postfix: `smtpd_upstream_proxy_protocol = haproxy`).
+    /// Without it, SMTP and LMTP backends get the client's address by XCLIENT when they
+    /// offer it.
     #[serde(default)]
     pub proxy_protocol: bool,
     /// Speak TLS to this backend's POP3 and IMAP ports (then implicit-TLS ports, e.g. 995
@@ -93,6 +108,49 @@ pub struct BackendConfig {
     /// The name the backend's certificate is checked against (and sent as SNI); default:
     /// `address` (then the certificate needs that IP address as a subject alt name).
     pub tls_name: Option<String>,
+}
+
+/// The protocol inbound mail is handed on in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    #[default]
+    Lmtp,
+    Smtp,
+}
+
+impl BackendConfig {
+    /// The services this backend offers the edge; each has its health checks and breaker.
+    pub fn services(&self) -> Vec<Service> {
+        let mut services = vec![Service::Pop3, Service::Imap, self.delivery_service()];
+        if self.submission_port.is_some() {
+            services.push(Service::Submission);
+        }
+        services
+    }
+
+    /// Where inbound mail goes.
+    pub const fn delivery_service(&self) -> Service {
+        match self.delivery {
+            Delivery::Lmtp => Service::Lmtp,
+            Delivery::Smtp => Service::Smtp,
+        }
+    }
+
+    /// The port of `service`, when the backend offers it.
+    pub fn port(&self, service: Service) -> Option<u16> {
+        match service {
+            Service::Pop3 => Some(self.pop3_port),
+            Service::Imap => Some(self.imap_port),
+            Service::Lmtp => Some(self.lmtp_port),
+            Service::Smtp => Some(self.smtp_port),
+            Service::Submission => self.submission_port,
+        }
+    }
+}
+
+const fn default_smtp_port() -> u16 {
+    25
 }
 
 const fn default_capacity() -> u32 {
@@ -216,6 +274,8 @@ pub(super) fn validate_backends(
             ("pop3_port", backend.pop3_port),
             ("imap_port", backend.imap_port),
             ("lmtp_port", backend.lmtp_port),
+            ("smtp_port", backend.smtp_port),
+            ("submission_port", backend.submission_port.unwrap_or(587)),
         ] {
             if port == 0 {
                 return Err(Problem::new(

@@ -11,8 +11,11 @@ use super::Problem;
 pub enum Protocol {
     Pop3,
     Imap,
-    /// Inbound mail (MX, port 25) delivered to the owner's LMTP service.
+    /// Inbound mail (MX, port 25) delivered to the owner's LMTP or SMTP service.
     Smtp,
+    /// Authenticated submission (587 STARTTLS, 465 implicit TLS) for relay clients,
+    /// handed to the user's backend's `submission_port`.
+    Submission,
 }
 
 impl Protocol {
@@ -21,6 +24,7 @@ impl Protocol {
             Self::Pop3 => "pop3",
             Self::Imap => "imap",
             Self::Smtp => "smtp",
+            Self::Submission => "submission",
         }
     }
 }
@@ -200,6 +204,64 @@ impl LimitsConfig {
     }
 }
 
+/// `[submission]`: what one authenticated user may send through the submission listeners
+/// (counted per edge node, as token buckets refilled evenly over the hour).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmissionConfig {
+    #[serde(default = "default_messages_per_hour")]
+    pub max_messages_per_hour: u32,
+    #[serde(default = "default_recipients_per_message")]
+    pub max_recipients_per_message: u32,
+    #[serde(default = "default_recipients_per_hour")]
+    pub max_recipients_per_hour: u32,
+}
+
+impl Default for SubmissionConfig {
+    fn default() -> Self {
+        Self {
+            max_messages_per_hour: default_messages_per_hour(),
+            max_recipients_per_message: default_recipients_per_message(),
+            max_recipients_per_hour: default_recipients_per_hour(),
+        }
+    }
+}
+
+const fn default_messages_per_hour() -> u32 {
+    200
+}
+const fn default_recipients_per_message() -> u32 {
+    100
+}
+const fn default_recipients_per_hour() -> u32 {
+    1000
+}
+
+impl SubmissionConfig {
+    pub(super) fn validate(&self) -> Result<(), Problem> {
+        let checks = [
+            (
+                "submission.max_messages_per_hour",
+                self.max_messages_per_hour,
+            ),
+            (
+                "submission.max_recipients_per_message",
+                self.max_recipients_per_message,
+            ),
+            (
+                "submission.max_recipients_per_hour",
+                self.max_recipients_per_hour,
+            ),
+        ];
+        for (key, value) in checks {
+            if !(1..=1_000_000).contains(&value) {
+                return Err(Problem::new(key, format!("{value} is outside 1..=1000000")));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub(super) fn validate_listeners(
     listeners: &[ListenerConfig],
     have_backends: bool,
@@ -217,6 +279,14 @@ pub(super) fn validate_listeners(
             return Err(Problem::new(
                 &format!("listener[{i}].tls"),
                 "TLS needs a certificate: add a [[certificate]] with cert and key".into(),
+            ));
+        }
+        if listener.protocol == Protocol::Submission
+            && listener.tls_mode(have_certificates) == TlsMode::None
+        {
+            return Err(Problem::new(
+                &format!("listener[{i}].tls"),
+                "submission offers AUTH only over TLS: use \"starttls\" (587) or \"implicit\" (465) and a [[certificate]]".into(),
             ));
         }
     }

@@ -8,8 +8,10 @@
 mod cluster;
 mod listeners;
 
-pub use cluster::{BackendConfig, DirectoryConfig, DomainConfig, HealthConfig};
-pub use listeners::{CertificateConfig, LimitsConfig, ListenerConfig, Protocol, TlsMode};
+pub use cluster::{BackendConfig, Delivery, DirectoryConfig, DomainConfig, HealthConfig};
+pub use listeners::{
+    CertificateConfig, LimitsConfig, ListenerConfig, Protocol, SubmissionConfig, TlsMode,
+};
 
 use std::{
     net::SocketAddr,
@@ -40,6 +42,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub submission: SubmissionConfig,
     #[serde(default)]
     pub server: ServerConfig,
     #[serde(default)]
@@ -254,6 +258,21 @@ impl Config {
         listeners::validate_listeners(&self.listeners, !self.backends.is_empty(), have_certs)
             .map_err(to_error)?;
         self.limits.validate().map_err(to_error)?;
+        self.submission.validate().map_err(to_error)?;
+        if self
+            .listeners
+            .iter()
+            .any(|l| l.protocol == Protocol::Submission)
+            && let Some(i) = self
+                .backends
+                .iter()
+                .position(|b| b.submission_port.is_none())
+        {
+            return Err(to_error(Problem::new(
+                &format!("backend[{i}].submission_port"),
+                "a submission listener is configured: set the port where this backend takes authenticated submission (e.g. 587, Postfix with Dovecot SASL)".into(),
+            )));
+        }
         self.health.validate().map_err(to_error)?;
         if self.server.banner.is_empty()
             || self.server.banner.len() > 200

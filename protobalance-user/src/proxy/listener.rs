@@ -13,7 +13,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{Conn, Outcome, ProxyContext};
 use crate::{
     config::{Protocol, TlsMode},
-    imap, pop3, smtp,
+    imap, pop3,
+    smtp::{self, session::Mode},
     tls::ClientStream,
 };
 
@@ -91,7 +92,8 @@ async fn session(
     match protocol {
         Protocol::Pop3 => pop3::session::run(stream, &conn, ctx).await,
         Protocol::Imap => imap::session::run(stream, &conn, ctx).await,
-        Protocol::Smtp => smtp::session::run(stream, &conn, ctx).await,
+        Protocol::Smtp => smtp::session::run(stream, &conn, ctx, Mode::Inbound).await,
+        Protocol::Submission => smtp::session::run(stream, &conn, ctx, Mode::Submission).await,
     }
 }
 
@@ -101,7 +103,7 @@ fn refusal(protocol: Protocol) -> Vec<u8> {
             pop3::codec::err(Some("SYS/TEMP"), "Too many connections from your address")
         }
         Protocol::Imap => imap::codec::bye("[UNAVAILABLE] Too many connections from your address"),
-        Protocol::Smtp => {
+        Protocol::Smtp | Protocol::Submission => {
             smtp::codec::reply(421, Some("4.7.0"), "Too many connections from your address")
         }
     }

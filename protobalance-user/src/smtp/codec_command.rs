@@ -94,6 +94,18 @@ pub enum Host {
     Other(String),
 }
 
+/// The host as the client named it: the domain or text as sent, an address literal in
+/// RFC 5321 §4.1.3 form.
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Domain(name) | Self::Other(name) => f.write_str(name),
+            Self::Address(IpAddr::V4(ip)) => write!(f, "[{ip}]"),
+            Self::Address(IpAddr::V6(ip)) => write!(f, "[IPv6:{ip}]"),
+        }
+    }
+}
+
 /// The optional initial response of `AUTH mechanism initial` (RFC 4954 §4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InitialResponse {

@@ -1,14 +1,17 @@
-//! The backend side of an inbound SMTP transaction: one LMTP session (RFC 2033) to the
-//! backend that owns the transaction's recipients. It is opened when the first recipient
-//! routes to that backend (greeting, LHLO, MAIL FROM), takes each further RCPT, then the
-//! dot-stuffed DATA stream as the client sends it, and after the end of data returns one
-//! reply per accepted recipient (RFC 2033 §4.2).
+//! The backend side of SMTP: one LMTP (RFC 2033) or SMTP (RFC 5321) session to the backend
+//! that owns a transaction's recipients (inbound, `delivery = "lmtp" | "smtp"`) or a
+//! submitting user's mailbox (submission). It is opened with the greeting and LHLO/EHLO;
+//! when the backend offers XCLIENT (and takes no PROXY header) the client's address and
+//! HELO name are passed on that way and the backend is greeted again. Then it takes MAIL
+//! FROM, each RCPT, the dot-stuffed DATA stream as the client sends it, and after the end
+//! of data returns one reply per accepted recipient (LMTP: one each, RFC 2033 §4.2; SMTP:
+//! the one reply, for all of them).
 //!
 //! Nothing is spooled here: the client hears `250` only after the backend stored the
 //! message. A refused message (too big, bare line ending) is abandoned by dropping the
 //! connection without the end-of-data sequence, so the backend discards it.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use bytes::{Buf as _, BytesMut};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -58,7 +61,7 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// `MAIL FROM` with the parameters the backend's LHLO reply offers; the others are
+    /// `MAIL FROM` with the parameters the backend's LHLO/EHLO reply offers; the others are
     /// dropped (Dovecot refuses `SIZE=` with `555` unless it advertises SIZE). The edge
     /// checked the size itself, and an 8-bit body passes through LMTP either way.
     fn mail_from(&self, lhlo: &Reply) -> String {
@@ -74,47 +77,122 @@ impl Envelope {
     }
 }
 
-/// An open LMTP transaction on one backend.
-pub struct Lmtp {
+/// Who is on the other side of the edge, passed on by XCLIENT.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    /// The client's EHLO/HELO argument, as sent.
+    pub helo: Option<String>,
+    /// The same when it is a valid domain or address literal: after XCLIENT the backend is
+    /// greeted with it, so its Received header names the client's HELO, not ours.
+    pub helo_domain: Option<String>,
+    /// `ESMTP` after EHLO, `SMTP` after HELO.
+    pub esmtp: bool,
+    /// The authenticated submission user.
+    pub login: Option<String>,
+}
+
+/// The backend's dialect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Lmtp,
+    Smtp,
+}
+
+/// An open LMTP or SMTP session on one backend.
+pub struct BackendSession {
     backend: String,
+    dialect: Dialect,
     stream: BackendStream,
     buf: BytesMut,
-    /// Recipients the backend accepted, in order: one reply each follows the data.
+    /// The last LHLO/EHLO reply: the extensions on offer.
+    hello: Reply,
+    /// Recipients the backend accepted in this transaction, in order.
     accepted: Vec<String>,
 }
 
-impl Lmtp {
-    /// Connects to `backend`'s LMTP service (the pool's breaker fails fast while it is
-    /// down) and starts a transaction for `envelope`.
+impl BackendSession {
+    /// Connects to `service` on `backend` (the pool's breaker fails fast while it is
+    /// down), greets it, and hands over the client's identity by XCLIENT when offered.
     pub async fn open(
         ctx: &ProxyContext,
         conn: &Conn,
         backend: &str,
-        envelope: &Envelope,
+        service: Service,
+        client: &ClientInfo,
     ) -> Result<Self, DeliverError> {
         let stream = ctx
             .pool
-            .connect(backend, Service::Lmtp, conn.peer, conn.local)
+            .connect(backend, service, conn.peer, conn.local)
             .await?;
-        let mut lmtp = Self {
+        let dialect = match service {
+            Service::Lmtp => Dialect::Lmtp,
+            _ => Dialect::Smtp,
+        };
+        let mut session = Self {
             backend: backend.to_owned(),
+            dialect,
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            hello: Reply {
+                code: 0,
+                enhanced: None,
+                lines: Vec::new(),
+            },
             accepted: Vec::new(),
         };
-        lmtp.expect("greeting", 220).await?;
-        lmtp.send(lhlo(conn.local).as_bytes()).await?;
-        let lhlo = lmtp.read_reply(REPLY_TIMEOUT).await?;
-        if lhlo.code != 250 {
-            return Err(lmtp.refused("LHLO", &lhlo));
+        session.expect("greeting", 220).await?;
+        session.greet(&ctx.hostname).await?;
+        let proxied = ctx.pool.uses_proxy_protocol(backend, service);
+        if let Some(offered) = session.hello.extension("XCLIENT").filter(|_| !proxied) {
+            let command = xclient(offered, conn, client);
+            session.send(command.as_bytes()).await?;
+            session.expect("XCLIENT", 220).await?;
+            let name = client.helo_domain.as_deref().unwrap_or(&ctx.hostname);
+            session.greet(name).await?;
+            tracing::debug!(%backend, peer = %conn.peer, "client identity passed by XCLIENT");
         }
-        lmtp.send(envelope.mail_from(&lhlo).as_bytes()).await?;
-        lmtp.expect("MAIL FROM", 250).await?;
-        Ok(lmtp)
+        Ok(session)
+    }
+
+    /// LHLO or EHLO with our host name; the reply's extensions are kept.
+    async fn greet(&mut self, hostname: &str) -> Result<(), DeliverError> {
+        let verb = match self.dialect {
+            Dialect::Lmtp => "LHLO",
+            Dialect::Smtp => "EHLO",
+        };
+        self.send(format!("{verb} {hostname}\r\n").as_bytes())
+            .await?;
+        let reply = self.read_reply(REPLY_TIMEOUT).await?;
+        if reply.code != 250 {
+            return Err(self.refused(verb, &reply));
+        }
+        self.hello = reply;
+        Ok(())
     }
 
     pub fn backend(&self) -> &str {
         &self.backend
+    }
+
+    /// `AUTH PLAIN` (RFC 4954) with the client's credentials: the backend checks them.
+    /// `Ok` carries the backend's answer (`235` or a refusal to relay).
+    pub async fn authenticate(
+        &mut self,
+        user: &str,
+        password: &str,
+    ) -> Result<Reply, DeliverError> {
+        let plain = format!("\0{user}\0{password}");
+        let command = format!("AUTH PLAIN {}\r\n", crate::base64::encode(plain.as_bytes()));
+        self.send(command.as_bytes()).await?;
+        self.read_reply(REPLY_TIMEOUT).await
+    }
+
+    /// Starts a transaction; `Ok` carries the backend's answer to MAIL FROM.
+    pub async fn mail(&mut self, envelope: &Envelope) -> Result<Reply, DeliverError> {
+        self.accepted.clear();
+        self.send(envelope.mail_from(&self.hello).as_bytes())
+            .await?;
+        self.read_reply(REPLY_TIMEOUT).await
     }
 
     /// Recipients the backend accepted so far.
@@ -122,7 +200,7 @@ impl Lmtp {
         self.accepted.len()
     }
 
-    /// Offers `mailbox` (a normalized address) and returns the backend's answer.
+    /// Offers `mailbox` (an address) and returns the backend's answer.
     pub async fn rcpt(&mut self, mailbox: &str) -> Result<Reply, DeliverError> {
         self.send(format!("RCPT TO:<{mailbox}>\r\n").as_bytes())
             .await?;
@@ -144,18 +222,45 @@ impl Lmtp {
         self.send(bytes).await
     }
 
-    /// Ends the data and collects one reply per accepted recipient, then says QUIT
-    /// without waiting for the answer.
-    pub async fn finish(mut self) -> Result<Vec<(String, Reply)>, DeliverError> {
+    /// Ends the data and collects the outcome for each accepted recipient: LMTP answers
+    /// once per recipient, SMTP once for all of them.
+    pub async fn end_data(&mut self) -> Result<Vec<(String, Reply)>, DeliverError> {
         self.send(END_OF_DATA).await?;
-        let mut replies = Vec::with_capacity(self.accepted.len());
-        for mailbox in std::mem::take(&mut self.accepted) {
-            let reply = self.read_reply(FINAL_REPLY_TIMEOUT).await?;
-            replies.push((mailbox, reply));
+        let accepted = std::mem::take(&mut self.accepted);
+        let mut replies = Vec::with_capacity(accepted.len());
+        match self.dialect {
+            Dialect::Lmtp => {
+                for mailbox in accepted {
+                    let reply = self.read_reply(FINAL_REPLY_TIMEOUT).await?;
+                    replies.push((mailbox, reply));
+                }
+            }
+            Dialect::Smtp => {
+                let reply = self.read_reply(FINAL_REPLY_TIMEOUT).await?;
+                replies.extend(accepted.into_iter().map(|m| (m, reply.clone())));
+            }
         }
+        Ok(replies)
+    }
+
+    /// Ends the data and says QUIT without waiting for the answer.
+    pub async fn finish(mut self) -> Result<Vec<(String, Reply)>, DeliverError> {
+        let replies = self.end_data().await?;
+        self.quit().await;
+        Ok(replies)
+    }
+
+    /// RSET: abandons the transaction (the session stays usable).
+    pub async fn reset(&mut self) -> Result<(), DeliverError> {
+        self.accepted.clear();
+        self.send(b"RSET\r\n").await?;
+        self.expect("RSET", 250).await
+    }
+
+    /// QUIT, without waiting long for the answer.
+    pub async fn quit(&mut self) {
         let _ =
             tokio::time::timeout(Duration::from_secs(1), self.stream.write_all(b"QUIT\r\n")).await;
-        Ok(replies)
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), DeliverError> {
@@ -212,13 +317,62 @@ impl Lmtp {
     }
 }
 
-/// `LHLO` with our own address as an address literal (RFC 5321 §4.1.3): the edge has no
-/// configured host name yet.
-fn lhlo(local: SocketAddr) -> String {
-    match local.ip() {
-        std::net::IpAddr::V4(ip) => format!("LHLO [{ip}]\r\n"),
-        std::net::IpAddr::V6(ip) => format!("LHLO [IPv6:{ip}]\r\n"),
+/// `XCLIENT` (Postfix XCLIENT_README; Dovecot's LMTP/submission take the same) with the
+/// attributes the backend `offered` that we know: the client's address and port, our
+/// address and port, no reverse name, its HELO, the protocol and the submission login.
+fn xclient(offered: &str, conn: &Conn, client: &ClientInfo) -> String {
+    let offered: Vec<&str> = offered.split_ascii_whitespace().collect();
+    let has = |name: &str| offered.iter().any(|o| o.eq_ignore_ascii_case(name));
+    let address = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("IPV6:{v6}"),
+    };
+    let mut attributes = Vec::new();
+    if has("ADDR") {
+        attributes.push(format!("ADDR={}", address(conn.peer.ip())));
     }
+    if has("PORT") {
+        attributes.push(format!("PORT={}", conn.peer.port()));
+    }
+    if has("NAME") {
+        attributes.push("NAME=[UNAVAILABLE]".to_owned());
+    }
+    if has("HELO") {
+        let helo = client
+            .helo
+            .as_deref()
+            .map_or_else(|| "[UNAVAILABLE]".to_owned(), xtext);
+        attributes.push(format!("HELO={helo}"));
+    }
+    if has("PROTO") {
+        attributes.push(format!(
+            "PROTO={}",
+            if client.esmtp { "ESMTP" } else { "SMTP" }
+        ));
+    }
+    if let Some(login) = client.login.as_deref().filter(|_| has("LOGIN")) {
+        attributes.push(format!("LOGIN={}", xtext(login)));
+    }
+    if has("DESTADDR") {
+        attributes.push(format!("DESTADDR={}", address(conn.local.ip())));
+    }
+    if has("DESTPORT") {
+        attributes.push(format!("DESTPORT={}", conn.local.port()));
+    }
+    format!("XCLIENT {}\r\n", attributes.join(" "))
+}
+
+/// RFC 3461 §4 xtext: `+`, `=`, controls, space and non-ASCII as `+HH`.
+fn xtext(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if (b'!'..=b'~').contains(&byte) && byte != b'+' && byte != b'=' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("+{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// What the client hears after the end of data, from the backend's per-recipient replies.
@@ -292,6 +446,45 @@ mod tests {
         );
         // Anything that is neither 2xx nor 5xx (a 3xx here would be a backend bug).
         assert_eq!(verdict(&[reply(354)]), Verdict::TryAgain);
+    }
+
+    #[test]
+    fn xtext_encodes_plus_equals_space_and_controls() {
+        assert_eq!(xtext("mx.example.net"), "mx.example.net");
+        assert_eq!(xtext("a+b=c d\u{1}é"), "a+2Bb+3Dc+20d+01+C3+A9");
+    }
+
+    #[test]
+    fn xclient_sends_only_offered_attributes() {
+        let conn = Conn {
+            peer: "[2001:db8::7]:40000".parse().expect("addr"),
+            local: "127.0.0.1:25".parse().expect("addr"),
+            starttls: None,
+        };
+        let client = ClientInfo {
+            helo: Some("client example".into()),
+            helo_domain: None,
+            esmtp: true,
+            login: Some("user@example.com".into()),
+        };
+        assert_eq!(
+            xclient("ADDR HELO", &conn, &client),
+            "XCLIENT ADDR=IPV6:2001:db8::7 HELO=client+20example\r\n"
+        );
+        assert_eq!(
+            xclient(
+                "NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT",
+                &conn,
+                &client
+            ),
+            "XCLIENT ADDR=IPV6:2001:db8::7 PORT=40000 NAME=[UNAVAILABLE] HELO=client+20example \
+             PROTO=ESMTP LOGIN=user@example.com DESTADDR=127.0.0.1 DESTPORT=25\r\n"
+        );
+        let anonymous = ClientInfo::default();
+        assert_eq!(
+            xclient("HELO PROTO LOGIN", &conn, &anonymous),
+            "XCLIENT HELO=[UNAVAILABLE] PROTO=SMTP\r\n"
+        );
     }
 
     #[test]

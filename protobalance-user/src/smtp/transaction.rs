@@ -1,19 +1,21 @@
 //! One inbound SMTP transaction (RFC 5321 §3.3), from MAIL FROM to the end of DATA: the
 //! checks on MAIL (RFC 1870 SIZE, RFC 6152 BODY) and the routing of each RCPT.
 //!
-//! Routing rule: the first accepted recipient binds the transaction to its owner's LMTP
-//! service; a recipient owned by any other backend gets `452 4.5.3` (RFC 5321
+//! Routing rule: the first accepted recipient binds the transaction to its owner's
+//! delivery service (LMTP or SMTP); a recipient owned by any other backend gets `452 4.5.3` (RFC 5321
 //! §4.5.3.1.10), so the sender delivers it in a new transaction — nothing is spooled at
 //! the edge and a mailbox is never delivered to a backend that does not own it. The edge
 //! is no relay: foreign domains, address literals, source routes (`<@a:x@ext>`), quoted
 //! local parts (`"x@ext"@ours`) and `%`/`!` routing (refused by the directory's
 //! normalizer) all get `554 5.7.1`.
 
+use super::{codec::Reply, deliver::DeliverError};
 use super::{
     codec::{Body, ForwardPath, MailParameters, ReversePath, reply},
-    deliver::{self, Envelope, Lmtp},
+    deliver::{self, BackendSession, ClientInfo, Envelope},
 };
 use crate::{
+    backend::ConnectError,
     directory::{AddressError, Route},
     proxy::{Conn, ProxyContext},
 };
@@ -23,6 +25,7 @@ const MAX_RECIPIENTS: usize = 100;
 
 pub struct Transaction {
     envelope: Envelope,
+    client: ClientInfo,
     binding: Binding,
 }
 
@@ -30,10 +33,13 @@ pub struct Transaction {
 pub enum Binding {
     /// No recipient accepted yet.
     Unbound,
-    /// Bound by its first accepted recipient; holds the open LMTP transaction.
-    Bound(Lmtp),
+    /// Bound by its first accepted recipient; holds the open backend transaction.
+    Bound(BackendSession),
     /// Recipients were accepted, then the backend connection failed: DATA gets `451`.
     Lost,
+    /// Submission: the transaction runs on the authenticated user's backend session;
+    /// `accepted` recipients so far.
+    Account { accepted: usize },
 }
 
 impl Transaction {
@@ -42,6 +48,7 @@ impl Transaction {
         from: &ReversePath,
         params: &MailParameters,
         max_size: u64,
+        client: ClientInfo,
     ) -> Result<Self, Vec<u8>> {
         if params.size.is_some_and(|size| size > max_size) {
             return Err(reply(
@@ -70,8 +77,27 @@ impl Transaction {
         };
         Ok(Self {
             envelope,
+            client,
             binding: Binding::Unbound,
         })
+    }
+
+    /// The sender side, for the backend's MAIL FROM.
+    pub const fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// Submission: the transaction runs on the user's own backend session.
+    pub fn on_account(mut self) -> Self {
+        self.binding = Binding::Account { accepted: 0 };
+        self
+    }
+
+    /// Submission: one more recipient accepted by the backend.
+    pub fn count_accepted(&mut self) {
+        if let Binding::Account { accepted } = &mut self.binding {
+            *accepted += 1;
+        }
     }
 
     /// Ends the transaction, handing over its backend for DATA.
@@ -121,9 +147,10 @@ impl Transaction {
         }
     }
 
-    fn accepted(&self) -> usize {
+    pub fn accepted(&self) -> usize {
         match &self.binding {
-            Binding::Bound(lmtp) => lmtp.accepted(),
+            Binding::Bound(backend) => backend.accepted(),
+            Binding::Account { accepted } => *accepted,
             Binding::Unbound | Binding::Lost => 0,
         }
     }
@@ -138,21 +165,22 @@ impl Transaction {
         backend: &str,
     ) -> Vec<u8> {
         if let Binding::Unbound = self.binding {
-            match Lmtp::open(ctx, conn, backend, &self.envelope).await {
-                Ok(lmtp) => self.binding = Binding::Bound(lmtp),
+            match self.open(ctx, conn, backend).await {
+                Ok(Ok(session)) => self.binding = Binding::Bound(session),
+                Ok(Err(refusal)) => return deliver::relay(&refusal),
                 Err(error) => {
                     tracing::warn!(%error, "owner unavailable for a recipient");
                     return owner_unavailable();
                 }
             }
         }
-        let lmtp = match &mut self.binding {
-            Binding::Bound(lmtp) if lmtp.backend() == backend => lmtp,
+        let session = match &mut self.binding {
+            Binding::Bound(session) if session.backend() == backend => session,
             Binding::Bound(_) => return too_many_recipients(),
-            Binding::Unbound | Binding::Lost => return backend_lost(),
+            Binding::Unbound | Binding::Lost | Binding::Account { .. } => return backend_lost(),
         };
-        let answer = lmtp.rcpt(mailbox).await;
-        let accepted = lmtp.accepted();
+        let answer = session.rcpt(mailbox).await;
+        let accepted = session.accepted();
         match answer {
             Ok(answer) if answer.is_positive() => reply(250, Some("2.1.5"), "OK"),
             Ok(refusal) => {
@@ -169,6 +197,31 @@ impl Transaction {
                 };
                 owner_unavailable()
             }
+        }
+    }
+}
+
+impl Transaction {
+    /// Opens the owner's delivery service and starts the transaction there; the inner
+    /// `Err` is the backend's refusal of MAIL FROM (relayed to the client).
+    async fn open(
+        &self,
+        ctx: &ProxyContext,
+        conn: &Conn,
+        backend: &str,
+    ) -> Result<Result<BackendSession, Reply>, DeliverError> {
+        let service = ctx
+            .pool
+            .delivery_service(backend)
+            .ok_or_else(|| DeliverError::Connect(ConnectError::Unknown(backend.to_owned())))?;
+        let mut session = BackendSession::open(ctx, conn, backend, service, &self.client).await?;
+        let answer = session.mail(&self.envelope).await?;
+        if answer.is_positive() {
+            Ok(Ok(session))
+        } else {
+            tracing::warn!(%backend, code = answer.code, "backend refused MAIL FROM");
+            session.quit().await;
+            Ok(Err(answer))
         }
     }
 }

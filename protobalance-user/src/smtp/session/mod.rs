@@ -13,7 +13,11 @@
 //! the command timeout (`limits.pre_auth_timeout` for now) and every buffer a bound.
 //! STARTTLS (RFC 3207) is offered on plaintext listeners with a certificate: plaintext
 //! pipelined after the command is discarded, and the session starts over (EHLO again).
-//! Not yet here: AUTH/submission, XCLIENT, SMTP (non-LMTP) backends, SMTPUTF8.
+//! Submission listeners (`submission`) run the same driver with AUTH ([`submission`]):
+//! mail is accepted only from authenticated users and forwarded to their own backend.
+//! Not yet here: SMTPUTF8, CHUNKING.
+
+mod submission;
 
 use std::time::Duration;
 
@@ -23,9 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use super::{
     codec::{
         self, BareLineEndings, CodecError, Command, DataReader, DataState, DataVerdict, Decoded,
-        ForwardPath, MailParameters, ReversePath, reply,
+        ForwardPath, Host, MailParameters, ReversePath, SaslResponse, reply,
     },
-    deliver::{self, Lmtp, Verdict},
+    deliver::{self, BackendSession, ClientInfo, Verdict},
     transaction::{Binding, Transaction, backend_lost},
 };
 use crate::{
@@ -35,6 +39,7 @@ use crate::{
     },
     tls::{ClientStream, TlsAcceptor},
 };
+use submission::Account;
 
 /// Refused commands per session before it is closed.
 const MAX_ERRORS: u32 = 10;
@@ -47,6 +52,8 @@ const READ_CHUNK: usize = 16 * 1024;
 enum ReadEnd {
     Closed,
     TimedOut,
+    /// A SASL answer longer than a command line.
+    TooLong,
 }
 
 struct Client<S> {
@@ -96,13 +103,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 }
 
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// The client's answer to a `334` challenge, or the codec's complaint about it.
+    async fn next_sasl_line(&mut self) -> Result<Result<SaslResponse, CodecError>, ReadEnd> {
+        loop {
+            match codec::decode_sasl_response(&self.buf) {
+                Ok(Decoded::Complete { value, consumed }) => {
+                    self.buf.advance(consumed);
+                    return Ok(Ok(value));
+                }
+                Ok(Decoded::Incomplete) => self.fill().await?,
+                Err(CodecError::LineTooLong) => return Err(ReadEnd::TooLong),
+                Err(error) => {
+                    self.buf.advance(error.resume_at().unwrap_or(0));
+                    return Ok(Err(error));
+                }
+            }
+        }
+    }
+}
+
+/// Which service a listener offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// MX: anyone may send to our mailboxes.
+    Inbound,
+    /// Submission: authenticated users may send anywhere.
+    Submission,
+}
+
 /// Where the session stands.
 enum Phase {
     /// Before EHLO/HELO.
     Connected,
     /// Greeted, no transaction.
     Idle,
-    Mail(Transaction),
+    /// Boxed: it holds a backend connection, far larger than the other phases.
+    Mail(Box<Transaction>),
 }
 
 enum Step {
@@ -114,7 +151,13 @@ struct Session<'a, S> {
     client: Client<S>,
     conn: &'a Conn,
     ctx: &'a ProxyContext,
+    mode: Mode,
     phase: Phase,
+    /// Submission: the authenticated user.
+    account: Option<Account>,
+    auth_failures: u32,
+    /// The client's last EHLO/HELO, passed on to backends by XCLIENT.
+    client_info: ClientInfo,
     errors: u32,
     delivered: u32,
 }
@@ -125,6 +168,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     stream: ClientStream<S>,
     conn: &Conn,
     ctx: &ProxyContext,
+    mode: Mode,
 ) -> Outcome {
     let client = Client {
         stream,
@@ -136,7 +180,11 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         client,
         conn,
         ctx,
+        mode,
         phase: Phase::Connected,
+        account: None,
+        auth_failures: 0,
+        client_info: ClientInfo::default(),
         errors: 0,
         delivered: 0,
     };
@@ -159,12 +207,15 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     async fn handle(&mut self, command: Command) -> Step {
         let answer = match command {
-            Command::Ehlo { .. } => self.greet(true),
-            Command::Helo { .. } => self.greet(false),
-            Command::Mail { from, params } => self.mail(&from, &params),
+            Command::Ehlo { host } => self.greet(&host, true),
+            Command::Helo { host } => self.greet(&host, false),
+            Command::Mail { from, params } => self.mail(&from, &params).await,
             Command::Rcpt { to, params } => self.rcpt(&to, params.is_empty()).await,
             Command::Data => return self.data().await,
             Command::Rset => {
+                if matches!(self.phase, Phase::Mail(_)) {
+                    self.reset_backend().await;
+                }
                 if !matches!(self.phase, Phase::Connected) {
                     self.phase = Phase::Idle;
                 }
@@ -178,9 +229,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Command::Vrfy { .. } => reply(252, Some("2.5.2"), "Cannot VRFY; send mail to it"),
             Command::Help { .. } => reply(214, Some("2.0.0"), "See RFC 5321"),
             Command::StartTls => return self.starttls().await,
-            Command::Expn { .. } | Command::Auth { .. } => {
-                reply(502, Some("5.5.1"), "Command not implemented")
-            }
+            Command::Auth { mechanism, initial } => return self.auth(&mechanism, initial).await,
+            Command::Expn { .. } => reply(502, Some("5.5.1"), "Command not implemented"),
             Command::Bdat { .. } => {
                 // Its chunk follows unannounced; without CHUNKING there is no resync.
                 let text = "BDAT not supported; closing";
@@ -270,8 +320,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
     }
 
+    fn submission(&self) -> bool {
+        self.mode == Mode::Submission
+    }
+
+    /// Submission: abandons the transaction on the account's backend too.
+    async fn reset_backend(&mut self) {
+        let Some(account) = self.account.as_mut() else {
+            return;
+        };
+        if let Some(backend) = account.backend.as_mut()
+            && let Err(error) = backend.reset().await
+        {
+            tracing::debug!(%error, "submission backend lost at RSET");
+            account.backend = None;
+        }
+    }
+
     async fn close(&mut self, end: ReadEnd) -> Outcome {
         match end {
+            ReadEnd::TooLong => {
+                let text = "Line too long; closing";
+                self.client.send(&reply(500, Some("5.5.2"), text)).await;
+                Outcome::ClientError
+            }
             ReadEnd::Closed => self.finished(),
             ReadEnd::TimedOut => {
                 let bye = reply(
@@ -293,8 +365,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 
     /// EHLO/HELO reset any transaction (RFC 5321 §4.1.4).
-    fn greet(&mut self, extended: bool) -> Vec<u8> {
+    fn greet(&mut self, host: &Host, extended: bool) -> Vec<u8> {
         self.phase = Phase::Idle;
+        self.client_info.helo = Some(host.to_string());
+        self.client_info.helo_domain = match host {
+            Host::Domain(_) | Host::Address(_) => Some(host.to_string()),
+            Host::Other(_) => None,
+        };
+        self.client_info.esmtp = extended;
         if !extended {
             return reply(250, None, &self.ctx.hostname);
         }
@@ -303,25 +381,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         if self.client.offers_starttls() {
             extensions.push("STARTTLS");
         }
+        // RFC 4954 §4 with RFC 8314: credentials only over TLS.
+        if self.submission() && self.client.stream.is_tls() && self.account.is_none() {
+            extensions.push("AUTH PLAIN LOGIN");
+        }
         codec::ehlo_reply(&self.ctx.hostname, &extensions)
     }
 
-    fn mail(&mut self, from: &ReversePath, params: &MailParameters) -> Vec<u8> {
+    async fn mail(&mut self, from: &ReversePath, params: &MailParameters) -> Vec<u8> {
         match self.phase {
             Phase::Connected => return reply(503, Some("5.5.1"), "Send EHLO or HELO first"),
             Phase::Mail(_) => return reply(503, Some("5.5.1"), "Nested MAIL command"),
             Phase::Idle => {}
         }
-        match Transaction::begin(from, params, self.ctx.limits.max_message_octets) {
-            Ok(tx) => {
-                self.phase = Phase::Mail(tx);
-                reply(250, Some("2.1.0"), "OK")
-            }
-            Err(refusal) => refusal,
+        if self.submission() && self.account.is_none() {
+            return reply(530, Some("5.7.0"), "Authentication required");
         }
+        let client = self.client_info.clone();
+        let tx = match Transaction::begin(from, params, self.ctx.limits.max_message_octets, client)
+        {
+            Ok(tx) => tx,
+            Err(refusal) => return refusal,
+        };
+        if self.submission() {
+            return self.submit_mail(tx).await;
+        }
+        self.phase = Phase::Mail(Box::new(tx));
+        reply(250, Some("2.1.0"), "OK")
     }
 
     async fn rcpt(&mut self, to: &ForwardPath, no_params: bool) -> Vec<u8> {
+        if self.submission() {
+            return self.submit_rcpt(to, no_params).await;
+        }
         let Phase::Mail(tx) = &mut self.phase else {
             return reply(503, Some("5.5.1"), "Send MAIL first");
         };
@@ -338,33 +430,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     .await;
             }
         };
-        let mut lmtp = match binding {
-            Binding::Bound(lmtp) => lmtp,
+        let mut backend = match binding {
+            Binding::Bound(backend) => backend,
             Binding::Unbound => return self.answer(&no_recipients()).await,
             Binding::Lost => return self.answer(&backend_lost()).await,
+            Binding::Account { accepted } => return self.submit_data(accepted).await,
         };
-        if let Err(error) = lmtp.start_data().await {
-            tracing::warn!(%error, "LMTP DATA failed");
+        if let Err(error) = backend.start_data().await {
+            tracing::warn!(%error, "backend DATA failed");
             return self.answer(&backend_lost()).await;
         }
         let go_on = reply(354, None, "End data with <CR><LF>.<CR><LF>");
         if !self.client.send(&go_on).await {
             return Step::End(self.finished());
         }
-        match self.stream_data(lmtp).await {
-            Ok((verdict, lmtp)) => {
-                let answer = self.end_of_data(verdict, lmtp).await;
+        let mut slot = Some(backend);
+        match self.stream_data(&mut slot).await {
+            Ok(verdict) => {
+                let answer = self.end_of_data(verdict, slot).await;
                 self.answer(&answer).await
             }
             Err(end) => Step::End(self.close(end).await),
         }
     }
 
-    /// Forwards the message as it arrives until its end; the backend is dropped (closed
-    /// without the end of data) when the message is refused or the backend fails.
-    async fn stream_data(&mut self, lmtp: Lmtp) -> Result<(DataVerdict, Option<Lmtp>), ReadEnd> {
+    /// Forwards the message as it arrives until its end; the backend is dropped from
+    /// `backend` (closed without the end of data, so it discards the message) when the
+    /// message is refused or the backend fails.
+    async fn stream_data(
+        &mut self,
+        backend: &mut Option<BackendSession>,
+    ) -> Result<DataVerdict, ReadEnd> {
         let mut reader = DataReader::new(self.ctx.limits.max_message_octets, BARE_LINE_ENDINGS);
-        let mut backend = Some(lmtp);
         let mut out = Vec::with_capacity(2 * READ_CHUNK);
         loop {
             if self.client.buf.is_empty() {
@@ -373,37 +470,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             out.clear();
             let feed = reader.feed(&self.client.buf, &mut out);
             self.client.buf.advance(feed.consumed);
-            if let Some(lmtp) = backend.as_mut()
+            if let Some(session) = backend.as_mut()
                 && !out.is_empty()
-                && let Err(error) = lmtp.write(&out).await
+                && let Err(error) = session.write(&out).await
             {
                 tracing::warn!(%error, "backend lost during DATA");
-                backend = None;
+                *backend = None;
             }
             match feed.state {
-                DataState::End => return Ok((reader.verdict(), backend)),
-                DataState::Exceeded | DataState::BareLineEnding => backend = None,
+                DataState::End => return Ok(reader.verdict()),
+                DataState::Exceeded | DataState::BareLineEnding => *backend = None,
                 DataState::More => {}
             }
         }
     }
 
-    async fn end_of_data(&mut self, verdict: DataVerdict, lmtp: Option<Lmtp>) -> Vec<u8> {
-        match (verdict, lmtp) {
-            (DataVerdict::Ok { .. }, Some(lmtp)) => self.deliver(lmtp).await,
+    async fn end_of_data(
+        &mut self,
+        verdict: DataVerdict,
+        backend: Option<BackendSession>,
+    ) -> Vec<u8> {
+        match (verdict, backend) {
+            (DataVerdict::Ok { .. }, Some(session)) => self.deliver(session).await,
             (DataVerdict::Ok { .. }, None) => backend_lost(),
-            (DataVerdict::TooBig { .. }, _) => {
-                reply(552, Some("5.3.4"), "Message size exceeds fixed limit")
-            }
-            (DataVerdict::BareLineEnding, _) => {
-                reply(550, Some("5.6.0"), "Bare CR or LF in message; use CRLF")
-            }
+            (refused, _) => refused_data(&refused),
         }
     }
 
-    async fn deliver(&mut self, lmtp: Lmtp) -> Vec<u8> {
-        let backend = lmtp.backend().to_owned();
-        let replies = match lmtp.finish().await {
+    async fn deliver(&mut self, session: BackendSession) -> Vec<u8> {
+        let backend = session.backend().to_owned();
+        let replies = match session.finish().await {
             Ok(replies) => replies,
             Err(error) => {
                 tracing::warn!(%error, "backend lost at the end of DATA");
@@ -422,6 +518,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Verdict::TryAgain => reply(451, Some("4.3.0"), "Delivery failed; try again later"),
             Verdict::Refused(refusal) => deliver::relay(&refusal),
         }
+    }
+}
+
+/// The answer to a message the DATA reader refused (`Ok` is not a refusal).
+fn refused_data(verdict: &DataVerdict) -> Vec<u8> {
+    match verdict {
+        DataVerdict::TooBig { .. } => reply(552, Some("5.3.4"), "Message size exceeds fixed limit"),
+        DataVerdict::BareLineEnding => {
+            reply(550, Some("5.6.0"), "Bare CR or LF in message; use CRLF")
+        }
+        DataVerdict::Ok { .. } => backend_lost(),
     }
 }
 

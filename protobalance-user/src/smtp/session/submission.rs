@@ -1,0 +1,467 @@
+//! Submission (RFC 6409) for relay clients: AUTH PLAIN/LOGIN (RFC 4954, RFC 4616) only
+//! over TLS, checked by the user's own backend. The edge holds no password database: the
+//! login is looked up in the directory, the owner's `submission_port` is greeted (with
+//! XCLIENT when offered, so its logs name the client) and the credentials are handed to
+//! its `AUTH PLAIN`; its answer is the answer. The authenticated session stays open for
+//! the user's transactions (MAIL, RCPT and DATA are forwarded; any recipient domain is
+//! allowed for an authenticated user) and is re-opened with the same credentials when the
+//! backend closed it in between (e.g. its idle timeout).
+
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Phase, ReadEnd, Session, Step, refused_data};
+use crate::{
+    backend::Service,
+    config::Protocol,
+    directory::Route,
+    secret::Secret,
+    smtp::{
+        codec::{DataVerdict, ForwardPath, InitialResponse, Reply, SaslResponse, reply},
+        deliver::{self, BackendSession, ClientInfo, DeliverError},
+        limits::Limit,
+        transaction::{Transaction, backend_lost},
+    },
+};
+
+/// An authenticated user and the backend session that carries their mail.
+pub(super) struct Account {
+    pub user: String,
+    password: Secret<String>,
+    pub home: String,
+    /// `None` after the backend closed or was abandoned mid-message; re-opened on demand.
+    pub backend: Option<BackendSession>,
+}
+
+/// Why an AUTH exchange ended without credentials.
+enum Abort {
+    Reply(Vec<u8>),
+    Read(ReadEnd),
+}
+
+impl From<ReadEnd> for Abort {
+    fn from(end: ReadEnd) -> Self {
+        Self::Read(end)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
+    /// AUTH: the checks of RFC 4954 §4, the SASL exchange, then the backend's verdict.
+    pub(super) async fn auth(&mut self, mechanism: &str, initial: Option<InitialResponse>) -> Step {
+        if !self.submission() {
+            return self.error(502, "5.5.1", "Command not implemented").await;
+        }
+        if matches!(self.phase, Phase::Connected) {
+            return self.error(503, "5.5.1", "Send EHLO first").await;
+        }
+        if self.account.is_some() {
+            return self.error(503, "5.5.1", "Already authenticated").await;
+        }
+        if matches!(self.phase, Phase::Mail(_)) {
+            return self
+                .error(503, "5.5.1", "Mail transaction in progress")
+                .await;
+        }
+        if !self.client.stream.is_tls() {
+            let text = "Encryption required for requested authentication mechanism; use STARTTLS";
+            return self.error(538, "5.7.11", text).await;
+        }
+        let credentials = match mechanism {
+            "PLAIN" => self.sasl_plain(initial).await,
+            "LOGIN" => self.sasl_login(initial).await,
+            _ => Err(Abort::Reply(reply(
+                504,
+                Some("5.5.4"),
+                "Unrecognized authentication type; use PLAIN or LOGIN",
+            ))),
+        };
+        match credentials {
+            Ok((user, password)) => self.verify(user, password).await,
+            Err(Abort::Reply(answer)) => self.answer(&answer).await,
+            Err(Abort::Read(end)) => Step::End(self.close(end).await),
+        }
+    }
+
+    async fn sasl_plain(
+        &mut self,
+        initial: Option<InitialResponse>,
+    ) -> Result<(String, Secret<String>), Abort> {
+        let payload = match initial {
+            Some(InitialResponse::Base64(payload)) => payload,
+            Some(InitialResponse::Empty) | None => self.sasl_response("").await?,
+        };
+        let credentials = crate::imap::codec::parse_plain(payload.expose())
+            .map_err(|_| Abort::Reply(malformed()))?;
+        if credentials
+            .authzid
+            .as_ref()
+            .is_some_and(|z| z != &credentials.authcid)
+        {
+            return Err(Abort::Reply(reply(
+                535,
+                Some("5.7.8"),
+                "Authorization identities are not supported",
+            )));
+        }
+        Ok((credentials.authcid, credentials.password))
+    }
+
+    async fn sasl_login(
+        &mut self,
+        initial: Option<InitialResponse>,
+    ) -> Result<(String, Secret<String>), Abort> {
+        let user = match initial {
+            Some(InitialResponse::Base64(payload)) => payload,
+            Some(InitialResponse::Empty) | None => self.sasl_response("VXNlcm5hbWU6").await?,
+        };
+        let user =
+            crate::base64::decode_text(user.expose()).ok_or_else(|| Abort::Reply(malformed()))?;
+        let password = self.sasl_response("UGFzc3dvcmQ6").await?;
+        let password = crate::base64::decode_text(password.expose())
+            .ok_or_else(|| Abort::Reply(malformed()))?;
+        Ok((user, Secret::new(password)))
+    }
+
+    /// Sends `334 prompt` and reads the client's base64 answer (`*` cancels).
+    async fn sasl_response(&mut self, prompt: &str) -> Result<Secret<String>, Abort> {
+        if !self.client.send(&reply(334, None, prompt)).await {
+            return Err(Abort::Read(ReadEnd::Closed));
+        }
+        match self.client.next_sasl_line().await? {
+            Ok(SaslResponse::Base64(payload)) => Ok(payload),
+            Ok(SaslResponse::Cancel) => Err(Abort::Reply(reply(
+                501,
+                Some("5.7.0"),
+                "Authentication cancelled",
+            ))),
+            Err(_) => Err(Abort::Reply(malformed())),
+        }
+    }
+
+    /// Routes the login and lets the owner's submission service judge the credentials.
+    async fn verify(&mut self, user: String, password: Secret<String>) -> Step {
+        let started = Instant::now();
+        let route = match self.ctx.directory.route_login(&user).await {
+            Ok(Ok(route)) => route,
+            Ok(Err(_)) => return self.auth_failed(&user, None, started).await,
+            Err(error) => {
+                tracing::error!(%error, "directory lookup failed");
+                return self.auth_unavailable(&user, None, started).await;
+            }
+        };
+        let (home, candidate) = match route {
+            Route::Owner { backend, .. } => (backend, None),
+            Route::Candidate { mailbox, backend } => (backend, Some(mailbox)),
+            Route::UnknownMailbox(_) | Route::ForeignDomain(_) => {
+                return self.auth_failed(&user, None, started).await;
+            }
+        };
+        let answer = self.open_backend(&home, &user, &password).await;
+        match answer {
+            Ok(Ok(backend)) => {
+                if let Some(mailbox) = candidate {
+                    match self.ctx.directory.confirm(&mailbox.mailbox, &home).await {
+                        Ok(true) => {
+                            tracing::info!(mailbox = %mailbox.mailbox, backend = %home, "mailbox provisioned on first login");
+                        }
+                        Ok(false) | Err(_) => {
+                            return self.auth_unavailable(&user, Some(&home), started).await;
+                        }
+                    }
+                }
+                self.record_login(&home, "ok", started);
+                tracing::info!(peer = %self.conn.peer, %user, backend = %home, "submission login");
+                self.client_info.login = Some(user.clone());
+                // Logged in: the session may now idle like a proxied one.
+                self.client.timeout = self.ctx.limits.idle_timeout();
+                self.account = Some(Account {
+                    user,
+                    password,
+                    home,
+                    backend: Some(backend),
+                });
+                self.answer(&reply(235, Some("2.7.0"), "Authentication successful"))
+                    .await
+            }
+            Ok(Err(refusal)) if refusal.is_permanent() => {
+                self.auth_failed(&user, Some(&home), started).await
+            }
+            Ok(Err(_)) => self.auth_unavailable(&user, Some(&home), started).await,
+            Err(error) => {
+                tracing::warn!(%error, "submission backend unavailable");
+                self.auth_unavailable(&user, Some(&home), started).await
+            }
+        }
+    }
+
+    /// Opens `home`'s submission service and authenticates there; the inner `Err` is the
+    /// backend's refusal of the credentials.
+    async fn open_backend(
+        &self,
+        home: &str,
+        user: &str,
+        password: &Secret<String>,
+    ) -> Result<Result<BackendSession, Reply>, DeliverError> {
+        let info = ClientInfo {
+            login: Some(user.to_owned()),
+            ..self.client_info.clone()
+        };
+        let mut backend =
+            BackendSession::open(self.ctx, self.conn, home, Service::Submission, &info).await?;
+        let answer = backend.authenticate(user, password.expose()).await?;
+        if answer.code == 235 {
+            Ok(Ok(backend))
+        } else {
+            backend.quit().await;
+            Ok(Err(answer))
+        }
+    }
+
+    async fn auth_failed(&mut self, user: &str, home: Option<&str>, started: Instant) -> Step {
+        self.record_login(home.unwrap_or("none"), "failed", started);
+        tracing::info!(peer = %self.conn.peer, %user, "submission login failed");
+        self.auth_failures += 1;
+        if self.auth_failures >= self.ctx.limits.max_auth_failures {
+            let bye = reply(421, Some("4.7.0"), "Too many failed logins; closing");
+            self.client.send(&bye).await;
+            return Step::End(crate::proxy::Outcome::AuthFailed);
+        }
+        self.answer(&reply(
+            535,
+            Some("5.7.8"),
+            "Authentication credentials invalid",
+        ))
+        .await
+    }
+
+    async fn auth_unavailable(&mut self, user: &str, home: Option<&str>, started: Instant) -> Step {
+        self.record_login(home.unwrap_or("none"), "unavailable", started);
+        tracing::warn!(peer = %self.conn.peer, %user, "submission login: mailbox server unavailable");
+        self.answer(&reply(
+            454,
+            Some("4.7.0"),
+            "Temporary authentication failure; try again later",
+        ))
+        .await
+    }
+
+    fn record_login(&self, backend: &str, result: &str, started: Instant) {
+        self.ctx.metrics.login(
+            Protocol::Submission,
+            backend,
+            result,
+            started.elapsed().as_secs_f64(),
+        );
+    }
+
+    /// The account's backend session, re-opened with the stored credentials when it was
+    /// closed; `None` (the account is dropped) when that fails.
+    pub(super) async fn account_backend(&mut self) -> Result<(), Vec<u8>> {
+        let Some(account) = self.account.as_ref() else {
+            return Err(reply(530, Some("5.7.0"), "Authentication required"));
+        };
+        if account.backend.is_some() {
+            return Ok(());
+        }
+        let (home, user) = (account.home.clone(), account.user.clone());
+        let password = Secret::new(account.password.expose().clone());
+        match self.open_backend(&home, &user, &password).await {
+            Ok(Ok(backend)) => {
+                if let Some(account) = self.account.as_mut() {
+                    account.backend = Some(backend);
+                }
+                Ok(())
+            }
+            Ok(Err(refusal)) => {
+                tracing::warn!(%user, backend = %home, code = refusal.code, "submission backend refused the stored credentials");
+                self.account = None;
+                Err(reply(530, Some("5.7.0"), "Authentication required"))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "submission backend unavailable");
+                Err(reply(
+                    451,
+                    Some("4.4.1"),
+                    "Mailbox server unavailable; try again later",
+                ))
+            }
+        }
+    }
+
+    /// A per-user limit was reached: `451 4.7.1`, and an event for the reputation engine.
+    pub(super) fn limited(&self, limit: Limit) -> Vec<u8> {
+        let user = self.account.as_ref().map_or("", |a| a.user.as_str());
+        tracing::warn!(
+            target: "protobalance::events",
+            event = "submission_limit",
+            limit = limit.as_str(),
+            %user,
+            peer = %self.conn.peer,
+            "submission limit reached"
+        );
+        reply(
+            451,
+            Some("4.7.1"),
+            &format!(
+                "Sending limit reached ({}); try again later",
+                limit.as_str()
+            ),
+        )
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
+    /// MAIL FROM on the user's backend; the backend's answer is relayed. A backend that
+    /// closed since the last message is re-opened once.
+    pub(super) async fn submit_mail(&mut self, tx: Transaction) -> Vec<u8> {
+        let user = self
+            .account
+            .as_ref()
+            .map_or_else(String::new, |a| a.user.clone());
+        if let Err(limit) = self.ctx.submission_limits.may_send(&user, Instant::now()) {
+            return self.limited(limit);
+        }
+        for attempt in 0..2 {
+            if let Err(answer) = self.account_backend().await {
+                return answer;
+            }
+            let Some(backend) = self.account.as_mut().and_then(|a| a.backend.as_mut()) else {
+                return backend_lost();
+            };
+            match backend.mail(tx.envelope()).await {
+                Ok(answer) if answer.is_positive() => {
+                    self.phase = Phase::Mail(Box::new(tx.on_account()));
+                    return reply(250, Some("2.1.0"), "OK");
+                }
+                Ok(refusal) => return deliver::relay(&refusal),
+                Err(error) => {
+                    tracing::debug!(%error, attempt, "submission backend lost at MAIL");
+                    if let Some(account) = self.account.as_mut() {
+                        account.backend = None;
+                    }
+                }
+            }
+        }
+        backend_lost()
+    }
+
+    /// RCPT on the user's backend (any domain: the user is authenticated), within the
+    /// per-message and hourly recipient limits.
+    pub(super) async fn submit_rcpt(&mut self, to: &ForwardPath, no_params: bool) -> Vec<u8> {
+        let Phase::Mail(tx) = &mut self.phase else {
+            return reply(503, Some("5.5.1"), "Send MAIL first");
+        };
+        if !no_params {
+            return reply(555, Some("5.5.4"), "Unsupported RCPT parameter");
+        }
+        let address = match to {
+            ForwardPath::Path(path) if !path.is_ascii() => {
+                return reply(553, Some("5.6.7"), "SMTPUTF8 not supported");
+            }
+            ForwardPath::Path(path) if path.quoted_local => {
+                let local = path.local.replace('\\', "\\\\").replace('"', "\\\"");
+                format!("\"{local}\"@{}", path.domain)
+            }
+            ForwardPath::Path(path) => format!("{}@{}", path.local, path.domain),
+            ForwardPath::Postmaster => "postmaster".to_owned(),
+        };
+        let pending = tx.accepted();
+        let user = self.account.as_ref().map_or("", |a| a.user.as_str());
+        let check = self
+            .ctx
+            .submission_limits
+            .may_add_recipient(user, pending, Instant::now());
+        if let Err(limit) = check {
+            return self.limited(limit);
+        }
+        let Some(backend) = self.account.as_mut().and_then(|a| a.backend.as_mut()) else {
+            return backend_lost();
+        };
+        match backend.rcpt(&address).await {
+            Ok(answer) if answer.is_positive() => {
+                if let Phase::Mail(tx) = &mut self.phase {
+                    tx.count_accepted();
+                }
+                reply(250, Some("2.1.5"), "OK")
+            }
+            Ok(refusal) => deliver::relay(&refusal),
+            Err(error) => {
+                tracing::warn!(%error, "submission backend lost during RCPT");
+                if let Some(account) = self.account.as_mut() {
+                    account.backend = None;
+                }
+                self.phase = Phase::Idle;
+                backend_lost()
+            }
+        }
+    }
+
+    /// DATA on the user's backend: streamed like inbound mail; the backend's one reply
+    /// decides, and an accepted message is charged to the user's hourly allowance.
+    pub(super) async fn submit_data(&mut self, accepted: usize) -> Step {
+        if accepted == 0 {
+            self.reset_backend().await;
+            return self
+                .answer(&reply(503, Some("5.5.1"), "No valid recipients"))
+                .await;
+        }
+        let Some(account) = self.account.as_mut() else {
+            return self
+                .answer(&reply(530, Some("5.7.0"), "Authentication required"))
+                .await;
+        };
+        let user = account.user.clone();
+        let mut slot = account.backend.take();
+        let started = match slot.as_mut() {
+            Some(backend) => backend.start_data().await,
+            None => return self.answer(&backend_lost()).await,
+        };
+        if let Err(error) = started {
+            tracing::warn!(%error, "submission backend DATA failed");
+            return self.answer(&backend_lost()).await;
+        }
+        let go_on = reply(354, None, "End data with <CR><LF>.<CR><LF>");
+        if !self.client.send(&go_on).await {
+            return Step::End(self.finished());
+        }
+        let verdict = match self.stream_data(&mut slot).await {
+            Ok(verdict) => verdict,
+            Err(end) => return Step::End(self.close(end).await),
+        };
+        let (DataVerdict::Ok { .. }, Some(mut backend)) = (&verdict, slot) else {
+            // Refused or lost: the backend connection was dropped mid-message (it discards
+            // it); the next MAIL opens a fresh one.
+            return self.answer(&refused_data(&verdict)).await;
+        };
+        let answer = match backend.end_data().await {
+            Ok(replies) => {
+                let home = self.account.as_ref().map_or("", |a| a.home.as_str());
+                match replies.first().map(|(_, r)| r) {
+                    Some(r) if r.is_positive() => {
+                        self.ctx
+                            .submission_limits
+                            .record(&user, accepted, Instant::now());
+                        self.delivered += 1;
+                        tracing::info!(%user, backend = %home, recipients = accepted, "message submitted");
+                        reply(250, Some("2.0.0"), "Message accepted for delivery")
+                    }
+                    Some(refusal) => deliver::relay(refusal),
+                    None => backend_lost(),
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "submission backend lost at the end of DATA");
+                return self.answer(&backend_lost()).await;
+            }
+        };
+        if let Some(account) = self.account.as_mut() {
+            account.backend = Some(backend);
+        }
+        self.answer(&answer).await
+    }
+}
+
+fn malformed() -> Vec<u8> {
+    reply(501, Some("5.5.2"), "Invalid AUTH response")
+}
