@@ -273,6 +273,7 @@ async fn proxy_context(config: &Config, registry: &Registry) -> Result<ProxyCont
         limits: config.limits.clone(),
         banner: config.server.banner.clone(),
         hostname: config.server.hostname.clone(),
+        postmaster: config.postmaster(),
         submission_limits: crate::smtp::limits::SubmissionLimits::new(
             config.submission.clone(),
             registry,

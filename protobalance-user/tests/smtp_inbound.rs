@@ -303,6 +303,108 @@ fn a_stopped_owner_is_a_temporary_failure_at_rcpt() {
     assert_only_on_owner(&cluster, &edge, &third, 0);
 }
 
+/// Hostile volume and pace: a 10 MB command line, 10 000 pipelined RCPTs, a client that
+/// trickles a command a byte at a time — each gets its proper reply, memory stays bounded,
+/// and what was accepted is delivered exactly once. `<Postmaster>` reaches its mailbox.
+#[test]
+fn hostile_volume_and_pace_get_bounded_answers() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let extra =
+        "[limits]\npre_auth_timeout_seconds = 2\n[server]\npostmaster = \"user5@example.com\"\n";
+    let edge = start_edge(&cluster, &[Listen("smtp", None)], extra);
+    let before = edge.rss_kib();
+
+    // 10 MB without a line end: refused and closed once the line limit is passed.
+    let mut smtp = RawSmtp::connect(edge.listeners[0]);
+    let mut writer = smtp.writer.try_clone().expect("clone");
+    let flood = std::thread::spawn(move || {
+        let chunk = vec![b'A'; 1024 * 1024];
+        // The edge closes early; later writes fail, which is the point.
+        (0..10).all(|_| writer.write_all(&chunk).is_ok())
+    });
+    smtp.expect("500 5.5.2 Line too long");
+    let _ = flood.join();
+
+    // 10 000 RCPTs in one pipelined burst (written by a thread while replies are read).
+    let mut smtp = RawSmtp::connect(edge.listeners[0]);
+    smtp.command("EHLO client.example.net", "250 ");
+    smtp.command("MAIL FROM:<a@sender.example.net>", "250");
+    let mut writer = smtp.writer.try_clone().expect("clone");
+    let burst = std::thread::spawn(move || {
+        let mut lines = String::new();
+        for i in 0..10_000 {
+            lines.push_str(&format!("RCPT TO:<user{}@example.com>\r\n", i % USERS + 1));
+        }
+        writer.write_all(lines.as_bytes()).expect("write RCPTs");
+    });
+    let mut accepted = std::collections::BTreeSet::new();
+    let mut codes = std::collections::BTreeMap::new();
+    for i in 0..10_000 {
+        let reply = smtp.reply();
+        *codes.entry(reply[..3].to_owned()).or_insert(0) += 1;
+        if reply.starts_with("250 2.1.5 OK\r") {
+            accepted.insert(i % USERS + 1);
+        }
+    }
+    burst.join().expect("burst writer");
+    assert_eq!(codes.values().sum::<usize>(), 10_000, "{codes:?}");
+    assert!(
+        codes.keys().all(|c| c == "250" || c == "452"),
+        "only accepted or 452 4.5.3: {codes:?}"
+    );
+    assert!(
+        (1..=100).contains(&accepted.len()),
+        "at most 100 distinct recipients: {}",
+        accepted.len()
+    );
+    smtp.command("DATA", "354");
+    smtp.send(b"Subject: many\r\n\r\nto many\r\n.\r\n");
+    smtp.expect("250 2.0.0");
+    for n in accepted.iter().take(5) {
+        assert_only_on_owner(&cluster, &edge, &format!("user{n}@example.com"), 1);
+    }
+
+    // <Postmaster> (no domain) goes to server.postmaster.
+    smtp.command("MAIL FROM:<a@sender.example.net>", "250");
+    smtp.command("RCPT TO:<Postmaster>", "250 2.1.5");
+    smtp.command("DATA", "354");
+    smtp.send(b"Subject: to the postmaster\r\n\r\nhello\r\n.\r\n");
+    smtp.expect("250 2.0.0");
+    smtp.command("QUIT", "221");
+    let postmaster = "user5@example.com";
+    let expected = usize::from(accepted.contains(&5)) + 1;
+    assert_only_on_owner(&cluster, &edge, postmaster, expected);
+
+    // A command trickled a byte every 300 ms: the whole line has the 2 s command timeout.
+    let mut smtp = RawSmtp::connect(edge.listeners[0]);
+    let started = std::time::Instant::now();
+    let mut writer = smtp.writer.try_clone().expect("clone");
+    let trickle = std::thread::spawn(move || {
+        for byte in b"EHLO slow.example.net".iter().cycle().take(60) {
+            if writer.write_all(&[*byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    smtp.expect("421 4.4.2");
+    let waited = started.elapsed();
+    trickle.join().expect("trickle");
+    assert!(
+        waited < Duration::from_secs(8),
+        "closed after the command timeout, not after the trickle ended: {waited:?}"
+    );
+
+    let grown = edge.rss_kib().saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "hostile sessions grew protobalance by {grown} KiB"
+    );
+}
+
 /// A plain SMTP client on a socket, for input smtplib would not send.
 struct RawSmtp {
     reader: BufReader<TcpStream>,

@@ -63,6 +63,9 @@ pub struct ServerConfig {
     /// EHLO line). Default: this machine's host name.
     #[serde(default = "default_hostname")]
     pub hostname: String,
+    /// The mailbox `RCPT TO:<Postmaster>` (no domain, RFC 5321 §4.5.1) is delivered to.
+    /// Default: `postmaster@` the first `[[domain]]`.
+    pub postmaster: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -70,7 +73,19 @@ impl Default for ServerConfig {
         Self {
             banner: default_banner(),
             hostname: default_hostname(),
+            postmaster: None,
         }
+    }
+}
+
+impl Config {
+    /// `server.postmaster`, or `postmaster@` the first domain; `None` without domains.
+    pub fn postmaster(&self) -> Option<String> {
+        self.server.postmaster.clone().or_else(|| {
+            self.domains
+                .first()
+                .map(|d| format!("postmaster@{}", d.name))
+        })
     }
 }
 
@@ -291,6 +306,19 @@ impl Config {
                     self.server.hostname
                 ),
             )));
+        }
+        if let Some(postmaster) = &self.server.postmaster {
+            let ours = postmaster.rsplit_once('@').is_some_and(|(local, domain)| {
+                !local.is_empty() && self.domains.iter().any(|d| d.name == domain)
+            });
+            if !ours {
+                return Err(to_error(Problem::new(
+                    "server.postmaster",
+                    format!(
+                        "{postmaster:?}: use a mailbox in one of the [[domain]]s, e.g. \"postmaster@example.com\""
+                    ),
+                )));
+            }
         }
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: path.display().to_string(),

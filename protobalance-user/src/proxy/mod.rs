@@ -32,6 +32,8 @@ pub struct ProxyContext {
     pub banner: String,
     /// `server.hostname`: the name in SMTP greetings and LHLO/EHLO to backends.
     pub hostname: String,
+    /// Where `RCPT TO:<Postmaster>` goes (`server.postmaster`).
+    pub postmaster: Option<String>,
     /// `[submission]`: per-user sending limits.
     pub submission_limits: crate::smtp::limits::SubmissionLimits,
     pub metrics: ProxyMetrics,

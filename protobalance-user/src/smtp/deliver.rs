@@ -200,6 +200,11 @@ impl BackendSession {
         self.accepted.len()
     }
 
+    /// Whether the backend already accepted `mailbox` in this transaction.
+    pub fn has_accepted(&self, mailbox: &str) -> bool {
+        self.accepted.iter().any(|m| m == mailbox)
+    }
+
     /// Offers `mailbox` (an address) and returns the backend's answer.
     pub async fn rcpt(&mut self, mailbox: &str) -> Result<Reply, DeliverError> {
         self.send(format!("RCPT TO:<{mailbox}>\r\n").as_bytes())

@@ -124,7 +124,11 @@ impl Transaction {
                 format!("{}@{}", path.local, path.domain)
             }
             ForwardPath::Path(_) => return relay_denied(),
-            ForwardPath::Postmaster => return reply(550, Some("5.1.1"), "Use postmaster@domain"),
+            // RFC 5321 §4.5.1: `<Postmaster>` without a domain must be accepted.
+            ForwardPath::Postmaster => match &ctx.postmaster {
+                Some(address) => address.clone(),
+                None => return reply(550, Some("5.1.1"), "No postmaster mailbox configured"),
+            },
         };
         if self.accepted() >= MAX_RECIPIENTS {
             return too_many_recipients();
@@ -179,6 +183,11 @@ impl Transaction {
             Binding::Bound(_) => return too_many_recipients(),
             Binding::Unbound | Binding::Lost | Binding::Account { .. } => return backend_lost(),
         };
+        if session.has_accepted(mailbox) {
+            // A repeated recipient (after normalization: `User+tag@Example.com` twice, say)
+            // is delivered once, as Postfix's queue manager would.
+            return reply(250, Some("2.1.5"), "OK (duplicate recipient)");
+        }
         let answer = session.rcpt(mailbox).await;
         let accepted = session.accepted();
         match answer {

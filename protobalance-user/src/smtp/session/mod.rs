@@ -73,9 +73,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.stream.write_all(bytes).await.is_ok()
     }
 
-    /// Each read gets the whole command timeout.
+    /// One read within the command timeout (DATA: each read gets the whole timeout, as
+    /// RFC 5321 §4.5.3.2 times data blocks).
     async fn fill(&mut self) -> Result<(), ReadEnd> {
         let deadline = std::time::Instant::now() + self.timeout;
+        self.fill_by(deadline).await
+    }
+
+    async fn fill_by(&mut self, deadline: std::time::Instant) -> Result<(), ReadEnd> {
         client_io::fill(&mut self.stream, &mut self.buf, READ_CHUNK, deadline)
             .await
             .map_err(|stop| match stop {
@@ -86,14 +91,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// The next command, or the codec's complaint about the next line (already skipped
     /// when the codec says where the line ends).
+    /// The whole line must arrive within the command timeout, so a client trickling a
+    /// byte at a time cannot hold the session open.
     async fn next_command(&mut self) -> Result<Result<Command, CodecError>, ReadEnd> {
+        let deadline = std::time::Instant::now() + self.timeout;
         loop {
             match codec::decode_command(&self.buf) {
                 Ok(Decoded::Complete { value, consumed }) => {
                     self.buf.advance(consumed);
                     return Ok(Ok(value));
                 }
-                Ok(Decoded::Incomplete) => self.fill().await?,
+                Ok(Decoded::Incomplete) => self.fill_by(deadline).await?,
                 Err(error) => {
                     self.buf.advance(error.resume_at().unwrap_or(0));
                     return Ok(Err(error));
@@ -106,13 +114,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// The client's answer to a `334` challenge, or the codec's complaint about it.
     async fn next_sasl_line(&mut self) -> Result<Result<SaslResponse, CodecError>, ReadEnd> {
+        let deadline = std::time::Instant::now() + self.timeout;
         loop {
             match codec::decode_sasl_response(&self.buf) {
                 Ok(Decoded::Complete { value, consumed }) => {
                     self.buf.advance(consumed);
                     return Ok(Ok(value));
                 }
-                Ok(Decoded::Incomplete) => self.fill().await?,
+                Ok(Decoded::Incomplete) => self.fill_by(deadline).await?,
                 Err(CodecError::LineTooLong) => return Err(ReadEnd::TooLong),
                 Err(error) => {
                     self.buf.advance(error.resume_at().unwrap_or(0));

@@ -144,17 +144,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let started = Instant::now();
         let route = match self.ctx.directory.route_login(&user).await {
             Ok(Ok(route)) => route,
-            Ok(Err(_)) => return self.auth_failed(&user, None, started).await,
+            Ok(Err(_)) => {
+                return self
+                    .auth_failed(&user, None, "unknown_mailbox", started)
+                    .await;
+            }
             Err(error) => {
                 tracing::error!(%error, "directory lookup failed");
-                return self.auth_unavailable(&user, None, started).await;
+                return self
+                    .auth_unavailable(&user, None, "directory_error", started)
+                    .await;
             }
         };
         let (home, candidate) = match route {
             Route::Owner { backend, .. } => (backend, None),
             Route::Candidate { mailbox, backend } => (backend, Some(mailbox)),
             Route::UnknownMailbox(_) | Route::ForeignDomain(_) => {
-                return self.auth_failed(&user, None, started).await;
+                return self
+                    .auth_failed(&user, None, "unknown_mailbox", started)
+                    .await;
             }
         };
         let answer = self.open_backend(&home, &user, &password).await;
@@ -166,7 +174,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                             tracing::info!(mailbox = %mailbox.mailbox, backend = %home, "mailbox provisioned on first login");
                         }
                         Ok(false) | Err(_) => {
-                            return self.auth_unavailable(&user, Some(&home), started).await;
+                            let result = "directory_error";
+                            return self
+                                .auth_unavailable(&user, Some(&home), result, started)
+                                .await;
                         }
                     }
                 }
@@ -185,12 +196,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     .await
             }
             Ok(Err(refusal)) if refusal.is_permanent() => {
-                self.auth_failed(&user, Some(&home), started).await
+                self.auth_failed(&user, Some(&home), "refused", started)
+                    .await
             }
-            Ok(Err(_)) => self.auth_unavailable(&user, Some(&home), started).await,
+            Ok(Err(_)) => {
+                let result = "backend_error";
+                self.auth_unavailable(&user, Some(&home), result, started)
+                    .await
+            }
             Err(error) => {
                 tracing::warn!(%error, "submission backend unavailable");
-                self.auth_unavailable(&user, Some(&home), started).await
+                let result = "backend_unavailable";
+                self.auth_unavailable(&user, Some(&home), result, started)
+                    .await
             }
         }
     }
@@ -218,8 +236,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
     }
 
-    async fn auth_failed(&mut self, user: &str, home: Option<&str>, started: Instant) -> Step {
-        self.record_login(home.unwrap_or("none"), "failed", started);
+    async fn auth_failed(
+        &mut self,
+        user: &str,
+        home: Option<&str>,
+        result: &str,
+        started: Instant,
+    ) -> Step {
+        self.record_login(home.unwrap_or("none"), result, started);
         tracing::info!(peer = %self.conn.peer, %user, "submission login failed");
         self.auth_failures += 1;
         if self.auth_failures >= self.ctx.limits.max_auth_failures {
@@ -235,8 +259,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         .await
     }
 
-    async fn auth_unavailable(&mut self, user: &str, home: Option<&str>, started: Instant) -> Step {
-        self.record_login(home.unwrap_or("none"), "unavailable", started);
+    async fn auth_unavailable(
+        &mut self,
+        user: &str,
+        home: Option<&str>,
+        result: &str,
+        started: Instant,
+    ) -> Step {
+        self.record_login(home.unwrap_or("none"), result, started);
         tracing::warn!(peer = %self.conn.peer, %user, "submission login: mailbox server unavailable");
         self.answer(&reply(
             454,
