@@ -44,7 +44,7 @@ pub const BAN_SYN_ONLY: u32 = 1;
 /// Name of the per-CPU verdict counters (array indexed by [`Counter`], value [`CounterValue`]).
 pub const MAP_COUNTERS: &str = "PB_COUNTERS";
 /// Every map the loader pins under `xdp.pin_dir` (and `filter unload` removes).
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 12] = [
     MAP_BLOCK_V4,
     MAP_BLOCK_V6,
     MAP_ALLOW_V4,
@@ -53,6 +53,10 @@ pub const PINNED_MAPS: [&str; 8] = [
     MAP_BANS_V6,
     MAP_BANS_V6_64,
     MAP_COUNTERS,
+    MAP_SYN_LIMIT_CONFIG,
+    MAP_SYN_PORTS,
+    MAP_SYN_BUCKETS,
+    MAP_SYN_PENALTY,
 ];
 
 /// Name of the XDP program inside the object file.
@@ -93,11 +97,20 @@ pub enum Counter {
     PassAllowlist = 4,
     /// Source under an unexpired ban.
     DropBan = 5,
+    /// SYN to a mail port from a source whose token bucket was empty; the source was put
+    /// into the penalty map (or, if that was full, [`Counter::SynPenaltyFull`] says so).
+    DropSynLimit = 6,
+    /// SYN to a mail port from a source in the SYN-limiter penalty map.
+    DropSynPenalty = 7,
+    /// Not a verdict but an event: a [`Counter::DropSynLimit`] drop whose source could not
+    /// be put into the penalty map because it was full. The packet is counted as
+    /// `DropSynLimit` too; only the penalty is missing (its bucket still limits it).
+    SynPenaltyFull = 8,
 }
 
 impl Counter {
     /// Number of counter slots; the size of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 9;
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
@@ -106,19 +119,164 @@ impl Counter {
         Counter::PassMalformed,
         Counter::PassAllowlist,
         Counter::DropBan,
+        Counter::DropSynLimit,
+        Counter::DropSynPenalty,
+        Counter::SynPenaltyFull,
     ];
 
-    /// `(verdict, reason)` labels used for the Prometheus metric.
-    pub const fn labels(self) -> (&'static str, &'static str) {
-        match self {
+    /// `(verdict, reason)` labels used for the Prometheus packet/byte metrics, or `None`
+    /// for an event counter ([`Counter::SynPenaltyFull`]): every packet is counted in
+    /// exactly one slot that has labels, so those slots sum to all packets seen.
+    pub const fn labels(self) -> Option<(&'static str, &'static str)> {
+        Some(match self {
             Counter::Pass => ("pass", "allowed"),
             Counter::DropBlocklist => ("drop", "blocklist"),
             Counter::PassNonIp => ("pass", "non_ip"),
             Counter::PassMalformed => ("pass", "malformed"),
             Counter::PassAllowlist => ("pass", "allowlist"),
             Counter::DropBan => ("drop", "ban"),
+            Counter::DropSynLimit => ("drop", "syn_limit"),
+            Counter::DropSynPenalty => ("drop", "syn_penalty"),
+            Counter::SynPenaltyFull => return None,
+        })
+    }
+}
+
+// ---- SYN limiter -------------------------------------------------------------------------
+//
+// For TCP SYNs (SYN without ACK) to a port in [`MAP_SYN_PORTS`] that passed the allowlist,
+// blocklist and bans: one token bucket per source (IPv4 /32, IPv6 /64) in an LRU hash
+// ([`MAP_SYN_BUCKETS`]). A SYN without a token is dropped and its source goes into the
+// non-LRU penalty hash ([`MAP_SYN_PENALTY`]) until `now + penalty_ns`; while there, all
+// its SYNs to those ports are dropped, even when the LRU has evicted its bucket. So churning
+// the LRU with spoofed sources can never hand a limited source a fresh, full bucket early.
+//
+// Kernel map names are at most 15 bytes (BPF_OBJ_NAME_LEN), hence the short names.
+
+/// Name of the limiter's settings: an array with one [`SynLimitConfig`] at index 0.
+pub const MAP_SYN_LIMIT_CONFIG: &str = "PB_SYN_CONFIG";
+/// Name of the set of limited destination ports (hash: port in host byte order -> 1).
+pub const MAP_SYN_PORTS: &str = "PB_SYN_PORTS";
+/// Name of the token buckets (LRU hash: [`SynSourceKey`] -> [`SynBucket`]).
+pub const MAP_SYN_BUCKETS: &str = "PB_SYN_BUCKETS";
+/// Name of the penalty map (hash, not LRU: [`SynSourceKey`] -> expiry, CLOCK_MONOTONIC ns).
+pub const MAP_SYN_PENALTY: &str = "PB_SYN_PENALTY";
+/// Most ports the limiter can watch.
+pub const SYN_PORTS_MAX_ENTRIES: u32 = 64;
+/// Token buckets kept; the least recently used one is evicted beyond this (an evicted
+/// source simply starts again with a full bucket, unless it is in the penalty map).
+pub const SYN_BUCKETS_MAX_ENTRIES: u32 = 65_536;
+/// Sources that can be in the penalty at the same time. When full, a limited source is
+/// still dropped but only its (empty) bucket holds it back ([`Counter::SynPenaltyFull`]).
+pub const SYN_PENALTY_MAX_ENTRIES: u32 = 16_384;
+/// One SYN's worth of tokens: buckets hold tokens × 10⁹, so a refill of `rate` tokens per
+/// second is exactly `rate` units per elapsed nanosecond (integer arithmetic only).
+pub const SYN_TOKEN: u64 = 1_000_000_000;
+
+/// [`SynSourceKey::family`] of an IPv4 source (the key holds the address, zero padded).
+pub const SYN_SOURCE_V4: u32 = 4;
+/// [`SynSourceKey::family`] of an IPv6 source (the key holds its /64).
+pub const SYN_SOURCE_V6_64: u32 = 6;
+
+/// The limiter's settings, changed by user space without reloading the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynLimitConfig {
+    /// Tokens added per second; 0 turns the limiter off.
+    pub rate_per_second: u32,
+    /// Bucket capacity (and the start value of a new bucket); 0 also turns the limiter off.
+    pub burst: u32,
+    /// How long a source that ran out of tokens stays in the penalty map.
+    pub penalty_ns: u64,
+}
+
+impl SynLimitConfig {
+    /// Whether the limiter judges packets at all.
+    pub const fn enabled(&self) -> bool {
+        self.rate_per_second > 0 && self.burst > 0
+    }
+}
+
+/// Who a bucket or penalty belongs to. The family keeps an IPv4 address and an IPv6 /64
+/// with the same leading bytes apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SynSourceKey {
+    /// [`SYN_SOURCE_V4`] or [`SYN_SOURCE_V6_64`].
+    pub family: u32,
+    /// IPv4: the 4 address bytes then zeros. IPv6: the first 8 bytes (the /64).
+    pub addr: [u8; 8],
+}
+
+impl SynSourceKey {
+    pub const fn v4(addr: [u8; 4]) -> Self {
+        Self {
+            family: SYN_SOURCE_V4,
+            addr: [addr[0], addr[1], addr[2], addr[3], 0, 0, 0, 0],
         }
     }
+
+    /// The /64 of `addr`.
+    pub const fn v6(addr: &[u8; 16]) -> Self {
+        Self {
+            family: SYN_SOURCE_V6_64,
+            addr: [
+                addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+            ],
+        }
+    }
+}
+
+/// One source's token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynBucket {
+    /// Tokens × [`SYN_TOKEN`], at most `burst × SYN_TOKEN`.
+    pub tokens: u64,
+    /// When `tokens` was last brought up to date (CLOCK_MONOTONIC ns).
+    pub updated_ns: u64,
+}
+
+impl SynBucket {
+    /// A new source's bucket after its first SYN took a token. `config` must be
+    /// [`SynLimitConfig::enabled`] (burst ≥ 1).
+    pub const fn first(config: &SynLimitConfig, now_ns: u64) -> Self {
+        Self {
+            tokens: capacity(config).saturating_sub(SYN_TOKEN),
+            updated_ns: now_ns,
+        }
+    }
+
+    /// Refills for the time since the last update, then takes one token if there is one.
+    /// Returns whether the SYN may pass. No floats, no loops, no overflow for any `u32`
+    /// rate and burst: `capacity ≤ 2³² × 10⁹ < 2⁶³`, the refill is only multiplied out when
+    /// it is known to stay below the capacity, so `tokens + refill < 2⁶⁴`.
+    pub fn take(&mut self, config: &SynLimitConfig, now_ns: u64) -> bool {
+        let rate = config.rate_per_second as u64;
+        let capacity = capacity(config);
+        // A clock that went backwards (never with CLOCK_MONOTONIC) refills nothing.
+        let elapsed = now_ns.saturating_sub(self.updated_ns);
+        // Time to fill an empty bucket; `None` only for rate 0, which refills nothing.
+        let fill_ns = capacity.checked_div(rate).unwrap_or(u64::MAX);
+        self.tokens = if elapsed >= fill_ns {
+            capacity
+        } else {
+            // elapsed < capacity / rate, so elapsed × rate < capacity: no overflow.
+            self.tokens.saturating_add(elapsed * rate).min(capacity)
+        };
+        self.updated_ns = now_ns;
+        if self.tokens >= SYN_TOKEN {
+            self.tokens -= SYN_TOKEN;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The bucket capacity in token units.
+const fn capacity(config: &SynLimitConfig) -> u64 {
+    config.burst as u64 * SYN_TOKEN
 }
 
 #[cfg(feature = "user")]
@@ -129,4 +287,95 @@ mod pod {
     unsafe impl aya::Pod for super::CounterValue {}
     // SAFETY: repr(C) of u64 + two u32, no padding.
     unsafe impl aya::Pod for super::BanEntry {}
+    // SAFETY: repr(C) of two u32 + u64, no padding.
+    unsafe impl aya::Pod for super::SynLimitConfig {}
+    // SAFETY: repr(C) of u32 + [u8; 8] (12 bytes, alignment 4), no padding.
+    unsafe impl aya::Pod for super::SynSourceKey {}
+    // SAFETY: repr(C) of two u64, no padding.
+    unsafe impl aya::Pod for super::SynBucket {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn config(rate_per_second: u32, burst: u32) -> SynLimitConfig {
+        SynLimitConfig {
+            rate_per_second,
+            burst,
+            penalty_ns: 60 * SECOND,
+        }
+    }
+
+    fn passes(bucket: &mut SynBucket, config: &SynLimitConfig, now: u64, n: usize) -> usize {
+        (0..n).filter(|_| bucket.take(config, now)).count()
+    }
+
+    #[test]
+    fn burst_then_rate() {
+        let c = config(1, 3);
+        let t0 = 5 * SECOND;
+        let mut b = SynBucket::first(&c, t0);
+        assert_eq!(passes(&mut b, &c, t0, 10), 2, "burst 3 = first + 2");
+        assert_eq!(passes(&mut b, &c, t0 + SECOND / 2, 5), 0, "half a token");
+        assert_eq!(
+            passes(&mut b, &c, t0 + SECOND, 5),
+            1,
+            "one token per second"
+        );
+        assert_eq!(
+            passes(&mut b, &c, t0 + 100 * SECOND, 10),
+            3,
+            "capped at burst"
+        );
+    }
+
+    #[test]
+    fn fractional_refills_accumulate() {
+        let c = config(5, 10);
+        let mut b = SynBucket::first(&c, 0);
+        assert_eq!(passes(&mut b, &c, 0, 20), 9);
+        // Ten steps of 20 ms = 200 ms = exactly one token at 5/s.
+        let got: usize = (1..=10u64)
+            .map(|i| passes(&mut b, &c, i * 20_000_000, 1))
+            .sum();
+        assert_eq!(got, 1);
+    }
+
+    #[test]
+    fn extremes_do_not_overflow() {
+        let huge = config(u32::MAX, u32::MAX);
+        let mut b = SynBucket::first(&huge, 0);
+        assert!(b.take(&huge, u64::MAX));
+        assert_eq!(b.tokens, u64::from(u32::MAX) * SYN_TOKEN - SYN_TOKEN);
+        let slow = config(1, u32::MAX);
+        let mut b = SynBucket {
+            tokens: 0,
+            updated_ns: 0,
+        };
+        assert!(b.take(&slow, u64::MAX));
+        // A clock behind the bucket refills nothing.
+        let c = config(1, 1);
+        let mut b = SynBucket {
+            tokens: 0,
+            updated_ns: 10 * SECOND,
+        };
+        assert!(!b.take(&c, SECOND));
+        assert!(!config(0, 5).enabled() && !config(5, 0).enabled());
+    }
+
+    #[test]
+    fn source_keys_keep_families_apart() {
+        let v4 = SynSourceKey::v4([1, 2, 3, 4]);
+        let mut v6 = [0u8; 16];
+        v6[..4].copy_from_slice(&[1, 2, 3, 4]);
+        assert_ne!(v4, SynSourceKey::v6(&v6));
+        v6[15] = 9;
+        let mut other = v6;
+        other[8] = 7;
+        assert_eq!(SynSourceKey::v6(&v6), SynSourceKey::v6(&other), "same /64");
+        assert_eq!(core::mem::size_of::<SynSourceKey>(), 12);
+    }
 }

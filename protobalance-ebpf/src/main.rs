@@ -4,8 +4,9 @@
 //! headers walked with a fixed bound; non-first fragments never read as TCP) and TCP, then
 //! in this order: allowlisted source (LPM) → pass; blocklisted source (LPM) → drop; source
 //! under an unexpired ban (hash of the address, for IPv6 also of its /64) → drop, or only
-//! its new connections (SYN without ACK) for a SYN-only ban; count every verdict in a
-//! per-CPU array. Anything we cannot parse is *passed* (and counted as
+//! its new connections (SYN without ACK) for a SYN-only ban; a SYN to a mail port from a
+//! source over its SYN rate, or in the SYN penalty map → drop ([`syn_limit`]); count every
+//! verdict in a per-CPU array. Anything we cannot parse is *passed* (and counted as
 //! malformed) so the kernel stack decides: a parser bug must never black-hole traffic, and the
 //! program never returns `XDP_ABORTED`.
 // Built for bpfel-unknown-none by protobalance-user's build.rs. On the host (cargo clippy
@@ -14,6 +15,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod parse;
+mod syn_limit;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -27,7 +29,10 @@ use protobalance_common::{
     Counter, CounterValue,
 };
 
-use crate::parse::{L4, Parsed, Source};
+use crate::{
+    parse::{L4, Parsed, Source},
+    syn_limit::SynVerdict,
+};
 
 // Map statics are named exactly like protobalance_common::MAP_* (the loader finds them by name).
 #[map]
@@ -77,12 +82,23 @@ fn classify(ctx: &XdpContext) -> (Counter, u32) {
     if is_blocklisted(&source) {
         return (Counter::DropBlocklist, DROP);
     }
-    if is_banned(&source, l4 == L4::TcpSyn) {
+    if is_banned(&source, matches!(l4, L4::TcpSyn { .. })) {
         return (Counter::DropBan, DROP);
     }
     match l4 {
         L4::Truncated => (Counter::PassMalformed, PASS),
-        L4::Other | L4::Tcp | L4::TcpSyn => (Counter::Pass, PASS),
+        L4::TcpSyn { dst_port } => {
+            let verdict = syn_limit::judge(&source, dst_port);
+            if let SynVerdict::DropLimit { penalised: false } = verdict {
+                // An event, not a verdict: no bytes, so byte counters still sum to traffic.
+                count(Counter::SynPenaltyFull, 0);
+            }
+            match verdict.counter() {
+                Some(counter) => (counter, DROP),
+                None => (Counter::Pass, PASS),
+            }
+        }
+        L4::Other | L4::Tcp => (Counter::Pass, PASS),
     }
 }
 

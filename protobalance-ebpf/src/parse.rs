@@ -39,8 +39,8 @@ pub enum Source {
 pub enum L4 {
     /// Not TCP, or a non-first fragment (which carries no TCP header).
     Other,
-    /// TCP opening a connection: SYN without ACK.
-    TcpSyn,
+    /// TCP opening a connection: SYN without ACK, to this destination port.
+    TcpSyn { dst_port: u16 },
     /// Any other TCP segment.
     Tcp,
     /// Claims to be TCP but the header is cut off.
@@ -184,7 +184,11 @@ fn tcp(ctx: &XdpContext, l4: usize) -> L4 {
         return L4::Truncated;
     }
     if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
-        L4::TcpSyn
+        // The whole header is present (checked above), so the port read cannot fail.
+        match read_be16(ctx, l4 + 2) {
+            Ok(dst_port) => L4::TcpSyn { dst_port },
+            Err(Malformed) => L4::Truncated,
+        }
     } else {
         L4::Tcp
     }

@@ -12,9 +12,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState},
     backend::BackendPool,
-    config::{Config, Protocol, TlsMode, Validated},
+    config::{Config, Protocol, TlsMode, Validated, XdpConfig},
     directory::{Directory, DirectoryError, MailboxDirectory as _, sqlite::SqliteDirectory},
-    filter::xdp::{Attached, XdpError, XdpFilter},
+    filter::xdp::{Attached, SynLimit, XdpError, XdpFilter},
     metrics,
     proxy::{ProxyContext, ProxyMetrics, admission::Admission, listener},
 };
@@ -83,10 +83,12 @@ impl App {
         };
         let xdp = match validated.config.xdp.interface.clone() {
             Some(iface) => {
-                let mut filter = start_xdp(&validated, &iface).map_err(|source| AppError::Xdp {
-                    iface: iface.clone(),
-                    source: Box::new(source),
-                })?;
+                let syn_ports = syn_limited_ports(&validated.config.xdp, &mail);
+                let mut filter =
+                    start_xdp(&validated, &iface, &syn_ports).map_err(|source| AppError::Xdp {
+                        iface: iface.clone(),
+                        source: Box::new(source),
+                    })?;
                 register_xdp_metrics(&mut filter, &iface, &registry)?;
                 Some((iface, filter))
             }
@@ -113,7 +115,11 @@ impl App {
     pub async fn serve(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         if let Some((_, filter)) = &self.xdp {
-            let sweeper = metrics::BanSweeper::new(filter.ban_handle(), &self.registry);
+            let sweeper = metrics::BanSweeper::new(
+                filter.ban_handle(),
+                filter.syn_limiter_handle(),
+                &self.registry,
+            );
             match sweeper {
                 Ok(sweeper) => {
                     tracker.spawn(sweeper.run(shutdown.clone()));
@@ -168,7 +174,23 @@ impl App {
     }
 }
 
-fn start_xdp(validated: &Validated, iface: &str) -> Result<XdpFilter, XdpError> {
+/// The ports the SYN limiter watches: `xdp.syn_limited_ports`, or else the ports the mail
+/// listeners are bound to (their real ports, also for a configured port 0), deduplicated.
+fn syn_limited_ports(cfg: &XdpConfig, mail: &[(Protocol, TlsMode, TcpListener)]) -> Vec<u16> {
+    let mut ports: Vec<u16> = if cfg.syn_limited_ports.is_empty() {
+        mail.iter()
+            .filter_map(|(_, _, listener)| listener.local_addr().ok())
+            .map(|addr| addr.port())
+            .collect()
+    } else {
+        cfg.syn_limited_ports.clone()
+    };
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+fn start_xdp(validated: &Validated, iface: &str, syn_ports: &[u16]) -> Result<XdpFilter, XdpError> {
     let cfg = &validated.config.xdp;
     let mut filter = XdpFilter::load(cfg.pin_dir.as_deref())?;
     // With pinned maps the previous run's config entries are still there: replace the list.
@@ -176,6 +198,21 @@ fn start_xdp(validated: &Validated, iface: &str) -> Result<XdpFilter, XdpError> 
     let removed = filter.replace_list(CONFIG_LIST_ID, &validated.blocklist)?;
     if removed > 0 {
         tracing::info!(%iface, removed, "removed blocklist entries no longer in the config");
+    }
+    // Set before attaching, like the lists, so the program never runs with a stale limit
+    // (with pinned maps, the previous run's settings and ports are still there).
+    let limit = SynLimit {
+        rate_per_second: cfg.syn_rate_per_second,
+        burst: cfg.syn_burst,
+        penalty: std::time::Duration::from_secs(cfg.syn_penalty_seconds),
+    };
+    filter.set_syn_limit(limit, syn_ports)?;
+    if limit.rate_per_second > 0 {
+        tracing::info!(
+            %iface, rate = limit.rate_per_second, burst = limit.burst,
+            penalty_s = cfg.syn_penalty_seconds, ports = ?syn_ports,
+            "SYN limiter on"
+        );
     }
     let attached = filter.attach(iface, cfg.mode)?;
     match attached {

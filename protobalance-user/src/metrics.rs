@@ -9,7 +9,7 @@ use prometheus::{
 
 use crate::{
     directory::{Directory, sqlite::SqliteDirectory},
-    filter::xdp::CounterHandle,
+    filter::xdp::{BanMaps, CounterHandle, SynLimiter},
 };
 
 /// Build/identity gauge, so dashboards can tell which version is running.
@@ -32,6 +32,15 @@ pub struct XdpCollector {
     /// concurrent scrapes never see each other's values.
     packets: IntCounterVec,
     bytes: IntCounterVec,
+    penalty_full: prometheus::IntCounter,
+}
+
+fn penalty_full_counter() -> prometheus::Result<prometheus::IntCounter> {
+    prometheus::IntCounter::new(
+        "protobalance_xdp_syn_penalty_full_total",
+        "SYN-limited sources that could not be put into the full penalty map \
+         (their SYN was dropped all the same, as reason=\"syn_limit\")",
+    )
 }
 
 /// `unit` is "packets" or "bytes".
@@ -52,6 +61,7 @@ impl XdpCollector {
             handle,
             packets: xdp_vec("packets")?,
             bytes: xdp_vec("bytes")?,
+            penalty_full: penalty_full_counter()?,
         })
     }
 }
@@ -60,6 +70,7 @@ impl Collector for XdpCollector {
     fn desc(&self) -> Vec<&Desc> {
         let mut descs = self.packets.desc();
         descs.extend(self.bytes.desc());
+        descs.extend(self.penalty_full.desc());
         descs
     }
 
@@ -71,17 +82,25 @@ impl Collector for XdpCollector {
                 return Vec::new();
             }
         };
-        let (Ok(packets), Ok(bytes)) = (xdp_vec("packets"), xdp_vec("bytes")) else {
+        let (Ok(packets), Ok(bytes), Ok(penalty_full)) =
+            (xdp_vec("packets"), xdp_vec("bytes"), penalty_full_counter())
+        else {
             return Vec::new();
         };
         for (counter, value) in counters {
-            let labels = counter.labels();
-            let labels = [labels.0, labels.1];
-            packets.with_label_values(&labels).inc_by(value.packets);
-            bytes.with_label_values(&labels).inc_by(value.bytes);
+            match counter.labels() {
+                Some((verdict, reason)) => {
+                    let labels = [verdict, reason];
+                    packets.with_label_values(&labels).inc_by(value.packets);
+                    bytes.with_label_values(&labels).inc_by(value.bytes);
+                }
+                // The only event counter (not a verdict of its own).
+                None => penalty_full.inc_by(value.packets),
+            }
         }
         let mut families = packets.collect();
         families.extend(bytes.collect());
+        families.extend(penalty_full.collect());
         families
     }
 }
@@ -132,18 +151,23 @@ impl Collector for DirectoryCollector {
     }
 }
 
-/// Frees the slots of expired bans every few seconds and reports the bans in force.
+/// Frees the slots of expired bans and SYN-limiter penalties every few seconds and reports
+/// how many of each are in force.
 pub struct BanSweeper {
-    bans: std::sync::Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>,
+    bans: std::sync::Arc<std::sync::Mutex<BanMaps>>,
     active: prometheus::IntGauge,
     expired: prometheus::IntCounter,
+    syn: std::sync::Arc<std::sync::Mutex<SynLimiter>>,
+    penalised: prometheus::IntGauge,
+    penalties_expired: prometheus::IntCounter,
 }
 
 impl BanSweeper {
     pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
     pub fn new(
-        bans: std::sync::Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>,
+        bans: std::sync::Arc<std::sync::Mutex<BanMaps>>,
+        syn: std::sync::Arc<std::sync::Mutex<SynLimiter>>,
         registry: &Registry,
     ) -> prometheus::Result<Self> {
         let active = prometheus::IntGauge::new(
@@ -154,12 +178,25 @@ impl BanSweeper {
             "protobalance_xdp_bans_expired_total",
             "Expired bans removed from the kernel maps by the sweeper",
         )?;
+        let penalised = prometheus::IntGauge::new(
+            "protobalance_xdp_syn_penalised_sources",
+            "Sources (IPv4 addresses, IPv6 /64s) in the SYN limiter's penalty map, unexpired",
+        )?;
+        let penalties_expired = prometheus::IntCounter::new(
+            "protobalance_xdp_syn_penalties_expired_total",
+            "Expired SYN-limiter penalties removed from the kernel map by the sweeper",
+        )?;
         registry.register(Box::new(active.clone()))?;
         registry.register(Box::new(expired.clone()))?;
+        registry.register(Box::new(penalised.clone()))?;
+        registry.register(Box::new(penalties_expired.clone()))?;
         Ok(Self {
             bans,
             active,
             expired,
+            syn,
+            penalised,
+            penalties_expired,
         })
     }
 
@@ -187,6 +224,19 @@ impl BanSweeper {
                 self.active.set(i64::try_from(active).unwrap_or(i64::MAX));
             }
             Err(error) => tracing::warn!(%error, "sweeping expired bans failed"),
+        }
+        drop(bans);
+        let swept = self
+            .syn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sweep();
+        match swept {
+            Ok((swept, left)) => {
+                self.penalties_expired.inc_by(swept as u64);
+                self.penalised.set(i64::try_from(left).unwrap_or(i64::MAX));
+            }
+            Err(error) => tracing::warn!(%error, "sweeping expired SYN penalties failed"),
         }
     }
 }

@@ -75,3 +75,70 @@ fn missing_config_file_is_a_clear_error() {
         "{text}"
     );
 }
+
+#[test]
+fn syn_limiter_keys_are_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let on = "[xdp]\ninterface = \"eth0\"\nsyn_rate_per_second = 5\n";
+    let many_ports: Vec<String> = (1..=65).map(|p| p.to_string()).collect();
+    let cases = [
+        (format!("{on}syn_burst = 0\n"), "`xdp.syn_burst`", "1..="),
+        (
+            format!("{on}syn_limited_ports = [25]\nsyn_penalty_seconds = 0\n"),
+            "`xdp.syn_penalty_seconds`",
+            "1..=86400",
+        ),
+        (
+            "[xdp]\nsyn_penalty_seconds = 86401\n".to_owned(),
+            "`xdp.syn_penalty_seconds`",
+            "1..=86400",
+        ),
+        (
+            format!("{on}syn_limited_ports = [{}]\n", many_ports.join(", ")),
+            "`xdp.syn_limited_ports`",
+            "at most 64",
+        ),
+        (
+            format!("{on}syn_limited_ports = [25, 0]\n"),
+            "`xdp.syn_limited_ports[1]`",
+            "port 0",
+        ),
+        (
+            "[xdp]\nsyn_rate_per_second = 5\nsyn_limited_ports = [25]\n".to_owned(),
+            "`xdp.syn_rate_per_second`",
+            "set xdp.interface",
+        ),
+        (
+            "[xdp]\ninterface = \"eth0\"\nsyn_rate_per_second = 2000000\n".to_owned(),
+            "`xdp.syn_rate_per_second`",
+            "0..=1000000",
+        ),
+        (on.to_owned(), "`xdp.syn_limited_ports`", "no [[listener]]s"),
+        (
+            format!("{on}syn_limited_ports = [\"smtp\"]\n"),
+            "syn_limited_ports",
+            "invalid type",
+        ),
+    ];
+    for (i, (text, key, detail)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("syn-{i}.toml"));
+        std::fs::write(&path, text).expect("write config");
+        let (ok, out) = check(&path.display().to_string());
+        assert!(!ok, "{text} must be rejected");
+        assert!(
+            out.contains(key) && out.contains(detail),
+            "{text}: want {key} and {detail:?}: {out}"
+        );
+    }
+    let good = [
+        format!("{on}syn_burst = 10\nsyn_penalty_seconds = 600\nsyn_limited_ports = [25, 587]\n"),
+        // Off (the default), whatever the burst.
+        "[xdp]\nsyn_burst = 0\n".to_owned(),
+    ];
+    for (i, text) in good.iter().enumerate() {
+        let path = dir.path().join(format!("good-{i}.toml"));
+        std::fs::write(&path, text).expect("write config");
+        let (ok, out) = check(&path.display().to_string());
+        assert!(ok, "{text} is valid: {out}");
+    }
+}

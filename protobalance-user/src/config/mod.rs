@@ -178,7 +178,7 @@ impl ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct XdpConfig {
     /// Interface to attach the kernel filter to; without it no XDP program is loaded.
@@ -199,6 +199,113 @@ pub struct XdpConfig {
     /// Files like `blocklist_files`, for the allowlist.
     #[serde(default)]
     pub allowlist_files: Vec<PathBuf>,
+    /// SYNs per second one source (IPv4 address, IPv6 /64) may send to the limited ports,
+    /// on average; 0 turns the kernel SYN limiter off.
+    #[serde(default)]
+    pub syn_rate_per_second: u32,
+    /// SYNs one source may send at once before the rate applies (the bucket's capacity).
+    #[serde(default = "default_syn_burst")]
+    pub syn_burst: u32,
+    /// How long a source that exceeded the rate has all its SYNs to the ports dropped.
+    #[serde(default = "default_syn_penalty_seconds")]
+    pub syn_penalty_seconds: u64,
+    /// Destination ports the limiter watches; empty = the ports of the `[[listener]]`s.
+    #[serde(default)]
+    pub syn_limited_ports: Vec<u16>,
+}
+
+impl Default for XdpConfig {
+    fn default() -> Self {
+        Self {
+            interface: None,
+            mode: AttachMode::default(),
+            pin_dir: None,
+            blocklist: Vec::new(),
+            blocklist_files: Vec::new(),
+            allowlist: Vec::new(),
+            allowlist_files: Vec::new(),
+            syn_rate_per_second: 0,
+            syn_burst: default_syn_burst(),
+            syn_penalty_seconds: default_syn_penalty_seconds(),
+            syn_limited_ports: Vec::new(),
+        }
+    }
+}
+
+const fn default_syn_burst() -> u32 {
+    20
+}
+const fn default_syn_penalty_seconds() -> u64 {
+    60
+}
+
+impl XdpConfig {
+    /// Most ports `syn_limited_ports` may list (the size of the kernel's port map).
+    pub const MAX_SYN_LIMITED_PORTS: usize = protobalance_common::SYN_PORTS_MAX_ENTRIES as usize;
+    /// Highest `syn_rate_per_second` and `syn_burst`.
+    pub const MAX_SYN_RATE: u32 = 1_000_000;
+
+    /// The SYN limiter keys; `have_listeners` says whether an empty port list can be
+    /// filled from the `[[listener]]`s.
+    fn validate_syn_limit(&self, have_listeners: bool) -> Result<(), Problem> {
+        let rate = self.syn_rate_per_second;
+        if rate > Self::MAX_SYN_RATE {
+            return Err(Problem::new(
+                "xdp.syn_rate_per_second",
+                format!("{rate} is outside 0..={} (0 = off)", Self::MAX_SYN_RATE),
+            ));
+        }
+        let burst = self.syn_burst;
+        if burst > Self::MAX_SYN_RATE || (rate > 0 && burst == 0) {
+            return Err(Problem::new(
+                "xdp.syn_burst",
+                format!(
+                    "{burst} is outside 1..={}; with the limiter on, a source must be able \
+                     to open at least one connection",
+                    Self::MAX_SYN_RATE
+                ),
+            ));
+        }
+        if !(1..=86_400).contains(&self.syn_penalty_seconds) {
+            return Err(Problem::new(
+                "xdp.syn_penalty_seconds",
+                format!("{} is outside 1..=86400", self.syn_penalty_seconds),
+            ));
+        }
+        let ports = &self.syn_limited_ports;
+        if ports.len() > Self::MAX_SYN_LIMITED_PORTS {
+            return Err(Problem::new(
+                "xdp.syn_limited_ports",
+                format!(
+                    "{} ports listed; at most {}",
+                    ports.len(),
+                    Self::MAX_SYN_LIMITED_PORTS
+                ),
+            ));
+        }
+        if let Some(i) = ports.iter().position(|p| *p == 0) {
+            return Err(Problem::new(
+                &format!("xdp.syn_limited_ports[{i}]"),
+                "port 0 is not a port; use the mail ports, e.g. [25, 587, 110, 143]".into(),
+            ));
+        }
+        if rate > 0 && self.interface.is_none() {
+            return Err(Problem::new(
+                "xdp.syn_rate_per_second",
+                "the SYN limiter runs in the kernel filter: set xdp.interface, or 0 to turn it off"
+                    .into(),
+            ));
+        }
+        if rate > 0 && ports.is_empty() && !have_listeners {
+            return Err(Problem::new(
+                "xdp.syn_limited_ports",
+                "the SYN limiter is on but there are no [[listener]]s to take the ports from; \
+                 list the ports to limit, e.g. [25, 587]"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A config error: which key, what is wrong, what to do.
@@ -335,6 +442,8 @@ impl Config {
             ));
         }
         let xdp = &self.xdp;
+        xdp.validate_syn_limit(!self.listeners.is_empty())
+            .map_err(to_error)?;
         if let Some(iface) = &xdp.interface
             && (iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']))
         {

@@ -1,7 +1,8 @@
 //! The XDP loader: the only module that touches aya.
 //!
 //! It embeds the object built from `protobalance-ebpf` (see build.rs), loads it, optionally
-//! pins its maps under bpffs, attaches it to an interface and feeds the blocklist tries.
+//! pins its maps under bpffs, attaches it to an interface and feeds the blocklist tries,
+//! the allowlist and bans (`rules`) and the SYN limiter (`syn_limit`).
 //!
 //! Two ways of owning the attachment:
 //! * **owned** — `protobalance run` attaches and the attachment lives as long as the process
@@ -36,9 +37,11 @@ use crate::filter::cidr::Cidr;
 
 mod pin;
 mod rules;
+mod syn_limit;
 use pin::prepare_pin_dir;
 pub use pin::unload_pinned;
 pub use rules::{Ban, BanMaps, BanMode, BanTarget, monotonic_ns};
+pub use syn_limit::{Penalty, SynLimit, SynLimiter, SynSource};
 
 /// The XDP object, built by build.rs from the protobalance-ebpf crate.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/protobalance"));
@@ -92,6 +95,12 @@ pub enum XdpError {
     },
     #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
     NotBpffs(PathBuf),
+    #[error(
+        "{0} SYN-limited ports, but the kernel map holds at most {max}; \
+         list fewer in `xdp.syn_limited_ports`",
+        max = protobalance_common::SYN_PORTS_MAX_ENTRIES
+    )]
+    TooManySynPorts(usize),
 }
 
 /// Which mode an attachment ended up in, for logs and the metric label.
@@ -109,6 +118,7 @@ pub struct XdpFilter {
     counters: Arc<Mutex<PerCpuArray<MapData, CounterValue>>>,
     pin_dir: Option<PathBuf>,
     bans: Arc<Mutex<BanMaps>>,
+    syn: Arc<Mutex<SynLimiter>>,
     /// The attachment this filter owns (detached when the filter is dropped).
     link: Option<XdpLinkId>,
 }
@@ -141,10 +151,12 @@ impl XdpFilter {
             .ok_or(XdpError::Missing(MAP_COUNTERS))?;
         let counters = Arc::new(Mutex::new(PerCpuArray::try_from(counters)?));
         let bans = Arc::new(Mutex::new(BanMaps::take(&mut ebpf)?));
+        let syn = Arc::new(Mutex::new(SynLimiter::take(&mut ebpf)?));
         Ok(Self {
             ebpf,
             counters,
             bans,
+            syn,
             pin_dir: pin_dir.map(Path::to_owned),
             link: None,
         })
@@ -290,6 +302,24 @@ impl XdpFilter {
     /// reputation engine later).
     pub fn ban_handle(&self) -> Arc<Mutex<BanMaps>> {
         Arc::clone(&self.bans)
+    }
+
+    /// Sets the SYN limiter (rate 0 turns it off) and the destination ports it watches.
+    /// Takes effect at once, also in a running program; buckets and penalties are kept.
+    pub fn set_syn_limit(&self, limit: SynLimit, ports: &[u16]) -> Result<(), XdpError> {
+        self.syn_limiter().configure(limit, ports)
+    }
+
+    /// The SYN limiter's maps (penalties, buckets, settings), locked for the caller.
+    pub fn syn_limiter(&self) -> std::sync::MutexGuard<'_, SynLimiter> {
+        self.syn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Shared access to the SYN limiter for the sweeper.
+    pub fn syn_limiter_handle(&self) -> Arc<Mutex<SynLimiter>> {
+        Arc::clone(&self.syn)
     }
 
     /// Number of entries in the (v4, v6) blocklists.
