@@ -44,6 +44,10 @@ pub struct BackendOptions {
     /// Fixed ports instead of free ones (the demo cluster's well-known addresses). A bind
     /// failure is then an error, not a retry.
     pub fixed_ports: Option<Ports>,
+    /// An auth inet listener on a free port, so Postfix can authenticate SMTP clients with
+    /// Dovecot SASL over TCP (`smtpd_sasl_path = inet:<ip>:<auth_port>`). Also turns off
+    /// Dovecot's per-IP auth penalty on this backend (see `write_auth_listener`).
+    pub auth_listener: bool,
 }
 
 /// True if Dovecot backends can run here; otherwise prints `SKIP <test>: <reason>`.
@@ -69,6 +73,8 @@ pub struct DovecotBackend {
     haproxy: bool,
     /// POP3S and IMAPS ports, when started with a certificate.
     tls_ports: Option<(u16, u16)>,
+    /// The Dovecot SASL (auth client) port, when started with `auth_listener`.
+    auth_port: Option<u16>,
     master: Option<Child>,
     // Declared last: dropped after `Drop::drop` has stopped the master.
     dir: TestDir,
@@ -92,6 +98,7 @@ impl DovecotBackend {
             ports,
             haproxy: options.haproxy,
             tls_ports: None,
+            auth_port: None,
             master: None,
             dir,
         };
@@ -133,6 +140,10 @@ impl DovecotBackend {
     /// The implicit-TLS IMAP port (0 without a certificate).
     pub fn imaps_port(&self) -> u16 {
         self.tls_ports.map_or(0, |(_, imaps)| imaps)
+    }
+    /// The Dovecot SASL port for Postfix (`None` unless started with `auth_listener`).
+    pub fn auth_port(&self) -> Option<u16> {
+        self.auth_port
     }
     pub fn lmtp_addr(&self) -> SocketAddr {
         SocketAddr::new(self.ip, self.ports.lmtp)
@@ -207,10 +218,11 @@ impl DovecotBackend {
     fn launch(&mut self, owner: MailOwner, options: &BackendOptions) -> Result<()> {
         let trusted_networks = &options.trusted_networks;
         // Every port of one instance comes from one call, so no two listeners collide.
-        let fresh = free_ports(self.ip, 5)?;
+        let fresh = free_ports(self.ip, 5 + usize::from(options.auth_listener))?;
         if options.tls.is_some() {
             self.tls_ports = Some((fresh[3], fresh[4]));
         }
+        self.auth_port = options.auth_listener.then(|| fresh[5]);
         self.ports = match options.fixed_ports {
             Some(ports) => ports,
             None => Ports {
@@ -236,6 +248,7 @@ impl DovecotBackend {
                         imaps,
                     },
                 ),
+                auth_port: self.auth_port,
             };
         let config_path = self.config_path();
         std::fs::write(&config_path, render_config(&spec)?).context("writing dovecot.conf")?;

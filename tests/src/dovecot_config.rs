@@ -102,6 +102,8 @@ pub struct InstanceSpec<'a> {
     pub haproxy: bool,
     /// Implicit-TLS POP3S/IMAPS listeners with this certificate.
     pub tls: Option<TlsListeners<'a>>,
+    /// An auth inet listener (Dovecot SASL for Postfix) on this port.
+    pub auth_port: Option<u16>,
 }
 
 /// A certificate for Dovecot's pop3s/imaps listeners and their ports.
@@ -124,6 +126,9 @@ pub fn render_config(spec: &InstanceSpec<'_>) -> Result<String> {
         spec.haproxy,
         spec.tls.map_or((0, 0), |t| (t.pop3s, t.imaps)),
     )?;
+    if let Some(port) = spec.auth_port {
+        write_auth_listener(&mut conf, spec.ip, port)?;
+    }
     Ok(conf)
 }
 
@@ -243,6 +248,32 @@ service lmtp {{
     Ok(())
 }
 
+/// Dovecot SASL over TCP for Postfix (`smtpd_sasl_type = dovecot`,
+/// `smtpd_sasl_path = inet:<ip>:<port>`). Any listener name other than `*-master`,
+/// `*-userdb` and `*-login` speaks the auth *client* protocol, which is what Postfix uses.
+///
+/// It also turns off the auth penalty (no `anvil-auth-penalty` socket, so the auth
+/// process skips it): Postfix reports every SMTP client of a test as 127.0.0.1, and after
+/// one failed AUTH the penalty would delay that address's next attempts by 2, 4, 8… s.
+/// This is the SASL counterpart of `auth_failure_delay = 0`.
+fn write_auth_listener(conf: &mut String, ip: IpAddr, port: u16) -> Result<()> {
+    writeln!(
+        conf,
+        "service auth {{
+  inet_listener sasl {{
+    address = {ip}
+    port = {port}
+  }}
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}"
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +304,35 @@ mod tests {
             Some("user100000@example.com:pass100000:8:8::::")
         );
         assert!(elapsed.as_secs() < 2, "100k users took {elapsed:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn auth_listener_only_when_asked_for() -> Result<()> {
+        let dir = Path::new("/nonexistent");
+        let mut spec = InstanceSpec {
+            name: "b1",
+            dir,
+            ip: "127.0.1.9".parse()?,
+            ports: Ports {
+                lmtp: 1,
+                pop3: 2,
+                imap: 3,
+            },
+            owner: MailOwner { uid: 8, gid: 8 },
+            trusted_networks: &[],
+            haproxy: false,
+            tls: None,
+            auth_port: None,
+        };
+        let conf = render_config(&spec)?;
+        assert!(!conf.contains("service auth") && !conf.contains("anvil"));
+        spec.auth_port = Some(4);
+        let conf = render_config(&spec)?;
+        assert!(conf.contains("unix_listener anvil-auth-penalty {\n    mode = 0\n"));
+        assert!(conf.contains(
+            "service auth {\n  inet_listener sasl {\n    address = 127.0.1.9\n    port = 4\n"
+        ));
         Ok(())
     }
 

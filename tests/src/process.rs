@@ -178,6 +178,22 @@ pub fn child_pids(parent: u32) -> Vec<ProcId> {
         .collect()
 }
 
+/// Live processes whose environment holds exactly `entry` (`NAME=value`), e.g. every
+/// daemon of one Postfix instance (`MAIL_CONFIG=<its config dir>`). A process that
+/// cannot be read (gone, or a zombie) does not count.
+pub fn pids_with_env(entry: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == entry.as_bytes()))
+        })
+        .collect()
+}
+
 /// The command name of `pid` (`/proc/<pid>/comm`, e.g. `imap-login`).
 pub fn comm(pid: u32) -> Option<String> {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;

@@ -5,9 +5,13 @@
 //! the pinned rustc 1.95.0 with rust-src (the eBPF crate is built with `-Z build-std=core`
 //! under RUSTC_BOOTSTRAP=1), bpf-linker 0.13.0 built against LLVM 22, real mail servers.
 
-use std::{path::Path, process::Command};
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Stdio},
+};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::util::{self, output, step};
 
@@ -29,6 +33,7 @@ const APT_PACKAGES: &[&str] = &[
     "dovecot-pop3d",
     "dovecot-imapd",
     "dovecot-lmtpd",
+    "postfix",
     "swaks",
     "python3",
     "curl",
@@ -37,6 +42,7 @@ const APT_PACKAGES: &[&str] = &[
 pub fn run() -> Result<()> {
     step("checking prerequisites (cargo xtask setup)");
     apt_packages()?;
+    system_postfix_stopped()?;
     rust_toolchain()?;
     bpf_linker()?;
     cargo_fuzz()?;
@@ -76,6 +82,9 @@ fn apt_packages() -> Result<()> {
         )?;
         util::run(Command::new("chmod").args(["755", "/usr/sbin/policy-rc.d"]))?;
     }
+    if missing.contains(&"postfix") {
+        preseed_postfix()?;
+    }
     let result = util::run(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -86,6 +95,44 @@ fn apt_packages() -> Result<()> {
         let _ = std::fs::remove_file(policy);
     }
     result
+}
+
+/// Postfix's install asks which kind of mail server this is; "No configuration" installs
+/// it without a main.cf (tests run their own instances with their own `-c` directory).
+fn preseed_postfix() -> Result<()> {
+    const ANSWER: &str = "postfix postfix/main_mailer_type select No configuration\n";
+    let mut child = Command::new("debconf-set-selections")
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("cannot start debconf-set-selections")?;
+    child
+        .stdin
+        .take()
+        .context("debconf-set-selections stdin")?
+        .write_all(ANSWER.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("debconf-set-selections failed ({status})");
+    }
+    Ok(())
+}
+
+/// The system Postfix must not run: it would listen on port 25 of every address. Debian
+/// installs it unconfigured (no /etc/postfix/main.cf, so it cannot start) and
+/// policy-rc.d kept it from starting; stop it if someone configured and started it since.
+fn system_postfix_stopped() -> Result<()> {
+    let configured = Path::new("/etc/postfix/main.cf").exists();
+    // `postfix status` exits 0 only when the default instance's master runs.
+    let running = configured && output(Command::new("postfix").arg("status")).is_some();
+    if !running {
+        println!("  system postfix not running: ok");
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!("the system Postfix is running; stop it as root: postfix stop");
+    }
+    println!("  system postfix: stopping (tests run their own instances)");
+    util::run(Command::new("postfix").arg("stop"))
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
