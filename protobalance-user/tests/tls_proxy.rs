@@ -5,38 +5,8 @@
 
 mod support;
 
-use std::path::Path;
-
 use protobalance_tests::{DovecotCluster, password_for, python};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use support::{Edge, Listen, USERS, deliver, owner, start_edge};
-
-/// Writes ca.pem and two leaf certificates (mail.example.test, other.example.test) signed
-/// by it; returns the `[[certificate]]` config sections (mail first: the default).
-fn make_certificates(dir: &Path) -> String {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "protobalance test CA");
-    let ca =
-        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
-    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write ca");
-    let mut config = String::new();
-    for name in ["mail.example.test", "other.example.test"] {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(vec![name.to_owned()]).expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        let cert = params.signed_by(&key, &ca).expect("sign");
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write cert");
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write key");
-        config.push_str(&format!(
-            "[[certificate]]\nnames = [\"{name}\"]\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\n",
-            dir.display()
-        ));
-    }
-    config
-}
+use support::{Edge, Listen, USERS, deliver, make_certificates, owner, start_edge};
 
 struct Tls {
     edge: Edge,

@@ -167,7 +167,9 @@ Mailboxes: user1..userN@example.com (password pass<N>), apportioned 1:1:2 over t
 new example.com mailboxes are auto-provisioned on first login.
 
   where:    {bin} directory lookup --config {cfg} {user}     # -> {owner}
-  deliver:  swaks --protocol LMTP --server {lmtp} --to {user} --from demo@example.net
+  deliver:  swaks --server 127.0.0.1:1025 --to {user} --from demo@example.net
+            (SMTP through protobalance: routed by recipient to {owner}'s LMTP;
+             direct to the backend: swaks --protocol LMTP --server {lmtp} --to {user})
   read:     python3 -c "import poplib; p=poplib.POP3('127.0.0.1',1110); p.user('{user}'); p.pass_('{pass}'); print(p.stat())"
             python3 -c "import imaplib; m=imaplib.IMAP4('127.0.0.1',1143); m.login('{user}','{pass}'); print(m.select('INBOX'))"
             (POP3 and IMAP through protobalance on 127.0.0.1:1110 / :1143: the login lands on

@@ -87,8 +87,6 @@ pub struct ClientInfo {
     pub helo_domain: Option<String>,
     /// `ESMTP` after EHLO, `SMTP` after HELO.
     pub esmtp: bool,
-    /// The authenticated submission user.
-    pub login: Option<String>,
 }
 
 /// The backend's dialect.
@@ -324,7 +322,9 @@ impl BackendSession {
 
 /// `XCLIENT` (Postfix XCLIENT_README; Dovecot's LMTP/submission take the same) with the
 /// attributes the backend `offered` that we know: the client's address and port, our
-/// address and port, no reverse name, its HELO, the protocol and the submission login.
+/// address and port, no reverse name, its HELO and the protocol. Never `LOGIN=`: that
+/// would make the backend treat the session as authenticated without the password, so
+/// submission authenticates with `AUTH` instead.
 fn xclient(offered: &str, conn: &Conn, client: &ClientInfo) -> String {
     let offered: Vec<&str> = offered.split_ascii_whitespace().collect();
     let has = |name: &str| offered.iter().any(|o| o.eq_ignore_ascii_case(name));
@@ -354,9 +354,6 @@ fn xclient(offered: &str, conn: &Conn, client: &ClientInfo) -> String {
             "PROTO={}",
             if client.esmtp { "ESMTP" } else { "SMTP" }
         ));
-    }
-    if let Some(login) = client.login.as_deref().filter(|_| has("LOGIN")) {
-        attributes.push(format!("LOGIN={}", xtext(login)));
     }
     if has("DESTADDR") {
         attributes.push(format!("DESTADDR={}", address(conn.local.ip())));
@@ -470,7 +467,6 @@ mod tests {
             helo: Some("client example".into()),
             helo_domain: None,
             esmtp: true,
-            login: Some("user@example.com".into()),
         };
         assert_eq!(
             xclient("ADDR HELO", &conn, &client),
@@ -483,7 +479,7 @@ mod tests {
                 &client
             ),
             "XCLIENT ADDR=IPV6:2001:db8::7 PORT=40000 NAME=[UNAVAILABLE] HELO=client+20example \
-             PROTO=ESMTP LOGIN=user@example.com DESTADDR=127.0.0.1 DESTPORT=25\r\n"
+             PROTO=ESMTP DESTADDR=127.0.0.1 DESTPORT=25\r\n"
         );
         let anonymous = ClientInfo::default();
         assert_eq!(

@@ -18,6 +18,7 @@ use protobalance::{
 use protobalance_tests::{
     ChildGuard, DovecotBackend, DovecotCluster, free_port, python, require_root,
 };
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_protobalance");
 pub const USERS: usize = 300;
@@ -62,6 +63,13 @@ pub fn start_edge_with(
     extra: &str,
     backend: impl Fn(&DovecotBackend) -> String,
 ) -> Edge {
+    let sections: Vec<String> = cluster.backends().iter().map(backend).collect();
+    start_edge_sections(&sections, listeners, extra)
+}
+
+/// Starts protobalance with these `[[backend]]` sections (any kind of backend), the
+/// `listeners` and `extra` config; users 1..=USERS are apportioned evenly.
+pub fn start_edge_sections(sections: &[String], listeners: &[Listen<'_>], extra: &str) -> Edge {
     let dir = tempfile::tempdir().expect("tempdir");
     let lo = IpAddr::from([127, 0, 0, 1]);
     let admin = SocketAddr::new(lo, free_port(lo).expect("port"));
@@ -91,8 +99,8 @@ pub fn start_edge_with(
         ));
         addrs.push(addr);
     }
-    for b in cluster.backends() {
-        text.push_str(&backend(b));
+    for section in sections {
+        text.push_str(section);
     }
     let path = dir.path().join("pb.toml");
     std::fs::write(&path, text).expect("config");
@@ -153,10 +161,10 @@ fn provision(config: &Config) {
         .iter()
         .map(|b| b.mailboxes)
         .collect();
-    assert_eq!(
-        counts,
-        [100, 100, 100],
-        "apportioned evenly over equal capacities"
+    let even = USERS as u64 / counts.len() as u64;
+    assert!(
+        counts.iter().all(|&c| c == even),
+        "apportioned evenly over equal capacities: {counts:?}"
     );
 }
 
@@ -318,4 +326,31 @@ pub fn check_config(dir: &std::path::Path, text: &str) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Writes ca.pem and two leaf certificates (mail.example.test, other.example.test) signed
+/// by it; returns the `[[certificate]]` config sections (mail first: the default).
+pub fn make_certificates(dir: &std::path::Path) -> String {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "protobalance test CA");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write ca");
+    let mut config = String::new();
+    for name in ["mail.example.test", "other.example.test"] {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec![name.to_owned()]).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &ca).expect("sign");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write key");
+        config.push_str(&format!(
+            "[[certificate]]\nnames = [\"{name}\"]\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\n",
+            dir.display()
+        ));
+    }
+    config
 }

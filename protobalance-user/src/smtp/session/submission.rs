@@ -19,7 +19,7 @@ use crate::{
     secret::Secret,
     smtp::{
         codec::{DataVerdict, ForwardPath, InitialResponse, Reply, SaslResponse, reply},
-        deliver::{self, BackendSession, ClientInfo, DeliverError},
+        deliver::{self, BackendSession, DeliverError},
         limits::Limit,
         transaction::{Transaction, backend_lost},
     },
@@ -183,7 +183,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 }
                 self.record_login(&home, "ok", started);
                 tracing::info!(peer = %self.conn.peer, %user, backend = %home, "submission login");
-                self.client_info.login = Some(user.clone());
                 // Logged in: the session may now idle like a proxied one.
                 self.client.timeout = self.ctx.limits.idle_timeout();
                 self.account = Some(Account {
@@ -221,10 +220,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         user: &str,
         password: &Secret<String>,
     ) -> Result<Result<BackendSession, Reply>, DeliverError> {
-        let info = ClientInfo {
-            login: Some(user.to_owned()),
-            ..self.client_info.clone()
-        };
+        let info = self.client_info.clone();
         let mut backend =
             BackendSession::open(self.ctx, self.conn, home, Service::Submission, &info).await?;
         let answer = backend.authenticate(user, password.expose()).await?;

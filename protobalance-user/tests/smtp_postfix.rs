@@ -1,0 +1,364 @@
+//! SMTP with real Postfix: three backends, each a real Postfix (delivery = "smtp", and
+//! the submission port with Dovecot SASL) in front of a real Dovecot. Inbound mail through
+//! the edge is handed to the owner's Postfix with XCLIENT and read back through the edge
+//! by POP3; submission (587 STARTTLS, 465 implicit TLS) authenticates at the user's own
+//! Postfix and relays through it, within the per-user limits; and a real Postfix as the
+//! sending MTA delivers a 5-recipient message spread over the three backends through the
+//! edge, retrying the `452 4.5.3` recipients, so every recipient gets exactly one copy.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use protobalance_tests::{
+    BackendOptions, DovecotBackend, PostfixBackend, PostfixOptions, loopback_ip, password_for,
+    python, require_postfix,
+};
+use support::{Edge, Listen, USERS, make_certificates, metric_line, owner, start_edge_sections};
+
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(20);
+
+const SMTP: usize = 0;
+const SUBMISSION: usize = 1;
+const SUBMISSIONS: usize = 2;
+const POP3: usize = 3;
+
+fn skip(test: &str) -> bool {
+    support::skip(test) || !require_postfix(test)
+}
+
+struct Cluster {
+    backends: Vec<PostfixBackend>,
+    edge: Edge,
+    _certs: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(extra: &str) -> Self {
+        let backends: Vec<PostfixBackend> = (1..=3)
+            .map(|n| {
+                let name = format!("backend{n}");
+                let options = BackendOptions {
+                    users: USERS,
+                    auth_listener: true,
+                    ..BackendOptions::default()
+                };
+                let ip = loopback_ip(n).expect("ip");
+                let dovecot = DovecotBackend::start(&name, ip, &options).expect("dovecot");
+                PostfixBackend::start(&name, dovecot, &PostfixOptions::default()).expect("postfix")
+            })
+            .collect();
+        let sections: Vec<String> = backends
+            .iter()
+            .map(|p| {
+                let d = p.dovecot();
+                format!(
+                    "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\n\
+                     lmtp_port = {}\ndelivery = \"smtp\"\nsmtp_port = {}\nsubmission_port = {}\n",
+                    d.name(),
+                    d.ip(),
+                    d.pop3_port(),
+                    d.imap_port(),
+                    d.lmtp_port(),
+                    p.smtp_port(),
+                    p.smtp_port()
+                )
+            })
+            .collect();
+        let certs = tempfile::tempdir().expect("tempdir");
+        let extra = format!("{}{extra}", make_certificates(certs.path()));
+        let listeners = [
+            Listen("smtp", Some("starttls")),
+            Listen("submission", Some("starttls")),
+            Listen("submission", Some("implicit")),
+            Listen("pop3", None),
+        ];
+        let edge = start_edge_sections(&sections, &listeners, &extra);
+        Self {
+            backends,
+            edge,
+            _certs: certs,
+        }
+    }
+
+    fn backend(&self, name: &str) -> &PostfixBackend {
+        self.backends
+            .iter()
+            .find(|b| b.name() == name)
+            .expect("backend")
+    }
+
+    fn addr(&self, listener: usize) -> (String, u16) {
+        let addr = self.edge.listeners[listener];
+        (addr.ip().to_string(), addr.port())
+    }
+
+    /// Waits until `user` has `n` messages on its owner; asserts none anywhere else.
+    fn wait_for(&self, user: &str, n: usize) {
+        let home = owner(&self.edge, user);
+        let deadline = Instant::now() + DELIVERY_TIMEOUT;
+        loop {
+            let count = self
+                .backend(&home)
+                .dovecot()
+                .message_count(user)
+                .expect("count");
+            if count >= n {
+                assert_eq!(count, n, "{user}: more than {n} messages");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{user} has {count} of {n} messages"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for b in self.backends.iter().filter(|b| b.name() != home) {
+            let count = b.dovecot().message_count(user).expect("count");
+            assert_eq!(count, 0, "{user} has mail on {}", b.name());
+        }
+    }
+}
+
+/// Python prelude: `ctx` trusts the edge's test certificate without checking names.
+const TLS_PRELUDE: &str = "import smtplib, ssl, poplib, base64, socket\n\
+    ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE\n";
+
+#[test]
+fn inbound_mail_reaches_the_owners_postfix_with_the_clients_identity() {
+    if skip("smtp_postfix") {
+        return;
+    }
+    let cluster = Cluster::start("");
+    let user = "user41@example.com";
+    let (host, smtp) = cluster.addr(SMTP);
+    let (_, pop3) = cluster.addr(POP3);
+    let password = password_for(user).expect("password");
+    let out = python(&format!(
+        "{TLS_PRELUDE}\
+         s = smtplib.SMTP('{host}', {smtp}, timeout=10, source_address=('127.0.0.9', 0))\n\
+         s.ehlo('client.example.net'); s.starttls(context=ctx); s.ehlo('client.example.net')\n\
+         print('refused', s.sendmail('far@sender.example.net', ['{user}'], \
+         'Subject: via-postfix\\r\\n\\r\\nbody via postfix\\r\\n')); s.quit()\n"
+    ))
+    .expect("smtplib");
+    assert!(out.contains("refused {}"), "{out}");
+    cluster.wait_for(user, 1);
+    // Read back through the edge: POP3 lands on the same backend the MX delivered to.
+    let out = python(&format!(
+        "import poplib\np = poplib.POP3('{host}', {pop3}, timeout=10)\n\
+         p.user('{user}'); p.pass_('{password}')\n\
+         print(b'\\n'.join(p.retr(1)[1]).decode()); p.quit()\n"
+    ))
+    .expect("poplib");
+    assert!(out.contains("Subject: via-postfix"), "{out}");
+    // Postfix took the client's address and HELO name from XCLIENT, not the edge's.
+    assert!(
+        out.contains("from client.example.net (unknown [127.0.0.9])"),
+        "Postfix's Received header: {out}"
+    );
+    let log = cluster.backend(&owner(&cluster.edge, user)).log();
+    assert!(log.contains("client=unknown[127.0.0.9]"), "{log}");
+    // The edge still refuses relaying on its MX port: Postfix would accept only with AUTH.
+    let out = python(&format!(
+        "import smtplib\ns = smtplib.SMTP('{host}', {smtp}, timeout=10)\ns.ehlo('c.example.net')\n\
+         s.mail('a@b.example'); print('relay', s.rcpt('x@elsewhere.test'))\n\
+         print('auth', s.docmd('AUTH PLAIN AGEAYg=='))\n"
+    ))
+    .expect("smtplib");
+    assert!(
+        out.contains("relay (554, b'5.7.1 Relay access denied')"),
+        "{out}"
+    );
+    assert!(out.contains("auth (502,"), "no AUTH on the MX port: {out}");
+}
+
+#[test]
+fn submission_authenticates_at_the_users_backend_and_relays_through_it() {
+    if skip("smtp_postfix") {
+        return;
+    }
+    let limits = "[submission]\nmax_messages_per_hour = 3\nmax_recipients_per_message = 2\n";
+    let cluster = Cluster::start(limits);
+    let user = "user52@example.com";
+    let password = password_for(user).expect("password");
+    let home = owner(&cluster.edge, user);
+    let (host, sub) = cluster.addr(SUBMISSION);
+    let (_, subs) = cluster.addr(SUBMISSIONS);
+    let plain = |u: &str, p: &str| {
+        use std::fmt::Write as _;
+        let raw = format!("\0{u}\0{p}");
+        let mut b64 = String::new();
+        // Python decodes the same base64 the edge does; build it there.
+        let _ = write!(b64, "base64.b64encode({raw:?}.encode()).decode()");
+        b64
+    };
+    let script = format!(
+        "{TLS_PRELUDE}\
+         s = smtplib.SMTP('{host}', {sub}, timeout=10, source_address=('127.0.0.9', 0))\n\
+         code, text = s.ehlo('laptop.example.net')\n\
+         print('plain-offers-auth', s.has_extn('auth'))\n\
+         print('auth-before-tls', s.docmd('AUTH', 'PLAIN ' + {wrong}))\n\
+         print('mail-before-auth', s.docmd('MAIL FROM:<{user}>'))\n\
+         s.starttls(context=ctx); s.ehlo('laptop.example.net')\n\
+         print('tls-auth', s.esmtp_features.get('auth', '').strip())\n\
+         print('mail-before-auth-tls', s.docmd('MAIL FROM:<{user}>'))\n\
+         print('wrong', s.docmd('AUTH', 'PLAIN ' + {wrong}))\n\
+         print('right', s.docmd('AUTH', 'PLAIN ' + {right}))\n\
+         print('again', s.docmd('AUTH', 'PLAIN ' + {right}))\n\
+         print('sent', s.sendmail('{user}', ['friend@elsewhere.test'], \
+         'Subject: submitted-1\\r\\n\\r\\nfrom a laptop\\r\\n'))\n\
+         s.mail('{user}'); print('r1', s.rcpt('a@elsewhere.test')); print('r2', s.rcpt('b@elsewhere.test'))\n\
+         print('r3', s.rcpt('c@elsewhere.test')); s.rset()\n\
+         s.quit()\n\
+         s = smtplib.SMTP_SSL('{host}', {subs}, context=ctx, timeout=10)\n\
+         s.ehlo('laptop.example.net')\n\
+         print('login', s.docmd('AUTH LOGIN'), s.docmd(base64.b64encode(b'{user}').decode()), \
+         s.docmd(base64.b64encode(b'{password}').decode()))\n\
+         print('sent2', s.sendmail('{user}', ['friend@elsewhere.test'], 'Subject: submitted-2\\r\\n\\r\\nx\\r\\n'))\n\
+         print('sent3', s.sendmail('{user}', ['friend@elsewhere.test'], 'Subject: submitted-3\\r\\n\\r\\nx\\r\\n'))\n\
+         print('over', s.mail('{user}'))\n\
+         s.quit()\n\
+         s = smtplib.SMTP_SSL('{host}', {subs}, context=ctx, timeout=10); s.ehlo('x.example.net')\n\
+         for i in range(3):\n    print('bad', i, s.docmd('AUTH', 'PLAIN ' + {unknown}))\n",
+        wrong = plain(user, "not-the-password"),
+        right = plain(user, &password),
+        unknown = plain("nobody@example.com", "x"),
+    );
+    let out = python(&script).expect("submission script");
+    let has = |needle: &str| assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    has("plain-offers-auth False");
+    has("auth-before-tls (538, b'5.7.11");
+    has("mail-before-auth (530, b'5.7.0 Authentication required')");
+    has("tls-auth PLAIN LOGIN");
+    has("mail-before-auth-tls (530,");
+    has("wrong (535, b'5.7.8 Authentication credentials invalid')");
+    has("right (235, b'2.7.0 Authentication successful')");
+    has("again (503, b'5.5.1 Already authenticated')");
+    has("sent {}");
+    has("r1 (250,");
+    has("r2 (250,");
+    has("r3 (451, b'4.7.1 Sending limit reached (recipients_per_message)");
+    has("login (334, b'VXNlcm5hbWU6') (334, b'UGFzc3dvcmQ6') (235,");
+    has("sent2 {}");
+    has("sent3 {}");
+    // Three messages this hour: the fourth is refused before it reaches the backend.
+    has("over (451, b'4.7.1 Sending limit reached (messages_per_hour)");
+    has("bad 0 (535,");
+    has("bad 1 (535,");
+    assert!(
+        out.contains("bad 2 (421, b'4.7.0 Too many failed logins"),
+        "{out}"
+    );
+    // The user's own Postfix relayed the three messages to the outside world, as the user.
+    let sink = cluster.backend(&home).sink();
+    let messages = sink
+        .wait_for_messages(3, DELIVERY_TIMEOUT)
+        .expect("relayed messages");
+    assert_eq!(messages.len(), 3, "exactly three relayed");
+    for (m, token) in messages
+        .iter()
+        .zip(["submitted-1", "submitted-2", "submitted-3"])
+    {
+        assert_eq!(m.mail_from, user);
+        assert_eq!(m.rcpts, ["friend@elsewhere.test"]);
+        assert!(m.text().contains(token), "{}", m.text());
+    }
+    for other in cluster.backends.iter().filter(|b| b.name() != home) {
+        assert!(
+            other.sink().messages().is_empty(),
+            "{} relayed mail",
+            other.name()
+        );
+    }
+    let log = cluster.backend(&home).log();
+    assert!(
+        log.contains(&format!("sasl_username={user}")),
+        "Postfix logged the authenticated user: {log}"
+    );
+    assert!(log.contains("client=unknown[127.0.0.9]"), "{log}");
+    let limited = metric_line(
+        &cluster.edge,
+        &[
+            "protobalance_submission_limited_total",
+            "recipients_per_message",
+        ],
+    );
+    assert!(limited.ends_with(" 1"), "{limited}");
+}
+
+/// A real Postfix as the sending MTA relays one 5-recipient message (recipients on all
+/// three backends) through the edge: the edge takes one backend's recipients per
+/// transaction and answers `452 4.5.3` for the rest; Postfix retries those, and every
+/// recipient ends up with exactly one copy.
+#[test]
+fn a_sending_postfix_delivers_five_recipients_over_three_backends_once_each() {
+    if skip("smtp_postfix") {
+        return;
+    }
+    let cluster = Cluster::start("");
+    let (_, smtp) = cluster.addr(SMTP);
+    // Two recipients on each of two backends and one on the third.
+    let mut by_backend: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for n in 100..=USERS {
+        let user = format!("user{n}@example.com");
+        let list = by_backend.entry(owner(&cluster.edge, &user)).or_default();
+        if list.len() < 2 {
+            list.push(user);
+        }
+    }
+    let mut recipients: Vec<String> = by_backend.values().flatten().cloned().collect();
+    recipients.truncate(5);
+    assert_eq!(recipients.len(), 5);
+
+    let options = PostfixOptions {
+        relay_all_to: Some(std::net::SocketAddr::new([127, 0, 0, 1].into(), smtp)),
+        ..PostfixOptions::default()
+    }
+    .with_fast_retries();
+    let sender_dovecot = DovecotBackend::start(
+        "sender",
+        loopback_ip(20).expect("ip"),
+        &BackendOptions {
+            users: 1,
+            auth_listener: true,
+            ..BackendOptions::default()
+        },
+    )
+    .expect("sender dovecot");
+    let sender = PostfixBackend::start("sender", sender_dovecot, &options).expect("sender");
+    let rcpts = recipients
+        .iter()
+        .map(|r| format!("'{r}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let user = "user1@example.com";
+    let password = password_for(user).expect("password");
+    let out = python(&format!(
+        "import smtplib\ns = smtplib.SMTP('{}', {}, timeout=10)\ns.ehlo('mua.example.net')\n\
+         s.login('{user}', '{password}')\n\
+         print('refused', s.sendmail('{user}', [{rcpts}], 'Subject: fan-out\\r\\n\\r\\nto five\\r\\n'))\n\
+         s.quit()\n",
+        sender.ip(),
+        sender.smtp_port()
+    ))
+    .expect("inject into the sending Postfix");
+    assert!(out.contains("refused {}"), "{out}");
+    sender
+        .wait_until_queue_empty(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sender.log_tail(40)));
+    for r in &recipients {
+        cluster.wait_for(r, 1);
+    }
+    // The edge really split the transaction: the sender saw 452s and retried.
+    let log = sender.log();
+    assert!(
+        log.contains("452 4.5.3"),
+        "the sending Postfix should have met a 452 4.5.3: {log}"
+    );
+    // Nothing arrives twice, even after the retries settled.
+    std::thread::sleep(Duration::from_secs(2));
+    for r in &recipients {
+        cluster.wait_for(r, 1);
+    }
+}
