@@ -35,17 +35,28 @@ struct Cluster {
 
 impl Cluster {
     fn start(extra: &str) -> Self {
+        Self::start_with(extra, false)
+    }
+
+    /// `proxy`: every backend service takes a PROXY v2 header (Dovecot `haproxy = yes`,
+    /// Postfix `smtpd_upstream_proxy_protocol = haproxy`, `proxy_protocol = true`).
+    fn start_with(extra: &str, proxy: bool) -> Self {
         let backends: Vec<PostfixBackend> = (1..=3)
             .map(|n| {
                 let name = format!("backend{n}");
                 let options = BackendOptions {
                     users: USERS,
                     auth_listener: true,
+                    haproxy: proxy,
                     ..BackendOptions::default()
                 };
                 let ip = loopback_ip(n).expect("ip");
                 let dovecot = DovecotBackend::start(&name, ip, &options).expect("dovecot");
-                PostfixBackend::start(&name, dovecot, &PostfixOptions::default()).expect("postfix")
+                let postfix = PostfixOptions {
+                    haproxy: proxy,
+                    ..PostfixOptions::default()
+                };
+                PostfixBackend::start(&name, dovecot, &postfix).expect("postfix")
             })
             .collect();
         let sections: Vec<String> = backends
@@ -54,7 +65,8 @@ impl Cluster {
                 let d = p.dovecot();
                 format!(
                     "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\n\
-                     lmtp_port = {}\ndelivery = \"smtp\"\nsmtp_port = {}\nsubmission_port = {}\n",
+                     lmtp_port = {}\ndelivery = \"smtp\"\nsmtp_port = {}\nsubmission_port = {}\n\
+                     proxy_protocol = {proxy}\n",
                     d.name(),
                     d.ip(),
                     d.pop3_port(),
@@ -361,4 +373,53 @@ fn a_sending_postfix_delivers_five_recipients_over_three_backends_once_each() {
     for r in &recipients {
         cluster.wait_for(r, 1);
     }
+}
+
+/// With `proxy_protocol = true` the SMTP and submission connections to Postfix carry the
+/// client's address in a PROXY v2 header (no XCLIENT), and POP3 to Dovecot likewise.
+#[test]
+fn proxy_protocol_backends_see_the_client_in_the_header() {
+    if skip("smtp_postfix") {
+        return;
+    }
+    let cluster = Cluster::start_with("", true);
+    let user = "user77@example.com";
+    let password = password_for(user).expect("password");
+    let home = owner(&cluster.edge, user);
+    let (host, smtp) = cluster.addr(SMTP);
+    let (_, sub) = cluster.addr(SUBMISSION);
+    let (_, pop3) = cluster.addr(POP3);
+    let out = python(&format!(
+        "{TLS_PRELUDE}\
+         s = smtplib.SMTP('{host}', {smtp}, timeout=10, source_address=('127.0.0.9', 0))\n\
+         s.ehlo('client.example.net')\n\
+         print('in', s.sendmail('a@far.example', ['{user}'], 'Subject: proxied-in\\r\\n\\r\\nx\\r\\n')); s.quit()\n\
+         s = smtplib.SMTP('{host}', {sub}, timeout=10, source_address=('127.0.0.9', 0))\n\
+         s.ehlo('laptop.example.net'); s.starttls(context=ctx); s.ehlo('laptop.example.net')\n\
+         s.login('{user}', '{password}')\n\
+         print('out', s.sendmail('{user}', ['x@elsewhere.test'], 'Subject: proxied-out\\r\\n\\r\\nx\\r\\n')); s.quit()\n"
+    ))
+    .expect("smtplib");
+    assert!(out.contains("in {}") && out.contains("out {}"), "{out}");
+    cluster.wait_for(user, 1);
+    let text = python(&format!(
+        "import poplib\np = poplib.POP3('{host}', {pop3}, timeout=10)\n\
+         p.user('{user}'); p.pass_('{password}')\nprint(b'\\n'.join(p.retr(1)[1]).decode()); p.quit()\n"
+    ))
+    .expect("poplib");
+    assert!(
+        text.contains("from client.example.net (unknown [127.0.0.9])"),
+        "Received names the client from the PROXY header: {text}"
+    );
+    let sink = cluster.backend(&home).sink();
+    let relayed = sink
+        .wait_for_messages(1, DELIVERY_TIMEOUT)
+        .expect("relayed");
+    assert!(relayed[0].text().contains("proxied-out"));
+    let log = cluster.backend(&home).log();
+    assert!(
+        log.contains("client=unknown[127.0.0.9], sasl_method=PLAIN"),
+        "{log}"
+    );
+    assert!(!log.contains("XCLIENT"), "no XCLIENT behind PROXY: {log}");
 }

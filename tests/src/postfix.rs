@@ -55,6 +55,9 @@ pub struct PostfixOptions {
     /// Extra `main.cf` lines (`name = value`), appended last; each replaces the generated
     /// line for the same parameter.
     pub extra_main_cf: Vec<String>,
+    /// smtpd expects a PROXY protocol header first (`smtpd_upstream_proxy_protocol =
+    /// haproxy`); the readiness probe then sends a v2 LOCAL header.
+    pub haproxy: bool,
 }
 
 impl PostfixOptions {
@@ -90,6 +93,7 @@ pub struct PostfixBackend {
     master: Option<ChildGuard>,
     sink: MailSink,
     dovecot: DovecotBackend,
+    haproxy: bool,
     // Declared last: dropped after `Drop::drop` has stopped Postfix and Dovecot.
     dir: TestDir,
 }
@@ -116,6 +120,7 @@ impl PostfixBackend {
             master: None,
             sink,
             dovecot,
+            haproxy: options.haproxy,
             dir,
         };
         let sasl = SocketAddr::new(ip, sasl_port);
@@ -224,6 +229,10 @@ impl PostfixBackend {
     }
 
     fn write_config(&self, sasl: SocketAddr, options: &PostfixOptions) -> Result<()> {
+        let mut extra = options.extra_main_cf.clone();
+        if options.haproxy {
+            extra.push("smtpd_upstream_proxy_protocol = haproxy".to_owned());
+        }
         let spec = PostfixSpec {
             name: &self.name,
             dir: self.dir(),
@@ -238,7 +247,7 @@ impl PostfixBackend {
                 minimal_backoff_time: options.minimal_backoff_time,
                 maximal_backoff_time: options.maximal_backoff_time,
             },
-            extra_main_cf: &options.extra_main_cf,
+            extra_main_cf: &extra,
         };
         let conf = self.config_dir();
         std::fs::write(conf.join("main.cf"), render_main_cf(&spec)?).context("writing main.cf")?;
@@ -315,12 +324,13 @@ impl PostfixBackend {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         let addr = self.smtp_addr();
+        let haproxy = self.haproxy;
         let master = self.master.as_mut().context("postfix master not spawned")?;
         loop {
             if let Some(status) = master.wait_timeout(Duration::ZERO)? {
                 bail!("master exited during startup ({status})");
             }
-            if smtp_greets(addr) {
+            if smtp_greets(addr, haproxy) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -393,11 +403,18 @@ fn port_taken(addr: SocketAddr) -> bool {
     matches!(TcpListener::bind(addr), Err(err) if err.kind() == ErrorKind::AddrInUse)
 }
 
-/// True when `addr` sends an SMTP `220` greeting (then says QUIT).
-fn smtp_greets(addr: SocketAddr) -> bool {
+/// PROXY protocol v2, LOCAL command, no addresses (a health check's header).
+const PROXY_V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+
+/// True when `addr` sends an SMTP `220` greeting (then says QUIT); `haproxy`: after a
+/// PROXY v2 LOCAL header.
+fn smtp_greets(addr: SocketAddr, haproxy: bool) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
+    if haproxy && stream.write_all(PROXY_V2_LOCAL).is_err() {
+        return false;
+    }
     let mut buf = [0u8; 64];
     let read = stream
         .set_read_timeout(Some(Duration::from_millis(500)))

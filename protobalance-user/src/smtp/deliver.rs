@@ -139,14 +139,18 @@ impl BackendSession {
             accepted: Vec::new(),
         };
         session.expect("greeting", 220).await?;
-        session.greet(&ctx.hostname).await?;
+        // Behind a PROXY header the backend already sees the client's address; greeting
+        // with the client's HELO name too makes its Received header the client's own.
         let proxied = ctx.pool.uses_proxy_protocol(backend, service);
+        let client_name = client.helo_domain.as_deref().unwrap_or(&ctx.hostname);
+        session
+            .greet(if proxied { client_name } else { &ctx.hostname })
+            .await?;
         if let Some(offered) = session.hello.extension("XCLIENT").filter(|_| !proxied) {
             let command = xclient(offered, conn, client);
             session.send(command.as_bytes()).await?;
             session.expect("XCLIENT", 220).await?;
-            let name = client.helo_domain.as_deref().unwrap_or(&ctx.hostname);
-            session.greet(name).await?;
+            session.greet(client_name).await?;
             tracing::debug!(%backend, peer = %conn.peer, "client identity passed by XCLIENT");
         }
         Ok(session)
