@@ -405,6 +405,41 @@ fn hostile_volume_and_pace_get_bounded_answers() {
     );
 }
 
+/// SMTPUTF8 is offered, but Dovecot 2.3's LMTP does not take it: such a transaction gets
+/// `553 5.6.7` at RCPT (no downgrade), and a non-ASCII address needs the parameter.
+#[test]
+fn smtputf8_goes_only_where_the_backend_offers_it() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let edge = start_edge(&cluster, &[Listen("smtp", None)], "");
+    let mut smtp = RawSmtp::connect(edge.listeners[0]);
+    smtp.send(b"EHLO client.example.net\r\n");
+    let mut ehlo = String::new();
+    loop {
+        let mut line = String::new();
+        smtp.reader.read_line(&mut line).expect("EHLO line");
+        ehlo.push_str(&line);
+        if line.as_bytes().get(3) == Some(&b' ') {
+            break;
+        }
+    }
+    assert!(ehlo.contains("SMTPUTF8\r\n"), "{ehlo}");
+    smtp.command("MAIL FROM:<pelé@far.example>", "553 5.6.7");
+    smtp.command("MAIL FROM:<a@far.example>", "250");
+    smtp.command("RCPT TO:<jörg@example.com>", "553 5.6.7");
+    smtp.command("RSET", "250");
+    smtp.command("MAIL FROM:<pelé@far.example> SMTPUTF8", "250");
+    smtp.command(
+        "RCPT TO:<user9@example.com>",
+        "553 5.6.7 Mailbox server does not support SMTPUTF8",
+    );
+    smtp.command("DATA", "503");
+    smtp.command("QUIT", "221");
+    assert_only_on_owner(&cluster, &edge, "user9@example.com", 0);
+}
+
 /// A plain SMTP client on a socket, for input smtplib would not send.
 struct RawSmtp {
     reader: BufReader<TcpStream>,

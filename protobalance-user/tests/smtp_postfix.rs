@@ -54,6 +54,8 @@ impl Cluster {
                 let dovecot = DovecotBackend::start(&name, ip, &options).expect("dovecot");
                 let postfix = PostfixOptions {
                     haproxy: proxy,
+                    // Debian's default; the harness turns it off.
+                    extra_main_cf: vec!["smtputf8_enable = yes".into()],
                     ..PostfixOptions::default()
                 };
                 PostfixBackend::start(&name, dovecot, &postfix).expect("postfix")
@@ -183,6 +185,22 @@ fn inbound_mail_reaches_the_owners_postfix_with_the_clients_identity() {
         "{out}"
     );
     assert!(out.contains("auth (502,"), "no AUTH on the MX port: {out}");
+    // Postfix offers SMTPUTF8, so an SMTPUTF8 transaction is handed on with it.
+    let out = python(&format!(
+        "import smtplib\ns = smtplib.SMTP('{host}', {smtp}, timeout=10)\ns.ehlo('c.example.net')\n\
+         s.command_encoding = 'utf-8'\n\
+         print('mail', s.docmd('MAIL FROM:<pelé@far.example> SMTPUTF8'))\n\
+         print('rcpt', s.docmd('RCPT TO:<{user}>'))\n\
+         print('data', s.data('Subject: utf8\\r\\n\\r\\nolá\\r\\n'.encode()))\n"
+    ))
+    .expect("smtplib");
+    assert!(
+        out.contains("mail (250,") && out.contains("rcpt (250,"),
+        "{out}"
+    );
+    assert!(out.contains("data (250,"), "{out}");
+    let log = cluster.backend(&owner(&cluster.edge, user)).log();
+    assert!(log.contains("from=<pelé@far.example>"), "{log}");
 }
 
 #[test]

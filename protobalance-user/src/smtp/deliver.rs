@@ -58,6 +58,8 @@ pub struct Envelope {
     pub eight_bit: bool,
     /// The client's RFC 1870 `SIZE=` declaration.
     pub size: Option<u64>,
+    /// `SMTPUTF8` (RFC 6531): only passed to a backend that offers it.
+    pub smtputf8: bool,
 }
 
 impl Envelope {
@@ -71,6 +73,9 @@ impl Envelope {
         }
         if let Some(size) = self.size.filter(|_| lhlo.extension("SIZE").is_some()) {
             line.push_str(&format!(" SIZE={size}"));
+        }
+        if self.smtputf8 && lhlo.extension("SMTPUTF8").is_some() {
+            line.push_str(" SMTPUTF8");
         }
         line.push_str("\r\n");
         line
@@ -174,6 +179,11 @@ impl BackendSession {
 
     pub fn backend(&self) -> &str {
         &self.backend
+    }
+
+    /// Whether the backend offers `keyword` (an EHLO/LHLO extension).
+    pub fn offers(&self, keyword: &str) -> bool {
+        self.hello.extension(keyword).is_some()
     }
 
     /// `AUTH PLAIN` (RFC 4954) with the client's credentials: the backend checks them.

@@ -58,22 +58,20 @@ impl Transaction {
             ));
         }
         // Only what the EHLO reply offers; AUTH= is ignored (RFC 4954 §5).
-        let unsupported =
-            params.smtputf8 || params.body == Some(Body::BinaryMime) || !params.other.is_empty();
+        let unsupported = params.body == Some(Body::BinaryMime) || !params.other.is_empty();
         if unsupported {
             return Err(reply(555, Some("5.5.4"), "Unsupported MAIL parameter"));
         }
         let path = match from {
             ReversePath::Null => "",
-            ReversePath::Path(path) if path.is_ascii() => path.raw(),
-            ReversePath::Path(_) => {
-                return Err(reply(553, Some("5.6.7"), "SMTPUTF8 not supported"));
-            }
+            ReversePath::Path(path) if path.is_ascii() || params.smtputf8 => path.raw(),
+            ReversePath::Path(_) => return Err(needs_smtputf8()),
         };
         let envelope = Envelope {
             reverse_path: format!("<{path}>"),
             eight_bit: params.body == Some(Body::EightBitMime),
             size: params.size,
+            smtputf8: params.smtputf8,
         };
         Ok(Self {
             envelope,
@@ -118,6 +116,9 @@ impl Transaction {
             return reply(555, Some("5.5.4"), "Unsupported RCPT parameter");
         }
         let address = match to {
+            ForwardPath::Path(path) if !path.is_ascii() && !self.envelope.smtputf8 => {
+                return needs_smtputf8();
+            }
             ForwardPath::Path(path)
                 if !path.source_route && !path.quoted_local && !path.domain.starts_with('[') =>
             {
@@ -224,6 +225,10 @@ impl Transaction {
             .delivery_service(backend)
             .ok_or_else(|| DeliverError::Connect(ConnectError::Unknown(backend.to_owned())))?;
         let mut session = BackendSession::open(ctx, conn, backend, service, &self.client).await?;
+        if self.envelope.smtputf8 && !session.offers("SMTPUTF8") {
+            session.quit().await;
+            return Ok(Err(no_smtputf8_downstream()));
+        }
         let answer = session.mail(&self.envelope).await?;
         if answer.is_positive() {
             Ok(Ok(session))
@@ -232,6 +237,24 @@ impl Transaction {
             session.quit().await;
             Ok(Err(answer))
         }
+    }
+}
+
+/// A non-ASCII address in a transaction without `SMTPUTF8` (RFC 6531 §3.4).
+pub fn needs_smtputf8() -> Vec<u8> {
+    reply(
+        553,
+        Some("5.6.7"),
+        "Non-ASCII address needs MAIL FROM ... SMTPUTF8",
+    )
+}
+
+/// The owner cannot take an SMTPUTF8 message (RFC 6531 §3.2: no downgrade here).
+pub fn no_smtputf8_downstream() -> Reply {
+    Reply {
+        code: 553,
+        enhanced: Some((5, 6, 7)),
+        lines: vec!["Mailbox server does not support SMTPUTF8".into()],
     }
 }
 

@@ -15,7 +15,8 @@
 //! pipelined after the command is discarded, and the session starts over (EHLO again).
 //! Submission listeners (`submission`) run the same driver with AUTH ([`submission`]):
 //! mail is accepted only from authenticated users and forwarded to their own backend.
-//! Not yet here: SMTPUTF8, CHUNKING.
+//! SMTPUTF8 (RFC 6531) is offered; such a transaction goes only to a backend that offers
+//! it too (else `553 5.6.7`: no downgrading). Not here: CHUNKING.
 
 mod submission;
 
@@ -386,7 +387,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             return reply(250, None, &self.ctx.hostname);
         }
         let size = format!("SIZE {}", self.ctx.limits.max_message_octets);
-        let mut extensions = vec!["PIPELINING", &size, "8BITMIME", "ENHANCEDSTATUSCODES"];
+        let mut extensions = vec![
+            "PIPELINING",
+            &size,
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ];
         if self.client.offers_starttls() {
             extensions.push("STARTTLS");
         }

@@ -21,7 +21,7 @@ use crate::{
         codec::{DataVerdict, ForwardPath, InitialResponse, Reply, SaslResponse, reply},
         deliver::{self, BackendSession, DeliverError},
         limits::Limit,
-        transaction::{Transaction, backend_lost},
+        transaction::{Transaction, backend_lost, needs_smtputf8, no_smtputf8_downstream},
     },
 };
 
@@ -355,6 +355,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             let Some(backend) = self.account.as_mut().and_then(|a| a.backend.as_mut()) else {
                 return backend_lost();
             };
+            if tx.envelope().smtputf8 && !backend.offers("SMTPUTF8") {
+                return deliver::relay(&no_smtputf8_downstream());
+            }
             match backend.mail(tx.envelope()).await {
                 Ok(answer) if answer.is_positive() => {
                     self.phase = Phase::Mail(Box::new(tx.on_account()));
@@ -382,8 +385,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             return reply(555, Some("5.5.4"), "Unsupported RCPT parameter");
         }
         let address = match to {
-            ForwardPath::Path(path) if !path.is_ascii() => {
-                return reply(553, Some("5.6.7"), "SMTPUTF8 not supported");
+            ForwardPath::Path(path) if !path.is_ascii() && !tx.envelope().smtputf8 => {
+                return needs_smtputf8();
             }
             ForwardPath::Path(path) if path.quoted_local => {
                 let local = path.local.replace('\\', "\\\\").replace('"', "\\\"");
