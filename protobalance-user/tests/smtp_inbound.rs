@@ -398,6 +398,26 @@ fn hostile_volume_and_pace_get_bounded_answers() {
         "closed after the command timeout, not after the trickle ended: {waited:?}"
     );
 
+    // 50 MB of DATA over the 25 MiB default limit: streamed and counted, never held; 552.
+    let mut smtp = RawSmtp::connect(edge.listeners[0]);
+    smtp.command("EHLO client.example.net", "250 ");
+    smtp.command("MAIL FROM:<a@sender.example.net>", "250");
+    smtp.command("RCPT TO:<user11@example.com>", "250");
+    smtp.command("DATA", "354");
+    let mut writer = smtp.writer.try_clone().expect("clone");
+    let big = std::thread::spawn(move || {
+        let line = format!("{}\r\n", "y".repeat(998));
+        let chunk = line.repeat(1024); // ~1 MB
+        for _ in 0..50 {
+            writer.write_all(chunk.as_bytes()).expect("DATA chunk");
+        }
+        writer.write_all(b".\r\n").expect("end of data");
+    });
+    smtp.expect("552 5.3.4");
+    big.join().expect("writer");
+    smtp.command("QUIT", "221");
+    assert_only_on_owner(&cluster, &edge, "user11@example.com", 0);
+
     let grown = edge.rss_kib().saturating_sub(before);
     assert!(
         grown < 32 * 1024,
