@@ -12,7 +12,14 @@ pub mod import;
 pub mod normalize;
 pub mod sqlite;
 
-use std::{future::Future, num::NonZeroUsize, sync::Mutex};
+use std::{
+    future::Future,
+    num::NonZeroUsize,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use lru::LruCache;
 use serde::Deserialize;
@@ -89,6 +96,25 @@ impl DomainPolicy {
     }
 }
 
+/// What the directory knows about a domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainRecord {
+    pub name: String,
+    pub policy: DomainPolicy,
+    /// Mailboxes whose address ends in `@name`.
+    pub mailboxes: u64,
+}
+
+/// Filters for listing mailboxes; `None` matches everything. Values are compared as stored
+/// (normalized): pass a domain through [`Normalizer::domain`] first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MailboxFilter {
+    /// Only mailboxes of this domain.
+    pub domain: Option<String>,
+    /// Only mailboxes owned by this backend (which must exist).
+    pub backend: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
     #[error("directory store: {0}")]
@@ -99,6 +125,10 @@ pub enum DirectoryError {
     UnknownBackend(String),
     #[error("unknown domain `{0}`")]
     UnknownDomain(String),
+    #[error("domain `{domain}` still has {mailboxes} mailboxes: delete them first")]
+    DomainInUse { domain: String, mailboxes: u64 },
+    #[error("backend `{backend}` still owns {mailboxes} mailboxes: move or delete them first")]
+    BackendInUse { backend: String, mailboxes: u64 },
 }
 
 /// The durable store. Methods are async so network stores (PostgreSQL) fit; the SQLite
@@ -154,6 +184,52 @@ pub trait MailboxDirectory: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
 
     fn backends(&self) -> impl Future<Output = Result<Vec<BackendRecord>, DirectoryError>> + Send;
+
+    /// Up to `limit` mailboxes (address order) strictly after `after`, matching `filter`,
+    /// with their owners. Keyset paging: pass the last address of a page to get the next.
+    /// `UnknownBackend` when the filter names a backend that does not exist.
+    fn list_mailboxes(
+        &self,
+        filter: &MailboxFilter,
+        after: Option<&Mailbox>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(Mailbox, String)>, DirectoryError>> + Send;
+
+    /// Removes `mailbox`; false when it did not exist. The owner's count drops by one.
+    /// Sessions go through [`Directory::delete`], which also drops the cached owner.
+    fn delete_mailbox(
+        &self,
+        mailbox: &Mailbox,
+    ) -> impl Future<Output = Result<bool, DirectoryError>> + Send;
+
+    /// Every domain with its policy and how many mailboxes it has, by name.
+    fn domains(&self) -> impl Future<Output = Result<Vec<DomainRecord>, DirectoryError>> + Send;
+
+    /// Removes a domain; refused with [`DirectoryError::DomainInUse`] while mailboxes of it
+    /// exist; [`DirectoryError::UnknownDomain`] when absent.
+    fn delete_domain(
+        &self,
+        domain: &str,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    /// Removes a backend; refused with [`DirectoryError::BackendInUse`] while it owns
+    /// mailboxes; [`DirectoryError::UnknownBackend`] when absent.
+    fn remove_backend(&self, name: &str)
+    -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    /// Moves an existing `mailbox` to `backend` (any state: the operator chose it), adjusting
+    /// both backends' counts in one transaction; returns the previous owner, `None` (and
+    /// nothing changed) when the mailbox does not exist; [`DirectoryError::UnknownBackend`]
+    /// when `backend` does not. Only the record moves: copying the mail is the caller's job.
+    /// Sessions go through [`Directory::reassign`].
+    fn reassign(
+        &self,
+        mailbox: &Mailbox,
+        backend: &str,
+    ) -> impl Future<Output = Result<Option<String>, DirectoryError>> + Send;
+
+    /// Number of mailboxes in all.
+    fn mailbox_count(&self) -> impl Future<Output = Result<u64, DirectoryError>> + Send;
 }
 
 /// Where a login or recipient goes.
@@ -188,14 +264,18 @@ pub struct Directory<S> {
     store: S,
     normalizer: Normalizer,
     cache: Mutex<LruCache<Mailbox, String>>,
+    /// Bumped (under the cache lock) by every invalidation. A lookup caches what it read
+    /// from the store only if no invalidation happened since it started reading: otherwise
+    /// a lookup racing a `reassign` could put the old owner back after the invalidation.
+    generation: AtomicU64,
     stats: CacheStats,
 }
 
 /// Cache counters for the hit-ratio metric.
 #[derive(Default)]
 pub struct CacheStats {
-    pub hits: std::sync::atomic::AtomicU64,
-    pub misses: std::sync::atomic::AtomicU64,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
 }
 
 impl<S: MailboxDirectory> Directory<S> {
@@ -204,6 +284,7 @@ impl<S: MailboxDirectory> Directory<S> {
             store,
             normalizer,
             cache: Mutex::new(LruCache::new(cache_entries)),
+            generation: AtomicU64::new(0),
             stats: CacheStats::default(),
         }
     }
@@ -242,10 +323,32 @@ impl<S: MailboxDirectory> Directory<S> {
     /// Assigns `mailbox` to `backend` after that backend accepted a login for it. False when
     /// a concurrent assignment chose another backend (the session must not continue there).
     pub async fn confirm(&self, mailbox: &Mailbox, backend: &str) -> Result<bool, DirectoryError> {
+        let generation = self.generation();
         let owner = self.store.assign_to(mailbox, backend).await?;
         let agreed = owner == backend;
-        self.lock().put(mailbox.clone(), owner);
+        self.remember(mailbox, owner, generation);
         Ok(agreed)
+    }
+
+    /// Removes `mailbox` from the directory and the cache; false when it did not exist. Its
+    /// next delivery or login is routed by its domain's policy again.
+    pub async fn delete(&self, mailbox: &Mailbox) -> Result<bool, DirectoryError> {
+        let deleted = self.store.delete_mailbox(mailbox).await?;
+        self.invalidate(mailbox);
+        Ok(deleted)
+    }
+
+    /// Moves `mailbox` to `backend` (see [`MailboxDirectory::reassign`]) and drops its cached
+    /// owner; returns the previous owner, `None` when the mailbox does not exist.
+    pub async fn reassign(
+        &self,
+        mailbox: &Mailbox,
+        backend: &str,
+    ) -> Result<Option<String>, DirectoryError> {
+        let previous = self.store.reassign(mailbox, backend).await;
+        // Invalidate even on error: a failed commit leaves the owner unknown to us.
+        self.invalidate(mailbox);
+        previous
     }
 
     async fn resolve(
@@ -263,8 +366,9 @@ impl<S: MailboxDirectory> Directory<S> {
                 backend,
             }));
         }
+        let generation = self.generation();
         if let Some(backend) = self.store.owner_of(&normalized.mailbox).await? {
-            self.lock().put(normalized.mailbox.clone(), backend.clone());
+            self.remember(&normalized.mailbox, backend.clone(), generation);
             return Ok(Ok(Route::Owner {
                 mailbox: normalized,
                 backend,
@@ -287,7 +391,7 @@ impl<S: MailboxDirectory> Directory<S> {
             }
             (Some(DomainPolicy::AutoProvision), Provision::Assign) => {
                 let backend = self.store.assign(&normalized.mailbox).await?;
-                self.lock().put(normalized.mailbox.clone(), backend.clone());
+                self.remember(&normalized.mailbox, backend.clone(), generation);
                 Route::Owner {
                     mailbox: normalized,
                     backend,
@@ -299,16 +403,33 @@ impl<S: MailboxDirectory> Directory<S> {
 
     /// Drops a cached owner: call after moving or deleting a mailbox.
     pub fn invalidate(&self, mailbox: &Mailbox) {
-        self.lock().pop(mailbox);
+        let mut cache = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        cache.pop(mailbox);
     }
 
     /// Drops every cached owner (e.g. after a bulk import).
     pub fn invalidate_all(&self) {
-        self.lock().clear();
+        let mut cache = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        cache.clear();
+    }
+
+    /// Read before asking the store, passed to [`remember`](Self::remember) after.
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Caches an owner read from the store, unless an invalidation ran since `generation`.
+    fn remember(&self, mailbox: &Mailbox, owner: String, generation: u64) {
+        let mut cache = self.lock();
+        if self.generation.load(Ordering::Acquire) == generation {
+            cache.put(mailbox.clone(), owner);
+        }
     }
 
     fn cached(&self, mailbox: &Mailbox) -> Option<String> {
-        use std::sync::atomic::Ordering::Relaxed;
+        use Ordering::Relaxed;
         let hit = self.lock().get(mailbox).cloned();
         let counter = if hit.is_some() {
             &self.stats.hits

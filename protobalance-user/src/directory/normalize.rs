@@ -21,6 +21,12 @@ pub const MAX_LOCAL: usize = 64;
 pub struct Mailbox(String);
 
 impl Mailbox {
+    /// An address read back from a directory store: it was normalized on the way in, so it
+    /// is not normalized again (the normalizer's options may have changed since).
+    pub(crate) fn from_store(address: String) -> Self {
+        Self(address)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -4,6 +4,9 @@
 //! (losing one could send a mailbox's next delivery to another backend and split it).
 //! Queries run on tokio's blocking pool; the connection sits behind a mutex, which is fine
 //! because lookups are served from the in-process cache and take microseconds otherwise.
+//!
+//! `schema` owns the file layout and its migrations; `manage` the listing, deleting and
+//! moving that the management API drives.
 
 use std::{
     path::Path,
@@ -12,25 +15,13 @@ use std::{
 
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
-use super::{BackendRecord, BackendState, DirectoryError, DomainPolicy, Mailbox, MailboxDirectory};
+use super::{
+    BackendRecord, BackendState, DirectoryError, DomainPolicy, DomainRecord, Mailbox,
+    MailboxDirectory, MailboxFilter,
+};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS backends (
-    id        INTEGER PRIMARY KEY,
-    name      TEXT NOT NULL UNIQUE,
-    capacity  INTEGER NOT NULL CHECK (capacity >= 0),
-    state     TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'draining', 'down')),
-    mailboxes INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS domains (
-    name   TEXT PRIMARY KEY,
-    policy TEXT NOT NULL CHECK (policy IN ('reject', 'auto-provision'))
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS mailboxes (
-    address    TEXT PRIMARY KEY,
-    backend_id INTEGER NOT NULL REFERENCES backends (id)
-) WITHOUT ROWID;
-";
+mod manage;
+mod schema;
 
 #[derive(Clone)]
 pub struct SqliteDirectory {
@@ -44,13 +35,13 @@ fn store_err(e: impl std::fmt::Display) -> DirectoryError {
 impl SqliteDirectory {
     /// Opens (creating if needed) the directory at `path`; `:memory:` for tests.
     pub fn open(path: &Path) -> Result<Self, DirectoryError> {
-        let conn = Connection::open(path)
+        let mut conn = Connection::open(path)
             .map_err(|e| DirectoryError::Store(format!("{}: {e}", path.display())))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )
         .map_err(store_err)?;
-        conn.execute_batch(SCHEMA).map_err(store_err)?;
+        schema::prepare(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -111,15 +102,7 @@ impl SqliteDirectory {
         }
         let (id, name) = match to {
             None => Self::candidate_blocking(&tx)?,
-            Some(name) => tx
-                .query_row(
-                    "SELECT id, name FROM backends WHERE name = ?1",
-                    [name],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )
-                .optional()
-                .map_err(store_err)?
-                .ok_or_else(|| DirectoryError::UnknownBackend(name.to_owned()))?,
+            Some(name) => Self::backend_by_name(&tx, name)?,
         };
         tx.execute(
             "INSERT INTO mailboxes (address, backend_id) VALUES (?1, ?2)",
@@ -133,6 +116,18 @@ impl SqliteDirectory {
         .map_err(store_err)?;
         tx.commit().map_err(store_err)?;
         Ok(name)
+    }
+
+    /// The id and name of backend `name`; `UnknownBackend` when there is none.
+    fn backend_by_name(conn: &Connection, name: &str) -> Result<(i64, String), DirectoryError> {
+        conn.query_row(
+            "SELECT id, name FROM backends WHERE name = ?1",
+            [name],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+        .map_err(store_err)?
+        .ok_or_else(|| DirectoryError::UnknownBackend(name.to_owned()))
     }
 
     fn backends_blocking(conn: &Connection) -> Result<Vec<BackendRecord>, DirectoryError> {
@@ -245,5 +240,55 @@ impl MailboxDirectory for SqliteDirectory {
 
     async fn backends(&self) -> Result<Vec<BackendRecord>, DirectoryError> {
         self.blocking(|conn| Self::backends_blocking(conn)).await
+    }
+
+    async fn list_mailboxes(
+        &self,
+        filter: &MailboxFilter,
+        after: Option<&Mailbox>,
+        limit: usize,
+    ) -> Result<Vec<(Mailbox, String)>, DirectoryError> {
+        let filter = filter.clone();
+        // Every address sorts after "" (none is empty).
+        let after = after.map_or_else(String::new, |m| m.as_str().to_owned());
+        self.blocking(move |conn| Self::list_blocking(conn, &filter, &after, limit))
+            .await
+    }
+
+    async fn delete_mailbox(&self, mailbox: &Mailbox) -> Result<bool, DirectoryError> {
+        let address = mailbox.as_str().to_owned();
+        self.blocking(move |conn| Self::delete_blocking(conn, &address))
+            .await
+    }
+
+    async fn domains(&self) -> Result<Vec<DomainRecord>, DirectoryError> {
+        self.blocking(|conn| Self::domains_blocking(conn)).await
+    }
+
+    async fn delete_domain(&self, domain: &str) -> Result<(), DirectoryError> {
+        let domain = domain.to_owned();
+        self.blocking(move |conn| Self::delete_domain_blocking(conn, &domain))
+            .await
+    }
+
+    async fn remove_backend(&self, name: &str) -> Result<(), DirectoryError> {
+        let name = name.to_owned();
+        self.blocking(move |conn| Self::remove_backend_blocking(conn, &name))
+            .await
+    }
+
+    async fn reassign(
+        &self,
+        mailbox: &Mailbox,
+        backend: &str,
+    ) -> Result<Option<String>, DirectoryError> {
+        let (address, backend) = (mailbox.as_str().to_owned(), backend.to_owned());
+        self.blocking(move |conn| Self::reassign_blocking(conn, &address, &backend))
+            .await
+    }
+
+    async fn mailbox_count(&self) -> Result<u64, DirectoryError> {
+        self.blocking(|conn| Self::mailbox_count_blocking(conn))
+            .await
     }
 }

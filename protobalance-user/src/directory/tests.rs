@@ -338,3 +338,5 @@ async fn logins_provision_only_when_confirmed() {
         Ok(Route::UnknownMailbox(_))
     ));
 }
+
+mod manage;
