@@ -116,27 +116,31 @@ fn is_blocklisted(source: &Source) -> bool {
     }
 }
 
-/// An unexpired ban of the source (for IPv6: of the address, or of its /64) that covers
-/// this packet: every packet, or only connection openings for a SYN-only ban.
+/// An unexpired ban of the source that covers this packet: every packet, or only connection
+/// openings for a SYN-only ban. For IPv6 both the address and its /64 are consulted, so an
+/// expired or SYN-only ban of the address never hides a ban of the whole /64.
 fn is_banned(source: &Source, opens_connection: bool) -> bool {
-    let entry = match source {
-        Source::V4(addr) => PB_BANS_V4.get_ptr(addr),
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match source {
+        Source::V4(addr) => covers(PB_BANS_V4.get_ptr(addr), now, opens_connection),
         Source::V6(addr) => {
             let mut net = [0u8; 8];
             net.copy_from_slice(&addr[..8]);
-            PB_BANS_V6
-                .get_ptr(addr)
-                .or_else(|| PB_BANS_V6_64.get_ptr(net))
+            covers(PB_BANS_V6.get_ptr(addr), now, opens_connection)
+                || covers(PB_BANS_V6_64.get_ptr(net), now, opens_connection)
         }
-    };
+    }
+}
+
+#[inline(always)]
+fn covers(entry: Option<*const BanEntry>, now: u64, opens_connection: bool) -> bool {
     let Some(entry) = entry else {
         return false;
     };
     // SAFETY: the pointer comes from a successful map lookup and the value is plain data;
     // a concurrent update from user space can at worst mix two valid entries.
     let entry = unsafe { *entry };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     entry.expires_ns > now && (entry.mode == BAN_ALL || opens_connection)
 }
 

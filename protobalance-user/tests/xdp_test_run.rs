@@ -326,6 +326,53 @@ fn bans_drop_while_unexpired_by_address_and_ipv6_64() {
     assert_eq!(filter.bans().list().expect("bans").len(), 2);
 }
 
+/// An address ban that does not cover the packet (expired, or SYN-only for a non-SYN) must
+/// not hide a ban of the address's /64 (found by the model property test, `xdp_model.rs`).
+#[test]
+fn an_address_ban_never_hides_a_ban_of_its_64() {
+    let Some(filter) = load() else { return };
+    let src = ip("2001:db8:6:7::9");
+    let net: std::net::Ipv6Addr = "2001:db8:6:7::".parse().expect("ip");
+    let expired = BanEntry {
+        expires_ns: monotonic_ns().saturating_sub(1_000_000),
+        mode: 0,
+        reason: 1,
+    };
+    filter
+        .bans()
+        .put(BanTarget::Address(src), expired)
+        .expect("expired address ban");
+    filter
+        .bans()
+        .ban(
+            BanTarget::Ipv6Net64(net),
+            Duration::from_secs(60),
+            BanMode::All,
+            2,
+        )
+        .expect("ban /64");
+    assert_eq!(
+        verdict(&filter, &frame_from(src)),
+        XDP_DROP,
+        "expired address ban"
+    );
+    filter
+        .bans()
+        .ban(
+            BanTarget::Address(src),
+            Duration::from_secs(60),
+            BanMode::NewConnections,
+            3,
+        )
+        .expect("SYN-only address ban");
+    assert_eq!(
+        verdict(&filter, &frame_with_flags(src, 0x10)),
+        XDP_DROP,
+        "an ACK is not covered by the SYN-only address ban, but by the /64 ban"
+    );
+    assert_eq!(value(&filter, Counter::DropBan), 2);
+}
+
 #[test]
 fn expired_bans_pass_and_are_swept() {
     let Some(filter) = load() else { return };

@@ -35,6 +35,7 @@ use protobalance_common::{
 
 use crate::filter::cidr::Cidr;
 
+pub mod model;
 mod pin;
 mod rules;
 mod syn_limit;

@@ -199,11 +199,18 @@ impl SynLimiter {
 
     /// Whether `source` has a token bucket (it may have been evicted from the LRU).
     pub fn has_bucket(&self, source: SynSource) -> Result<bool, XdpError> {
-        match self.buckets.get(&source.key(), 0) {
-            Ok(_) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(other) => Err(other.into()),
-        }
+        Ok(self.bucket(source)?.is_some())
+    }
+
+    /// `source`'s token bucket as the kernel last left it (a lookup from user space does
+    /// not count as a use for the LRU).
+    pub fn bucket(&self, source: SynSource) -> Result<Option<SynBucket>, XdpError> {
+        absent_is_none(self.buckets.get(&source.key(), 0))
+    }
+
+    /// When `source`'s penalty ends (CLOCK_MONOTONIC ns, possibly in the past).
+    pub fn penalty_expiry(&self, source: SynSource) -> Result<Option<u64>, XdpError> {
+        absent_is_none(self.penalty.get(&source.key(), 0))
     }
 
     /// Removes `source`'s bucket, as an LRU eviction would; its next SYN starts a full one.
@@ -223,6 +230,14 @@ impl SynLimiter {
             self.pardon(*source)?;
         }
         Ok((expired.len(), penalties.len() - expired.len()))
+    }
+}
+
+fn absent_is_none<T>(result: Result<T, MapError>) -> Result<Option<T>, XdpError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(other) => Err(other.into()),
     }
 }
 
