@@ -1,6 +1,6 @@
-//! The admin listener: `/metrics` (Prometheus text format) and `/healthz`. The XML management
-//! API joins it later. It takes an already bound listener and a shutdown token, so tests bind
-//! port 0 and stop it cleanly.
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz`, and the XML
+//! management API under `/api/v1/` ([`crate::api`]). It takes an already bound listener and
+//! a shutdown token, so tests bind port 0 and stop it cleanly.
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -14,6 +14,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub struct AdminState {
     pub registry: Registry,
+    /// The XML API; `None` when no directory is configured for it.
+    pub api: Option<crate::api::ApiState>,
 }
 
 pub async fn serve(
@@ -58,13 +60,19 @@ async fn handle(
     state: Arc<AdminState>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path().starts_with(crate::api::PREFIX) {
+        return Ok(match &state.api {
+            Some(api) => crate::api::handle(api, req).await,
+            None => text(StatusCode::NOT_FOUND, "the XML API is not enabled\n"),
+        });
+    }
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => metrics(&state.registry),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (_, "/metrics" | "/healthz") => text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics or /healthz\n",
+            "not found; try /metrics, /healthz or /api/v1/\n",
         ),
     };
     Ok(response)

@@ -47,6 +47,8 @@ pub enum AppError {
     Tls(String),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("XML API (`api`): {0}")]
+    Api(String),
 }
 
 /// A started but not yet serving protobalance: everything is bound and loaded.
@@ -57,6 +59,8 @@ pub struct App {
     xdp: Option<(String, XdpFilter)>,
     mail: Vec<(Protocol, TlsMode, TcpListener)>,
     proxy: Option<Arc<ProxyContext>>,
+    /// The XML API's state, when the config has API tokens or mail listeners.
+    api: Option<crate::api::ApiState>,
 }
 
 impl App {
@@ -76,10 +80,29 @@ impl App {
                 .map_err(|source| AppError::BindListener { addr, source })?;
             mail.push((listener.protocol, listener.tls_mode(have_certs), bound));
         }
-        let proxy = if mail.is_empty() {
+        let config = &validated.config;
+        let directory = if mail.is_empty() && config.api.tokens.is_empty() {
             None
         } else {
-            Some(Arc::new(proxy_context(&validated.config, &registry).await?))
+            Some(shared_directory(config, &registry).await?)
+        };
+        let proxy = match &directory {
+            Some(directory) if !mail.is_empty() => Some(Arc::new(
+                proxy_context(config, Arc::clone(directory), &registry).await?,
+            )),
+            _ => None,
+        };
+        let api = match directory {
+            Some(directory) => Some(
+                crate::api::ApiState::new(
+                    config,
+                    directory,
+                    proxy.as_ref().map(|p| Arc::clone(&p.pool)),
+                    registry.clone(),
+                )
+                .map_err(AppError::Api)?,
+            ),
+            None => None,
         };
         let xdp = match validated.config.xdp.interface.clone() {
             Some(iface) => {
@@ -104,6 +127,7 @@ impl App {
             xdp,
             mail,
             proxy,
+            api,
         })
     }
 
@@ -129,6 +153,7 @@ impl App {
         }
         let state = Arc::new(AdminState {
             registry: self.registry,
+            api: self.api,
         });
         if let Ok(addr) = self.admin.local_addr() {
             tracing::info!(%addr, "admin listener ready: /metrics, /healthz");
@@ -288,17 +313,28 @@ pub async fn open_directory(config: &Config) -> Result<SqliteDirectory, Director
     Ok(store)
 }
 
-async fn proxy_context(config: &Config, registry: &Registry) -> Result<ProxyContext, AppError> {
+/// The directory (store, normalizer, cache) the proxy and the API share, with its metrics.
+async fn shared_directory(
+    config: &Config,
+    registry: &Registry,
+) -> Result<Arc<Directory<SqliteDirectory>>, AppError> {
     let store = open_directory(config).await?;
-    let directory = Directory::new(
+    let directory = Arc::new(Directory::new(
         store,
         config.directory.normalizer(),
         config.directory.cache_entries,
-    );
-    let directory = Arc::new(directory);
+    ));
     registry.register(Box::new(metrics::DirectoryCollector::new(Arc::clone(
         &directory,
     ))?))?;
+    Ok(directory)
+}
+
+async fn proxy_context(
+    config: &Config,
+    directory: Arc<Directory<SqliteDirectory>>,
+    registry: &Registry,
+) -> Result<ProxyContext, AppError> {
     Ok(ProxyContext {
         directory,
         pool: Arc::new(BackendPool::new(

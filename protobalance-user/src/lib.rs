@@ -8,6 +8,7 @@
 //! credentials out of logs.
 
 pub mod admin;
+pub mod api;
 pub mod app;
 pub mod backend;
 pub mod base64;

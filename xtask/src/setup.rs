@@ -37,6 +37,8 @@ const APT_PACKAGES: &[&str] = &[
     "swaks",
     "python3",
     "curl",
+    # xmllint: the API tests validate every response against docs/api.xsd.
+    "libxml2-utils",
 ];
 
 pub fn run() -> Result<()> {

@@ -147,6 +147,27 @@ impl BackendPool {
         Some(SocketAddr::new(b.address, b.port(service)?))
     }
 
+    /// Whether each service `name` offers is up (its breaker closed), in config order.
+    pub fn health(&self, name: &str) -> Vec<(Service, bool)> {
+        self.backends.get(name).map_or_else(Vec::new, |b| {
+            b.services()
+                .into_iter()
+                .map(|s| {
+                    let up = self
+                        .breakers
+                        .get(&(name.to_owned(), s))
+                        .is_some_and(Breaker::is_up);
+                    (s, up)
+                })
+                .collect()
+        })
+    }
+
+    /// The configured address of `name`.
+    pub fn backend_address(&self, name: &str) -> Option<std::net::IpAddr> {
+        self.backends.get(name).map(|b| b.address)
+    }
+
     /// The service inbound mail for `name`'s mailboxes goes to (LMTP or SMTP).
     pub fn delivery_service(&self, name: &str) -> Option<Service> {
         self.backends.get(name).map(BackendConfig::delivery_service)

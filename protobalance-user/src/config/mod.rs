@@ -5,9 +5,11 @@
 //! `[directory]`, `[[domain]]`, `[[backend]]` (the cluster, in `cluster`). Unknown keys are
 //! rejected so a typo never silently does nothing.
 
+mod api;
 mod cluster;
 mod listeners;
 
+pub use api::{ApiAccess, ApiConfig, ApiTokenConfig};
 pub use cluster::{BackendConfig, Delivery, DirectoryConfig, DomainConfig, HealthConfig};
 pub use listeners::{
     CertificateConfig, LimitsConfig, ListenerConfig, Protocol, SubmissionConfig, TlsMode,
@@ -50,6 +52,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default, rename = "certificate")]
     pub certificates: Vec<CertificateConfig>,
+    #[serde(default)]
+    pub api: ApiConfig,
 }
 
 /// How the edge presents itself: one name and banner for the whole cluster.
@@ -381,6 +385,7 @@ impl Config {
             .map_err(to_error)?;
         self.limits.validate().map_err(to_error)?;
         self.submission.validate().map_err(to_error)?;
+        self.api.validate(base).map_err(to_error)?;
         if self
             .listeners
             .iter()

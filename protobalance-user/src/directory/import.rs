@@ -20,7 +20,7 @@ use std::{
 
 use rusqlite::{OptionalExtension as _, params};
 
-use super::{DirectoryError, Normalizer, sqlite::SqliteDirectory};
+use super::{DirectoryError, Mailbox, Normalizer, sqlite::SqliteDirectory};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ImportReport {
@@ -143,6 +143,150 @@ pub fn import(
         .collect();
     report.per_backend.sort();
     Ok(report)
+}
+
+/// One mailbox of an API import: normalized, optionally pinned to a backend.
+#[derive(Debug, Clone)]
+pub struct ImportEntry {
+    pub mailbox: Mailbox,
+    pub backend: Option<String>,
+}
+
+/// What happened to one [`ImportEntry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryOutcome {
+    Added,
+    /// Already present (on the backend named, if one was).
+    Exists,
+    /// Present on another backend than the one named: left alone (moving copies mail).
+    Conflict,
+    UnknownBackend,
+    /// Pinned to a draining or down backend: not added.
+    BackendNotActive,
+}
+
+impl EntryOutcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Added => "added",
+            Self::Exists => "exists",
+            Self::Conflict => "conflict",
+            Self::UnknownBackend => "unknown_backend",
+            Self::BackendNotActive => "backend_not_active",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EntryResult {
+    pub mailbox: Mailbox,
+    pub outcome: EntryOutcome,
+    /// The owner (added, exists, conflict).
+    pub backend: Option<String>,
+    pub message: Option<String>,
+}
+
+/// Imports one batch of entries in one transaction, apportioning unpinned ones exactly as
+/// [`import`] does, and reports each entry instead of failing the batch for one bad line.
+pub async fn import_entries(
+    dir: &SqliteDirectory,
+    entries: Vec<ImportEntry>,
+) -> Result<Vec<EntryResult>, DirectoryError> {
+    let dir = dir.clone();
+    tokio::task::spawn_blocking(move || import_entries_blocking(&dir, entries))
+        .await
+        .map_err(|e| DirectoryError::Store(format!("import task failed: {e}")))?
+}
+
+fn import_entries_blocking(
+    dir: &SqliteDirectory,
+    entries: Vec<ImportEntry>,
+) -> Result<Vec<EntryResult>, DirectoryError> {
+    let to_dir = |e: ImportError| match e {
+        ImportError::Directory(e) => e,
+        other => DirectoryError::Store(other.to_string()),
+    };
+    let db = |e: rusqlite::Error| DirectoryError::Store(e.to_string());
+    let mut conn = dir.lock();
+    let tx = conn.transaction().map_err(db)?;
+    let (mut heap, ids) = loads(&tx).map_err(to_dir)?;
+    let names: HashMap<i64, String> = ids.iter().map(|(n, id)| (*id, n.clone())).collect();
+    let active: std::collections::HashSet<i64> = heap.iter().map(|l| l.id).collect();
+    let mut results = Vec::with_capacity(entries.len());
+    let mut added: HashMap<i64, u64> = HashMap::new();
+    {
+        let mut find = tx
+            .prepare("SELECT backend_id FROM mailboxes WHERE address = ?1")
+            .map_err(db)?;
+        let mut insert = tx
+            .prepare("INSERT INTO mailboxes (address, backend_id) VALUES (?1, ?2)")
+            .map_err(db)?;
+        for entry in entries {
+            let result = |outcome, backend: Option<&i64>, message: Option<String>| EntryResult {
+                mailbox: entry.mailbox.clone(),
+                outcome,
+                backend: backend.and_then(|id| names.get(id).cloned()),
+                message,
+            };
+            let pinned = match entry.backend.as_deref() {
+                None => None,
+                Some(name) => match ids.get(name) {
+                    None => {
+                        let message = format!("no backend `{name}`");
+                        results.push(result(EntryOutcome::UnknownBackend, None, Some(message)));
+                        continue;
+                    }
+                    Some(id) => Some(*id),
+                },
+            };
+            let existing: Option<i64> = find
+                .query_row([entry.mailbox.as_str()], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            match (existing, pinned) {
+                (Some(have), Some(want)) if have != want => {
+                    let message = "exists on another backend; moving is a separate operation";
+                    results.push(result(
+                        EntryOutcome::Conflict,
+                        Some(&have),
+                        Some(message.into()),
+                    ));
+                }
+                (Some(have), _) => results.push(result(EntryOutcome::Exists, Some(&have), None)),
+                (None, Some(want)) if !active.contains(&want) => {
+                    let message = "the backend is draining or down: it takes no new mailboxes";
+                    results.push(result(
+                        EntryOutcome::BackendNotActive,
+                        Some(&want),
+                        Some(message.into()),
+                    ));
+                }
+                (None, want) => {
+                    let id = match want {
+                        Some(id) => {
+                            bump(&mut heap, id);
+                            id
+                        }
+                        None => take_lowest(&mut heap).map_err(to_dir)?,
+                    };
+                    insert
+                        .execute(params![entry.mailbox.as_str(), id])
+                        .map_err(db)?;
+                    *added.entry(id).or_default() += 1;
+                    results.push(result(EntryOutcome::Added, Some(&id), None));
+                }
+            }
+        }
+    }
+    for (id, count) in &added {
+        tx.execute(
+            "UPDATE backends SET mailboxes = mailboxes + ?2 WHERE id = ?1",
+            params![id, i64::try_from(*count).unwrap_or(i64::MAX)],
+        )
+        .map_err(db)?;
+    }
+    tx.commit().map_err(db)?;
+    Ok(results)
 }
 
 fn store(e: rusqlite::Error) -> ImportError {

@@ -126,6 +126,28 @@ pub fn start_edge_sections(sections: &[String], listeners: &[Listen<'_>], extra:
 }
 
 impl Edge {
+    /// Stops protobalance (SIGKILL: nothing may depend on a clean exit) and starts it again
+    /// on the same config and directory file.
+    pub fn restart(&mut self) {
+        let path = self.dir.path().join("pb.toml");
+        // Dropping the old guard kills the old process before the new one binds the ports.
+        let old = std::mem::replace(
+            &mut self._guard,
+            ChildGuard::spawn(&mut Command::new("true"), "placeholder").expect("spawn true"),
+        );
+        drop(old);
+        self._guard = ChildGuard::spawn(
+            Command::new(BIN)
+                .arg("run")
+                .arg("--config")
+                .arg(&path)
+                .stdout(Stdio::null()),
+            "protobalance",
+        )
+        .expect("spawn");
+        wait_healthy(self.admin);
+    }
+
     /// protobalance's resident memory, from /proc.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self._guard.id()))

@@ -1,0 +1,344 @@
+//! `/api/v1/mailboxes`: list (keyset paging, filters), get, create (apportioned or pinned),
+//! delete, and the streamed bulk import with a per-item report.
+
+use std::collections::HashSet;
+
+use hyper::{StatusCode, body::Incoming, header};
+
+use super::{
+    ApiError, ApiResponse, ApiState, no_content, only_params, query_param,
+    xml::{BodyReader, Item, Parser, Writer, collect_small},
+    xml_response,
+};
+use crate::directory::{
+    BackendState, Mailbox, MailboxDirectory as _, MailboxFilter, import::ImportEntry,
+    import::import_entries,
+};
+
+const PAGE_DEFAULT: usize = 100;
+const PAGE_MAX: usize = 1000;
+/// Mailboxes written per directory transaction during an import.
+const IMPORT_BATCH: usize = 5000;
+
+fn mailbox(state: &ApiState, address: &str) -> Result<Mailbox, ApiError> {
+    state
+        .directory
+        .normalizer()
+        .normalize(address)
+        .map(|n| n.mailbox)
+        .map_err(|e| ApiError::invalid("invalid_address", format!("`{address}`: {e}")))
+}
+
+pub async fn list(state: &ApiState, query: &str) -> Result<ApiResponse, ApiError> {
+    only_params(query, &["domain", "backend", "after", "limit"])?;
+    let limit = match query_param(query, "limit")? {
+        None => PAGE_DEFAULT,
+        Some(text) => text
+            .parse()
+            .ok()
+            .filter(|n| (1..=PAGE_MAX).contains(n))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_parameter",
+                    format!("limit `{text}`: use 1..={PAGE_MAX}"),
+                )
+            })?,
+    };
+    let domain = match query_param(query, "domain")? {
+        None => None,
+        Some(d) => Some(state.directory.normalizer().domain(&d).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_parameter",
+                format!("domain `{d}` is not a domain name"),
+            )
+        })?),
+    };
+    let after = match query_param(query, "after")? {
+        None => None,
+        Some(a) => Some(mailbox(state, &a)?),
+    };
+    let filter = MailboxFilter {
+        domain,
+        backend: query_param(query, "backend")?,
+    };
+    let store = state.directory.store();
+    let mut rows = store
+        .list_mailboxes(&filter, after.as_ref(), limit + 1)
+        .await?;
+    let next = (rows.len() > limit).then(|| {
+        rows.truncate(limit);
+        rows.last()
+            .map(|(m, _)| m.as_str().to_owned())
+            .unwrap_or_default()
+    });
+    let count = rows.len().to_string();
+    let mut attributes = vec![("count", count.as_str())];
+    if let Some(next) = next.as_deref() {
+        attributes.push(("next", next));
+    }
+    let mut w = Writer::document("mailboxes", &attributes);
+    for (mailbox, backend) in &rows {
+        w.empty(
+            "mailbox",
+            &[("address", mailbox.as_str()), ("backend", backend)],
+        );
+    }
+    Ok(xml_response(StatusCode::OK, w.finish()))
+}
+
+pub async fn get(state: &ApiState, address: &str) -> Result<ApiResponse, ApiError> {
+    let mailbox = mailbox(state, address)?;
+    let store = state.directory.store();
+    let Some(backend) = store.owner_of(&mailbox).await? else {
+        return Err(ApiError::not_found(format!("no mailbox {mailbox}")));
+    };
+    let backend_state = store
+        .backends()
+        .await?
+        .into_iter()
+        .find(|b| b.name == backend)
+        .map_or("unknown", |b| b.state.as_str());
+    let w = Writer::document(
+        "mailbox",
+        &[
+            ("address", mailbox.as_str()),
+            ("backend", &backend),
+            ("backend-state", backend_state),
+        ],
+    );
+    Ok(xml_response(StatusCode::OK, w.finish()))
+}
+
+pub async fn create(state: &ApiState, body: Incoming) -> Result<ApiResponse, ApiError> {
+    let bytes = collect_small(body, state.max_body_octets).await?;
+    let element = Parser::new(&bytes[..]).single("mailbox").await?;
+    element.only(&["address", "backend"])?;
+    let mailbox = mailbox(state, element.required("address")?)?;
+    let store = state.directory.store();
+    let domain = mailbox.domain();
+    if store.domain_policy(domain).await?.is_none() {
+        return Err(ApiError::invalid(
+            "foreign_domain",
+            format!(
+                "{domain} is not one of the cluster's domains; add it first (POST {}domains)",
+                super::PREFIX
+            ),
+        ));
+    }
+    if let Some(owner) = store.owner_of(&mailbox).await? {
+        return Err(ApiError::conflict(
+            "mailbox_exists",
+            format!("{mailbox} already exists on backend `{owner}`"),
+        ));
+    }
+    let backend = match element.attr("backend") {
+        Some(name) => {
+            let record = store.backends().await?.into_iter().find(|b| b.name == name);
+            match record {
+                None => {
+                    return Err(ApiError::invalid(
+                        "unknown_backend",
+                        format!("no backend `{name}`"),
+                    ));
+                }
+                Some(b) if b.state != BackendState::Active => {
+                    return Err(ApiError::conflict(
+                        "backend_not_active",
+                        format!(
+                            "backend `{name}` is {}: it takes no new mailboxes",
+                            b.state.as_str()
+                        ),
+                    ));
+                }
+                Some(_) => store.assign_to(&mailbox, name).await?,
+            }
+        }
+        None => store.assign(&mailbox).await?,
+    };
+    tracing::info!(%mailbox, %backend, "mailbox created by API");
+    let w = Writer::document(
+        "mailbox",
+        &[("address", mailbox.as_str()), ("backend", &backend)],
+    );
+    let mut response = xml_response(StatusCode::CREATED, w.finish());
+    let location = format!("{}mailboxes/{}", super::PREFIX, mailbox.as_str());
+    if let Ok(value) = header::HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    Ok(response)
+}
+
+pub async fn delete(state: &ApiState, address: &str) -> Result<ApiResponse, ApiError> {
+    let mailbox = mailbox(state, address)?;
+    if !state.directory.delete(&mailbox).await? {
+        return Err(ApiError::not_found(format!("no mailbox {mailbox}")));
+    }
+    tracing::info!(%mailbox, "mailbox deleted by API (its mail stays on the backend)");
+    Ok(no_content())
+}
+
+/// One item's outcome in the import report.
+struct Outcome {
+    address: String,
+    result: &'static str,
+    backend: Option<String>,
+    message: Option<String>,
+}
+
+/// `POST /mailboxes/import`: `<import><mailbox address=".." [backend=".."]/>…</import>`,
+/// parsed as it arrives and written in batches; `?report=errors` leaves the successful
+/// items out of the report.
+pub async fn import(
+    state: &ApiState,
+    body: Incoming,
+    query: &str,
+) -> Result<ApiResponse, ApiError> {
+    only_params(query, &["report"])?;
+    let errors_only = match query_param(query, "report")?.as_deref() {
+        None | Some("all") => false,
+        Some("errors") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_parameter",
+                format!("report `{other}`: use all or errors"),
+            ));
+        }
+    };
+    let store = state.directory.store();
+    let domains: HashSet<String> = store.domains().await?.into_iter().map(|d| d.name).collect();
+    let mut parser = Parser::new(BodyReader::new(body, state.max_import_octets));
+    let root = parser.root("import").await?;
+    root.only(&[])?;
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    let mut batch: Vec<ImportEntry> = Vec::with_capacity(IMPORT_BATCH);
+    let mut totals = Totals::default();
+    loop {
+        match parser.next().await? {
+            Item::Open(element) if element.name == "mailbox" && !element.has_children => {
+                element.only(&["address", "backend"])?;
+                let address = element.required("address")?.to_owned();
+                match state.directory.normalizer().normalize(&address) {
+                    Err(e) => outcomes.push(Outcome {
+                        address,
+                        result: "invalid",
+                        backend: None,
+                        message: Some(e.to_string()),
+                    }),
+                    Ok(n) if !domains.contains(n.mailbox.domain()) => outcomes.push(Outcome {
+                        message: Some(format!(
+                            "{} is not one of the cluster's domains",
+                            n.mailbox.domain()
+                        )),
+                        address,
+                        result: "foreign_domain",
+                        backend: None,
+                    }),
+                    Ok(n) => batch.push(ImportEntry {
+                        mailbox: n.mailbox,
+                        backend: element.attr("backend").map(str::to_owned),
+                    }),
+                }
+                if batch.len() >= IMPORT_BATCH {
+                    flush(state, &mut batch, &mut outcomes).await?;
+                }
+            }
+            Item::Open(element) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unknown_element",
+                    format!(
+                        "<import> holds <mailbox/> elements only; found <{}>",
+                        element.name
+                    ),
+                ));
+            }
+            Item::Close(_) => break,
+            Item::End => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_xml",
+                    "no </import>",
+                ));
+            }
+        }
+    }
+    parser.finish().await?;
+    flush(state, &mut batch, &mut outcomes).await?;
+    for outcome in &outcomes {
+        totals.count(outcome.result);
+    }
+    tracing::info!(
+        added = totals.added,
+        existing = totals.existing,
+        failed = totals.failed,
+        "mailbox import by API"
+    );
+    let (added, existing, failed) = (
+        totals.added.to_string(),
+        totals.existing.to_string(),
+        totals.failed.to_string(),
+    );
+    let mut w = Writer::document(
+        "import-report",
+        &[
+            ("added", &added),
+            ("existing", &existing),
+            ("failed", &failed),
+        ],
+    );
+    for o in outcomes
+        .iter()
+        .filter(|o| !errors_only || !matches!(o.result, "added" | "exists"))
+    {
+        let mut attributes = vec![("address", o.address.as_str()), ("result", o.result)];
+        if let Some(backend) = o.backend.as_deref() {
+            attributes.push(("backend", backend));
+        }
+        if let Some(message) = o.message.as_deref() {
+            attributes.push(("message", message));
+        }
+        w.empty("item", &attributes);
+    }
+    Ok(xml_response(StatusCode::OK, w.finish()))
+}
+
+#[derive(Default)]
+struct Totals {
+    added: u64,
+    existing: u64,
+    failed: u64,
+}
+
+impl Totals {
+    fn count(&mut self, result: &str) {
+        match result {
+            "added" => self.added += 1,
+            "exists" => self.existing += 1,
+            _ => self.failed += 1,
+        }
+    }
+}
+
+async fn flush(
+    state: &ApiState,
+    batch: &mut Vec<ImportEntry>,
+    outcomes: &mut Vec<Outcome>,
+) -> Result<(), ApiError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let entries = std::mem::take(batch);
+    let results = import_entries(state.directory.store(), entries).await?;
+    for result in results {
+        outcomes.push(Outcome {
+            address: result.mailbox.as_str().to_owned(),
+            result: result.outcome.as_str(),
+            backend: result.backend,
+            message: result.message,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,366 @@
+//! The XML management API (`/api/v1/…` on the admin listener): what accounting, CRM and
+//! admin software drive the cluster with. Every document is in the namespace
+//! [`xml::NS`] and described by `docs/api.xsd`; `docs/api.md` lists the resources.
+//!
+//! * Auth: `Authorization: Bearer <token>` with a token from `[[api.token]]`; each is
+//!   read-only or read-write. Without a valid one: `401`, nothing changed. A read-only
+//!   token on a change: `403`.
+//! * Errors: an `<error code="…" status="…"><message>…</message></error>` document with a
+//!   stable `code` and a message naming the bad element or value.
+//! * Every request is audited in the log (target `protobalance::audit`): token name,
+//!   method, path, status.
+//! * Changes go to the directory store (durable, live at once).
+
+mod backends;
+mod domains;
+mod mailboxes;
+mod stats;
+pub mod xml;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use prometheus::Registry;
+
+use crate::{
+    backend::BackendPool,
+    config::{ApiAccess, Config},
+    directory::{Directory, DirectoryError, sqlite::SqliteDirectory},
+    secret::Secret,
+};
+use xml::{Writer, XmlError};
+
+/// The path prefix of the API.
+pub const PREFIX: &str = "/api/v1/";
+
+/// A configured token.
+pub struct Token {
+    pub name: String,
+    pub secret: Secret<String>,
+    pub access: ApiAccess,
+}
+
+/// What the API serves from.
+pub struct ApiState {
+    pub tokens: Vec<Token>,
+    pub directory: Arc<Directory<SqliteDirectory>>,
+    /// The backend pool (health), when mail listeners run.
+    pub pool: Option<Arc<BackendPool>>,
+    /// Backend and domain names the config file defines: their config-owned settings are
+    /// changed in the file, not through the API.
+    pub config_backends: Vec<String>,
+    pub config_domains: Vec<String>,
+    pub registry: Registry,
+    pub max_body_octets: u64,
+    pub max_import_octets: u64,
+}
+
+impl ApiState {
+    /// The API's state for `config`: tokens read from their files.
+    pub fn new(
+        config: &Config,
+        directory: Arc<Directory<SqliteDirectory>>,
+        pool: Option<Arc<BackendPool>>,
+        registry: Registry,
+    ) -> Result<Self, String> {
+        let tokens = config
+            .api
+            .tokens
+            .iter()
+            .map(|t| {
+                Ok(Token {
+                    name: t.name.clone(),
+                    secret: Secret::new(t.secret()?),
+                    access: t.access,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Self {
+            tokens,
+            directory,
+            pool,
+            config_backends: config.backends.iter().map(|b| b.name.clone()).collect(),
+            config_domains: config.domains.iter().map(|d| d.name.clone()).collect(),
+            registry,
+            max_body_octets: config.api.max_body_octets,
+            max_import_octets: config.api.max_import_octets,
+        })
+    }
+}
+
+pub type ApiResponse = Response<Full<Bytes>>;
+
+/// An API failure: HTTP status, stable code, message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    fn response(&self) -> ApiResponse {
+        let status = self.status.as_u16().to_string();
+        let mut w = Writer::document("error", &[("code", self.code), ("status", &status)]);
+        w.text("message", &self.message);
+        xml_response(self.status, w.finish())
+    }
+}
+
+impl From<XmlError> for ApiError {
+    fn from(error: XmlError) -> Self {
+        let status = match error.code {
+            "body_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self::new(status, error.code, error.message)
+    }
+}
+
+impl From<DirectoryError> for ApiError {
+    fn from(error: DirectoryError) -> Self {
+        match &error {
+            DirectoryError::UnknownBackend(_) => {
+                Self::invalid("unknown_backend", error.to_string())
+            }
+            DirectoryError::UnknownDomain(_) => Self::not_found(error.to_string()),
+            DirectoryError::NoActiveBackend => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_active_backend",
+                error.to_string(),
+            ),
+            DirectoryError::BackendInUse { .. } => {
+                Self::conflict("backend_in_use", error.to_string())
+            }
+            DirectoryError::DomainInUse { .. } => {
+                Self::conflict("domain_in_use", error.to_string())
+            }
+            DirectoryError::Store(_) => {
+                tracing::error!(%error, "API: directory store failed");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "directory_unavailable",
+                    "the directory store failed; see the server log",
+                )
+            }
+        }
+    }
+}
+
+pub fn xml_response(status: StatusCode, body: String) -> ApiResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/xml; charset=utf-8"),
+    );
+    response
+}
+
+/// An empty `204 No Content`.
+pub fn no_content() -> ApiResponse {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+/// Serves one API request (`path` starts with [`PREFIX`]).
+pub async fn handle(state: &ApiState, req: Request<Incoming>) -> ApiResponse {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let token = authenticate(state, &req);
+    let who = token.map_or("-", |t| t.name.as_str()).to_owned();
+    let result = match token {
+        None => Err(unauthorized(state)),
+        Some(token) if method != Method::GET && token.access != ApiAccess::ReadWrite => {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "read_only_token",
+                format!(
+                    "token `{}` is read-only; changes need a read-write token",
+                    token.name
+                ),
+            ))
+        }
+        Some(_) => route(state, req).await,
+    };
+    let response = result.unwrap_or_else(|error| error.response());
+    let status = response.status().as_u16();
+    tracing::info!(target: "protobalance::audit", token = %who, %method, %path, status, "API request");
+    response
+}
+
+fn unauthorized(state: &ApiState) -> ApiError {
+    let message = if state.tokens.is_empty() {
+        "the API has no tokens: add an [[api.token]] to the config"
+    } else {
+        "send `Authorization: Bearer <token>` with a configured API token"
+    };
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+/// The token the request carries, compared in constant time against each configured one.
+fn authenticate<'a>(state: &'a ApiState, req: &Request<Incoming>) -> Option<&'a Token> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?
+        .trim();
+    state
+        .tokens
+        .iter()
+        .find(|t| constant_time_eq(t.secret.expose().as_bytes(), presented.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, ApiError> {
+    let path = req.uri().path().to_owned();
+    let rest = path.strip_prefix(PREFIX).unwrap_or_default();
+    let segments: Vec<String> = rest
+        .split('/')
+        .map(percent_decode)
+        .collect::<Result<_, _>>()?;
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["mailboxes"]) => mailboxes::list(state, &query).await,
+        (&Method::POST, ["mailboxes"]) => mailboxes::create(state, req.into_body()).await,
+        (&Method::POST, ["mailboxes", "import"]) => {
+            mailboxes::import(state, req.into_body(), &query).await
+        }
+        (&Method::GET, ["mailboxes", address]) => mailboxes::get(state, address).await,
+        (&Method::DELETE, ["mailboxes", address]) => mailboxes::delete(state, address).await,
+        (&Method::GET, ["domains"]) => domains::list(state).await,
+        (&Method::POST, ["domains"]) => domains::create(state, req.into_body()).await,
+        (&Method::PUT, ["domains", name]) => domains::update(state, name, req.into_body()).await,
+        (&Method::DELETE, ["domains", name]) => domains::delete(state, name).await,
+        (&Method::GET, ["backends"]) => backends::list(state).await,
+        (&Method::PUT, ["backends", name]) => backends::update(state, name, req.into_body()).await,
+        (&Method::DELETE, ["backends", name]) => backends::delete(state, name).await,
+        (&Method::GET, ["stats"]) => Ok(stats::get(state).await),
+        (_, ["mailboxes" | "domains" | "backends" | "stats", ..]) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not defined for {path}; see docs/api.md"),
+        )),
+        _ => Err(ApiError::not_found(format!(
+            "no resource {path}; the API has {PREFIX}mailboxes, domains, backends and stats"
+        ))),
+    }
+}
+
+/// `%XX` decoding of one path segment (addresses may contain `+`, `%40`, …).
+fn percent_decode(segment: &str) -> Result<String, ApiError> {
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_path",
+            format!("bad %-escape in `{segment}`"),
+        )
+    };
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+/// The value of `key` in a query string (`a=1&b=2`), %-decoded.
+pub fn query_param(query: &str, key: &str) -> Result<Option<String>, ApiError> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == key {
+            return percent_decode(&v.replace('+', " ")).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses query parameters other than `allowed`.
+pub fn only_params(query: &str, allowed: &[&str]) -> Result<(), ApiError> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if !allowed.contains(&key) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unknown_parameter",
+                format!(
+                    "unknown query parameter `{key}`; allowed: {}",
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_queries_decode() {
+        assert_eq!(percent_decode("a%40b.com").expect("ok"), "a@b.com");
+        assert_eq!(percent_decode("a+b@x").expect("ok"), "a+b@x");
+        assert!(percent_decode("a%4").is_err());
+        assert!(percent_decode("%ff%fe").is_err(), "not UTF-8");
+        let q = "domain=example.com&limit=10&after=a%2Bb%40example.com";
+        assert_eq!(query_param(q, "limit").expect("ok").as_deref(), Some("10"));
+        assert_eq!(
+            query_param(q, "after").expect("ok").as_deref(),
+            Some("a+b@example.com")
+        );
+        assert_eq!(query_param(q, "backend").expect("ok"), None);
+        assert!(only_params(q, &["domain", "limit", "after"]).is_ok());
+        let error = only_params(q, &["domain"]).expect_err("unknown");
+        assert!(error.message.contains("`limit`"));
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
