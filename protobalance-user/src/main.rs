@@ -1,5 +1,6 @@
 //! The `protobalance` command line: `run`, `check`, and `filter load|unload` for operators
-//! who attach the kernel filter at boot, before the proxy starts.
+//! who attach the kernel filter at boot, before the proxy starts; `filter ban|unban|bans|
+//! explain` on the pinned maps of a running filter.
 
 use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
@@ -113,6 +114,16 @@ enum FilterCommand {
         #[arg(long, default_value = "/sys/fs/bpf/protobalance")]
         pin_dir: PathBuf,
     },
+    /// Say which rule of the pinned filter would decide a new connection from IP to PORT
+    /// (a synthetic SYN through a side-effect-free copy of the program).
+    Explain {
+        ip: std::net::IpAddr,
+        /// Destination port of the connection.
+        #[arg(long, default_value_t = 25)]
+        port: u16,
+        #[arg(long, default_value = "/sys/fs/bpf/protobalance")]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -180,6 +191,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             | FilterCommand::Unban { .. }
             | FilterCommand::Bans { .. }),
         ) => bans_cli(command),
+        Command::Filter(FilterCommand::Explain { ip, port, pin_dir }) => {
+            println!("{}", xdp::explain_pinned(&pin_dir, ip, port)?);
+            Ok(())
+        }
         Command::Filter(FilterCommand::Unload {
             iface,
             pin_dir,
@@ -248,7 +263,9 @@ fn bans_cli(command: FilterCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        FilterCommand::Load { .. } | FilterCommand::Unload { .. } => {}
+        FilterCommand::Load { .. }
+        | FilterCommand::Unload { .. }
+        | FilterCommand::Explain { .. } => {}
     }
     Ok(())
 }

@@ -915,3 +915,239 @@ fn a_full_penalty_map_still_drops_and_says_so() {
         .map(|(_, v)| v.bytes);
     assert_eq!(penalty_full_bytes, Some(0), "an event, not traffic");
 }
+
+// ---- explain -------------------------------------------------------------------------------
+
+/// What each explain case expects: the verdict counter and a phrase of the explanation.
+fn explains(filter: &XdpFilter, src: &str, port: u16, counter: Counter, phrase: &str) {
+    let got = filter.explain(ip(src), port).expect("explain");
+    let text = got.to_string();
+    assert_eq!(got.counter, counter, "{src}:{port}: {text}");
+    assert_eq!(got.model_disagrees, None, "{src}:{port}: {text}");
+    assert_eq!(
+        got.dropped(),
+        got.action == XDP_DROP,
+        "{src}:{port}: {text}"
+    );
+    assert!(
+        text.contains(phrase),
+        "{src}:{port}: {text:?} lacks {phrase:?}"
+    );
+}
+
+#[test]
+fn explain_names_every_rule_and_changes_nothing() {
+    let Some(mut filter) = load() else { return };
+    for (net, list) in [
+        ("203.0.113.0/24", 4),
+        ("203.0.113.128/25", 6),
+        ("2001:db8:bad::/48", 5),
+    ] {
+        filter.block(cidr(net), list).expect("block");
+    }
+    filter.allow(cidr("203.0.113.8/29"), 0).expect("allow");
+    filter.allow(cidr("2001:db8:bad:1::/64"), 0).expect("allow");
+    let hour = Duration::from_secs(3600);
+    let mut bans = filter.bans();
+    let v4 = BanTarget::Address(ip("198.51.100.7"));
+    bans.ban(v4, hour, BanMode::All, 3).expect("ban");
+    let v6 = BanTarget::Address(ip("2001:db8::7"));
+    bans.ban(v6, hour, BanMode::NewConnections, 2).expect("ban");
+    let net: std::net::Ipv6Addr = "2001:db8:1:2::".parse().expect("ip");
+    bans.ban(BanTarget::Ipv6Net64(net), hour, BanMode::All, 1)
+        .expect("ban");
+    drop(bans);
+    limit(&filter, 1, 2, &[SMTP]);
+    let in_an_hour = monotonic_ns() + 3_600_000_000_000;
+    for src in ["198.51.100.30", "2001:db8:3:4::1"] {
+        let source = SynSource::of(ip(src));
+        filter
+            .syn_limiter()
+            .penalise(source, in_an_hour)
+            .expect("penalise");
+    }
+    let live_counters = filter.counters().expect("counters");
+    let penalties = filter.syn_limiter().penalties().expect("penalties").len();
+
+    use Counter::*;
+    let cases = [
+        (
+            "203.0.113.9",
+            PassAllowlist,
+            "allowlist entry 203.0.113.8/29",
+        ),
+        (
+            "2001:db8:bad:1::9",
+            PassAllowlist,
+            "allowlist entry 2001:db8:bad:1::/64",
+        ),
+        (
+            "203.0.113.20",
+            DropBlocklist,
+            "blocklist entry 203.0.113.0/24 (list 4)",
+        ),
+        (
+            "203.0.113.200",
+            DropBlocklist,
+            "blocklist entry 203.0.113.128/25 (list 6)",
+        ),
+        (
+            "2001:db8:bad:2::9",
+            DropBlocklist,
+            "blocklist entry 2001:db8:bad::/48 (list 5)",
+        ),
+        (
+            "198.51.100.7",
+            DropBan,
+            "ban of 198.51.100.7 (all packets, reason 3, 3",
+        ),
+        (
+            "2001:db8::7",
+            DropBan,
+            "ban of 2001:db8::7 (new connections only, reason 2",
+        ),
+        (
+            "2001:db8:1:2::abcd",
+            DropBan,
+            "ban of 2001:db8:1:2::/64 (all packets",
+        ),
+        (
+            "198.51.100.30",
+            DropSynPenalty,
+            "SYN limiter penalty of 198.51.100.30 (3",
+        ),
+        (
+            "2001:db8:3:4::99",
+            DropSynPenalty,
+            "penalty of 2001:db8:3:4::/64",
+        ),
+        (
+            "198.51.100.99",
+            Pass,
+            "no rule matches (SYN-limited port; a new source, 2 tokens)",
+        ),
+        ("2001:db8:9::1", Pass, "no rule matches (SYN-limited port"),
+    ];
+    for (src, counter, phrase) in cases {
+        explains(&filter, src, SMTP, counter, phrase);
+    }
+    explains(
+        &filter,
+        "2001:db8:3:4::99",
+        80,
+        Pass,
+        "port 80 is not SYN-limited",
+    );
+    assert_eq!(
+        filter.counters().expect("counters"),
+        live_counters,
+        "explain counted nothing in the live program"
+    );
+
+    // Two SYNs empty a bucket of 2 without a penalty yet; explained at once (the rate of
+    // 1/s refills a token within a second).
+    for (src, phrase) in [
+        ("198.51.100.31", "198.51.100.31 has no token left"),
+        ("2001:db8:5:6::1", "2001:db8:5:6::/64 has no token left"),
+    ] {
+        assert_eq!(verdicts(&filter, &syn(src, SMTP), 2), [XDP_PASS; 2]);
+        let source = SynSource::of(ip(src));
+        let emptied = filter.syn_limiter().bucket(source).expect("bucket");
+        let counters = filter.counters().expect("counters");
+        explains(&filter, src, SMTP, DropSynLimit, phrase);
+        // Another port: the limiter does not apply, so the exhausted source passes.
+        explains(&filter, src, 80, Pass, "port 80 is not SYN-limited");
+        assert_eq!(filter.counters().expect("counters"), counters);
+        let bucket = filter.syn_limiter().bucket(source).expect("bucket");
+        assert_eq!(bucket, emptied, "the live bucket is untouched");
+    }
+    let limiter = filter.syn_limiter();
+    let fresh = SynSource::of(ip("198.51.100.99"));
+    assert_eq!(
+        limiter.bucket(fresh).expect("bucket"),
+        None,
+        "no bucket created for an explained source"
+    );
+    assert_eq!(limiter.penalties().expect("penalties").len(), penalties);
+    drop(limiter);
+    let prefix = format!("protobalance-explain-{}-", std::process::id());
+    let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+        .expect("bpffs")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary pins left: {leftovers:?}");
+}
+
+/// Removes a test's pin directory, also when the test fails.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn explain_works_on_pinned_maps_and_from_the_cli() {
+    if load().is_none() {
+        return;
+    }
+    let dir = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/pbt-{}-explain",
+        std::process::id()
+    )));
+    let mut filter = XdpFilter::load(Some(&dir.0)).expect("load with pins");
+    filter.block(cidr("203.0.113.0/24"), 2).expect("block");
+    filter
+        .bans()
+        .ban(
+            BanTarget::Address(ip("2001:db8::7")),
+            Duration::from_secs(600),
+            BanMode::All,
+            9,
+        )
+        .expect("ban");
+    let got = protobalance::filter::xdp::explain_pinned(&dir.0, ip("2001:db8::7"), 25)
+        .expect("explain pinned");
+    assert_eq!(got.counter, Counter::DropBan, "{got}");
+
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_protobalance"))
+            .args(["filter", "explain", "--pin-dir"])
+            .arg(&dir.0)
+            .args(args)
+            .output()
+            .expect("run protobalance")
+    };
+    let out = cli(&["203.0.113.9", "--port", "587"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout.trim(),
+        "DROP SYN from 203.0.113.9 to port 587: blocklist entry 203.0.113.0/24 (list 2)"
+    );
+    let out = cli(&["198.51.100.1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("PASS SYN from 198.51.100.1 to port 25: no rule matches"),
+        "{out:?}"
+    );
+    drop(filter);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_protobalance"))
+        .args([
+            "filter",
+            "explain",
+            "--pin-dir",
+            "/sys/fs/bpf/pbt-nonexistent",
+            "192.0.2.1",
+        ])
+        .output()
+        .expect("run protobalance");
+    assert!(!out.status.success(), "no pinned filter: an error");
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/pbt-nonexistent").exists(),
+        "explain created nothing"
+    );
+}

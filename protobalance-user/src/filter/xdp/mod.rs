@@ -21,7 +21,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
     programs::{
         ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -35,10 +35,12 @@ use protobalance_common::{
 
 use crate::filter::cidr::Cidr;
 
+mod explain;
 pub mod model;
 mod pin;
 mod rules;
 mod syn_limit;
+pub use explain::{Explanation, SynContext, explain_pinned, syn_frame};
 use pin::prepare_pin_dir;
 pub use pin::unload_pinned;
 pub use rules::{Ban, BanMaps, BanMode, BanTarget, monotonic_ns};
@@ -122,6 +124,9 @@ pub struct XdpFilter {
     syn: Arc<Mutex<SynLimiter>>,
     /// The attachment this filter owns (detached when the filter is dropped).
     link: Option<XdpLinkId>,
+    /// Kernel ids of the maps in [`PINNED_MAPS`], to reopen them after they were taken
+    /// apart into typed handles (`explain` pins them for its probe).
+    map_ids: Vec<(&'static str, u32)>,
 }
 
 impl XdpFilter {
@@ -147,6 +152,7 @@ impl XdpFilter {
         }
         let mut ebpf = loader.load(XDP_OBJECT)?;
         program(&mut ebpf)?.load()?;
+        let map_ids = map_ids(&ebpf)?;
         let counters = ebpf
             .take_map(MAP_COUNTERS)
             .ok_or(XdpError::Missing(MAP_COUNTERS))?;
@@ -160,6 +166,7 @@ impl XdpFilter {
             syn,
             pin_dir: pin_dir.map(Path::to_owned),
             link: None,
+            map_ids,
         })
     }
 
@@ -396,6 +403,24 @@ fn read_counters(
         out.push((counter, total));
     }
     Ok(out)
+}
+
+fn map_ids(ebpf: &Ebpf) -> Result<Vec<(&'static str, u32)>, XdpError> {
+    let mut ids = Vec::with_capacity(PINNED_MAPS.len());
+    for name in PINNED_MAPS {
+        let data = match ebpf.map(name) {
+            Some(
+                Map::Array(data)
+                | Map::PerCpuArray(data)
+                | Map::HashMap(data)
+                | Map::LruHashMap(data)
+                | Map::LpmTrie(data),
+            ) => data,
+            _ => return Err(XdpError::Missing(name)),
+        };
+        ids.push((name, data.info()?.id()));
+    }
+    Ok(ids)
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {

@@ -71,7 +71,7 @@ impl SynSource {
         }
     }
 
-    fn key(self) -> SynSourceKey {
+    pub(super) fn key(self) -> SynSourceKey {
         match self {
             Self::V4(a) => SynSourceKey::v4(a.octets()),
             Self::V6Net64(a) => SynSourceKey::v6(&a.octets()),
