@@ -302,8 +302,16 @@ pub async fn open_directory(config: &Config) -> Result<SqliteDirectory, Director
             .upsert_domain(&domain.name, domain.unknown_mailbox)
             .await?;
     }
+    let added_by_api: Vec<String> = store
+        .backend_specs()
+        .await?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     for known in store.backends().await? {
-        if !config.backends.iter().any(|b| b.name == known.name) {
+        if !config.backends.iter().any(|b| b.name == known.name)
+            && !added_by_api.contains(&known.name)
+        {
             tracing::warn!(
                 backend = %known.name, mailboxes = known.mailboxes,
                 "backend is in the directory but not in the config: its mailboxes cannot be served"
@@ -330,15 +338,38 @@ async fn shared_directory(
     Ok(directory)
 }
 
+/// The config file's backends plus those added through the API (kept in the directory;
+/// a name in both is the config file's).
+async fn all_backends(
+    config: &Config,
+    directory: &Directory<SqliteDirectory>,
+) -> Result<Vec<crate::config::BackendConfig>, AppError> {
+    let mut backends = config.backends.clone();
+    for (name, spec) in directory.store().backend_specs().await? {
+        if backends.iter().any(|b| b.name == name) {
+            tracing::warn!(backend = %name, "backend added by API is also in the config file: the config file's definition is used");
+            continue;
+        }
+        match toml::from_str::<crate::config::BackendConfig>(&spec) {
+            Ok(backend) => backends.push(backend),
+            Err(error) => {
+                tracing::error!(backend = %name, %error, "stored definition of a backend added by API is unreadable: backend not served");
+            }
+        }
+    }
+    Ok(backends)
+}
+
 async fn proxy_context(
     config: &Config,
     directory: Arc<Directory<SqliteDirectory>>,
     registry: &Registry,
 ) -> Result<ProxyContext, AppError> {
+    let backends = all_backends(config, &directory).await?;
     Ok(ProxyContext {
         directory,
         pool: Arc::new(BackendPool::new(
-            &config.backends,
+            &backends,
             config.health,
             config.limits.backend_connect_timeout(),
             registry,

@@ -622,3 +622,132 @@ fn hostile_xml_is_refused_without_side_effects() {
         "hostile bodies grew protobalance by {grown} KiB"
     );
 }
+
+/// A backend added through the API joins at once (the next new mailboxes go there, mail
+/// is delivered to and read from it through the edge), is back after a restart, and can
+/// only be removed once it owns nothing.
+#[test]
+fn a_backend_added_live_receives_the_next_mailboxes_and_survives_a_restart() {
+    if skip() {
+        return;
+    }
+    let ips: Vec<_> = (1..=4).map(|n| loopback_ip(n).expect("ip")).collect();
+    let cluster = DovecotCluster::start_with(
+        &ips,
+        &BackendOptions {
+            users: USERS + 20,
+            ..BackendOptions::default()
+        },
+    )
+    .expect("cluster");
+    let tokens = tempfile::tempdir().expect("tempdir");
+    let file = tokens.path().join("monitor.token");
+    std::fs::write(&file, format!("{READ_TOKEN}\n")).expect("token file");
+    let extra = format!(
+        "[api]\n[[api.token]]\nname = \"crm\"\ntoken = \"{WRITE_TOKEN}\"\naccess = \"read-write\"\n\
+         [[api.token]]\nname = \"monitor\"\ntoken_file = \"{}\"\naccess = \"read-only\"\n",
+        file.display()
+    );
+    // The config file knows backends 1-3 only.
+    let sections: Vec<String> = cluster.backends()[..3]
+        .iter()
+        .map(|b| support::backend_section(b, ""))
+        .collect();
+    let mut edge = support::start_edge_sections(
+        &sections,
+        &[Listen("smtp", None), Listen("pop3", None)],
+        &extra,
+    );
+    let b4 = cluster.backend(4).expect("backend4");
+    let add = doc(&format!(
+        "<backend xmlns=\"{NS}\" name=\"backend4\" address=\"{}\" capacity=\"100\" \
+         pop3-port=\"{}\" imap-port=\"{}\" lmtp-port=\"{}\"/>",
+        b4.ip(),
+        b4.pop3_port(),
+        b4.imap_port(),
+        b4.lmtp_port()
+    ));
+    let added = write(&edge, "POST", "backends", Some(&add)).expect(201);
+    assert!(
+        added.body.contains("name=\"backend4\" state=\"active\""),
+        "{}",
+        added.body
+    );
+    assert!(
+        added.body.contains("managed-by=\"directory\""),
+        "{}",
+        added.body
+    );
+    write(&edge, "POST", "backends", Some(&add)).expect(409);
+    let bad = doc(&format!(
+        "<backend xmlns=\"{NS}\" name=\"backend5\" address=\"not-an-ip\"/>"
+    ));
+    assert_eq!(
+        write(&edge, "POST", "backends", Some(&bad))
+            .expect(422)
+            .error_code(),
+        "invalid_backend"
+    );
+    let bad_port = doc(&format!(
+        "<backend xmlns=\"{NS}\" name=\"backend5\" address=\"127.0.1.5\" pop3-port=\"0\"/>"
+    ));
+    let refused = write(&edge, "POST", "backends", Some(&bad_port)).expect(422);
+    assert!(refused.body.contains("pop3_port"), "{}", refused.body);
+
+    // The next new mailboxes go to the empty backend4; mail reaches it through the edge.
+    let user = "user311@example.com";
+    let mb = doc(&format!("<mailbox xmlns=\"{NS}\" address=\"{user}\"/>"));
+    let made = write(&edge, "POST", "mailboxes", Some(&mb)).expect(201);
+    assert!(made.body.contains("backend=\"backend4\""), "{}", made.body);
+    let (smtp, pop3) = (edge.listeners[0], edge.listeners[1]);
+    let password = password_for(user).expect("password");
+    let read_back = |edge_pop3: std::net::SocketAddr| {
+        python(&format!(
+            "import poplib\np = poplib.POP3('{}', {}, timeout=10); p.user('{user}'); p.pass_('{password}')\n\
+             print(p.stat()[0]); p.quit()\n",
+            edge_pop3.ip(),
+            edge_pop3.port()
+        ))
+        .expect("pop3")
+    };
+    python(&format!(
+        "import smtplib\ns = smtplib.SMTP('{}', {}, timeout=10)\n\
+         s.sendmail('a@far.example', ['{user}'], 'Subject: to backend4\\r\\n\\r\\nhi\\r\\n'); s.quit()\n",
+        smtp.ip(),
+        smtp.port()
+    ))
+    .expect("smtp");
+    assert_eq!(b4.message_count(user).expect("count"), 1);
+    assert_eq!(read_back(pop3).trim(), "1");
+
+    // Capacity of an added backend changes through the API; a restart keeps it all.
+    let cap = doc(&format!("<backend xmlns=\"{NS}\" capacity=\"300\"/>"));
+    let changed = write(&edge, "PUT", "backends/backend4", Some(&cap)).expect(200);
+    assert!(
+        changed.body.contains("capacity=\"300\""),
+        "{}",
+        changed.body
+    );
+    edge.restart();
+    let list = read(&edge, "backends").expect(200);
+    assert!(
+        list.body
+            .contains("name=\"backend4\" state=\"active\" capacity=\"300\" mailboxes=\"1\""),
+        "{}",
+        list.body
+    );
+    let pop3 = edge.listeners[1];
+    assert_eq!(read_back(pop3).trim(), "1", "served after the restart");
+
+    // Removal: refused while it owns a mailbox, then it leaves the pool.
+    assert_eq!(
+        write(&edge, "DELETE", "backends/backend4", None)
+            .expect(409)
+            .error_code(),
+        "backend_in_use"
+    );
+    write(&edge, "DELETE", &format!("mailboxes/{user}"), None).expect(204);
+    write(&edge, "DELETE", "backends/backend4", None).expect(204);
+    let list = read(&edge, "backends").expect(200);
+    assert!(!list.body.contains("backend4"), "{}", list.body);
+}

@@ -151,6 +151,7 @@ impl From<DirectoryError> for ApiError {
                 "no_active_backend",
                 error.to_string(),
             ),
+            DirectoryError::BackendExists(_) => Self::conflict("backend_exists", error.to_string()),
             DirectoryError::BackendInUse { .. } => {
                 Self::conflict("backend_in_use", error.to_string())
             }
@@ -266,6 +267,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         (&Method::PUT, ["domains", name]) => domains::update(state, name, req.into_body()).await,
         (&Method::DELETE, ["domains", name]) => domains::delete(state, name).await,
         (&Method::GET, ["backends"]) => backends::list(state).await,
+        (&Method::POST, ["backends"]) => backends::create(state, req.into_body()).await,
         (&Method::PUT, ["backends", name]) => backends::update(state, name, req.into_body()).await,
         (&Method::DELETE, ["backends", name]) => backends::delete(state, name).await,
         (&Method::GET, ["stats"]) => Ok(stats::get(state).await),

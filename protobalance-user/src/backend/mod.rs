@@ -82,14 +82,35 @@ pub enum PoolError {
 /// A connection to a backend: plaintext, or TLS for backends with `tls = true`.
 pub type BackendStream = MaybeTls<TcpStream>;
 
-pub struct BackendPool {
+/// The backends the pool knows, replaced whole (copy on write) when one is added or
+/// removed, so sessions read a consistent set without holding a lock across awaits.
+#[derive(Default, Clone)]
+struct Members {
     backends: HashMap<String, BackendConfig>,
     /// Connector and expected certificate name of each backend with `tls = true`.
     tls: HashMap<String, (TlsConnector, ServerName<'static>)>,
-    breakers: HashMap<(String, Service), Breaker>,
+    /// Shared with the previous set: a breaker's state survives membership changes.
+    breakers: HashMap<(String, Service), Arc<Breaker>>,
+}
+
+pub struct BackendPool {
+    members: std::sync::RwLock<Arc<Members>>,
     health: HealthConfig,
     connect_timeout: Duration,
     metrics: BackendMetrics,
+}
+
+/// The TLS connector and certificate name for a backend with `tls = true`.
+fn tls_for(b: &BackendConfig) -> Result<(TlsConnector, ServerName<'static>), PoolError> {
+    let ca = b
+        .tls_ca
+        .as_deref()
+        .ok_or_else(|| PoolError::Tls(b.name.clone(), "no tls_ca".into()))?;
+    let connector = crate::tls::connector(ca).map_err(|e| PoolError::Tls(b.name.clone(), e))?;
+    let name = b.tls_name.clone().unwrap_or_else(|| b.address.to_string());
+    let name =
+        ServerName::try_from(name).map_err(|e| PoolError::Tls(b.name.clone(), e.to_string()))?;
+    Ok((connector, name))
 }
 
 impl BackendPool {
@@ -99,64 +120,102 @@ impl BackendPool {
         connect_timeout: Duration,
         registry: &Registry,
     ) -> Result<Self, PoolError> {
-        let mut tls = HashMap::new();
-        for b in backends.iter().filter(|b| b.tls) {
-            let ca = b
-                .tls_ca
-                .as_deref()
-                .ok_or_else(|| PoolError::Tls(b.name.clone(), "no tls_ca".into()))?;
-            let connector =
-                crate::tls::connector(ca).map_err(|e| PoolError::Tls(b.name.clone(), e))?;
-            let name = b.tls_name.clone().unwrap_or_else(|| b.address.to_string());
-            let name = ServerName::try_from(name)
-                .map_err(|e| PoolError::Tls(b.name.clone(), e.to_string()))?;
-            tls.insert(b.name.clone(), (connector, name));
-        }
-        let breakers = backends
-            .iter()
-            .flat_map(|b| {
-                b.services()
-                    .into_iter()
-                    .map(|s| ((b.name.clone(), s), Breaker::default()))
-            })
-            .collect();
-        let metrics = BackendMetrics::new(registry)?;
-        for b in backends {
-            for service in b.services() {
-                metrics
-                    .up
-                    .with_label_values(&[b.name.as_str(), service.as_str()])
-                    .set(1);
-            }
-        }
-        Ok(Self {
-            backends: backends
-                .iter()
-                .map(|b| (b.name.clone(), b.clone()))
-                .collect(),
-            breakers,
-            tls,
+        let pool = Self {
+            members: std::sync::RwLock::new(Arc::new(Members::default())),
             health,
             connect_timeout,
-            metrics,
-        })
+            metrics: BackendMetrics::new(registry)?,
+        };
+        for b in backends {
+            pool.add(b.clone())?;
+        }
+        Ok(pool)
+    }
+
+    fn members(&self) -> Arc<Members> {
+        Arc::clone(
+            &self
+                .members
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Adds (or replaces) a backend: it serves logins and deliveries at once; its services
+    /// start optimistic (up) until the first check or connect says otherwise.
+    pub fn add(&self, b: BackendConfig) -> Result<(), PoolError> {
+        let tls = b.tls.then(|| tls_for(&b)).transpose()?;
+        let mut guard = self
+            .members
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = Members::clone(&guard);
+        next.breakers.retain(|(name, _), _| name != &b.name);
+        for service in b.services() {
+            let breaker = guard
+                .breakers
+                .get(&(b.name.clone(), service))
+                .cloned()
+                .unwrap_or_default();
+            next.breakers.insert((b.name.clone(), service), breaker);
+            self.metrics
+                .up
+                .with_label_values(&[b.name.as_str(), service.as_str()])
+                .set(1);
+        }
+        next.tls.remove(&b.name);
+        if let Some(tls) = tls {
+            next.tls.insert(b.name.clone(), tls);
+        }
+        next.backends.insert(b.name.clone(), b);
+        *guard = Arc::new(next);
+        Ok(())
+    }
+
+    /// Forgets a backend (its mailboxes must have moved away first).
+    pub fn remove(&self, name: &str) {
+        let mut guard = self
+            .members
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = Members::clone(&guard);
+        next.backends.remove(name);
+        next.tls.remove(name);
+        next.breakers.retain(|(n, service), _| {
+            let keep = n != name;
+            if !keep {
+                let _ = self
+                    .metrics
+                    .up
+                    .remove_label_values(&[name, service.as_str()]);
+            }
+            keep
+        });
+        *guard = Arc::new(next);
+    }
+
+    /// Whether the pool knows `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.members().backends.contains_key(name)
     }
 
     pub fn address(&self, name: &str, service: Service) -> Option<SocketAddr> {
-        let b = self.backends.get(name)?;
+        let members = self.members();
+        let b = members.backends.get(name)?;
         Some(SocketAddr::new(b.address, b.port(service)?))
     }
 
     /// Whether each service `name` offers is up (its breaker closed), in config order.
     pub fn health(&self, name: &str) -> Vec<(Service, bool)> {
-        self.backends.get(name).map_or_else(Vec::new, |b| {
+        let members = self.members();
+        members.backends.get(name).map_or_else(Vec::new, |b| {
             b.services()
                 .into_iter()
                 .map(|s| {
-                    let up = self
+                    let up = members
                         .breakers
                         .get(&(name.to_owned(), s))
-                        .is_some_and(Breaker::is_up);
+                        .is_some_and(|b| b.is_up());
                     (s, up)
                 })
                 .collect()
@@ -165,24 +224,33 @@ impl BackendPool {
 
     /// The configured address of `name`.
     pub fn backend_address(&self, name: &str) -> Option<std::net::IpAddr> {
-        self.backends.get(name).map(|b| b.address)
+        self.members().backends.get(name).map(|b| b.address)
     }
 
     /// The service inbound mail for `name`'s mailboxes goes to (LMTP or SMTP).
     pub fn delivery_service(&self, name: &str) -> Option<Service> {
-        self.backends.get(name).map(BackendConfig::delivery_service)
+        self.members()
+            .backends
+            .get(name)
+            .map(BackendConfig::delivery_service)
     }
 
     /// Whether `name` offers authenticated submission.
     pub fn offers_submission(&self, name: &str) -> bool {
-        self.backends
+        self.members()
+            .backends
             .get(name)
             .is_some_and(|b| b.submission_port.is_some())
     }
 
     /// PROXY headers go to every service but LMTP (which takes XCLIENT, when offered).
     pub fn uses_proxy_protocol(&self, name: &str, service: Service) -> bool {
-        service != Service::Lmtp && self.backends.get(name).is_some_and(|b| b.proxy_protocol)
+        service != Service::Lmtp
+            && self
+                .members()
+                .backends
+                .get(name)
+                .is_some_and(|b| b.proxy_protocol)
     }
 
     fn thresholds(&self) -> Thresholds {
@@ -202,8 +270,12 @@ impl BackendPool {
         client: SocketAddr,
         local: SocketAddr,
     ) -> Result<BackendStream, ConnectError> {
-        let breaker = self.breakers.get(&(name.to_owned(), service));
-        if breaker.is_some_and(|b| !b.is_up()) {
+        let breaker = self
+            .members()
+            .breakers
+            .get(&(name.to_owned(), service))
+            .cloned();
+        if breaker.as_ref().is_some_and(|b| !b.is_up()) {
             return Err(ConnectError::Down(name.to_owned(), service.as_str()));
         }
         let header = self
@@ -248,7 +320,7 @@ impl BackendPool {
         }
         // TLS is for the login services; mail services stay on the trusted backend network.
         let login = matches!(service, Service::Pop3 | Service::Imap);
-        let tls = self.tls.get(name).filter(|_| login);
+        let tls = self.members().tls.get(name).filter(|_| login).cloned();
         let Some((connector, server_name)) = tls else {
             return Ok(MaybeTls::Plain(stream));
         };
@@ -274,7 +346,7 @@ impl BackendPool {
                 _ = ticker.tick() => {}
             }
             let mut checks = tokio::task::JoinSet::new();
-            for (name, service) in self.breakers.keys() {
+            for (name, service) in self.members().breakers.keys() {
                 let (this, name, service) = (Arc::clone(&self), name.clone(), *service);
                 checks.spawn(async move { this.check_one(&name, service).await });
             }
@@ -283,7 +355,12 @@ impl BackendPool {
     }
 
     async fn check_one(&self, name: &str, service: Service) {
-        let Some(breaker) = self.breakers.get(&(name.to_owned(), service)) else {
+        let Some(breaker) = self
+            .members()
+            .breakers
+            .get(&(name.to_owned(), service))
+            .cloned()
+        else {
             return;
         };
         let header = self

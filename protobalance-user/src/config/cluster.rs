@@ -67,7 +67,7 @@ pub struct DomainConfig {
     pub unknown_mailbox: DomainPolicy,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// Stable identifier stored in the directory; renaming a backend orphans its mailboxes.
@@ -111,7 +111,7 @@ pub struct BackendConfig {
 }
 
 /// The protocol inbound mail is handed on in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Delivery {
     #[default]
@@ -286,6 +286,16 @@ pub(super) fn validate_backends(
         }
     }
     Ok(())
+}
+
+/// Checks one backend defined at run time (API) the way the config file's are checked;
+/// the message names the field.
+pub fn validate_backend(backend: &BackendConfig) -> Result<(), String> {
+    let mut one = [backend.clone()];
+    validate_backends(&mut one, Path::new("/")).map_err(|p| {
+        let field = p.key.rsplit_once('.').map_or(p.key.as_str(), |(_, f)| f);
+        format!("`{field}`: {}", p.message)
+    })
 }
 
 /// `[health]`: active checks and the circuit breaker of every backend service.

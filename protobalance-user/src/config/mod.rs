@@ -10,7 +10,9 @@ mod cluster;
 mod listeners;
 
 pub use api::{ApiAccess, ApiConfig, ApiTokenConfig};
-pub use cluster::{BackendConfig, Delivery, DirectoryConfig, DomainConfig, HealthConfig};
+pub use cluster::{
+    BackendConfig, Delivery, DirectoryConfig, DomainConfig, HealthConfig, validate_backend,
+};
 pub use listeners::{
     CertificateConfig, LimitsConfig, ListenerConfig, Protocol, SubmissionConfig, TlsMode,
 };

@@ -129,6 +129,8 @@ pub enum DirectoryError {
     DomainInUse { domain: String, mailboxes: u64 },
     #[error("backend `{backend}` still owns {mailboxes} mailboxes: move or delete them first")]
     BackendInUse { backend: String, mailboxes: u64 },
+    #[error("backend `{0}` exists")]
+    BackendExists(String),
 }
 
 /// The durable store. Methods are async so network stores (PostgreSQL) fit; the SQLite
@@ -230,6 +232,28 @@ pub trait MailboxDirectory: Send + Sync + 'static {
 
     /// Number of mailboxes in all.
     fn mailbox_count(&self) -> impl Future<Output = Result<u64, DirectoryError>> + Send;
+
+    /// Adds a backend defined at run time (API) with its definition `spec` (TOML), so it is
+    /// known again after a restart; [`DirectoryError::BackendExists`] when the name is taken.
+    fn add_backend(
+        &self,
+        name: &str,
+        capacity: u32,
+        spec: &str,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    /// Replaces the capacity and definition of a backend added at run time.
+    fn update_backend_spec(
+        &self,
+        name: &str,
+        capacity: u32,
+        spec: &str,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    /// `(name, spec)` of every backend added at run time.
+    fn backend_specs(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, String)>, DirectoryError>> + Send;
 }
 
 /// Where a login or recipient goes.

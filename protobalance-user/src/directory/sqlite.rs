@@ -287,6 +287,64 @@ impl MailboxDirectory for SqliteDirectory {
             .await
     }
 
+    async fn add_backend(
+        &self,
+        name: &str,
+        capacity: u32,
+        spec: &str,
+    ) -> Result<(), DirectoryError> {
+        let (name, spec) = (name.to_owned(), spec.to_owned());
+        self.blocking(move |conn| {
+            let added = conn
+                .execute(
+                    "INSERT INTO backends (name, capacity, spec) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO NOTHING",
+                    params![name, capacity, spec],
+                )
+                .map_err(store_err)?;
+            if added == 0 {
+                return Err(DirectoryError::BackendExists(name));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn update_backend_spec(
+        &self,
+        name: &str,
+        capacity: u32,
+        spec: &str,
+    ) -> Result<(), DirectoryError> {
+        let (name, spec) = (name.to_owned(), spec.to_owned());
+        self.blocking(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE backends SET capacity = ?2, spec = ?3 WHERE name = ?1",
+                    params![name, capacity, spec],
+                )
+                .map_err(store_err)?;
+            if changed == 0 {
+                return Err(DirectoryError::UnknownBackend(name));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn backend_specs(&self) -> Result<Vec<(String, String)>, DirectoryError> {
+        self.blocking(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT name, spec FROM backends WHERE spec IS NOT NULL ORDER BY name")
+                .map_err(store_err)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(store_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(store_err)
+        })
+        .await
+    }
+
     async fn mailbox_count(&self) -> Result<u64, DirectoryError> {
         self.blocking(|conn| Self::mailbox_count_blocking(conn))
             .await

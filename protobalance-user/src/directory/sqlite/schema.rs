@@ -8,6 +8,9 @@
 //!    in-use checks before deleting either, and the foreign-key check when a backend row is
 //!    deleted would otherwise scan every mailbox.
 //!
+//! 3. `backends.spec`: the definition (TOML of a `[[backend]]`) of a backend added through
+//!    the API; `NULL` for the config file's backends.
+//!
 //! `domain` is a VIRTUAL generated column rather than one written on insert: SQLite derives
 //! it, so no writer (the import, a future tool) can forget it or get it wrong, and adding it
 //! to a layout-1 file is a change to the schema alone — no backfill; building the index
@@ -78,6 +81,17 @@ pub(super) fn prepare(conn: &mut Connection) -> Result<(), DirectoryError> {
         .map_err(store_err)?;
     if !has_domain {
         tx.execute_batch(ADD_DOMAIN).map_err(store_err)?;
+    }
+    let has_spec: bool = tx
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('backends') WHERE name = 'spec')",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(store_err)?;
+    if !has_spec {
+        tx.execute_batch("ALTER TABLE backends ADD COLUMN spec TEXT;")
+            .map_err(store_err)?;
     }
     tx.execute_batch(INDEXES).map_err(store_err)?;
     tx.commit().map_err(store_err)
