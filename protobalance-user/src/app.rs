@@ -92,18 +92,6 @@ impl App {
             )),
             _ => None,
         };
-        let api = match directory {
-            Some(directory) => Some(
-                crate::api::ApiState::new(
-                    config,
-                    directory,
-                    proxy.as_ref().map(|p| Arc::clone(&p.pool)),
-                    registry.clone(),
-                )
-                .map_err(AppError::Api)?,
-            ),
-            None => None,
-        };
         let xdp = match validated.config.xdp.interface.clone() {
             Some(iface) => {
                 let syn_ports = syn_limited_ports(&validated.config.xdp, &mail);
@@ -119,6 +107,19 @@ impl App {
                 tracing::info!("no xdp.interface configured: kernel filter not loaded");
                 None
             }
+        };
+        let api = match directory {
+            Some(directory) => Some(
+                crate::api::ApiState::new(
+                    &validated.config,
+                    directory,
+                    proxy.as_ref().map(|p| Arc::clone(&p.pool)),
+                    xdp.as_ref().map(|(_, filter)| filter.ban_handle()),
+                    registry.clone(),
+                )
+                .map_err(AppError::Api)?,
+            ),
+            None => None,
         };
         Ok(Self {
             validated,

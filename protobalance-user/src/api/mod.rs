@@ -12,6 +12,7 @@
 //! * Changes go to the directory store (durable, live at once).
 
 mod backends;
+mod bans;
 mod domains;
 mod mailboxes;
 mod stats;
@@ -53,6 +54,8 @@ pub struct ApiState {
     pub config_backends: Vec<String>,
     pub config_domains: Vec<String>,
     pub registry: Registry,
+    /// The kernel filter's ban maps, when the filter is loaded.
+    pub bans: Option<Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>>,
     pub max_body_octets: u64,
     pub max_import_octets: u64,
 }
@@ -63,6 +66,7 @@ impl ApiState {
         config: &Config,
         directory: Arc<Directory<SqliteDirectory>>,
         pool: Option<Arc<BackendPool>>,
+        bans: Option<Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>>,
         registry: Registry,
     ) -> Result<Self, String> {
         let tokens = config
@@ -84,6 +88,7 @@ impl ApiState {
             config_backends: config.backends.iter().map(|b| b.name.clone()).collect(),
             config_domains: config.domains.iter().map(|d| d.name.clone()).collect(),
             registry,
+            bans,
             max_body_octets: config.api.max_body_octets,
             max_import_octets: config.api.max_import_octets,
         })
@@ -271,13 +276,16 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         (&Method::PUT, ["backends", name]) => backends::update(state, name, req.into_body()).await,
         (&Method::DELETE, ["backends", name]) => backends::delete(state, name).await,
         (&Method::GET, ["stats"]) => Ok(stats::get(state).await),
-        (_, ["mailboxes" | "domains" | "backends" | "stats", ..]) => Err(ApiError::new(
+        (&Method::GET, ["bans"]) => bans::list(state).await,
+        (&Method::POST, ["bans"]) => bans::create(state, req.into_body()).await,
+        (&Method::DELETE, ["bans", target]) => bans::delete(state, target).await,
+        (_, ["mailboxes" | "domains" | "backends" | "stats" | "bans", ..]) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("{method} is not defined for {path}; see docs/api.md"),
         )),
         _ => Err(ApiError::not_found(format!(
-            "no resource {path}; the API has {PREFIX}mailboxes, domains, backends and stats"
+            "no resource {path}; the API has {PREFIX}mailboxes, domains, backends, bans and stats"
         ))),
     }
 }

@@ -36,6 +36,35 @@ pub enum BanTarget {
     Ipv6Net64(Ipv6Addr),
 }
 
+impl BanTarget {
+    /// `198.51.100.7`, `2001:db8::7`, or `2001:db8:1:2::/64` (a whole IPv6 /64).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(net) = text.strip_suffix("/64") {
+            return net
+                .parse()
+                .map(|a: Ipv6Addr| Self::Ipv6Net64(net64_base(a)))
+                .map_err(|_| format!("`{text}`: expected an IPv6 /64 like 2001:db8:1:2::/64"));
+        }
+        text.parse()
+            .map(Self::Address)
+            .map_err(|_| format!("`{text}` is not an IP address (or IPv6 /64)"))
+    }
+}
+
+impl std::fmt::Display for BanTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Address(a) => write!(f, "{a}"),
+            Self::Ipv6Net64(a) => write!(f, "{}/64", net64_base(*a)),
+        }
+    }
+}
+
+/// The first address of `a`'s /64.
+fn net64_base(a: Ipv6Addr) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1))
+}
+
 /// A ban as read back from the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ban {
