@@ -43,8 +43,23 @@ pub const BAN_SYN_ONLY: u32 = 1;
 
 /// Name of the per-CPU verdict counters (array indexed by [`Counter`], value [`CounterValue`]).
 pub const MAP_COUNTERS: &str = "PB_COUNTERS";
+/// Name of the per-list hit counters: a per-CPU array indexed by [`BlockEntry::list_id`]
+/// (`0..LISTS_MAX`), value: packets dropped by a blocklist entry of that list.
+pub const MAP_LIST_HITS: &str = "PB_LIST_HITS";
+/// Name of the list names: an array indexed by list id, value [`ListName`]. Only user
+/// space reads and writes it (the program never looks at it); it lives in the object so it
+/// is created and pinned with the other maps, and a restart keeps each name on its id.
+pub const MAP_LIST_NAMES: &str = "PB_LIST_NAMES";
+/// List ids with their own hit counter and name: `0..LISTS_MAX`. An entry with a larger
+/// id still drops, but is counted only in the verdict counters.
+pub const LISTS_MAX: u32 = 64;
+/// Bytes of a list name.
+pub const LIST_NAME_LEN: usize = 64;
+/// A list name: UTF-8, NUL-padded; all zeros = no list has this id.
+pub type ListName = [u8; LIST_NAME_LEN];
+
 /// Every map the loader pins under `xdp.pin_dir` (and `filter unload` removes).
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 14] = [
     MAP_BLOCK_V4,
     MAP_BLOCK_V6,
     MAP_ALLOW_V4,
@@ -57,6 +72,8 @@ pub const PINNED_MAPS: [&str; 12] = [
     MAP_SYN_PORTS,
     MAP_SYN_BUCKETS,
     MAP_SYN_PENALTY,
+    MAP_LIST_HITS,
+    MAP_LIST_NAMES,
 ];
 
 /// Name of the XDP program inside the object file.
@@ -65,7 +82,8 @@ pub const PROG_XDP: &str = "protobalance";
 /// Capacity of each blocklist trie. Large enough for full public DROP/EDROP-style lists.
 pub const BLOCKLIST_MAX_ENTRIES: u32 = 262_144;
 
-/// What a blocklist entry carries: which list it came from, so drops can be attributed.
+/// What a blocklist entry carries: which list it came from, so drops can be attributed
+/// (see [`MAP_LIST_HITS`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlockEntry {

@@ -6,7 +6,7 @@
 //! under an unexpired ban (hash of the address, for IPv6 also of its /64) → drop, or only
 //! its new connections (SYN without ACK) for a SYN-only ban; a SYN to a mail port from a
 //! source over its SYN rate, or in the SYN penalty map → drop ([`syn_limit`]); count every
-//! verdict in a per-CPU array. Anything we cannot parse is *passed* (and counted as
+//! verdict in a per-CPU array, and blocklist drops per list id in another. Anything we cannot parse is *passed* (and counted as
 //! malformed) so the kernel stack decides: a parser bug must never black-hole traffic, and the
 //! program never returns `XDP_ABORTED`.
 // Built for bpfel-unknown-none by protobalance-user's build.rs. On the host (cargo clippy
@@ -21,12 +21,12 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use protobalance_common::{
     ALLOWLIST_MAX_ENTRIES, BAN_ALL, BANS_MAX_ENTRIES, BLOCKLIST_MAX_ENTRIES, BanEntry, BlockEntry,
-    Counter, CounterValue,
+    Counter, CounterValue, LISTS_MAX, ListName,
 };
 
 use crate::{
@@ -61,6 +61,14 @@ static PB_BANS_V6_64: HashMap<[u8; 8], BanEntry> = HashMap::with_max_entries(BAN
 #[map]
 static PB_COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+/// Drops per blocklist list id (bounded: ids from LISTS_MAX on are not counted per list).
+#[map]
+static PB_LIST_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LISTS_MAX, 0);
+
+/// List names by id: user space only (see protobalance_common::MAP_LIST_NAMES).
+#[map]
+static PB_LIST_NAMES: Array<ListName> = Array::with_max_entries(LISTS_MAX, 0);
+
 #[xdp]
 pub fn protobalance(ctx: XdpContext) -> u32 {
     let (counter, action) = classify(&ctx);
@@ -79,7 +87,8 @@ fn classify(ctx: &XdpContext) -> (Counter, u32) {
     if is_allowlisted(&source) {
         return (Counter::PassAllowlist, PASS);
     }
-    if is_blocklisted(&source) {
+    if let Some(list_id) = blocklist_id(&source) {
+        count_list_hit(list_id);
         return (Counter::DropBlocklist, DROP);
     }
     if is_banned(&source, matches!(l4, L4::TcpSyn { .. })) {
@@ -109,10 +118,21 @@ fn is_allowlisted(source: &Source) -> bool {
     }
 }
 
-fn is_blocklisted(source: &Source) -> bool {
-    match source {
-        Source::V4(addr) => PB_BLOCK_V4.get(Key::new(32, *addr)).is_some(),
-        Source::V6(addr) => PB_BLOCK_V6.get(Key::new(128, *addr)).is_some(),
+/// The list id of the longest blocklist entry containing the source.
+fn blocklist_id(source: &Source) -> Option<u32> {
+    let entry = match source {
+        Source::V4(addr) => PB_BLOCK_V4.get(Key::new(32, *addr)),
+        Source::V6(addr) => PB_BLOCK_V6.get(Key::new(128, *addr)),
+    };
+    entry.map(|e| e.list_id)
+}
+
+fn count_list_hit(list_id: u32) {
+    // An id outside the array fails the lookup: bounded by the map itself.
+    if let Some(slot) = PB_LIST_HITS.get_ptr_mut(list_id) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup; only this CPU
+        // writes its slot while the program runs.
+        unsafe { *slot += 1 };
     }
 }
 

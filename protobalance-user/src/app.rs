@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use prometheus::{IntGaugeVec, Opts, Registry};
+use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -19,8 +19,8 @@ use crate::{
     proxy::{ProxyContext, ProxyMetrics, admission::Admission, listener},
 };
 
-/// List id of entries that come from the config file (`xdp.blocklist`, `xdp.blocklist_files`).
-pub const CONFIG_LIST_ID: u32 = 1;
+/// List id of the inline `xdp.blocklist`; each of `xdp.blocklist_files` gets its own.
+pub const CONFIG_LIST_ID: u32 = crate::filter::xdp::INLINE_LIST_ID;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -219,11 +219,14 @@ fn syn_limited_ports(cfg: &XdpConfig, mail: &[(Protocol, TlsMode, TcpListener)])
 fn start_xdp(validated: &Validated, iface: &str, syn_ports: &[u16]) -> Result<XdpFilter, XdpError> {
     let cfg = &validated.config.xdp;
     let mut filter = XdpFilter::load(cfg.pin_dir.as_deref())?;
-    // With pinned maps the previous run's config entries are still there: replace the list.
+    // With pinned maps the previous run's config entries are still there: replace the lists.
     filter.replace_allowlist(&validated.allowlist)?;
-    let removed = filter.replace_list(CONFIG_LIST_ID, &validated.blocklist)?;
-    if removed > 0 {
-        tracing::info!(%iface, removed, "removed blocklist entries no longer in the config");
+    let replaced = filter.replace_named_lists(&cfg.blocklists)?;
+    if replaced.removed > 0 || !replaced.dropped.is_empty() {
+        tracing::info!(
+            %iface, removed = replaced.removed, lists_dropped = ?replaced.dropped,
+            "removed blocklist entries no longer in the config"
+        );
     }
     // Set before attaching, like the lists, so the program never runs with a stale limit
     // (with pinned maps, the previous run's settings and ports are still there).
@@ -263,18 +266,10 @@ fn register_xdp_metrics(
         iface: iface.to_owned(),
         source: Box::new(source),
     };
-    let (v4, v6) = filter.blocklist_len().map_err(xdp_error)?;
-    tracing::info!(%iface, v4, v6, "blocklist loaded");
-    let entries = IntGaugeVec::new(
-        Opts::new(
-            "protobalance_xdp_blocklist_entries",
-            "Entries in the kernel blocklist tries",
-        ),
-        &["family"],
-    )?;
-    entries.with_label_values(&["ipv4"]).set(v4 as i64);
-    entries.with_label_values(&["ipv6"]).set(v6 as i64);
-    registry.register(Box::new(entries))?;
+    let sizes = filter.list_sizes().map_err(xdp_error)?;
+    let names = filter.list_names().map_err(xdp_error)?;
+    tracing::info!(%iface, v4 = sizes.v4, v6 = sizes.v6, lists = ?names, "blocklist loaded");
+    metrics::register_blocklist_sizes(registry, &sizes, &names)?;
     registry.register(Box::new(metrics::XdpCollector::new(
         filter.counter_handle(),
     )?))?;

@@ -9,7 +9,7 @@ use prometheus::{
 
 use crate::{
     directory::{Directory, sqlite::SqliteDirectory},
-    filter::xdp::{BanMaps, CounterHandle, SynLimiter},
+    filter::xdp::{BanMaps, CounterHandle, ListSizes, SynLimiter, label_by_list},
 };
 
 /// Build/identity gauge, so dashboards can tell which version is running.
@@ -33,6 +33,54 @@ pub struct XdpCollector {
     packets: IntCounterVec,
     bytes: IntCounterVec,
     penalty_full: prometheus::IntCounter,
+    list_hits: IntCounterVec,
+}
+
+/// Blocklist sizes at start-up: per family, and per list (by name).
+pub fn register_blocklist_sizes(
+    registry: &Registry,
+    sizes: &ListSizes,
+    names: &[(u32, String)],
+) -> prometheus::Result<()> {
+    let entries = IntGaugeVec::new(
+        Opts::new(
+            "protobalance_xdp_blocklist_entries",
+            "Entries in the kernel blocklist tries",
+        ),
+        &["family"],
+    )?;
+    entries.with_label_values(&["ipv4"]).set(sizes.v4 as i64);
+    entries.with_label_values(&["ipv6"]).set(sizes.v6 as i64);
+    registry.register(Box::new(entries))?;
+    let per_list = IntGaugeVec::new(
+        Opts::new(
+            "protobalance_xdp_list_entries",
+            "Entries of each blocklist in the kernel at start-up (a CIDR in two lists counts \
+             for the later one)",
+        ),
+        &["list"],
+    )?;
+    let counts: Vec<(u32, u64)> = sizes
+        .per_list
+        .iter()
+        .map(|(id, n)| (*id, *n as u64))
+        .collect();
+    for (list, n) in label_by_list(names, &counts) {
+        per_list
+            .with_label_values(&[list.as_str()])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    registry.register(Box::new(per_list))
+}
+
+fn list_hits_vec() -> prometheus::Result<IntCounterVec> {
+    IntCounterVec::new(
+        Opts::new(
+            "protobalance_xdp_list_hits_total",
+            "Packets dropped by an entry of each blocklist (`#<id>` for entries of no named list)",
+        ),
+        &["list"],
+    )
 }
 
 fn penalty_full_counter() -> prometheus::Result<prometheus::IntCounter> {
@@ -62,6 +110,7 @@ impl XdpCollector {
             packets: xdp_vec("packets")?,
             bytes: xdp_vec("bytes")?,
             penalty_full: penalty_full_counter()?,
+            list_hits: list_hits_vec()?,
         })
     }
 }
@@ -71,6 +120,7 @@ impl Collector for XdpCollector {
         let mut descs = self.packets.desc();
         descs.extend(self.bytes.desc());
         descs.extend(self.penalty_full.desc());
+        descs.extend(self.list_hits.desc());
         descs
     }
 
@@ -101,7 +151,27 @@ impl Collector for XdpCollector {
         let mut families = packets.collect();
         families.extend(bytes.collect());
         families.extend(penalty_full.collect());
+        families.extend(self.collect_list_hits());
         families
+    }
+}
+
+impl XdpCollector {
+    fn collect_list_hits(&self) -> Vec<MetricFamily> {
+        let hits = match self.handle.list_hits() {
+            Ok(hits) => hits,
+            Err(error) => {
+                tracing::warn!(%error, "reading XDP list counters failed");
+                return Vec::new();
+            }
+        };
+        let Ok(vec) = list_hits_vec() else {
+            return Vec::new();
+        };
+        for (list, n) in hits {
+            vec.with_label_values(&[list.as_str()]).inc_by(n);
+        }
+        vec.collect()
     }
 }
 
@@ -237,6 +307,75 @@ impl BanSweeper {
                 self.penalised.set(i64::try_from(left).unwrap_or(i64::MAX));
             }
             Err(error) => tracing::warn!(%error, "sweeping expired SYN penalties failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus::{Encoder as _, TextEncoder};
+
+    use super::*;
+    use crate::filter::{blocklist::NamedList, xdp::XdpFilter};
+
+    fn render(registry: &Registry) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&registry.gather(), &mut out)
+            .expect("encode");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn list_metrics_carry_list_names() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP list_metrics_carry_list_names: not root, cannot load BPF programs");
+            return;
+        }
+        let mut filter = XdpFilter::load(None).expect("load");
+        let list = |name: &str, nets: &[&str]| NamedList {
+            name: name.to_owned(),
+            entries: nets.iter().map(|n| n.parse().expect("cidr")).collect(),
+        };
+        filter
+            .replace_named_lists(&[
+                list("xdp.blocklist", &["192.0.2.0/24"]),
+                list("drop.txt", &["203.0.113.0/24", "2001:db8:bad::/48"]),
+            ])
+            .expect("lists");
+        filter
+            .block("198.51.100.0/24".parse().expect("cidr"), 9)
+            .expect("block");
+        for src in ["203.0.113.1", "2001:db8:bad::1", "198.51.100.1"] {
+            let frame = crate::filter::xdp::syn_frame(src.parse().expect("ip"), 25);
+            assert_eq!(
+                filter.test_run(&frame, 1).expect("run").0,
+                1,
+                "{src} dropped"
+            );
+        }
+        let registry = Registry::new();
+        let sizes = filter.list_sizes().expect("sizes");
+        let names = filter.list_names().expect("names");
+        register_blocklist_sizes(&registry, &sizes, &names).expect("sizes");
+        registry
+            .register(Box::new(
+                XdpCollector::new(filter.counter_handle()).expect("collector"),
+            ))
+            .expect("register");
+        let text = render(&registry);
+        for line in [
+            "protobalance_xdp_list_hits_total{list=\"drop.txt\"} 2",
+            "protobalance_xdp_list_hits_total{list=\"xdp.blocklist\"} 0",
+            "protobalance_xdp_list_hits_total{list=\"#9\"} 1",
+            "protobalance_xdp_list_entries{list=\"drop.txt\"} 2",
+            "protobalance_xdp_list_entries{list=\"xdp.blocklist\"} 1",
+            "protobalance_xdp_list_entries{list=\"#9\"} 1",
+            "protobalance_xdp_blocklist_entries{family=\"ipv4\"} 3",
+            "protobalance_xdp_packets_total{reason=\"blocklist\",verdict=\"drop\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Property test: random frames through the real XDP program (`BPF_PROG_TEST_RUN`) against
 //! random rule sets loaded into its maps; for every frame the program's action and verdict
-//! counter must equal the user-space reference model's (`filter::xdp::model`), and the
-//! program never returns `XDP_ABORTED`.
+//! counter must equal the user-space reference model's (`filter::xdp::model`), the program
+//! never returns `XDP_ABORTED`, and its per-list drop counters match the model's verdicts.
 //!
 //! Frames come from a grammar biased towards the interesting cases: sources inside, at the
 //! edge of and outside the configured CIDRs and bans, 0–3 VLAN tags, IPv6 extension-header
@@ -30,7 +30,7 @@ use protobalance::filter::{
         monotonic_ns,
     },
 };
-use protobalance_common::{BAN_ALL, BAN_SYN_ONLY, BanEntry, Counter, SynLimitConfig};
+use protobalance_common::{BAN_ALL, BAN_SYN_ONLY, BanEntry, Counter, LISTS_MAX, SynLimitConfig};
 
 const HOUR_NS: u64 = 3_600_000_000_000;
 const FRAMES_PER_ROUND: usize = 400;
@@ -631,6 +631,7 @@ fn random_frames_get_the_models_verdict() {
             ..SynState::default()
         };
         let mut before = packets(&filter);
+        let mut list_hits = [0u64; LISTS_MAX as usize];
         let mut frame = Vec::new();
         for index in 0..FRAMES_PER_ROUND {
             // Sometimes the same frame again (a retransmitted SYN runs a bucket dry).
@@ -663,6 +664,11 @@ fn random_frames_get_the_models_verdict() {
                 );
             }
             seen[d1.counter as usize] += 1;
+            if let Rule::Blocklist { list_id, .. } = d1.rule
+                && list_id < LISTS_MAX
+            {
+                list_hits[list_id as usize] += 1;
+            }
             state = late;
             if let Some(source) = limiter_source(&d1).or_else(|| {
                 matches!(d1.rule, Rule::NoMatch { syn_limited: true })
@@ -672,6 +678,16 @@ fn random_frames_get_the_models_verdict() {
                 sync_source(&filter, &mut state, source);
             }
         }
+        let expected: Vec<(u32, u64)> = (0..LISTS_MAX)
+            .zip(list_hits)
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        assert_eq!(
+            filter.list_hits().expect("list hits"),
+            expected,
+            "per-list drops (seed {seed}, round {round}); rules: {:#?}",
+            world.rules
+        );
     }
     let frames = rounds * FRAMES_PER_ROUND;
     eprintln!(

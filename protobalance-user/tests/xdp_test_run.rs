@@ -1,13 +1,17 @@
 //! The XDP program without a NIC: hand-built frames through `BPF_PROG_TEST_RUN`, verdicts and
-//! counters checked: blocklist, allowlist, bans, parsing, and the SYN limiter. Needs root (CAP_BPF + CAP_NET_ADMIN); skips loudly without it.
+//! counters checked: blocklist, allowlist, bans, parsing, the SYN limiter, `explain`, and the
+//! per-list counters. Needs root (CAP_BPF + CAP_NET_ADMIN); skips loudly without it.
 
 use std::{net::IpAddr, time::Duration};
 
 use protobalance::filter::{
+    blocklist::NamedList,
     cidr::Cidr,
     xdp::{BanMode, BanTarget, SynLimit, SynSource, XdpFilter, monotonic_ns},
 };
-use protobalance_common::{BanEntry, Counter, SYN_BUCKETS_MAX_ENTRIES, SYN_PENALTY_MAX_ENTRIES};
+use protobalance_common::{
+    BanEntry, Counter, LISTS_MAX, SYN_BUCKETS_MAX_ENTRIES, SYN_PENALTY_MAX_ENTRIES,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -1150,4 +1154,131 @@ fn explain_works_on_pinned_maps_and_from_the_cli() {
         !std::path::Path::new("/sys/fs/bpf/pbt-nonexistent").exists(),
         "explain created nothing"
     );
+}
+
+// ---- per-list counters ---------------------------------------------------------------------
+
+#[test]
+fn blocklist_drops_are_counted_per_list() {
+    let Some(mut filter) = load() else { return };
+    for (net, list) in [
+        ("203.0.113.0/24", 2),
+        ("203.0.113.128/25", 5),
+        ("2001:db8:bad::/48", 3),
+        ("198.51.100.0/24", LISTS_MAX),
+        ("192.0.2.0/24", 0),
+    ] {
+        filter.block(cidr(net), list).expect("block");
+    }
+    for src in [
+        "203.0.113.1",
+        "203.0.113.2",
+        "203.0.113.129",
+        "2001:db8:bad::1",
+        "2001:db8:bad:ffff::2",
+        "198.51.100.5",
+        "192.0.2.1",
+        "198.51.99.1",
+    ] {
+        verdict(&filter, &frame_from(ip(src)));
+    }
+    assert_eq!(
+        filter.list_hits().expect("hits"),
+        [(0, 1), (2, 2), (3, 2), (5, 1)],
+        "the longest prefix's list is counted; ids from LISTS_MAX on are not"
+    );
+    assert_eq!(value(&filter, Counter::DropBlocklist), 7);
+    let sizes = filter.list_sizes().expect("sizes");
+    assert_eq!((sizes.v4, sizes.v6), (4, 1));
+    assert_eq!(sizes.per_list.get(&2), Some(&1));
+    assert_eq!(sizes.per_list.get(&LISTS_MAX), Some(&1));
+}
+
+fn named(name: &str, entries: &[&str]) -> NamedList {
+    NamedList {
+        name: name.to_owned(),
+        entries: entries.iter().map(|s| cidr(s)).collect(),
+    }
+}
+
+#[test]
+fn named_lists_keep_their_ids_and_counters_across_restarts() {
+    if load().is_none() {
+        return;
+    }
+    let dir = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/pbt-{}-lists",
+        std::process::id()
+    )));
+    let mut filter = XdpFilter::load(Some(&dir.0)).expect("load with pins");
+    let replaced = filter
+        .replace_named_lists(&[
+            named("xdp.blocklist", &["10.0.0.0/8"]),
+            named("a.txt", &["203.0.113.0/24"]),
+            named("b.txt", &["2001:db8:bad::/48", "192.0.2.0/24"]),
+        ])
+        .expect("replace");
+    let ids: Vec<u32> = replaced.ids.iter().map(|(_, id)| *id).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    for src in [
+        "10.1.1.1",
+        "203.0.113.7",
+        "2001:db8:bad::7",
+        "2001:db8:bad::8",
+    ] {
+        assert_eq!(verdict(&filter, &frame_from(ip(src))), XDP_DROP, "{src}");
+    }
+    assert_eq!(filter.list_hits().expect("hits"), [(1, 1), (2, 1), (3, 2)]);
+    drop(filter);
+
+    // The next start: b.txt first among the files, a.txt gone, c.txt new and holding one
+    // of b's networks (the later list wins it), nothing inline.
+    let mut filter = XdpFilter::load(Some(&dir.0)).expect("load again");
+    let replaced = filter
+        .replace_named_lists(&[
+            named("xdp.blocklist", &[]),
+            named("b.txt", &["2001:db8:bad::/48", "192.0.2.0/24"]),
+            named("c.txt", &["198.51.100.0/24", "192.0.2.0/24"]),
+        ])
+        .expect("replace");
+    let ids: Vec<u32> = replaced.ids.iter().map(|(_, id)| *id).collect();
+    assert_eq!(ids, [1, 3, 4], "b keeps its id, c gets one no list had");
+    assert_eq!(replaced.dropped, ["a.txt"]);
+    assert_eq!(replaced.removed, 2, "10.0.0.0/8 and a.txt's 203.0.113.0/24");
+    assert_eq!(
+        filter.list_names().expect("names"),
+        [
+            (1, "xdp.blocklist".to_owned()),
+            (3, "b.txt".to_owned()),
+            (4, "c.txt".to_owned())
+        ]
+    );
+    assert_eq!(
+        filter.list_hits().expect("hits"),
+        [(1, 1), (3, 2)],
+        "b's count survived the restart; a's went with it"
+    );
+    for (src, want) in [
+        ("10.1.1.1", XDP_PASS),
+        ("203.0.113.7", XDP_PASS),
+        ("2001:db8:bad::9", XDP_DROP),
+        ("192.0.2.9", XDP_DROP),
+        ("198.51.100.9", XDP_DROP),
+    ] {
+        assert_eq!(verdict(&filter, &frame_from(ip(src))), want, "{src}");
+    }
+    assert_eq!(
+        filter.list_hits().expect("hits"),
+        [(1, 1), (3, 3), (4, 2)],
+        "192.0.2.0/24 now counts for c.txt"
+    );
+    let explained = filter.explain(ip("192.0.2.9"), 25).expect("explain");
+    assert!(
+        explained
+            .to_string()
+            .ends_with("blocklist entry 192.0.2.0/24 (list c.txt, id 4)"),
+        "{explained}"
+    );
+    let counts = filter.list_sizes().expect("sizes").per_list;
+    assert_eq!((counts.get(&3), counts.get(&4)), (Some(&1), Some(&2)));
 }

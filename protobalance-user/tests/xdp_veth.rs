@@ -87,19 +87,32 @@ struct Proxy {
     guard: ChildGuard,
     admin: SocketAddr,
     _dir: tempfile::TempDir,
+    /// Blocklist files named in the config.
+    _lists: Option<tempfile::TempDir>,
 }
+
+/// The blocklist file `start` writes: the namespace's IPv6 address (a list of its own, so
+/// drops are counted per list: this one and the inline `xdp.blocklist`).
+const V6_LIST: &str = "bots-v6.txt";
 
 fn start(net: &Net, mode: &str, pin_dir: Option<&Path>) -> Proxy {
     let pin = pin_dir
         .map(|p| format!("pin_dir = \"{}\"\n", p.display()))
         .unwrap_or_default();
+    let lists = tempfile::tempdir().expect("tempdir");
+    let v6_list = lists.path().join(V6_LIST);
+    std::fs::write(&v6_list, format!("# test bots\n{}/128\n", net.subnet.ns_v6))
+        .expect("write blocklist file");
     let xdp = format!(
-        "[xdp]\ninterface = \"{}\"\nmode = \"{mode}\"\n{pin}blocklist = [\"{}/32\", \"{}/128\"]\n",
+        "[xdp]\ninterface = \"{}\"\nmode = \"{mode}\"\n{pin}blocklist = [\"{}/32\"]\n\
+         blocklist_files = [\"{}\"]\n",
         net.iface(),
         net.bot_v4,
-        net.subnet.ns_v6
+        v6_list.display()
     );
-    start_with(&xdp)
+    let mut proxy = start_with(&xdp);
+    proxy._lists = Some(lists);
+    proxy
 }
 
 /// Starts protobalance with `rest` (TOML sections) after `[admin]` and `[shutdown]`, and
@@ -126,6 +139,7 @@ fn start_with(rest: &str) -> Proxy {
         guard,
         admin,
         _dir: dir,
+        _lists: None,
     };
     // The admin socket is bound early, but answers only once start-up (XDP attach) is done.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -200,10 +214,14 @@ fn filtered_connects(mode: &str, expect_attachment: &str, stop_signal: &str) {
         !net.connects(IpAddr::V6(net.subnet.ns_v6), v6),
         "blocklisted IPv6 source is dropped"
     );
-    assert!(
-        drop_count(&metrics(proxy.admin)) >= 2,
-        "drops visible on /metrics"
-    );
+    let text = metrics(proxy.admin);
+    assert!(drop_count(&text) >= 2, "drops visible on /metrics");
+    for list in ["xdp.blocklist", V6_LIST] {
+        let hits = format!("protobalance_xdp_list_hits_total{{list=\"{list}\"}}");
+        assert!(sample(&text, &hits) >= 1, "drops counted for list {list}");
+        let entries = format!("protobalance_xdp_list_entries{{list=\"{list}\"}}");
+        assert_eq!(sample(&text, &entries), 1, "one entry in list {list}");
+    }
 
     process::signal(proxy.guard.id(), stop_signal);
     let status = proxy

@@ -25,7 +25,11 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::filter::{blocklist, cidr::Cidr, xdp::AttachMode};
+use crate::filter::{
+    blocklist::{self, NamedList},
+    cidr::Cidr,
+    xdp::AttachMode,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,6 +222,10 @@ pub struct XdpConfig {
     /// Destination ports the limiter watches; empty = the ports of the `[[listener]]`s.
     #[serde(default)]
     pub syn_limited_ports: Vec<u16>,
+    /// The blocklists one by one, filled in by validation: `blocklist` first, then one per
+    /// file (named by its file name); drops are counted per list. Not read from the file.
+    #[serde(skip)]
+    pub blocklists: Vec<NamedList>,
 }
 
 impl Default for XdpConfig {
@@ -234,6 +242,7 @@ impl Default for XdpConfig {
             syn_burst: default_syn_burst(),
             syn_penalty_seconds: default_syn_penalty_seconds(),
             syn_limited_ports: Vec::new(),
+            blocklists: Vec::new(),
         }
     }
 }
@@ -250,6 +259,29 @@ impl XdpConfig {
     pub const MAX_SYN_LIMITED_PORTS: usize = protobalance_common::SYN_PORTS_MAX_ENTRIES as usize;
     /// Highest `syn_rate_per_second` and `syn_burst`.
     pub const MAX_SYN_RATE: u32 = 1_000_000;
+
+    /// `blocklist` and each of `blocklist_files` as named lists (see [`blocklist::name_lists`]);
+    /// errors name the key.
+    fn named_blocklists(&self, base: &Path) -> Result<Vec<NamedList>, (String, String)> {
+        let max_files = protobalance_common::LISTS_MAX as usize - 2;
+        if self.blocklist_files.len() > max_files {
+            return Err((
+                "xdp.blocklist_files".into(),
+                format!(
+                    "{} files; the kernel counts drops for at most {max_files} lists: merge some",
+                    self.blocklist_files.len()
+                ),
+            ));
+        }
+        let inline = cidr_list(&self.blocklist, &[], "xdp.blocklist", base)?;
+        let mut files = Vec::with_capacity(self.blocklist_files.len());
+        for (i, file) in self.blocklist_files.iter().enumerate() {
+            let entries = blocklist::read(&base.join(file))
+                .map_err(|e| (format!("xdp.blocklist_files[{i}]"), e.to_string()))?;
+            files.push((file.as_path(), entries));
+        }
+        Ok(blocklist::name_lists(inline, files))
+    }
 
     /// The SYN limiter keys; `have_listeners` says whether an empty port list can be
     /// filled from the `[[listener]]`s.
@@ -470,8 +502,10 @@ impl Config {
                 ),
             ));
         }
-        let entries = cidr_list(&xdp.blocklist, &xdp.blocklist_files, "xdp.blocklist", base)
+        let blocklists = xdp
+            .named_blocklists(base)
             .map_err(|(key, message)| invalid(&key, message))?;
+        let entries: Vec<Cidr> = blocklists.iter().flat_map(|l| l.entries.clone()).collect();
         let allow = cidr_list(&xdp.allowlist, &xdp.allowlist_files, "xdp.allowlist", base)
             .map_err(|(key, message)| invalid(&key, message))?;
         if xdp.interface.is_none() && !(entries.is_empty() && allow.is_empty()) {
@@ -482,6 +516,7 @@ impl Config {
                     .into(),
             ));
         }
+        self.xdp.blocklists = blocklists;
         Ok(Validated {
             config: self,
             blocklist: entries,

@@ -28,10 +28,10 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use protobalance_common::{
-    BAN_SYN_ONLY, BanEntry, BlockEntry, Counter, CounterValue, MAP_ALLOW_V4, MAP_ALLOW_V6,
-    MAP_BANS_V4, MAP_BANS_V6, MAP_BANS_V6_64, MAP_BLOCK_V4, MAP_BLOCK_V6, MAP_COUNTERS,
-    MAP_SYN_BUCKETS, MAP_SYN_LIMIT_CONFIG, MAP_SYN_PENALTY, MAP_SYN_PORTS, PINNED_MAPS, PROG_XDP,
-    SYN_TOKEN, SynBucket, SynLimitConfig, SynSourceKey,
+    BAN_SYN_ONLY, BanEntry, BlockEntry, Counter, CounterValue, LISTS_MAX, ListName, MAP_ALLOW_V4,
+    MAP_ALLOW_V6, MAP_BANS_V4, MAP_BANS_V6, MAP_BANS_V6_64, MAP_BLOCK_V4, MAP_BLOCK_V6,
+    MAP_COUNTERS, MAP_LIST_NAMES, MAP_SYN_BUCKETS, MAP_SYN_LIMIT_CONFIG, MAP_SYN_PENALTY,
+    MAP_SYN_PORTS, PINNED_MAPS, PROG_XDP, SYN_TOKEN, SynBucket, SynLimitConfig, SynSourceKey,
 };
 
 use super::{
@@ -68,6 +68,8 @@ pub struct Explanation {
     pub counter: Counter,
     /// The rule that decided, named from the maps.
     pub rule: Rule,
+    /// The name of the blocklist whose entry decided, when that list has one.
+    pub list_name: Option<String>,
     /// The reference model's verdict when it differs from the program's: a bug in one of
     /// them (or a bucket refilling to a whole token in the microseconds between the two).
     pub model_disagrees: Option<Counter>,
@@ -109,9 +111,10 @@ impl fmt::Display for Explanation {
         )?;
         match self.rule {
             Rule::Allowlist { cidr, .. } => write!(f, "allowlist entry {cidr}")?,
-            Rule::Blocklist { cidr, list_id } => {
-                write!(f, "blocklist entry {cidr} (list {list_id})")?;
-            }
+            Rule::Blocklist { cidr, list_id } => match &self.list_name {
+                Some(name) => write!(f, "blocklist entry {cidr} (list {name}, id {list_id})")?,
+                None => write!(f, "blocklist entry {cidr} (list {list_id})")?,
+            },
             Rule::Ban { target, entry } => {
                 let target = match target {
                     BanTarget::Address(a) => a.to_string(),
@@ -224,12 +227,17 @@ pub fn explain_pinned(pin_dir: &Path, source: IpAddr, port: u16) -> Result<Expla
         let granted = bucket.take(&rules.syn, now_ns);
         bucket.tokens / SYN_TOKEN + u64::from(granted)
     });
+    let list_name = match decision.rule {
+        Rule::Blocklist { list_id, .. } => list_name(pin_dir, list_id)?,
+        _ => None,
+    };
     Ok(Explanation {
         source,
         port,
         action,
         counter,
         rule: decision.rule,
+        list_name,
         model_disagrees: (decision.counter != counter).then_some(decision.counter),
         syn: SynContext {
             limited_port,
@@ -443,6 +451,17 @@ fn longest<const N: usize, V: aya::Pod>(
         }
     }
     Ok(model::longest_prefix(&entries, ip).map(|(cidr, i)| (cidr, values[i as usize])))
+}
+
+/// The name of list `id`, if the names map is pinned (older pins lack it) and it has one.
+fn list_name(pin_dir: &Path, id: u32) -> Result<Option<String>, XdpError> {
+    if id >= LISTS_MAX || !pin_dir.join(MAP_LIST_NAMES).exists() {
+        return Ok(None);
+    }
+    let names: Array<MapData, ListName> = Array::try_from(open(pin_dir, MAP_LIST_NAMES)?)?;
+    let raw = names.get(&id, 0)?;
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    Ok((end > 0).then(|| String::from_utf8_lossy(&raw[..end]).into_owned()))
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map, XdpError> {

@@ -36,11 +36,13 @@ use protobalance_common::{
 use crate::filter::cidr::Cidr;
 
 mod explain;
+mod lists;
 pub mod model;
 mod pin;
 mod rules;
 mod syn_limit;
 pub use explain::{Explanation, SynContext, explain_pinned, syn_frame};
+pub use lists::{INLINE_LIST_ID, ListMaps, ListSizes, ListsReplaced};
 use pin::prepare_pin_dir;
 pub use pin::unload_pinned;
 pub use rules::{Ban, BanMaps, BanMode, BanTarget, monotonic_ns};
@@ -104,6 +106,12 @@ pub enum XdpError {
         max = protobalance_common::SYN_PORTS_MAX_ENTRIES
     )]
     TooManySynPorts(usize),
+    #[error(
+        "{0} blocklists (`xdp.blocklist` and `xdp.blocklist_files`), but list ids hold at \
+         most {max}; merge some files",
+        max = protobalance_common::LISTS_MAX - 1
+    )]
+    TooManyLists(usize),
 }
 
 /// Which mode an attachment ended up in, for logs and the metric label.
@@ -122,6 +130,7 @@ pub struct XdpFilter {
     pin_dir: Option<PathBuf>,
     bans: Arc<Mutex<BanMaps>>,
     syn: Arc<Mutex<SynLimiter>>,
+    lists: Arc<Mutex<ListMaps>>,
     /// The attachment this filter owns (detached when the filter is dropped).
     link: Option<XdpLinkId>,
     /// Kernel ids of the maps in [`PINNED_MAPS`], to reopen them after they were taken
@@ -159,11 +168,13 @@ impl XdpFilter {
         let counters = Arc::new(Mutex::new(PerCpuArray::try_from(counters)?));
         let bans = Arc::new(Mutex::new(BanMaps::take(&mut ebpf)?));
         let syn = Arc::new(Mutex::new(SynLimiter::take(&mut ebpf)?));
+        let lists = Arc::new(Mutex::new(ListMaps::take(&mut ebpf)?));
         Ok(Self {
             ebpf,
             counters,
             bans,
             syn,
+            lists,
             pin_dir: pin_dir.map(Path::to_owned),
             link: None,
             map_ids,
@@ -342,9 +353,12 @@ impl XdpFilter {
         read_counters(&self.counters)
     }
 
-    /// A handle for the metrics collector; reads the map at scrape time.
+    /// A handle for the metrics collector; reads the maps at scrape time.
     pub fn counter_handle(&self) -> CounterHandle {
-        CounterHandle(Arc::clone(&self.counters))
+        CounterHandle {
+            counters: Arc::clone(&self.counters),
+            lists: Arc::clone(&self.lists),
+        }
     }
 
     /// Runs the program once on `frame` with `BPF_PROG_TEST_RUN` and returns the XDP action
@@ -375,14 +389,45 @@ fn key_to_cidr(prefix_len: u32, addr: IpAddr) -> Option<Cidr> {
     Cidr::new(addr, u8::try_from(prefix_len).ok()?).ok()
 }
 
-/// Shared read access to the per-CPU verdict counters.
+/// Shared read access to the per-CPU verdict counters and the per-list hit counters.
 #[derive(Clone)]
-pub struct CounterHandle(Arc<Mutex<PerCpuArray<MapData, CounterValue>>>);
+pub struct CounterHandle {
+    counters: Arc<Mutex<PerCpuArray<MapData, CounterValue>>>,
+    lists: Arc<Mutex<ListMaps>>,
+}
 
 impl CounterHandle {
     pub fn read(&self) -> Result<Vec<(Counter, CounterValue)>, XdpError> {
-        read_counters(&self.0)
+        read_counters(&self.counters)
     }
+
+    /// Drops per list, labelled with the list's name (`#<id>` for an unnamed id), for every
+    /// named list and every id with drops.
+    pub fn list_hits(&self) -> Result<Vec<(String, u64)>, XdpError> {
+        let lists = self
+            .lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let names = lists.names()?;
+        let hits = lists.hits()?;
+        Ok(label_by_list(&names, &hits))
+    }
+}
+
+/// `(label, value)` for every named list (0 when absent from `values`) and every other id
+/// in `values`; the label is the list's name, or `#<id>`.
+pub fn label_by_list(names: &[(u32, String)], values: &[(u32, u64)]) -> Vec<(String, u64)> {
+    let value = |id: u32| values.iter().find(|(i, _)| *i == id).map_or(0, |(_, v)| *v);
+    let mut out: Vec<(String, u64)> = names
+        .iter()
+        .map(|(id, n)| (n.clone(), value(*id)))
+        .collect();
+    for (id, v) in values {
+        if !names.iter().any(|(named, _)| named == id) {
+            out.push((format!("#{id}"), *v));
+        }
+    }
+    out
 }
 
 fn read_counters(
