@@ -234,7 +234,9 @@ fn authenticate<'a>(state: &'a ApiState, req: &Request<Incoming>) -> Option<&'a 
         .get(header::AUTHORIZATION)?
         .to_str()
         .ok()?
-        .strip_prefix("Bearer ")?
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))?
+        .1
         .trim();
     state
         .tokens

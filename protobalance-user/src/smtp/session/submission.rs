@@ -223,6 +223,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let info = self.client_info.clone();
         let mut backend =
             BackendSession::open(self.ctx, self.conn, home, Service::Submission, &info).await?;
+        if !backend.offers("AUTH") {
+            // A configuration problem, not the user's: e.g. Postfix with
+            // smtpd_tls_auth_only = yes offers AUTH only over TLS, and the edge talks
+            // plaintext to its backends.
+            backend.quit().await;
+            tracing::error!(
+                backend = %home,
+                "the backend's submission_port offers no AUTH to the edge: enable SASL there \
+                 for plaintext connections from the edge (Postfix: smtpd_sasl_auth_enable = yes, \
+                 smtpd_tls_auth_only = no on that port)"
+            );
+            return Err(DeliverError::Refused {
+                backend: home.to_owned(),
+                step: "AUTH (not offered)",
+                code: 0,
+            });
+        }
         let answer = backend.authenticate(user, password.expose()).await?;
         if answer.code == 235 {
             Ok(Ok(backend))
