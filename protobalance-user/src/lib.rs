@@ -2,10 +2,10 @@
 //! `protobalance` binary runs; integration tests and xtask use it too.
 //!
 //! Module map (see docs/development.md): `config` → `app` (wiring, shutdown) → `admin`
-//! (/metrics, later the XML API) and `filter` (`xdp` is the only aya user). Protocol
-//! modules (`pop3`, `imap`, `smtp`) each hold a sans-IO `codec` (bytes in, commands out;
-//! no sockets) and a session driver (SMTP's arrives with the SMTP edge). `secret` keeps
-//! credentials out of logs.
+//! (/metrics, the XML API in `api`; `ctl` is its command-line client) and `filter`
+//! (`xdp` is the only aya user). Protocol modules (`pop3`, `imap`, `smtp`) each hold a
+//! sans-IO `codec` (bytes in, commands out; no sockets) and a session driver (SMTP's
+//! arrives with the SMTP edge). `secret` keeps credentials out of logs.
 
 pub mod admin;
 pub mod api;
@@ -13,6 +13,7 @@ pub mod app;
 pub mod backend;
 pub mod base64;
 pub mod config;
+pub mod ctl;
 pub mod directory;
 pub mod filter;
 pub mod imap;

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 
 mod directory_cli;
 use clap::{Parser, Subcommand};
+use protobalance::ctl;
 use protobalance::{
     app::App,
     config::Config,
@@ -44,6 +45,8 @@ enum Command {
     /// Inspect and provision the mailbox directory.
     #[command(subcommand)]
     Directory(DirectoryCommand),
+    /// Drive a running protobalance through its XML management API (docs/api.md).
+    Ctl(ctl::Args),
 }
 
 #[derive(Subcommand)]
@@ -145,7 +148,7 @@ impl From<CliMode> for AttachMode {
 
 fn main() -> std::process::ExitCode {
     init_tracing();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|error| ctl::exit_on_parse_error(error));
     match dispatch(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -172,6 +175,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             runtime.block_on(run(validated))
         }
         Command::Directory(command) => directory_cli::run(command),
+        Command::Ctl(args) => std::process::exit(ctl::run(args)),
         Command::Filter(FilterCommand::Load {
             iface,
             pin_dir,

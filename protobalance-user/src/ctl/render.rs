@@ -1,0 +1,258 @@
+//! Human output of `protobalance ctl`: aligned columns for lists, one line for a change.
+//! Everything writes to a `Write` handed in (stdout in use, a `Vec` in tests) and reads
+//! the answer's tree ([`Element`]); `--xml` bypasses this module entirely.
+
+use std::io::{self, Write};
+
+use super::doc::Element;
+
+/// Columns whose widths only grow, so pages printed one after another stay aligned.
+pub struct Columns {
+    headers: Vec<&'static str>,
+    /// Right-aligned (numeric) columns.
+    right: Vec<bool>,
+    widths: Vec<usize>,
+}
+
+impl Columns {
+    /// `headers`: a leading `>` marks a right-aligned column.
+    pub fn new(headers: &[&'static str]) -> Self {
+        let right: Vec<bool> = headers.iter().map(|h| h.starts_with('>')).collect();
+        let headers: Vec<&'static str> =
+            headers.iter().map(|h| h.trim_start_matches('>')).collect();
+        let widths = headers.iter().map(|h| h.chars().count()).collect();
+        Self {
+            headers,
+            right,
+            widths,
+        }
+    }
+
+    /// Widens the columns to fit `rows`.
+    pub fn fit(&mut self, rows: &[Vec<String>]) {
+        for row in rows {
+            for (width, cell) in self.widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+    }
+
+    pub fn header(&self, out: &mut impl Write) -> io::Result<()> {
+        let cells: Vec<String> = self.headers.iter().map(|h| (*h).to_owned()).collect();
+        self.row(out, &cells)
+    }
+
+    pub fn row(&self, out: &mut impl Write, cells: &[String]) -> io::Result<()> {
+        let mut line = String::new();
+        let last = cells.len().saturating_sub(1);
+        for (i, cell) in cells.iter().enumerate() {
+            let width = self.widths.get(i).copied().unwrap_or(0);
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = width.saturating_sub(cell.chars().count());
+            if self.right.get(i).copied().unwrap_or(false) {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                if i < last {
+                    line.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        writeln!(out, "{line}")
+    }
+
+    /// Fits, then prints the header and every row.
+    pub fn print(mut self, out: &mut impl Write, rows: &[Vec<String>]) -> io::Result<()> {
+        self.fit(rows);
+        self.header(out)?;
+        rows.iter().try_for_each(|r| self.row(out, r))
+    }
+}
+
+/// Rows of a `<mailboxes>` page: address, backend.
+pub fn mailbox_rows(page: &Element) -> Vec<Vec<String>> {
+    page.children_named("mailbox")
+        .map(|m| vec![m.show("address").to_owned(), m.show("backend").to_owned()])
+        .collect()
+}
+
+pub fn mailbox(out: &mut impl Write, m: &Element) -> io::Result<()> {
+    let rows = [vec![
+        m.show("address").to_owned(),
+        m.show("backend").to_owned(),
+        m.show("backend-state").to_owned(),
+    ]];
+    Columns::new(&["address", "backend", "backend state"]).print(out, &rows)
+}
+
+pub fn domains(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    let rows: Vec<Vec<String>> = doc
+        .children_named("domain")
+        .map(|d| {
+            ["name", "unknown-mailbox", "mailboxes", "managed-by"]
+                .iter()
+                .map(|a| d.show(a).to_owned())
+                .collect()
+        })
+        .collect();
+    Columns::new(&["domain", "unknown mailbox", ">mailboxes", "managed by"]).print(out, &rows)
+}
+
+/// `imap,pop3` (up) and `(down: lmtp)`; `-` without health data (no mail listeners).
+fn services(backend: &Element) -> String {
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    for service in backend.children_named("service") {
+        let name = service.show("name");
+        if service.attr("up") == Some("true") {
+            up.push(name);
+        } else {
+            down.push(name);
+        }
+    }
+    match (up.is_empty(), down.is_empty()) {
+        (true, true) => "-".to_owned(),
+        (_, true) => up.join(","),
+        (true, false) => format!("none (down: {})", down.join(",")),
+        (false, false) => format!("{} (down: {})", up.join(","), down.join(",")),
+    }
+}
+
+pub fn backends(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    let rows: Vec<Vec<String>> = doc
+        .children_named("backend")
+        .map(|b| {
+            let mut row: Vec<String> = ["name", "state", "capacity", "mailboxes", "load"]
+                .iter()
+                .map(|a| b.show(a).to_owned())
+                .collect();
+            row.push(services(b));
+            row
+        })
+        .collect();
+    Columns::new(&[
+        "backend",
+        "state",
+        ">capacity",
+        ">mailboxes",
+        ">load",
+        "services up",
+    ])
+    .print(out, &rows)
+}
+
+/// The one-line confirmation of a backend state change.
+pub fn backend_state(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    let Some(b) = doc.children_named("backend").next() else {
+        return writeln!(out, "done");
+    };
+    let why = match b.show("state") {
+        "active" => "takes new mailboxes".to_owned(),
+        "draining" => format!(
+            "keeps serving its {} mailboxes, takes no new ones",
+            b.show("mailboxes")
+        ),
+        "down" => format!(
+            "its {} mailboxes get temporary failures until it is activated",
+            b.show("mailboxes")
+        ),
+        _ => String::new(),
+    };
+    writeln!(
+        out,
+        "backend {}: {} ({why})",
+        b.show("name"),
+        b.show("state")
+    )
+}
+
+/// `<stats>`: the directory's total, then one row per metric sample.
+pub fn stats(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    if let Some(directory) = doc.children_named("directory").next() {
+        writeln!(out, "directory: {} mailboxes", directory.show("mailboxes"))?;
+    }
+    let mut rows = Vec::new();
+    for metric in doc.children_named("metric") {
+        for sample in metric.children_named("sample") {
+            let labels: Vec<String> = sample
+                .children_named("label")
+                .map(|l| format!("{}={}", l.show("name"), l.show("value")))
+                .collect();
+            rows.push(vec![
+                metric.show("name").to_owned(),
+                labels.join(" "),
+                sample.show("value").to_owned(),
+            ]);
+        }
+    }
+    Columns::new(&["metric", "labels", ">value"]).print(out, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctl::doc::DocReader;
+
+    async fn doc(text: &str) -> Element {
+        let text = text.replace("NS", crate::api::xml::NS);
+        DocReader::new(text.as_bytes()).tree().await.expect("doc")
+    }
+
+    fn text(f: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> String {
+        let mut out = Vec::new();
+        f(&mut out).expect("write");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn backends_align_with_numbers_right_and_health_summarised() {
+        let d = doc("<backends xmlns=\"NS\">\
+            <backend name=\"backend1\" state=\"active\" capacity=\"100\" mailboxes=\"7\" load=\"0.070\">\
+            <service name=\"pop3\" up=\"true\"/><service name=\"lmtp\" up=\"false\"/></backend>\
+            <backend name=\"b2\" state=\"draining\" capacity=\"5\" mailboxes=\"1000\" load=\"200.000\"/>\
+            </backends>")
+        .await;
+        let out = text(|o| backends(o, &d));
+        assert_eq!(
+            out,
+            "backend   state     capacity  mailboxes     load  services up\n\
+             backend1  active         100          7    0.070  pop3 (down: lmtp)\n\
+             b2        draining         5       1000  200.000  -\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn stats_rows_name_metric_labels_and_value() {
+        let d = doc("<stats xmlns=\"NS\"><directory mailboxes=\"306\"/>\
+            <metric name=\"protobalance_backend_up\" type=\"gauge\"><sample value=\"1\">\
+            <label name=\"backend\" value=\"b1\"/><label name=\"service\" value=\"pop3\"/></sample>\
+            </metric><metric name=\"protobalance_x_total\" type=\"counter\"><sample value=\"12\"/></metric></stats>")
+        .await;
+        let out = text(|o| stats(o, &d));
+        assert_eq!(
+            out,
+            "directory: 306 mailboxes\n\
+             metric                   labels                   value\n\
+             protobalance_backend_up  backend=b1 service=pop3      1\n\
+             protobalance_x_total                                 12\n"
+        );
+    }
+
+    #[test]
+    fn columns_only_grow_across_pages() {
+        let mut columns = Columns::new(&["address", "backend"]);
+        let first = vec![vec!["a@x.com".to_owned(), "b1".to_owned()]];
+        columns.fit(&first);
+        let out = text(|o| {
+            columns.header(o)?;
+            columns.row(o, &first[0])
+        });
+        assert_eq!(out, "address  backend\na@x.com  b1\n");
+        columns.fit(&[vec!["longer@x.com".to_owned(), "b2".to_owned()]]);
+        columns.fit(&[vec!["c@x.com".to_owned(), "b3".to_owned()]]);
+        let out = text(|o| columns.row(o, &["c@x.com".to_owned(), "b3".to_owned()]));
+        assert_eq!(out, "c@x.com       b3\n");
+    }
+}
