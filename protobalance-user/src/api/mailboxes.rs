@@ -1,7 +1,7 @@
 //! `/api/v1/mailboxes`: list (keyset paging, filters), get, create (apportioned or pinned),
 //! delete, and the streamed bulk import with a per-item report.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use hyper::{StatusCode, body::Incoming, header};
 
@@ -208,41 +208,59 @@ pub async fn import(
         }
     };
     let store = state.directory.store();
-    let domains: HashSet<String> = store.domains().await?.into_iter().map(|d| d.name).collect();
+    // Whether each domain seen is ours, asked once per distinct domain (bounded).
+    let mut known: HashMap<String, bool> = HashMap::new();
     let mut parser = Parser::new(BodyReader::new(body, state.max_import_octets));
     let root = parser.root("import").await?;
     root.only(&[])?;
-    let mut outcomes: Vec<Outcome> = Vec::new();
+    let mut report = Report {
+        errors_only,
+        ..Report::default()
+    };
     let mut batch: Vec<ImportEntry> = Vec::with_capacity(IMPORT_BATCH);
-    let mut totals = Totals::default();
     loop {
         match parser.next().await? {
             Item::Open(element) if element.name == "mailbox" && !element.has_children => {
                 element.only(&["address", "backend"])?;
                 let address = element.required("address")?.to_owned();
-                match state.directory.normalizer().normalize(&address) {
-                    Err(e) => outcomes.push(Outcome {
-                        address,
-                        result: "invalid",
-                        backend: None,
-                        message: Some(e.to_string()),
-                    }),
-                    Ok(n) if !domains.contains(n.mailbox.domain()) => outcomes.push(Outcome {
-                        message: Some(format!(
-                            "{} is not one of the cluster's domains",
-                            n.mailbox.domain()
-                        )),
+                let normalized = match state.directory.normalizer().normalize(&address) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        report.record(Outcome {
+                            address,
+                            result: "invalid",
+                            backend: None,
+                            message: Some(e.to_string()),
+                        });
+                        continue;
+                    }
+                };
+                let domain = normalized.mailbox.domain();
+                let ours = match known.get(domain) {
+                    Some(ours) => *ours,
+                    None => {
+                        let ours = store.domain_policy(domain).await?.is_some();
+                        if known.len() < KNOWN_DOMAINS {
+                            known.insert(domain.to_owned(), ours);
+                        }
+                        ours
+                    }
+                };
+                if !ours {
+                    report.record(Outcome {
+                        message: Some(format!("{domain} is not one of the cluster's domains")),
                         address,
                         result: "foreign_domain",
                         backend: None,
-                    }),
-                    Ok(n) => batch.push(ImportEntry {
-                        mailbox: n.mailbox,
-                        backend: element.attr("backend").map(str::to_owned),
-                    }),
+                    });
+                    continue;
                 }
+                batch.push(ImportEntry {
+                    mailbox: normalized.mailbox,
+                    backend: element.attr("backend").map(str::to_owned),
+                });
                 if batch.len() >= IMPORT_BATCH {
-                    flush(state, &mut batch, &mut outcomes).await?;
+                    flush(state, &mut batch, &mut report).await?;
                 }
             }
             Item::Open(element) => {
@@ -266,10 +284,8 @@ pub async fn import(
         }
     }
     parser.finish().await?;
-    flush(state, &mut batch, &mut outcomes).await?;
-    for outcome in &outcomes {
-        totals.count(outcome.result);
-    }
+    flush(state, &mut batch, &mut report).await?;
+    let totals = &report.totals;
     tracing::info!(
         added = totals.added,
         existing = totals.existing,
@@ -289,10 +305,7 @@ pub async fn import(
             ("failed", &failed),
         ],
     );
-    for o in outcomes
-        .iter()
-        .filter(|o| !errors_only || !matches!(o.result, "added" | "exists"))
-    {
+    for o in &report.outcomes {
         let mut attributes = vec![("address", o.address.as_str()), ("result", o.result)];
         if let Some(backend) = o.backend.as_deref() {
             attributes.push(("backend", backend));
@@ -303,6 +316,27 @@ pub async fn import(
         w.empty("item", &attributes);
     }
     Ok(xml_response(StatusCode::OK, w.finish()))
+}
+
+/// Distinct domains whose ownership an import remembers; beyond, it asks each time.
+const KNOWN_DOMAINS: usize = 10_000;
+
+/// The import's counts and the items the report lists (with `report=errors` only the
+/// failures are kept, so memory follows the failures, not the import's size).
+#[derive(Default)]
+struct Report {
+    errors_only: bool,
+    outcomes: Vec<Outcome>,
+    totals: Totals,
+}
+
+impl Report {
+    fn record(&mut self, outcome: Outcome) {
+        self.totals.count(outcome.result);
+        if !self.errors_only || !matches!(outcome.result, "added" | "exists") {
+            self.outcomes.push(outcome);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -325,7 +359,7 @@ impl Totals {
 async fn flush(
     state: &ApiState,
     batch: &mut Vec<ImportEntry>,
-    outcomes: &mut Vec<Outcome>,
+    report: &mut Report,
 ) -> Result<(), ApiError> {
     if batch.is_empty() {
         return Ok(());
@@ -333,7 +367,7 @@ async fn flush(
     let entries = std::mem::take(batch);
     let results = import_entries(state.directory.store(), entries).await?;
     for result in results {
-        outcomes.push(Outcome {
+        report.record(Outcome {
             address: result.mailbox.as_str().to_owned(),
             result: result.outcome.as_str(),
             backend: result.backend,
