@@ -56,7 +56,9 @@ pub struct App {
     validated: Validated,
     registry: Registry,
     admin: TcpListener,
-    xdp: Option<(String, XdpFilter)>,
+    xdp: Option<(String, Arc<std::sync::Mutex<XdpFilter>>)>,
+    /// The API's blocklists and their expiry sweeper, with the filter and a directory.
+    blocklist: Option<Arc<crate::api::blocklist::BlocklistManager>>,
     mail: Vec<(Protocol, TlsMode, TcpListener)>,
     proxy: Option<Arc<ProxyContext>>,
     /// The XML API's state, when the config has API tokens or mail listeners.
@@ -92,21 +94,38 @@ impl App {
             )),
             _ => None,
         };
-        let xdp = match validated.config.xdp.interface.clone() {
-            Some(iface) => {
-                let syn_ports = syn_limited_ports(&validated.config.xdp, &mail);
-                let mut filter =
-                    start_xdp(&validated, &iface, &syn_ports).map_err(|source| AppError::Xdp {
-                        iface: iface.clone(),
-                        source: Box::new(source),
-                    })?;
-                register_xdp_metrics(&mut filter, &iface, &registry)?;
-                Some((iface, filter))
+        // Blocklists added through the API are stored in the directory: they go into the
+        // kernel with the config's, so a restart leaves no window without them.
+        let api_lists = match &directory {
+            Some(directory) => stored_blocklists(directory).await?,
+            None => Vec::new(),
+        };
+        let xdp =
+            match validated.config.xdp.interface.clone() {
+                Some(iface) => {
+                    let syn_ports = syn_limited_ports(&validated.config.xdp, &mail);
+                    let mut filter = start_xdp(&validated, &iface, &syn_ports, &api_lists)
+                        .map_err(|source| AppError::Xdp {
+                            iface: iface.clone(),
+                            source: Box::new(source),
+                        })?;
+                    register_xdp_metrics(&mut filter, &iface, &registry)?;
+                    Some((iface, Arc::new(std::sync::Mutex::new(filter))))
+                }
+                None => {
+                    tracing::info!("no xdp.interface configured: kernel filter not loaded");
+                    None
+                }
+            };
+        let blocklist = match (&directory, &xdp) {
+            (Some(directory), Some((_, filter))) => {
+                Some(Arc::new(crate::api::blocklist::BlocklistManager::new(
+                    Arc::clone(directory),
+                    Arc::clone(filter),
+                    validated.config.xdp.blocklists.clone(),
+                )))
             }
-            None => {
-                tracing::info!("no xdp.interface configured: kernel filter not loaded");
-                None
-            }
+            _ => None,
         };
         let api = match directory {
             Some(directory) => Some(
@@ -114,7 +133,8 @@ impl App {
                     &validated.config,
                     directory,
                     proxy.as_ref().map(|p| Arc::clone(&p.pool)),
-                    xdp.as_ref().map(|(_, filter)| filter.ban_handle()),
+                    xdp.as_ref().map(|(_, filter)| lock(filter).ban_handle()),
+                    blocklist.clone(),
                     registry.clone(),
                 )
                 .map_err(AppError::Api)?,
@@ -129,6 +149,7 @@ impl App {
             mail,
             proxy,
             api,
+            blocklist,
         })
     }
 
@@ -139,7 +160,11 @@ impl App {
     /// Serves until `shutdown` is cancelled, then waits up to the grace period for tasks.
     pub async fn serve(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        if let Some(blocklist) = &self.blocklist {
+            tracker.spawn(Arc::clone(blocklist).sweep(shutdown.clone()));
+        }
         if let Some((_, filter)) = &self.xdp {
+            let filter = lock(filter);
             let sweeper = metrics::BanSweeper::new(
                 filter.ban_handle(),
                 filter.syn_limiter_handle(),
@@ -193,6 +218,8 @@ impl App {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!("grace period over; closing the remaining sessions");
         }
+        // The API's handle goes first, so this is the filter's last reference.
+        drop(self.blocklist);
         if let Some((iface, filter)) = self.xdp {
             drop(filter);
             tracing::info!(%iface, "kernel filter released");
@@ -216,12 +243,48 @@ fn syn_limited_ports(cfg: &XdpConfig, mail: &[(Protocol, TlsMode, TcpListener)])
     ports
 }
 
-fn start_xdp(validated: &Validated, iface: &str, syn_ports: &[u16]) -> Result<XdpFilter, XdpError> {
+fn lock(filter: &std::sync::Mutex<XdpFilter>) -> std::sync::MutexGuard<'_, XdpFilter> {
+    filter
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The unexpired blocklists added through the API, from the directory.
+async fn stored_blocklists(
+    directory: &Directory<SqliteDirectory>,
+) -> Result<Vec<crate::filter::blocklist::NamedList>, AppError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let mut lists: std::collections::BTreeMap<String, Vec<crate::filter::cidr::Cidr>> =
+        std::collections::BTreeMap::new();
+    for entry in directory.store().blocklist().await? {
+        if entry.expires_at.is_some_and(|t| t <= now) {
+            continue;
+        }
+        if let Ok(cidr) = entry.cidr.parse() {
+            lists.entry(entry.list).or_default().push(cidr);
+        }
+    }
+    Ok(lists
+        .into_iter()
+        .map(|(name, entries)| crate::filter::blocklist::NamedList { name, entries })
+        .collect())
+}
+
+fn start_xdp(
+    validated: &Validated,
+    iface: &str,
+    syn_ports: &[u16],
+    api_lists: &[crate::filter::blocklist::NamedList],
+) -> Result<XdpFilter, XdpError> {
     let cfg = &validated.config.xdp;
     let mut filter = XdpFilter::load(cfg.pin_dir.as_deref())?;
-    // With pinned maps the previous run's config entries are still there: replace the lists.
+    // With pinned maps the previous run's entries are still there: replace the lists.
     filter.replace_allowlist(&validated.allowlist)?;
-    let replaced = filter.replace_named_lists(&cfg.blocklists)?;
+    let mut lists = cfg.blocklists.clone();
+    lists.extend(api_lists.iter().cloned());
+    let replaced = filter.replace_named_lists(&lists)?;
     if replaced.removed > 0 || !replaced.dropped.is_empty() {
         tracing::info!(
             %iface, removed = replaced.removed, lists_dropped = ?replaced.dropped,

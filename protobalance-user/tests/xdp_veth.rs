@@ -559,27 +559,8 @@ fn api_bans_drop_in_the_kernel_and_survive_a_restart() {
         pins.0.display(),
         dir.path().display()
     );
-    let api = |admin: SocketAddr, method: &str, path: &str, body: Option<&str>| -> (u16, String) {
-        let mut command = Command::new("curl");
-        command
-            .args([
-                "-sS",
-                "--max-time",
-                "10",
-                "-X",
-                method,
-                "-w",
-                "\n%{http_code}",
-            ])
-            .args(["-H", &format!("Authorization: Bearer {TOKEN}")])
-            .arg(format!("http://{admin}/api/v1/{path}"));
-        if let Some(body) = body {
-            command.args(["--data-binary", body]);
-        }
-        let out = command.output().expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, status) = text.rsplit_once('\n').expect("status");
-        (status.trim().parse().expect("code"), body.to_owned())
+    let api = |admin, method: &str, path: &str, body: Option<&str>| {
+        api_call(admin, TOKEN, method, path, body)
     };
 
     let proxy = start_with(&config);
@@ -621,5 +602,167 @@ fn api_bans_drop_in_the_kernel_and_survive_a_restart() {
     );
     let (status, _) = api(proxy.admin, "DELETE", &format!("bans/{client}"), None);
     assert_eq!(status, 404, "no ban left to lift");
+    proxy.stop();
+}
+
+/// `curl` against the API with `token`: (status, body).
+fn api_call(
+    admin: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut command = Command::new("curl");
+    command
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("http://{admin}/api/v1/{path}"));
+    if let Some(body) = body {
+        command.args(["--data-binary", body]);
+    }
+    let out = command.output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').expect("status");
+    (status.trim().parse().expect("code"), body.to_owned())
+}
+
+/// Blocklists made through the API: an entry drops its source in the kernel at once and
+/// is counted under its list, survives a restart (stored in the directory, pinned maps),
+/// can be removed, expires by itself, and the config file's lists cannot be changed.
+#[test]
+fn api_blocklists_drop_in_the_kernel_persist_and_expire() {
+    if !require_root("api_blocklists_drop_in_the_kernel_persist_and_expire") {
+        return;
+    }
+    const TOKEN: &str = "list-0123456789abcdef0123456789abcdef";
+    let net = Net::new("apil");
+    let pins = PinDir::for_test(&net);
+    let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
+    let v4 = listener.local_addr().expect("addr");
+    let client = IpAddr::V4(net.subnet.ns_v4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "[xdp]\ninterface = \"{}\"\npin_dir = \"{}\"\nblocklist = [\"{}/32\"]\n\
+         [directory]\npath = \"{}/dir.db\"\n\
+         [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\naccess = \"read-write\"\n",
+        net.iface(),
+        pins.0.display(),
+        net.bot_v4,
+        dir.path().display()
+    );
+    let entry = |cidr: &str, extra: &str| {
+        format!(
+            "<entry xmlns=\"urn:protobalance:api:1\" cidr=\"{cidr}\" reason=\"crm spam\"{extra}/>"
+        )
+    };
+    let cidr = format!("{client}/32");
+    let escaped = cidr.replace('/', "%2F");
+
+    let proxy = start_with(&config);
+    let call = |admin, method: &str, path: &str, body: Option<&str>| {
+        api_call(admin, TOKEN, method, path, body)
+    };
+    assert!(net.connects(client, v4), "not listed yet");
+    let (status, body) = call(
+        proxy.admin,
+        "POST",
+        "blocklist/crm",
+        Some(&entry(&cidr, "")),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        !net.connects(client, v4),
+        "an API blocklist entry drops the next connection"
+    );
+    let (status, body) = call(proxy.admin, "GET", "blocklist", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("name=\"xdp.blocklist\" managed-by=\"config\" entries=\"1\""),
+        "{body}"
+    );
+    assert!(
+        body.contains("name=\"crm\" managed-by=\"api\" entries=\"1\""),
+        "{body}"
+    );
+    let (status, body) = call(proxy.admin, "GET", "blocklist/crm", None);
+    assert!(
+        status == 200 && body.contains(&format!("cidr=\"{cidr}\" reason=\"crm spam\"")),
+        "{body}"
+    );
+    assert!(
+        metrics(proxy.admin).contains("protobalance_xdp_list_hits_total{list=\"crm\"}"),
+        "drops counted under the API list"
+    );
+    let (status, body) = call(
+        proxy.admin,
+        "POST",
+        "blocklist/xdp.blocklist",
+        Some(&entry("203.0.113.0/24", "")),
+    );
+    assert!(
+        status == 409 && body.contains("managed_by_config"),
+        "{status} {body}"
+    );
+    let (status, body) = call(
+        proxy.admin,
+        "POST",
+        "blocklist/crm",
+        Some(&entry("203.0.113.9/24", "")),
+    );
+    assert!(
+        status == 422 && body.contains("invalid_cidr"),
+        "{status} {body}"
+    );
+
+    // Stored in the directory and pinned in the kernel: still dropped after a restart.
+    proxy.stop();
+    let proxy = start_with(&config);
+    assert!(
+        !net.connects(client, v4),
+        "the API entry survives the restart"
+    );
+    let (status, body) = call(
+        proxy.admin,
+        "DELETE",
+        &format!("blocklist/crm/{escaped}"),
+        None,
+    );
+    assert_eq!(status, 204, "{body}");
+    assert!(
+        net.connects(client, v4),
+        "removed: the source connects again"
+    );
+    assert!(
+        !net.connects(IpAddr::V4(net.bot_v4), v4),
+        "the config list still drops"
+    );
+
+    // An entry with a lifetime is swept when it expires.
+    let (status, body) = call(
+        proxy.admin,
+        "POST",
+        "blocklist/crm",
+        Some(&entry(&cidr, " ttl-seconds=\"2\"")),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert!(!net.connects(client, v4), "dropped while the entry lives");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !net.connects(client, v4) {
+        assert!(Instant::now() < deadline, "the expired entry was not swept");
+    }
+    let (_, body) = call(proxy.admin, "GET", "blocklist", None);
+    assert!(
+        !body.contains("name=\"crm\""),
+        "the emptied list is gone: {body}"
+    );
     proxy.stop();
 }

@@ -13,6 +13,7 @@
 
 mod backends;
 mod bans;
+pub mod blocklist;
 mod domains;
 mod mailboxes;
 mod stats;
@@ -56,6 +57,8 @@ pub struct ApiState {
     pub registry: Registry,
     /// The kernel filter's ban maps, when the filter is loaded.
     pub bans: Option<Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>>,
+    /// The blocklists (config and API), when the filter is loaded.
+    pub blocklist: Option<Arc<blocklist::BlocklistManager>>,
     pub max_body_octets: u64,
     pub max_import_octets: u64,
 }
@@ -67,6 +70,7 @@ impl ApiState {
         directory: Arc<Directory<SqliteDirectory>>,
         pool: Option<Arc<BackendPool>>,
         bans: Option<Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>>,
+        blocklist: Option<Arc<blocklist::BlocklistManager>>,
         registry: Registry,
     ) -> Result<Self, String> {
         let tokens = config
@@ -89,6 +93,7 @@ impl ApiState {
             config_domains: config.domains.iter().map(|d| d.name.clone()).collect(),
             registry,
             bans,
+            blocklist,
             max_body_octets: config.api.max_body_octets,
             max_import_octets: config.api.max_import_octets,
         })
@@ -278,16 +283,32 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         (&Method::PUT, ["backends", name]) => backends::update(state, name, req.into_body()).await,
         (&Method::DELETE, ["backends", name]) => backends::delete(state, name).await,
         (&Method::GET, ["stats"]) => Ok(stats::get(state).await),
+        (&Method::GET, ["blocklist"]) => blocklist::lists(state).await,
+        (&Method::GET, ["blocklist", list]) => blocklist::show(state, list).await,
+        (&Method::POST, ["blocklist", list]) => blocklist::add(state, list, req.into_body()).await,
+        (&Method::PUT, ["blocklist", list]) => {
+            blocklist::replace(state, list, req.into_body()).await
+        }
+        (&Method::DELETE, ["blocklist", list]) => blocklist::remove(state, list, None).await,
+        (&Method::DELETE, ["blocklist", list, cidr]) => {
+            blocklist::remove(state, list, Some(cidr)).await
+        }
         (&Method::GET, ["bans"]) => bans::list(state).await,
         (&Method::POST, ["bans"]) => bans::create(state, req.into_body()).await,
         (&Method::DELETE, ["bans", target]) => bans::delete(state, target).await,
-        (_, ["mailboxes" | "domains" | "backends" | "stats" | "bans", ..]) => Err(ApiError::new(
+        (
+            _,
+            [
+                "mailboxes" | "domains" | "backends" | "stats" | "bans" | "blocklist",
+                ..,
+            ],
+        ) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("{method} is not defined for {path}; see docs/api.md"),
         )),
         _ => Err(ApiError::not_found(format!(
-            "no resource {path}; the API has {PREFIX}mailboxes, domains, backends, bans and stats"
+            "no resource {path}; the API has {PREFIX}mailboxes, domains, backends, blocklist, bans and stats"
         ))),
     }
 }

@@ -250,10 +250,50 @@ pub trait MailboxDirectory: Send + Sync + 'static {
         spec: &str,
     ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
 
+    /// Every blocklist entry added at run time, by list and CIDR.
+    fn blocklist(&self) -> impl Future<Output = Result<Vec<BlockRecord>, DirectoryError>> + Send;
+
+    /// Adds or replaces one entry.
+    fn put_block(
+        &self,
+        entry: &BlockRecord,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    /// Removes one entry; false when it was not there.
+    fn remove_block(
+        &self,
+        list: &str,
+        cidr: &str,
+    ) -> impl Future<Output = Result<bool, DirectoryError>> + Send;
+
+    /// Makes `list` hold exactly `entries` (one transaction).
+    fn replace_block_list(
+        &self,
+        list: &str,
+        entries: &[BlockRecord],
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    /// Removes the entries that expired at or before `now` (Unix seconds); returns them.
+    fn remove_expired_blocks(
+        &self,
+        now: i64,
+    ) -> impl Future<Output = Result<Vec<BlockRecord>, DirectoryError>> + Send;
+
     /// `(name, spec)` of every backend added at run time.
     fn backend_specs(
         &self,
     ) -> impl Future<Output = Result<Vec<(String, String)>, DirectoryError>> + Send;
+}
+
+/// A blocklist entry added at run time (the config file's lists are the file's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockRecord {
+    pub list: String,
+    /// The network in canonical form (`198.51.100.0/24`).
+    pub cidr: String,
+    pub reason: String,
+    /// Unix seconds; `None` never expires.
+    pub expires_at: Option<i64>,
 }
 
 /// Where a login or recipient goes.

@@ -16,7 +16,7 @@ use std::{
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
 use super::{
-    BackendRecord, BackendState, DirectoryError, DomainPolicy, DomainRecord, Mailbox,
+    BackendRecord, BackendState, BlockRecord, DirectoryError, DomainPolicy, DomainRecord, Mailbox,
     MailboxDirectory, MailboxFilter,
 };
 
@@ -26,6 +26,15 @@ mod schema;
 #[derive(Clone)]
 pub struct SqliteDirectory {
     conn: Arc<Mutex<Connection>>,
+}
+
+fn block_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlockRecord> {
+    Ok(BlockRecord {
+        list: r.get(0)?,
+        cidr: r.get(1)?,
+        reason: r.get(2)?,
+        expires_at: r.get(3)?,
+    })
 }
 
 fn store_err(e: impl std::fmt::Display) -> DirectoryError {
@@ -328,6 +337,97 @@ impl MailboxDirectory for SqliteDirectory {
                 return Err(DirectoryError::UnknownBackend(name));
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn blocklist(&self) -> Result<Vec<BlockRecord>, DirectoryError> {
+        self.blocking(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT list, cidr, reason, expires_at FROM blocklist ORDER BY list, cidr")
+                .map_err(store_err)?;
+            let rows = stmt.query_map([], block_row).map_err(store_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(store_err)
+        })
+        .await
+    }
+
+    async fn put_block(&self, entry: &BlockRecord) -> Result<(), DirectoryError> {
+        let entry = entry.clone();
+        self.blocking(move |conn| {
+            conn.execute(
+                "INSERT INTO blocklist (list, cidr, reason, expires_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (list, cidr) DO UPDATE SET reason = excluded.reason,
+                 expires_at = excluded.expires_at",
+                params![entry.list, entry.cidr, entry.reason, entry.expires_at],
+            )
+            .map(drop)
+            .map_err(store_err)
+        })
+        .await
+    }
+
+    async fn remove_block(&self, list: &str, cidr: &str) -> Result<bool, DirectoryError> {
+        let (list, cidr) = (list.to_owned(), cidr.to_owned());
+        self.blocking(move |conn| {
+            conn.execute(
+                "DELETE FROM blocklist WHERE list = ?1 AND cidr = ?2",
+                params![list, cidr],
+            )
+            .map(|n| n > 0)
+            .map_err(store_err)
+        })
+        .await
+    }
+
+    async fn replace_block_list(
+        &self,
+        list: &str,
+        entries: &[BlockRecord],
+    ) -> Result<(), DirectoryError> {
+        let (list, entries) = (list.to_owned(), entries.to_vec());
+        self.blocking(move |conn| {
+            let tx = conn.transaction().map_err(store_err)?;
+            tx.execute("DELETE FROM blocklist WHERE list = ?1", params![list])
+                .map_err(store_err)?;
+            {
+                let mut insert = tx
+                    .prepare(
+                        "INSERT OR REPLACE INTO blocklist (list, cidr, reason, expires_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .map_err(store_err)?;
+                for e in &entries {
+                    insert
+                        .execute(params![list, e.cidr, e.reason, e.expires_at])
+                        .map_err(store_err)?;
+                }
+            }
+            tx.commit().map_err(store_err)
+        })
+        .await
+    }
+
+    async fn remove_expired_blocks(&self, now: i64) -> Result<Vec<BlockRecord>, DirectoryError> {
+        self.blocking(move |conn| {
+            let tx = conn.transaction().map_err(store_err)?;
+            let expired = {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT list, cidr, reason, expires_at FROM blocklist
+                         WHERE expires_at IS NOT NULL AND expires_at <= ?1",
+                    )
+                    .map_err(store_err)?;
+                let rows = stmt.query_map(params![now], block_row).map_err(store_err)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(store_err)?
+            };
+            tx.execute(
+                "DELETE FROM blocklist WHERE expires_at IS NOT NULL AND expires_at <= ?1",
+                params![now],
+            )
+            .map_err(store_err)?;
+            tx.commit().map_err(store_err)?;
+            Ok(expired)
         })
         .await
     }

@@ -9,7 +9,8 @@
 //!    deleted would otherwise scan every mailbox.
 //!
 //! 3. `backends.spec`: the definition (TOML of a `[[backend]]`) of a backend added through
-//!    the API; `NULL` for the config file's backends.
+//!    the API; `NULL` for the config file's backends. `blocklist`: the blocklist entries
+//!    added through the API (list name, CIDR, reason, expiry in Unix seconds or NULL).
 //!
 //! `domain` is a VIRTUAL generated column rather than one written on insert: SQLite derives
 //! it, so no writer (the import, a future tool) can forget it or get it wrong, and adding it
@@ -40,6 +41,13 @@ CREATE TABLE IF NOT EXISTS backends (
     state     TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'draining', 'down')),
     mailboxes INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS blocklist (
+    list       TEXT NOT NULL,
+    cidr       TEXT NOT NULL,
+    reason     TEXT NOT NULL DEFAULT '',
+    expires_at INTEGER,
+    PRIMARY KEY (list, cidr)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS domains (
     name   TEXT PRIMARY KEY,
     policy TEXT NOT NULL CHECK (policy IN ('reject', 'auto-provision'))

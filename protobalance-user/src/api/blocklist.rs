@@ -1,0 +1,365 @@
+//! `/api/v1/blocklist`: named blocklists in the kernel filter. The config file's lists
+//! (`xdp.blocklist`, each of `xdp.blocklist_files`) are listed read-only; lists made
+//! through the API hold entries with a reason and an optional expiry, kept in the
+//! directory store (so they survive restarts) and written into the kernel tries.
+//!
+//! Every change rewrites the kernel's lists from the config's plus the stored ones with
+//! [`XdpFilter::replace_named_lists`]: new entries go in before stale ones come out, so a
+//! source on both the old and the new list is never let through in between (the swap is
+//! not atomic: during it a packet may match entries of both). Expired entries are removed
+//! by [`BlocklistManager::sweep`] every few seconds.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use hyper::{StatusCode, body::Incoming};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ApiError, ApiResponse, ApiState, no_content,
+    xml::{Item, Parser, Writer, collect_small},
+    xml_response,
+};
+use crate::{
+    directory::{BlockRecord, Directory, MailboxDirectory as _, sqlite::SqliteDirectory},
+    filter::{blocklist::NamedList, cidr::Cidr, xdp::XdpFilter},
+};
+
+/// Longest lifetime of an entry: ten years.
+const MAX_TTL: u64 = 10 * 365 * 24 * 3600;
+/// Entries in one `PUT` of a whole list.
+const MAX_LIST: usize = 1_000_000;
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The kernel filter and the stored API lists, kept in step.
+pub struct BlocklistManager {
+    directory: Arc<Directory<SqliteDirectory>>,
+    filter: Arc<Mutex<XdpFilter>>,
+    /// The config file's lists, first the inline one: they head every rewrite.
+    config_lists: Vec<NamedList>,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl BlocklistManager {
+    pub fn new(
+        directory: Arc<Directory<SqliteDirectory>>,
+        filter: Arc<Mutex<XdpFilter>>,
+        config_lists: Vec<NamedList>,
+    ) -> Self {
+        Self {
+            directory,
+            filter,
+            config_lists,
+        }
+    }
+
+    /// The stored lists as the kernel needs them (unexpired entries, by list name).
+    async fn api_lists(&self) -> Result<BTreeMap<String, Vec<BlockRecord>>, ApiError> {
+        let now = now();
+        let mut lists: BTreeMap<String, Vec<BlockRecord>> = BTreeMap::new();
+        for entry in self.directory.store().blocklist().await? {
+            if entry.expires_at.is_none_or(|t| t > now) {
+                lists.entry(entry.list.clone()).or_default().push(entry);
+            }
+        }
+        Ok(lists)
+    }
+
+    /// Rewrites the kernel's lists: the config's, then every stored one.
+    pub async fn apply(&self) -> Result<(), ApiError> {
+        let mut lists = self.config_lists.clone();
+        for (name, entries) in self.api_lists().await? {
+            let entries = entries
+                .iter()
+                .filter_map(|e| e.cidr.parse::<Cidr>().ok())
+                .collect();
+            lists.push(NamedList { name, entries });
+        }
+        let mut filter = self
+            .filter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        filter.replace_named_lists(&lists).map_err(|error| {
+            tracing::error!(%error, "API: writing the kernel blocklists failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "filter_error",
+                "writing the kernel blocklists failed; see the server log",
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Removes expired entries every few seconds until `shutdown`.
+    pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.directory.store().remove_expired_blocks(now()).await {
+                Ok(expired) if expired.is_empty() => {}
+                Ok(expired) => {
+                    tracing::info!(count = expired.len(), "blocklist entries expired");
+                    if let Err(error) = self.apply().await {
+                        tracing::warn!(
+                            ?error,
+                            "removing expired blocklist entries from the kernel"
+                        );
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "blocklist expiry sweep failed"),
+            }
+        }
+    }
+
+    fn is_config_list(&self, name: &str) -> bool {
+        self.config_lists.iter().any(|l| l.name == name)
+    }
+}
+
+fn manager(state: &ApiState) -> Result<&BlocklistManager, ApiError> {
+    state.blocklist.as_deref().ok_or_else(|| {
+        ApiError::conflict(
+            "filter_not_loaded",
+            "the kernel filter is not loaded here (no xdp.interface): blocklists need it",
+        )
+    })
+}
+
+fn list_name(name: &str) -> Result<&str, ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(name)
+    } else {
+        Err(ApiError::invalid(
+            "invalid_list",
+            format!("list name `{name}`: use 1-48 characters from A-Z a-z 0-9 . _ -"),
+        ))
+    }
+}
+
+/// An `<entry cidr [reason] [ttl-seconds]/>` as a stored record of `list`.
+fn entry(list: &str, element: &super::xml::Element) -> Result<BlockRecord, ApiError> {
+    element.only(&["cidr", "reason", "ttl-seconds"])?;
+    let text = element.required("cidr")?;
+    let cidr: Cidr = text
+        .parse()
+        .map_err(|e| ApiError::invalid("invalid_cidr", format!("`{text}`: {e}")))?;
+    let reason = element.attr("reason").unwrap_or_default().to_owned();
+    let expires_at = match element.attr("ttl-seconds") {
+        None => None,
+        Some(ttl) => {
+            let secs = ttl
+                .parse::<u64>()
+                .ok()
+                .filter(|t| (1..=MAX_TTL).contains(t))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "invalid_ttl",
+                        format!("`ttl-seconds` is `{ttl}`: use 1..={MAX_TTL}"),
+                    )
+                })?;
+            Some(now().saturating_add(i64::try_from(secs).unwrap_or(i64::MAX)))
+        }
+    };
+    Ok(BlockRecord {
+        list: list.to_owned(),
+        cidr: cidr.to_string(),
+        reason,
+        expires_at,
+    })
+}
+
+fn write_entry(w: &mut Writer, e: &BlockRecord) {
+    let expires = e.expires_at.map(|t| t.to_string());
+    let mut attributes = vec![("cidr", e.cidr.as_str())];
+    if !e.reason.is_empty() {
+        attributes.push(("reason", e.reason.as_str()));
+    }
+    if let Some(expires) = expires.as_deref() {
+        attributes.push(("expires-at", expires));
+    }
+    w.empty("entry", &attributes);
+}
+
+/// `GET /blocklist`: every list, the config file's and the API's, with sizes.
+pub async fn lists(state: &ApiState) -> Result<ApiResponse, ApiError> {
+    let manager = manager(state)?;
+    let mut w = Writer::document("blocklists", &[]);
+    for list in &manager.config_lists {
+        let entries = list.entries.len().to_string();
+        w.empty(
+            "list",
+            &[
+                ("name", &list.name),
+                ("managed-by", "config"),
+                ("entries", &entries),
+            ],
+        );
+    }
+    for (name, entries) in manager.api_lists().await? {
+        let entries = entries.len().to_string();
+        w.empty(
+            "list",
+            &[
+                ("name", &name),
+                ("managed-by", "api"),
+                ("entries", &entries),
+            ],
+        );
+    }
+    Ok(xml_response(StatusCode::OK, w.finish()))
+}
+
+/// `GET /blocklist/{list}`: its entries.
+pub async fn show(state: &ApiState, name: &str) -> Result<ApiResponse, ApiError> {
+    let manager = manager(state)?;
+    if let Some(list) = manager.config_lists.iter().find(|l| l.name == name) {
+        let mut w = Writer::document("list", &[("name", name), ("managed-by", "config")]);
+        for cidr in &list.entries {
+            w.empty("entry", &[("cidr", &cidr.to_string())]);
+        }
+        return Ok(xml_response(StatusCode::OK, w.finish()));
+    }
+    let lists = manager.api_lists().await?;
+    let entries = lists
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(format!("no blocklist `{name}`")))?;
+    let mut w = Writer::document("list", &[("name", name), ("managed-by", "api")]);
+    for e in entries {
+        write_entry(&mut w, e);
+    }
+    Ok(xml_response(StatusCode::OK, w.finish()))
+}
+
+fn refuse_config(manager: &BlocklistManager, name: &str) -> Result<(), ApiError> {
+    if manager.is_config_list(name) {
+        return Err(ApiError::conflict(
+            "managed_by_config",
+            format!("blocklist `{name}` comes from the config file; change it there"),
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /blocklist/{list}`: `<entry cidr="…" [reason] [ttl-seconds]/>`; makes the list
+/// when it is new.
+pub async fn add(state: &ApiState, name: &str, body: Incoming) -> Result<ApiResponse, ApiError> {
+    let manager = manager(state)?;
+    let name = list_name(name)?;
+    refuse_config(manager, name)?;
+    let bytes = collect_small(body, state.max_body_octets).await?;
+    let element = Parser::new(&bytes[..]).single("entry").await?;
+    let record = entry(name, &element)?;
+    manager.directory.store().put_block(&record).await?;
+    manager.apply().await?;
+    tracing::info!(list = %name, cidr = %record.cidr, reason = %record.reason, expires_at = ?record.expires_at, "blocklist entry added by API");
+    let mut w = Writer::document("list", &[("name", name), ("managed-by", "api")]);
+    write_entry(&mut w, &record);
+    Ok(xml_response(StatusCode::CREATED, w.finish()))
+}
+
+/// `PUT /blocklist/{list}`: `<list><entry …/>…</list>` becomes the whole list.
+pub async fn replace(
+    state: &ApiState,
+    name: &str,
+    body: Incoming,
+) -> Result<ApiResponse, ApiError> {
+    let manager = manager(state)?;
+    let name = list_name(name)?;
+    refuse_config(manager, name)?;
+    let mut parser = Parser::new(super::xml::BodyReader::new(body, state.max_import_octets));
+    let root = parser.root("list").await?;
+    root.only(&["name"])?;
+    let mut records = Vec::new();
+    loop {
+        match parser.next().await? {
+            Item::Open(e) if e.name == "entry" && !e.has_children => {
+                records.push(entry(name, &e)?);
+                if records.len() > MAX_LIST {
+                    return Err(ApiError::invalid(
+                        "list_too_long",
+                        format!("a list holds at most {MAX_LIST} entries"),
+                    ));
+                }
+            }
+            Item::Open(e) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unknown_element",
+                    format!("<list> holds <entry/> elements only; found <{}>", e.name),
+                ));
+            }
+            Item::Close(_) => break,
+            Item::End => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_xml",
+                    "no </list>",
+                ));
+            }
+        }
+    }
+    parser.finish().await?;
+    manager
+        .directory
+        .store()
+        .replace_block_list(name, &records)
+        .await?;
+    manager.apply().await?;
+    tracing::info!(list = %name, entries = records.len(), "blocklist replaced by API");
+    let entries = records.len().to_string();
+    let w = Writer::document(
+        "list",
+        &[("name", name), ("managed-by", "api"), ("entries", &entries)],
+    );
+    Ok(xml_response(StatusCode::OK, w.finish()))
+}
+
+/// `DELETE /blocklist/{list}/{cidr}` (the `/` of the CIDR as `%2F`), or the whole list.
+pub async fn remove(
+    state: &ApiState,
+    name: &str,
+    cidr: Option<&str>,
+) -> Result<ApiResponse, ApiError> {
+    let manager = manager(state)?;
+    let name = list_name(name)?;
+    refuse_config(manager, name)?;
+    let store = manager.directory.store();
+    match cidr {
+        Some(text) => {
+            let cidr: Cidr = text
+                .parse()
+                .map_err(|e| ApiError::invalid("invalid_cidr", format!("`{text}`: {e}")))?;
+            if !store.remove_block(name, &cidr.to_string()).await? {
+                return Err(ApiError::not_found(format!(
+                    "{cidr} is not on blocklist `{name}`"
+                )));
+            }
+            tracing::info!(list = %name, %cidr, "blocklist entry removed by API");
+        }
+        None => {
+            if !manager.api_lists().await?.contains_key(name) {
+                return Err(ApiError::not_found(format!("no blocklist `{name}`")));
+            }
+            store.replace_block_list(name, &[]).await?;
+            tracing::info!(list = %name, "blocklist deleted by API");
+        }
+    }
+    manager.apply().await?;
+    Ok(no_content())
+}
