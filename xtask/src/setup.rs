@@ -37,7 +37,7 @@ const APT_PACKAGES: &[&str] = &[
     "swaks",
     "python3",
     "curl",
-    # xmllint: the API tests validate every response against docs/api.xsd.
+    // xmllint: the API tests validate every response against docs/api.xsd.
     "libxml2-utils",
 ];
 
