@@ -16,7 +16,7 @@ use protobalance_tests::{test_dir::TestDir, user_name};
 
 use super::{
     check_interrupted,
-    edge::{BackendSpec, EdgeConfig},
+    edge::{BackendSpec, EdgeConfig, Limits},
     stats::nearest_rank,
     store,
 };
@@ -44,9 +44,10 @@ pub fn run(binary: &Path, args: &DirectoryArgs) -> Result<()> {
             name: format!("backend{i}"),
             ip: IpAddr::V4(Ipv4Addr::new(127, 0, 1, i)),
             ports: [110, 143, 24],
+            smtp_delivery: None,
         })
         .collect();
-    let edge = EdgeConfig::write(&scratch, &backends, None, 20)?;
+    let edge = EdgeConfig::write(&scratch, &backends, None, &Limits::for_clients(1))?;
     let list = scratch.path().join("mailboxes.txt");
     generate(&list, n)?;
     step(&format!(

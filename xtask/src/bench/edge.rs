@@ -14,7 +14,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use protobalance_tests::{ChildGuard, DovecotBackend, free_port, test_dir::TestDir};
+use protobalance_tests::{
+    ChildGuard, DovecotBackend, PostfixBackend, free_port, test_dir::TestDir,
+};
 
 use super::protocol::Protocol;
 use crate::util;
@@ -32,11 +34,15 @@ pub struct EdgeConfig {
     dir: PathBuf,
 }
 
-/// `[[backend]]` as the config needs it: name, address and the three ports.
+/// `[[backend]]` as the config needs it: name, address, the three ports, and where
+/// inbound mail goes.
 pub struct BackendSpec {
     pub name: String,
     pub ip: IpAddr,
     pub ports: [u16; 3],
+    /// `delivery = "smtp"` to this port (a Postfix in front of the backend); None:
+    /// `delivery = "lmtp"` to the LMTP port.
+    pub smtp_delivery: Option<u16>,
 }
 
 impl BackendSpec {
@@ -49,28 +55,61 @@ impl BackendSpec {
                 backend.imap_port(),
                 backend.lmtp_port(),
             ],
+            smtp_delivery: None,
+        }
+    }
+
+    /// The Postfix's Dovecot, with inbound mail handed to the Postfix (same address).
+    pub fn of_postfix(postfix: &PostfixBackend) -> Self {
+        Self {
+            smtp_delivery: Some(postfix.smtp_port()),
+            ..Self::of(postfix.dovecot())
+        }
+    }
+}
+
+/// The `[limits]` a benchmark raises.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Every client of a benchmark comes from 127.0.0.1.
+    pub max_sessions_per_ip: u32,
+    /// None: protobalance's default (25 MiB).
+    pub max_message_octets: Option<u64>,
+}
+
+impl Limits {
+    /// Room for `clients` concurrent clients and as many sessions closing behind them.
+    pub fn for_clients(clients: u32) -> Self {
+        Self {
+            max_sessions_per_ip: clients.saturating_mul(2).clamp(20, 100_000),
+            max_message_octets: None,
         }
     }
 }
 
 impl EdgeConfig {
     /// Writes `protobalance.toml` into `dir`: the directory file beside it, domain
-    /// example.com (unknown mailboxes rejected), the backends, and a `protocol` listener on
-    /// a free loopback port if asked, with room for `max_sessions_per_ip` clients.
+    /// example.com (unknown mailboxes rejected), the backends, a plaintext `protocol`
+    /// listener on a free loopback port if asked, and `limits`.
     pub fn write(
         dir: &TestDir,
         backends: &[BackendSpec],
         protocol: Option<Protocol>,
-        max_sessions_per_ip: u32,
+        limits: &Limits,
     ) -> Result<Self> {
         let admin = SocketAddr::new(LOOPBACK, free_port(LOOPBACK)?);
         let directory = dir.path().join("directory.db");
         let mut text = format!(
             "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 1\n\
-             [directory]\npath = \"{}\"\n[limits]\nmax_sessions_per_ip = {max_sessions_per_ip}\n\
-             [[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n",
-            directory.display()
+             [directory]\npath = \"{}\"\n\
+             [limits]\nmax_sessions_per_ip = {}\n",
+            directory.display(),
+            limits.max_sessions_per_ip
         );
+        if let Some(octets) = limits.max_message_octets {
+            writeln!(text, "max_message_octets = {octets}")?;
+        }
+        text.push_str("[[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n");
         let mut listener = None;
         if let Some(protocol) = protocol {
             let addr = SocketAddr::new(LOOPBACK, free_port(LOOPBACK)?);
@@ -89,6 +128,9 @@ impl EdgeConfig {
                  pop3_port = {pop3}\nimap_port = {imap}\nlmtp_port = {lmtp}\n",
                 b.name, b.ip
             )?;
+            if let Some(port) = b.smtp_delivery {
+                write!(text, "delivery = \"smtp\"\nsmtp_port = {port}\n")?;
+            }
         }
         let path = dir.path().join("protobalance.toml");
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;

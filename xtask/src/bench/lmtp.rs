@@ -1,6 +1,6 @@
 //! Seeds every benchmark mailbox with one ~10 KB message by LMTP on its owner backend (only
 //! there: a mailbox lives on one backend). One LMTP connection per backend, backends in
-//! parallel, one transaction per mailbox.
+//! parallel, one transaction per mailbox. Also builds the benches' messages ([`message`]).
 
 use std::{net::SocketAddr, thread};
 
@@ -8,13 +8,13 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use super::{interrupted, wire::LineConn};
 
-/// Size of the seeded message body (headers add ~150 bytes).
-const BODY_BYTES: usize = 10 * 1024;
+/// Size of the seeded (and `bench smtp`'s) message body (headers add ~150 bytes).
+pub const BODY_BYTES: usize = 10 * 1024;
 const LINE_WIDTH: usize = 78;
 
 /// `batches`: (a backend's LMTP address, the mailboxes it owns).
 pub fn seed(batches: &[(SocketAddr, Vec<String>)]) -> Result<()> {
-    let message = message();
+    let message = message(BODY_BYTES);
     thread::scope(|scope| {
         let handles: Vec<_> = batches
             .iter()
@@ -52,13 +52,15 @@ fn deliver(conn: &mut LineConn, user: &str, message: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// CRLF lines, none starting with a dot, ending in CRLF (so `.\r\n` terminates it).
-fn message() -> Vec<u8> {
+/// A message of about `body_bytes` after its headers: CRLF lines, none starting with a
+/// dot, ending in CRLF (so `.\r\n` terminates it).
+pub fn message(body_bytes: usize) -> Vec<u8> {
     let mut text = String::from(
         "From: bench@example.net\r\nTo: undisclosed-recipients:;\r\n\
          Subject: protobalance bench\r\nMessage-ID: <bench@example.net>\r\n\r\n",
     );
-    let lines = BODY_BYTES / (LINE_WIDTH + 2);
+    let lines = body_bytes / (LINE_WIDTH + 2);
+    text.reserve(lines * (LINE_WIDTH + 2));
     for i in 0..lines {
         let line = format!("bench line {i:04} ");
         text.push_str(&format!("{line:x<LINE_WIDTH$}\r\n"));
@@ -72,7 +74,7 @@ mod tests {
 
     #[test]
     fn message_is_about_10_kb_of_crlf_lines() {
-        let m = message();
+        let m = message(BODY_BYTES);
         assert!((BODY_BYTES - 200..BODY_BYTES + 400).contains(&m.len()));
         assert!(m.ends_with(b"\r\n"));
         assert!(!m.windows(3).any(|w| w == b"\n.\r" || w == b"\n.."));

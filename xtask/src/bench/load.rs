@@ -3,6 +3,7 @@
 //! Throughput counts the sessions that *complete* inside the measured window (after the
 //! warm-up), so a session straddling either edge neither inflates nor deflates the rate.
 //! The phase stops by itself at its deadline (or on Ctrl-C); every socket op has a timeout.
+//! [`interleaved`] compares two paths (direct, through protobalance) in alternating slices.
 
 use std::{
     net::SocketAddr,
@@ -13,26 +14,25 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use super::{
-    interrupted,
-    protocol::{Login, Protocol},
-    stats::PhaseResult,
-    wire::LineConn,
-};
+use super::{interrupted, protocol::Session, stats::PhaseResult, wire::LineConn};
+use crate::util::step;
 
 /// Pause after a failed session so a dead server is not hammered in a tight loop.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
+/// Before each measured slice of [`interleaved`].
+const WARMUP: Duration = Duration::from_secs(1);
+/// The measured time per path is split into at most this many alternating slices.
+const MAX_ROUNDS: u64 = 5;
 
-/// Where one mailbox's sessions go in a phase, with its credentials.
+/// Where one mailbox's (or recipient group's) sessions go in a phase, and what they do.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub addr: SocketAddr,
-    pub login: Login,
+    pub session: Session,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct Phase {
-    pub protocol: Protocol,
     pub clients: u32,
     pub warmup: Duration,
     pub measure: Duration,
@@ -55,7 +55,7 @@ pub fn run(phase: Phase, endpoints: &[Endpoint]) -> Result<PhaseResult> {
     let window = (start + phase.warmup, start + phase.warmup + phase.measure);
     let tallies = thread::scope(|scope| {
         let handles: Vec<_> = (0..phase.clients)
-            .map(|_| scope.spawn(|| client_loop(phase.protocol, endpoints, &next, window)))
+            .map(|_| scope.spawn(|| client_loop(endpoints, &next, window)))
             .collect();
         handles
             .into_iter()
@@ -71,7 +71,6 @@ pub fn run(phase: Phase, endpoints: &[Endpoint]) -> Result<PhaseResult> {
 }
 
 fn client_loop(
-    protocol: Protocol,
     endpoints: &[Endpoint],
     next: &AtomicUsize,
     (measure_from, stop_at): (Instant, Instant),
@@ -80,8 +79,8 @@ fn client_loop(
     while Instant::now() < stop_at && !interrupted() {
         let endpoint = &endpoints[next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
         let started = Instant::now();
-        let outcome = LineConn::connect(endpoint.addr)
-            .and_then(|mut conn| protocol.session(&mut conn, &endpoint.login));
+        let outcome =
+            LineConn::connect(endpoint.addr).and_then(|mut conn| endpoint.session.run(&mut conn));
         let ended = Instant::now();
         let in_window = measure_from <= ended && ended <= stop_at;
         match outcome {
@@ -94,7 +93,7 @@ fn client_loop(
                     tally.errors += 1;
                     tally
                         .first_error
-                        .get_or_insert_with(|| format!("{}: {err:#}", endpoint.login.user));
+                        .get_or_insert_with(|| format!("{}: {err:#}", endpoint.session.mailbox()));
                 }
                 thread::sleep(ERROR_BACKOFF);
             }
@@ -114,32 +113,99 @@ fn merge(tallies: Vec<Tally>) -> PhaseResult {
     PhaseResult::new(latencies, errors, first_error)
 }
 
-/// Runs one session per endpoint, untimed, on up to `clients` threads: the first open of
-/// a mailbox (Dovecot moves `new/` to `cur/`, builds its index) and protobalance's first
-/// directory lookup cost more than every later one, and should count against no phase.
-pub fn prime(protocol: Protocol, clients: u32, endpoints: &[Endpoint]) -> Result<()> {
+/// Runs one session per endpoint, untimed, on up to `clients` threads (at most 8); the
+/// first error ends the run. To prime: the first open of a mailbox (Dovecot moves `new/`
+/// to `cur/`, builds its index; the first delivery creates the maildir) and protobalance's
+/// first directory lookup cost more than every later one, and should count against no
+/// phase.
+pub fn once_each(clients: u32, endpoints: &[Endpoint]) -> Result<()> {
     let next = AtomicUsize::new(0);
     let threads = clients.clamp(1, 8);
     thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
-            .map(|_| scope.spawn(|| prime_loop(protocol, endpoints, &next)))
+            .map(|_| scope.spawn(|| once_each_loop(endpoints, &next)))
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow!("a priming thread panicked"))?)
+            .map(|h| h.join().map_err(|_| anyhow!("a session thread panicked"))?)
             .collect::<Result<Vec<()>>>()
     })?;
     Ok(())
 }
 
-fn prime_loop(protocol: Protocol, endpoints: &[Endpoint], next: &AtomicUsize) -> Result<()> {
+fn once_each_loop(endpoints: &[Endpoint], next: &AtomicUsize) -> Result<()> {
     while let Some(endpoint) = endpoints.get(next.fetch_add(1, Ordering::Relaxed)) {
         if interrupted() {
             bail!("interrupted");
         }
         LineConn::connect(endpoint.addr)
-            .and_then(|mut conn| protocol.session(&mut conn, &endpoint.login))
-            .with_context(|| format!("priming {} via {}", endpoint.login.user, endpoint.addr))?;
+            .and_then(|mut conn| endpoint.session.run(&mut conn))
+            .with_context(|| {
+                let mailbox = endpoint.session.mailbox();
+                format!("session for {mailbox} via {}", endpoint.addr)
+            })?;
+    }
+    Ok(())
+}
+
+/// How hard and how long two paths are compared.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub clients: u32,
+    /// Measured seconds per path, in up to [`MAX_ROUNDS`] slices.
+    pub seconds: u64,
+}
+
+/// Alternates the two paths in rounds (direct, protobalance, direct, …), each slice after
+/// its own warm-up, so a neighbour's load that comes and goes hits both paths alike.
+/// `settle` runs after every slice (e.g. until a queue that the slice filled is drained,
+/// so its work does not load the next slice).
+pub fn interleaved(
+    what: &str,
+    plan: Plan,
+    paths: [&[Endpoint]; 2],
+    settle: &dyn Fn() -> Result<()>,
+) -> Result<[PhaseResult; 2]> {
+    let rounds = plan.seconds.min(MAX_ROUNDS);
+    let phase = Phase {
+        clients: plan.clients,
+        warmup: WARMUP,
+        measure: Duration::from_secs(plan.seconds) / u32::try_from(rounds)?,
+    };
+    step(&format!(
+        "{what} load: {} clients, {rounds} rounds of direct then protobalance, \
+         each {:?} warm-up + {:?} measured",
+        plan.clients, phase.warmup, phase.measure
+    ));
+    let mut parts: [Vec<PhaseResult>; 2] = Default::default();
+    for round in 1..=rounds {
+        for (endpoints, part) in paths.iter().zip(&mut parts) {
+            part.push(run(phase, endpoints)?);
+            settle()?;
+        }
+        let rate = |p: &[PhaseResult]| p.last().map_or(0.0, PhaseResult::rate);
+        println!(
+            "  round {round}/{rounds}: direct {:.1}/s, protobalance {:.1}/s",
+            rate(&parts[0]),
+            rate(&parts[1])
+        );
+    }
+    let [direct, proxy] = parts.map(PhaseResult::merge);
+    check("direct", &direct)?;
+    check("protobalance", &proxy)?;
+    Ok([direct, proxy])
+}
+
+/// Fails when nothing completed; reports failed sessions (a benchmark does not hide them).
+fn check(path: &str, result: &PhaseResult) -> Result<()> {
+    if let Some(error) = &result.first_error {
+        if result.completed() == 0 {
+            bail!("{path}: no session completed; first error: {error}");
+        }
+        println!(
+            "  warning: {path}: {} failed sessions; first: {error}",
+            result.errors
+        );
     }
     Ok(())
 }

@@ -5,27 +5,23 @@
 //! one untimed session per mailbox on both paths (first opens are dearer), and the timed
 //! load in alternating slices so both paths see the same machine.
 
-use std::{collections::HashMap, net::SocketAddr, path::Path, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::Path};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use clap::Args;
 use protobalance_tests::{DovecotCluster, password_for, test_dir::TestDir, user_name};
 
 use super::{
     check_interrupted,
-    edge::{BackendSpec, EdgeConfig},
+    edge::{BackendSpec, EdgeConfig, Limits},
     lmtp,
-    load::{self, Endpoint, Phase},
-    protocol::{Login, Protocol},
-    stats::{self, PhaseResult},
-    store,
+    load::{self, Endpoint, Plan},
+    protocol::{Login, Retrieval},
+    stats, store,
 };
 use crate::util::step;
 
 const BACKENDS: usize = 3;
-const WARMUP: Duration = Duration::from_secs(1);
-/// The measured time per path is split into at most this many alternating slices.
-const MAX_ROUNDS: u64 = 5;
 
 #[derive(Debug, Clone, Args)]
 pub struct MailArgs {
@@ -41,9 +37,9 @@ pub struct MailArgs {
 }
 
 /// (login, name of the backend that owns the mailbox), for user1..userN.
-type Owners = Vec<(String, String)>;
+pub type Owners = Vec<(String, String)>;
 
-pub fn run(binary: &Path, protocol: Protocol, args: &MailArgs) -> Result<()> {
+pub fn run(binary: &Path, retrieval: Retrieval, args: &MailArgs) -> Result<()> {
     let users = args.users as usize;
     step(&format!(
         "starting {BACKENDS} Dovecot backends (each knows all {users} test users)"
@@ -52,18 +48,18 @@ pub fn run(binary: &Path, protocol: Protocol, args: &MailArgs) -> Result<()> {
     check_interrupted()?;
     let scratch = TestDir::new("bench")?;
     let specs: Vec<_> = cluster.backends().iter().map(BackendSpec::of).collect();
-    let limit = args.clients.saturating_mul(2).clamp(20, 100_000);
-    let edge = EdgeConfig::write(&scratch, &specs, Some(protocol), limit)?;
+    let limits = Limits::for_clients(args.clients);
+    let edge = EdgeConfig::write(&scratch, &specs, Some(retrieval.protocol()), &limits)?;
     let owners = provision(binary, &edge, &scratch, users)?;
     seed(&cluster, &owners)?;
     step("starting protobalance");
     let _protobalance = edge.start(binary)?;
-    compare(protocol, args, &cluster, &edge, &owners)
+    compare(retrieval, args, &cluster, &edge, &owners)
 }
 
 /// Primes every mailbox on both paths, then runs the timed phases and prints them.
 fn compare(
-    protocol: Protocol,
+    retrieval: Retrieval,
     args: &MailArgs,
     cluster: &DovecotCluster,
     edge: &EdgeConfig,
@@ -72,58 +68,28 @@ fn compare(
     let listener = edge
         .listener
         .context("the bench config has no mail listener")?;
-    let direct = direct_endpoints(protocol, cluster, owners)?;
-    let proxied = endpoints(owners, |_| Ok(listener))?;
+    let direct = direct_endpoints(retrieval, cluster, owners)?;
+    let proxied = endpoints(retrieval, owners, |_| Ok(listener))?;
     step("priming: one untimed session per mailbox, direct and through protobalance");
-    load::prime(protocol, args.clients, &direct)?;
-    load::prime(protocol, args.clients, &proxied)?;
-    let [direct, proxy] = measure_interleaved(protocol, args, [&direct, &proxied])?;
-    stats::print_comparison(protocol.as_str(), args.clients, &direct, &proxy);
+    load::once_each(args.clients, &direct)?;
+    load::once_each(args.clients, &proxied)?;
+    let plan = Plan {
+        clients: args.clients,
+        seconds: args.seconds,
+    };
+    let name = retrieval.protocol().as_str();
+    let [direct, proxy] = load::interleaved(name, plan, [&direct, &proxied], &|| Ok(()))?;
+    stats::print_comparison(name, "sessions", args.clients, &direct, &proxy);
     Ok(())
 }
 
-/// Alternates the two paths in rounds (direct, protobalance, direct, …), each slice after
-/// its own warm-up, so a neighbour's load that comes and goes hits both paths alike.
-fn measure_interleaved(
-    protocol: Protocol,
-    args: &MailArgs,
-    paths: [&[Endpoint]; 2],
-) -> Result<[PhaseResult; 2]> {
-    let rounds = args.seconds.min(MAX_ROUNDS);
-    let phase = Phase {
-        protocol,
-        clients: args.clients,
-        warmup: WARMUP,
-        measure: Duration::from_secs(args.seconds) / u32::try_from(rounds)?,
-    };
-    step(&format!(
-        "{} load: {} clients, {rounds} rounds of direct then protobalance, \
-         each {:?} warm-up + {:?} measured",
-        protocol.as_str(),
-        args.clients,
-        phase.warmup,
-        phase.measure
-    ));
-    let mut parts: [Vec<PhaseResult>; 2] = Default::default();
-    for round in 1..=rounds {
-        for (endpoints, part) in paths.iter().zip(&mut parts) {
-            part.push(load::run(phase, endpoints)?);
-        }
-        let rate = |p: &[PhaseResult]| p.last().map_or(0.0, PhaseResult::rate);
-        println!(
-            "  round {round}/{rounds}: direct {:.1}/s, protobalance {:.1}/s",
-            rate(&parts[0]),
-            rate(&parts[1])
-        );
-    }
-    let [direct, proxy] = parts.map(PhaseResult::merge);
-    check("direct", &direct)?;
-    check("protobalance", &proxy)?;
-    Ok([direct, proxy])
-}
-
 /// Imports user1..userN with `protobalance directory import` and reads back each owner.
-fn provision(binary: &Path, edge: &EdgeConfig, scratch: &TestDir, users: usize) -> Result<Owners> {
+pub fn provision(
+    binary: &Path,
+    edge: &EdgeConfig,
+    scratch: &TestDir,
+    users: usize,
+) -> Result<Owners> {
     step(&format!(
         "provisioning {users} mailboxes (protobalance directory import)"
     ));
@@ -165,19 +131,20 @@ fn seed(cluster: &DovecotCluster, owners: &Owners) -> Result<()> {
 }
 
 fn direct_endpoints(
-    protocol: Protocol,
+    retrieval: Retrieval,
     cluster: &DovecotCluster,
     owners: &Owners,
 ) -> Result<Vec<Endpoint>> {
-    endpoints(owners, |owner| {
+    endpoints(retrieval, owners, |owner| {
         let backend = cluster.backends().iter().find(|b| b.name() == owner);
         let backend =
             backend.with_context(|| format!("the directory names an unknown backend {owner}"))?;
-        Ok(protocol.backend_addr(backend))
+        Ok(retrieval.backend_addr(backend))
     })
 }
 
 fn endpoints(
+    retrieval: Retrieval,
     owners: &Owners,
     addr_of: impl Fn(&str) -> Result<SocketAddr>,
 ) -> Result<Vec<Endpoint>> {
@@ -186,27 +153,14 @@ fn endpoints(
         .map(|(user, owner)| {
             let password =
                 password_for(user).with_context(|| format!("{user} is not a test user"))?;
+            let login = Login {
+                user: user.clone(),
+                password,
+            };
             Ok(Endpoint {
                 addr: addr_of(owner)?,
-                login: Login {
-                    user: user.clone(),
-                    password,
-                },
+                session: retrieval.session(login),
             })
         })
         .collect()
-}
-
-/// Fails when nothing completed; reports failed sessions (a benchmark does not hide them).
-fn check(path: &str, result: &PhaseResult) -> Result<()> {
-    if let Some(error) = &result.first_error {
-        if result.completed() == 0 {
-            bail!("{path}: no session completed; first error: {error}");
-        }
-        println!(
-            "  warning: {path}: {} failed sessions; first: {error}",
-            result.errors
-        );
-    }
-    Ok(())
 }

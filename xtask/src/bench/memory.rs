@@ -31,7 +31,7 @@ use protobalance_tests::{password_for, test_dir::TestDir, user_name};
 
 use super::{
     check_interrupted,
-    edge::{BackendSpec, EdgeConfig},
+    edge::{BackendSpec, EdgeConfig, Limits},
     memory_report::{self, Row},
     procfs,
     protocol::{Login, Protocol},
@@ -84,9 +84,13 @@ pub fn run(binary: &Path, args: &MemoryArgs) -> Result<()> {
         name: "standin".into(),
         ip: LOOPBACK,
         ports: [backend.addr().port(); 3],
+        smtp_delivery: None,
     };
-    let per_ip = u32::try_from(sessions)? + 100;
-    let edge = EdgeConfig::write(&scratch, &[spec], Some(Protocol::Pop3), per_ip)?;
+    let limits = Limits {
+        max_sessions_per_ip: u32::try_from(sessions)? + 100,
+        max_message_octets: None,
+    };
+    let edge = EdgeConfig::write(&scratch, &[spec], Some(Protocol::Pop3), &limits)?;
     let logins = provision(binary, &edge, &scratch)?;
     step(&format!(
         "starting protobalance under prlimit --nofile={fds}:{fds}"

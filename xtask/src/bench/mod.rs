@@ -6,6 +6,12 @@
 //!   protobalance; prints the ratio proxy/direct and the latency protobalance adds.
 //! * `imap` — the same for IMAP (connect, greeting, LOGIN, SELECT INBOX, FETCH 1 (RFC822)
 //!   read by its literal size, LOGOUT).
+//! * `smtp` — messages/s and per-message latency of inbound mail (connect, 220, EHLO, MAIL
+//!   FROM, RCPT TO × 1 or × 5 of one backend, DATA, a ~10 KB message, QUIT), direct vs
+//!   through protobalance, on two kinds of backend side by side: direct LMTP to Dovecot vs
+//!   an edge with `delivery = "lmtp"`, and direct SMTP to a real Postfix in front of each
+//!   Dovecot vs an edge with `delivery = "smtp"`; prints the ratios and the latency added.
+//!   Also protobalance's RSS while it streams 10 KB vs 20 MiB messages.
 //! * `memory` — protobalance's RSS/Pss per idle logged-in POP3 session (10 000 by default),
 //!   in front of a stand-in backend, since Dovecot cannot hold that many sessions here.
 //! * `directory` — `protobalance directory import` rate (mailboxes/s) for N mailboxes, the
@@ -28,6 +34,9 @@ mod memory_report;
 mod pop3;
 mod procfs;
 mod protocol;
+mod smtp;
+mod smtp_bench;
+mod smtp_memory;
 mod standin_pop3;
 mod stats;
 mod store;
@@ -37,6 +46,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
+use protobalance_tests::postfix::MASTER_BIN;
 
 use crate::util;
 
@@ -46,6 +56,12 @@ pub enum Target {
     Pop3(mail::MailArgs),
     /// IMAP sessions/s and latency: direct to Dovecot vs through protobalance.
     Imap(mail::MailArgs),
+    /// SMTP messages/s and latency: direct to Dovecot or Postfix vs through protobalance.
+    ///
+    /// Inbound mail with 1 and 5 recipients: direct LMTP to Dovecot vs protobalance with
+    /// `delivery = "lmtp"`, direct SMTP to Postfix vs protobalance with `delivery = "smtp"`;
+    /// then protobalance's RSS while it streams 10 KB vs 20 MiB messages.
+    Smtp(smtp_bench::SmtpArgs),
     /// protobalance's memory (RSS, Pss) per idle logged-in POP3 session.
     Memory(memory::MemoryArgs),
     /// Directory import rate (mailboxes/s), disk use and owner-lookup latency.
@@ -72,12 +88,7 @@ pub fn run(target: Option<Target>) -> Result<()> {
         print_targets();
         return Ok(());
     };
-    if matches!(target, Target::Pop3(_) | Target::Imap(_)) && !util::is_root() {
-        bail!(
-            "the POP3 and IMAP benches run real Dovecot backends, which must start as root \
-             to switch to the mail user: run `cargo xtask bench pop3|imap` as root"
-        );
-    }
+    preflight(&target)?;
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))
         .context("installing the Ctrl-C handler")?;
     if cfg!(debug_assertions) {
@@ -85,11 +96,31 @@ pub fn run(target: Option<Target>) -> Result<()> {
     }
     let binary = crate::build()?;
     match target {
-        Target::Pop3(args) => mail::run(&binary, protocol::Protocol::Pop3, &args),
-        Target::Imap(args) => mail::run(&binary, protocol::Protocol::Imap, &args),
+        Target::Pop3(args) => mail::run(&binary, protocol::Retrieval::Pop3, &args),
+        Target::Imap(args) => mail::run(&binary, protocol::Retrieval::Imap, &args),
+        Target::Smtp(args) => smtp_bench::run(&binary, &args),
         Target::Memory(args) => memory::run(&binary, &args),
         Target::Directory(args) => directory::run(&binary, &args),
     }
+}
+
+/// What a target needs from this machine, checked before the (slow) optimized build.
+fn preflight(target: &Target) -> Result<()> {
+    let backends = matches!(target, Target::Pop3(_) | Target::Imap(_) | Target::Smtp(_));
+    if backends && !util::is_root() {
+        bail!(
+            "the POP3, IMAP and SMTP benches run real Dovecot (and Postfix) backends, which \
+             must start as root to switch to their users: run `cargo xtask bench \
+             pop3|imap|smtp` as root"
+        );
+    }
+    if matches!(target, Target::Smtp(_)) && !std::path::Path::new(MASTER_BIN).exists() {
+        bail!(
+            "`bench smtp` runs real Postfix backends, and {MASTER_BIN} is missing: \
+             `cargo xtask setup` installs postfix"
+        );
+    }
+    Ok(())
 }
 
 /// `cargo xtask` is a debug build: its load generator and its SQLite (C compiled at -O0)
@@ -122,4 +153,8 @@ fn print_targets() {
             .unwrap_or_default();
         println!("  {:<10} {about}", target.get_name());
     }
+    println!(
+        "\npop3, imap and smtp start real Dovecot backends (smtp also a Postfix in front of \
+         each): run them as root."
+    );
 }

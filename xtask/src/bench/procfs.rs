@@ -1,7 +1,8 @@
-//! What `/proc` says about a process, for `bench memory`: resident memory (VmRSS, and Pss
-//! from smaps_rollup, which charges shared pages by share), open descriptors, and the
-//! open-file limit — which this process raises for itself with util-linux `prlimit`
-//! (xtask has no libc binding, and `prlimit` comes with util-linux like `mount`).
+//! What `/proc` says about a process, for `bench memory` and `bench smtp`: resident memory
+//! (VmRSS, its high-water mark VmHWM, and Pss from smaps_rollup, which charges shared
+//! pages by share), open descriptors, and the open-file limit — which this process raises
+//! for itself with util-linux `prlimit` (xtask has no libc binding, and `prlimit` comes
+//! with util-linux like `mount`).
 
 use std::{path::PathBuf, process::Command};
 
@@ -24,6 +25,17 @@ pub fn memory(pid: u32) -> Result<Memory> {
         .ok()
         .and_then(|text| field_kib(&text, "Pss:"));
     Ok(Memory { rss_kib, pss_kib })
+}
+
+/// VmRSS alone, in KiB: cheaper than [`memory`] (no smaps_rollup walk), for sampling often.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    field_kib(&read(pid, "status")?, "VmRSS:").context("no VmRSS in /proc/<pid>/status")
+}
+
+/// VmHWM: the most resident memory the process ever had, in KiB (catches a peak that
+/// falls between two samples).
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    field_kib(&read(pid, "status")?, "VmHWM:").context("no VmHWM in /proc/<pid>/status")
 }
 
 /// Entries in /proc/<pid>/fd.
@@ -107,7 +119,10 @@ mod tests {
         let pid = std::process::id();
         let (soft, hard) = nofile_limit(pid)?;
         assert!(soft <= hard);
-        assert!(memory(pid)?.rss_kib > 0);
+        let rss = memory(pid)?.rss_kib;
+        assert!(rss > 0);
+        // The kernel reports the high-water mark as at least the RSS of that moment.
+        assert!(peak_rss_kib(pid)? >= rss);
         assert!(open_fds(pid)? >= 3);
         Ok(())
     }

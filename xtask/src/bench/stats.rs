@@ -71,11 +71,32 @@ pub fn describe(label: &str, phase: &PhaseResult) -> String {
     )
 }
 
-/// The table of both phases, then the one-line comparison.
-pub fn print_comparison(protocol: &str, clients: u32, direct: &PhaseResult, proxy: &PhaseResult) {
+/// protobalance's rate as a fraction of the direct rate.
+pub fn ratio(direct: &PhaseResult, proxy: &PhaseResult) -> f64 {
+    proxy.rate() / direct.rate().max(1e-9)
+}
+
+/// The median latency protobalance adds, in milliseconds.
+pub fn added_p50_ms(direct: &PhaseResult, proxy: &PhaseResult) -> f64 {
+    proxy.percentile_ms(50.0) - direct.percentile_ms(50.0)
+}
+
+/// The table of both phases, then the one-line comparison. `unit`: what one session
+/// completes (`sessions`, `messages`).
+pub fn print_comparison(
+    what: &str,
+    unit: &str,
+    clients: u32,
+    direct: &PhaseResult,
+    proxy: &PhaseResult,
+) {
     println!(
-        "\n{:<14} {:>10} {:>7} {:>12} {:>9} {:>9}",
-        "path", "sessions", "errors", "sessions/s", "p50 ms", "p99 ms"
+        "\n{:<14} {unit:>10} {:>7} {:>12} {:>9} {:>9}",
+        "path",
+        "errors",
+        format!("{unit}/s"),
+        "p50 ms",
+        "p99 ms"
     );
     for (label, phase) in [("direct", direct), ("protobalance", proxy)] {
         println!(
@@ -87,10 +108,9 @@ pub fn print_comparison(protocol: &str, clients: u32, direct: &PhaseResult, prox
             phase.percentile_ms(99.0)
         );
     }
-    let ratio = proxy.rate() / direct.rate().max(1e-9);
-    let added = proxy.percentile_ms(50.0) - direct.percentile_ms(50.0);
+    let (ratio, added) = (ratio(direct, proxy), added_p50_ms(direct, proxy));
     println!(
-        "\n{protocol}  clients={clients}  {} | {} | ratio {ratio:.2} | added p50 {added:+.2}ms",
+        "\n{what}  clients={clients}  {} | {} | ratio {ratio:.2} | added p50 {added:+.2}ms",
         describe("direct", direct),
         describe("protobalance", proxy),
     );

@@ -40,6 +40,14 @@ impl LineConn {
         })
     }
 
+    /// Replaces [`IO_TIMEOUT`] for reads, e.g. while a server stores a large message.
+    pub fn set_read_timeout(&mut self, timeout: Duration) -> Result<()> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .context("setting the read timeout")
+    }
+
     pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
         self.writer.write_all(bytes).context("sending")
     }
