@@ -123,6 +123,7 @@ fn check_replies(text: &str) {
 }
 
 /// Inputs built from protocol fragments, so the generator reaches deep paths quickly.
+#[cfg(test)]
 const FRAGMENTS: [&[u8]; 24] = [
     b"USER ",
     b"PASS ",
@@ -150,8 +151,10 @@ const FRAGMENTS: [&[u8]; 24] = [
     b"\xff",
 ];
 
+#[cfg(test)]
 struct XorShift(u64);
 
+#[cfg(test)]
 impl XorShift {
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
@@ -165,6 +168,7 @@ impl XorShift {
     }
 }
 
+#[cfg(test)]
 fn generated_input(rng: &mut XorShift) -> Vec<u8> {
     let mut data = Vec::new();
     for _ in 0..rng.below(48) {
