@@ -175,6 +175,8 @@ new example.com mailboxes are auto-provisioned on first login.
             (POP3 and IMAP through protobalance on 127.0.0.1:1110 / :1143: the login lands on
              {owner}, where the mail is)
   backends: {bin} directory backends --config {cfg}
+  API:      PROTOBALANCE_TOKEN=demo-token-not-secret-0123456789abcdef {bin} ctl backend ls
+            curl -s -H 'Authorization: Bearer demo-token-not-secret-0123456789abcdef' http://{ADMIN}/api/v1/mailboxes?limit=5
 
 Kernel filter (XDP on {DEMO_IFACE}; 198.51.100.66 is blocklisted):
   allowed:  ip netns exec {ns} python3 -c "import socket; s=socket.socket(); s.bind(('198.51.100.2',0)); s.settimeout(2); print(s.connect_ex(('198.51.100.1',9)))"   # 111: refused at once
