@@ -228,6 +228,32 @@ impl BackendSession {
         Ok(reply)
     }
 
+    /// Offers several mailboxes: in one write when the backend offers PIPELINING (RFC
+    /// 2920), then its replies in order; one by one otherwise.
+    pub async fn rcpt_many(&mut self, mailboxes: &[&str]) -> Result<Vec<Reply>, DeliverError> {
+        if !self.offers("PIPELINING") {
+            let mut replies = Vec::with_capacity(mailboxes.len());
+            for mailbox in mailboxes {
+                replies.push(self.rcpt(mailbox).await?);
+            }
+            return Ok(replies);
+        }
+        let mut lines = String::new();
+        for mailbox in mailboxes {
+            lines.push_str(&format!("RCPT TO:<{mailbox}>\r\n"));
+        }
+        self.send(lines.as_bytes()).await?;
+        let mut replies = Vec::with_capacity(mailboxes.len());
+        for mailbox in mailboxes {
+            let reply = self.read_reply(REPLY_TIMEOUT).await?;
+            if reply.is_positive() {
+                self.accepted.push((*mailbox).to_owned());
+            }
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+
     /// Sends DATA; the backend must answer `354` before the client is told to go on.
     pub async fn start_data(&mut self) -> Result<(), DeliverError> {
         self.send(b"DATA\r\n").await?;

@@ -111,33 +111,93 @@ impl Transaction {
         to: &ForwardPath,
         no_params: bool,
     ) -> Vec<u8> {
+        let mut answers = self.rcpt_batch(ctx, conn, &[(to, no_params)]).await;
+        answers.pop().unwrap_or_else(backend_lost)
+    }
+
+    /// Routes RCPTs the client pipelined (RFC 2920) and answers each, in order. Those for
+    /// the backend the transaction is bound to go to it together when it offers
+    /// PIPELINING: one round trip for the lot instead of one each.
+    pub async fn rcpt_batch(
+        &mut self,
+        ctx: &ProxyContext,
+        conn: &Conn,
+        items: &[(&ForwardPath, bool)],
+    ) -> Vec<Vec<u8>> {
+        let mut answers: Vec<Option<Vec<u8>>> = vec![None; items.len()];
+        // (index, mailbox) waiting for the bound backend.
+        let mut pending: Vec<(usize, String)> = Vec::new();
+        for (i, (to, no_params)) in items.iter().enumerate() {
+            let (mailbox, backend) = match self.plan(ctx, to, *no_params, pending.len()).await {
+                Plan::Answer(answer) => {
+                    answers[i] = Some(answer);
+                    continue;
+                }
+                Plan::Offer { mailbox, backend } => (mailbox, backend),
+            };
+            match &self.binding {
+                Binding::Bound(session) if session.backend() == backend => {
+                    let duplicate = session.has_accepted(&mailbox)
+                        || pending.iter().any(|(_, m)| *m == mailbox);
+                    if duplicate {
+                        answers[i] = Some(duplicate_recipient());
+                    } else {
+                        pending.push((i, mailbox));
+                    }
+                }
+                _ => answers[i] = Some(self.offer(ctx, conn, &mailbox, &backend).await),
+            }
+        }
+        if !pending.is_empty() {
+            self.offer_many(&pending, &mut answers).await;
+        }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(backend_lost))
+            .collect()
+    }
+
+    /// What to do with one RCPT: answer it at once, or offer the mailbox to its owner.
+    /// `pending` recipients are already on their way to the bound backend.
+    async fn plan(
+        &self,
+        ctx: &ProxyContext,
+        to: &ForwardPath,
+        no_params: bool,
+        pending: usize,
+    ) -> Plan {
         if !no_params {
             // NOTIFY/ORCPT (RFC 3461) need DSN, which is not offered.
-            return reply(555, Some("5.5.4"), "Unsupported RCPT parameter");
+            return Plan::Answer(reply(555, Some("5.5.4"), "Unsupported RCPT parameter"));
         }
         let address = match to {
             ForwardPath::Path(path) if !path.is_ascii() && !self.envelope.smtputf8 => {
-                return needs_smtputf8();
+                return Plan::Answer(needs_smtputf8());
             }
             ForwardPath::Path(path)
                 if !path.source_route && !path.quoted_local && !path.domain.starts_with('[') =>
             {
                 format!("{}@{}", path.local, path.domain)
             }
-            ForwardPath::Path(_) => return relay_denied(),
+            ForwardPath::Path(_) => return Plan::Answer(relay_denied()),
             // RFC 5321 §4.5.1: `<Postmaster>` without a domain must be accepted.
             ForwardPath::Postmaster => match &ctx.postmaster {
                 Some(address) => address.clone(),
-                None => return reply(550, Some("5.1.1"), "No postmaster mailbox configured"),
+                None => {
+                    let text = "No postmaster mailbox configured";
+                    return Plan::Answer(reply(550, Some("5.1.1"), text));
+                }
             },
         };
-        if self.accepted() >= MAX_RECIPIENTS {
-            return too_many_recipients();
+        if self.accepted() + pending >= MAX_RECIPIENTS {
+            return Plan::Answer(too_many_recipients());
         }
-        match ctx.directory.route(&address).await {
+        let answer = match ctx.directory.route(&address).await {
             Ok(Ok(Route::Owner { mailbox, backend })) => {
-                let mailbox = mailbox.mailbox.to_string();
-                self.offer(ctx, conn, &mailbox, &backend).await
+                return Plan::Offer {
+                    mailbox: mailbox.mailbox.to_string(),
+                    backend,
+                };
             }
             Ok(Ok(Route::UnknownMailbox(_))) => reply(550, Some("5.1.1"), "No such mailbox"),
             Ok(Ok(Route::ForeignDomain(_))) => relay_denied(),
@@ -148,6 +208,41 @@ impl Transaction {
             Err(error) => {
                 tracing::error!(%error, "directory lookup failed");
                 reply(451, Some("4.3.0"), "Directory unavailable; try again later")
+            }
+        };
+        Plan::Answer(answer)
+    }
+
+    /// Offers `pending` mailboxes to the bound backend at once and fills their answers.
+    async fn offer_many(&mut self, pending: &[(usize, String)], answers: &mut [Option<Vec<u8>>]) {
+        let Binding::Bound(session) = &mut self.binding else {
+            return;
+        };
+        let mailboxes: Vec<&str> = pending.iter().map(|(_, m)| m.as_str()).collect();
+        let result = session.rcpt_many(&mailboxes).await;
+        let accepted = session.accepted();
+        match result {
+            Ok(replies) => {
+                for ((i, _), answer) in pending.iter().zip(replies) {
+                    answers[*i] = Some(if answer.is_positive() {
+                        reply(250, Some("2.1.5"), "OK")
+                    } else {
+                        deliver::relay(&answer)
+                    });
+                }
+                if accepted == 0 {
+                    self.binding = Binding::Unbound;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "backend lost during RCPT");
+                for (i, _) in pending {
+                    answers[*i] = Some(owner_unavailable());
+                }
+                self.binding = match accepted {
+                    0 => Binding::Unbound,
+                    _ => Binding::Lost,
+                };
             }
         }
     }
@@ -185,9 +280,7 @@ impl Transaction {
             Binding::Unbound | Binding::Lost | Binding::Account { .. } => return backend_lost(),
         };
         if session.has_accepted(mailbox) {
-            // A repeated recipient (after normalization: `User+tag@Example.com` twice, say)
-            // is delivered once, as Postfix's queue manager would.
-            return reply(250, Some("2.1.5"), "OK (duplicate recipient)");
+            return duplicate_recipient();
         }
         let answer = session.rcpt(mailbox).await;
         let accepted = session.accepted();
@@ -256,6 +349,18 @@ pub fn no_smtputf8_downstream() -> Reply {
         enhanced: Some((5, 6, 7)),
         lines: vec!["Mailbox server does not support SMTPUTF8".into()],
     }
+}
+
+/// What [`Transaction::plan`] decided for one RCPT.
+enum Plan {
+    Answer(Vec<u8>),
+    Offer { mailbox: String, backend: String },
+}
+
+/// A repeated recipient (after normalization: `User+tag@Example.com` twice, say) is
+/// delivered once, as Postfix's queue manager would.
+fn duplicate_recipient() -> Vec<u8> {
+    reply(250, Some("2.1.5"), "OK (duplicate recipient)")
 }
 
 fn relay_denied() -> Vec<u8> {

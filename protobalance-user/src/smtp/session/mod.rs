@@ -46,6 +46,8 @@ use submission::Account;
 const MAX_ERRORS: u32 = 10;
 /// Bare CR/LF in DATA are refused (configurable normalization is for later).
 const BARE_LINE_ENDINGS: BareLineEndings = BareLineEndings::Reject;
+/// Pipelined RCPTs taken together (the transaction accepts at most 100 recipients).
+const RCPT_BATCH: usize = 100;
 /// Client read size; the buffer never holds more than a command line plus one read.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -433,7 +435,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let Phase::Mail(tx) = &mut self.phase else {
             return reply(503, Some("5.5.1"), "Send MAIL first");
         };
-        tx.rcpt(self.ctx, self.conn, to, no_params).await
+        // Further RCPTs the client pipelined behind this one are taken now, so those for
+        // the bound backend reach it together (one round trip, not one each).
+        let mut more = Vec::new();
+        while more.len() < RCPT_BATCH {
+            match codec::decode_command(&self.client.buf) {
+                Ok(Decoded::Complete {
+                    value: Command::Rcpt { to, params },
+                    consumed,
+                }) => {
+                    self.client.buf.advance(consumed);
+                    more.push((to, params.is_empty()));
+                }
+                _ => break,
+            }
+        }
+        if more.is_empty() {
+            return tx.rcpt(self.ctx, self.conn, to, no_params).await;
+        }
+        let mut items = vec![(to, no_params)];
+        items.extend(more.iter().map(|(to, no_params)| (to, *no_params)));
+        tx.rcpt_batch(self.ctx, self.conn, &items).await.concat()
     }
 
     async fn data(&mut self) -> Step {
