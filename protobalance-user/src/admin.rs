@@ -14,6 +14,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub struct AdminState {
     pub registry: Registry,
+    /// `admin.tls`: HTTPS with the configured certificates.
+    pub tls: Option<crate::tls::TlsAcceptor>,
     /// The XML API; `None` when no directory is configured for it.
     pub api: Option<crate::api::ApiState>,
 }
@@ -40,6 +42,25 @@ pub async fn serve(
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let stream = match &state.tls {
+                None => crate::tls::ClientStream::Plain(stream),
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        acceptor.accept(stream),
+                    );
+                    match handshake.await {
+                        Ok(Ok(tls)) => crate::tls::ClientStream::Tls(Box::new(
+                            tokio_rustls::TlsStream::Server(tls),
+                        )),
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "admin TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            };
             let service = service_fn(move |req| handle(Arc::clone(&state), req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);

@@ -61,6 +61,8 @@ pub struct App {
     blocklist: Option<Arc<crate::api::blocklist::BlocklistManager>>,
     mail: Vec<(Protocol, TlsMode, TcpListener)>,
     proxy: Option<Arc<ProxyContext>>,
+    /// `admin.tls`: the admin listener's TLS acceptor.
+    admin_tls: Option<crate::tls::TlsAcceptor>,
     /// The XML API's state, when the config has API tokens or mail listeners.
     api: Option<crate::api::ApiState>,
 }
@@ -141,10 +143,22 @@ impl App {
             ),
             None => None,
         };
+        let admin_tls = if validated.config.admin.tls {
+            let acceptor = crate::tls::acceptor(&validated.config.certificates)
+                .map_err(|e| AppError::Tls(e.to_string()))?;
+            // Never fall back to plaintext when TLS was asked for.
+            Some(
+                acceptor
+                    .ok_or_else(|| AppError::Tls("admin.tls without a [[certificate]]".into()))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             validated,
             registry,
             admin,
+            admin_tls,
             xdp,
             mail,
             proxy,
@@ -179,6 +193,7 @@ impl App {
         }
         let state = Arc::new(AdminState {
             registry: self.registry,
+            tls: self.admin_tls,
             api: self.api,
         });
         if let Ok(addr) = self.admin.local_addr() {

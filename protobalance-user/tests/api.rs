@@ -751,3 +751,71 @@ fn a_backend_added_live_receives_the_next_mailboxes_and_survives_a_restart() {
     let list = read(&edge, "backends").expect(200);
     assert!(!list.body.contains("backend4"), "{}", list.body);
 }
+
+/// `admin.tls = true`: the admin listener (metrics and the API) speaks HTTPS with the
+/// configured certificate, verified by curl against the test CA; plaintext gets nothing.
+#[test]
+fn the_admin_listener_serves_https_when_asked() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certificates = support::make_certificates(dir.path());
+    let port = protobalance_tests::free_port([127, 0, 0, 1].into()).expect("port");
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:{port}\"\ntls = true\n[shutdown]\ngrace_seconds = 1\n\
+         [directory]\npath = \"dir.db\"\n[[domain]]\nname = \"example.com\"\n\
+         [[backend]]\nname = \"b1\"\naddress = \"127.0.1.1\"\n{certificates}\
+         [api]\n[[api.token]]\nname = \"crm\"\ntoken = \"{WRITE_TOKEN}\"\naccess = \"read-write\"\n"
+    );
+    let path = dir.path().join("pb.toml");
+    std::fs::write(&path, config).expect("config");
+    let _edge = protobalance_tests::ChildGuard::spawn(
+        Command::new(support::BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null()),
+        "protobalance",
+    )
+    .expect("spawn");
+    let ca = dir.path().join("ca.pem");
+    let https = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&ca)
+            .args(["--resolve", &format!("mail.example.test:{port}:127.0.0.1")])
+            .args(["-H", &format!("Authorization: Bearer {WRITE_TOKEN}")])
+            .arg(format!("https://mail.example.test:{port}{path}"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !https("/healthz").ends_with("200") {
+        assert!(std::time::Instant::now() < deadline, "no HTTPS /healthz");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let backends = https("/api/v1/backends");
+    assert!(
+        backends.ends_with("200") && backends.contains("name=\"b1\""),
+        "{backends}"
+    );
+    let plain = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/healthz"))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout),
+        "000",
+        "plaintext HTTP gets no answer from an HTTPS listener"
+    );
+}

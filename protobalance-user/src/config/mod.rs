@@ -148,12 +148,17 @@ pub struct AdminConfig {
     /// Serves `/metrics` and `/healthz`. Binds loopback by default: it is not for the Internet.
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    /// HTTPS (TLS from the first byte) with the `[[certificate]]`s, chosen by SNI like the
+    /// mail listeners': for an admin listener (and its XML API tokens) off loopback.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            tls: false,
         }
     }
 }
@@ -415,6 +420,12 @@ impl Config {
             to_error(Problem::new(&key, e.to_string()))
         })?;
         let have_certs = !self.certificates.is_empty();
+        if self.admin.tls && !have_certs {
+            return Err(to_error(Problem::new(
+                "admin.tls",
+                "TLS needs a certificate: add a [[certificate]] with cert and key".into(),
+            )));
+        }
         listeners::validate_listeners(&self.listeners, !self.backends.is_empty(), have_certs)
             .map_err(to_error)?;
         self.limits.validate().map_err(to_error)?;
@@ -631,6 +642,7 @@ mod tests {
                 "[directory]\ntag_separator = \"*\"\nmaster_separator = \"*\"\n",
                 "`directory.master_separator`",
             ),
+            ("[admin]\ntls = true\n", "`admin.tls`"),
             ("[server]\nhostname = \"mx example\"\n", "`server.hostname`"),
             (
                 "[server]\nhostname = \"-mx.example\"\n",
