@@ -766,3 +766,87 @@ fn api_blocklists_drop_in_the_kernel_persist_and_expire() {
     );
     proxy.stop();
 }
+
+/// Replacing the program leaves no unfiltered window: with the filter in a pinned link,
+/// protobalance is stopped and started again (each start swaps its program into the link)
+/// while a blocklisted source in the namespace tries to connect every few milliseconds;
+/// not one attempt gets through, and an allowed source connects before and after.
+#[test]
+fn program_replacement_leaves_no_unfiltered_window() {
+    if !require_root("program_replacement_leaves_no_unfiltered_window") {
+        return;
+    }
+    let net = Net::new("swap");
+    let pins = PinDir::for_test(&net);
+    let pin = pins.0.display().to_string();
+    let out = Command::new(BIN)
+        .args(["filter", "load", "--iface", net.iface(), "--pin-dir", &pin])
+        .output()
+        .expect("filter load");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let v4 = listener.local_addr().expect("addr");
+    let proxy = start(&net, "auto", Some(&pins.0));
+    assert!(
+        net.connects(IpAddr::V4(net.subnet.ns_v4), v4),
+        "allowed source connects"
+    );
+
+    // The prober runs for 6 s; meanwhile protobalance restarts twice.
+    let probe = format!(
+        "import socket, time\nok = tries = 0\nend = time.time() + 6\nwhile time.time() < end:\n\
+         \x20   s = socket.socket(); s.bind(('{}', 0)); s.settimeout(0.05)\n\
+         \x20   tries += 1\n\
+         \x20   ok += s.connect_ex(('{}', {})) == 0\n\
+         \x20   s.close()\nprint(ok, tries)\n",
+        net.bot_v4,
+        v4.ip(),
+        v4.port()
+    );
+    let result = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| net.ns.python(&probe).expect("prober"));
+        let mut proxy = proxy;
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(800));
+            proxy.stop();
+            proxy = start(&net, "auto", Some(&pins.0));
+        }
+        let result = prober.join().expect("prober thread");
+        proxy.stop();
+        result
+    });
+    let mut counts = result
+        .split_whitespace()
+        .map(|n| n.parse::<u64>().expect("count"));
+    let (ok, tries) = (counts.next().expect("ok"), counts.next().expect("tries"));
+    assert!(tries >= 20, "the prober tried often enough: {tries}");
+    assert_eq!(
+        ok, 0,
+        "{ok} of {tries} connects from the blocklisted source got through"
+    );
+    assert!(
+        net.connects(IpAddr::V4(net.subnet.ns_v4), v4),
+        "allowed source still connects"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "filter",
+            "unload",
+            "--iface",
+            net.iface(),
+            "--pin-dir",
+            &pin,
+        ])
+        .output()
+        .expect("filter unload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
