@@ -510,6 +510,95 @@ fn domains_backends_and_stats_are_managed_live() {
     let xml = ctl(&edge, &["stats", "--xml"]).expect(0);
     validate(&xml);
     assert!(xml.contains("<directory mailboxes=\"304\"/>"), "{xml}");
+
+    // A backend added live (192.0.2.10 is never reachable: it need not be) is listed at
+    // once, takes a new capacity, and goes again; the config file's are left alone.
+    let add = [
+        "backend",
+        "add",
+        "backend9",
+        "--address",
+        "192.0.2.10",
+        "--capacity",
+        "5",
+        "--pop3-port",
+        "1110",
+    ];
+    assert_eq!(
+        ctl(&edge, &add).expect(0),
+        "added backend backend9 at 192.0.2.10 (capacity 5): it takes new mailboxes now\n"
+    );
+    ctl(&edge, &add).expect_error(3, "backend_exists");
+    ctl(
+        &edge,
+        &["backend", "add", "backend1", "--address", "192.0.2.11"],
+    )
+    .expect_error(3, "backend_exists");
+    let stderr = ctl(
+        &edge,
+        &["backend", "add", "backend8", "--address", "not-an-ip"],
+    )
+    .expect_error(5, "invalid_backend");
+    assert!(stderr.contains("address"), "{stderr}");
+    let list = ctl(&edge, &["backend", "ls"]).expect(0);
+    assert_eq!(
+        row(&list, "backend9")[..5],
+        ["backend9", "active", "5", "0", "0.000"],
+        "{list}"
+    );
+    assert!(!list.contains("backend8"), "{list}");
+    let out = ctl(&edge, &["backend", "set", "backend9", "--capacity", "50"]).expect(0);
+    assert_eq!(
+        out,
+        "backend backend9: capacity 50 (0 mailboxes, load 0.000)\n"
+    );
+    let xml = ctl(
+        &edge,
+        &["backend", "set", "backend9", "--capacity", "60", "--xml"],
+    )
+    .expect(0);
+    validate(&xml);
+    assert!(xml.contains("capacity=\"60\""), "{xml}");
+    let list = ctl(&edge, &["backend", "ls"]).expect(0);
+    assert_eq!(row(&list, "backend9")[2], "60", "{list}");
+    ctl(&edge, &["backend", "set", "backend3", "--capacity", "5"])
+        .expect_error(3, "managed_by_config");
+    ctl(&edge, &["backend", "set", "nope", "--capacity", "5"]).expect_error(2, "not_found");
+    assert_eq!(
+        ctl(&edge, &["backend", "rm", "backend9"]).expect(0),
+        "removed backend backend9\n"
+    );
+
+    // Bans and blocklists live in the kernel filter, which this edge has not loaded (no
+    // xdp.interface): every command says so with exit 3, a streamed replace included.
+    for args in [
+        &["ban", "ls"][..],
+        &["ban", "add", "198.51.100.7", "--ttl", "60"],
+        &["ban", "rm", "2001:db8:1:2::/64"],
+        &["block", "ls"],
+        &["block", "ls", "abuse"],
+        &[
+            "block",
+            "add",
+            "abuse",
+            "198.51.100.0/24",
+            "--reason",
+            "spam",
+        ],
+        &["block", "rm", "abuse", "198.51.100.0/24"],
+    ] {
+        let stderr = ctl(&edge, args).expect_error(3, "filter_not_loaded");
+        assert!(stderr.contains("xdp.interface"), "{args:?}: {stderr}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("abuse.txt");
+    std::fs::write(&file, "# abuse\n198.51.100.0/24\n2001:db8::/32\n").expect("list file");
+    let file = file.to_str().expect("utf-8 path");
+    ctl(&edge, &["block", "replace", "abuse", file]).expect_error(3, "filter_not_loaded");
+    let xml = ctl(&edge, &["ban", "ls", "--xml"]);
+    assert_eq!(xml.code, 3, "{xml:?}");
+    validate(&xml.stdout);
+    assert!(xml.stdout.contains("code=\"filter_not_loaded\""), "{xml:?}");
 }
 
 /// The import file: comments and blanks, `new` new mailboxes (every 7th pinned to

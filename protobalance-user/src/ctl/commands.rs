@@ -8,7 +8,7 @@ use hyper::{Method, Response, StatusCode, body::Incoming};
 use tokio::io::AsyncReadExt as _;
 
 use super::{
-    BackendCommand, CtlCommand, CtlError, DomainCommand, MailboxCommand,
+    CtlCommand, CtlError, DomainCommand, MailboxCommand,
     client::{BodyStream, Client, OutBody, encode},
     doc::{DocReader, Element},
     import,
@@ -39,6 +39,8 @@ impl Ctl {
             CtlCommand::Mailbox(command) => self.mailbox(&mut out, command).await,
             CtlCommand::Domain(command) => self.domain(&mut out, command).await,
             CtlCommand::Backend(command) => self.backend(&mut out, command).await,
+            CtlCommand::Ban(command) => self.ban(&mut out, command).await,
+            CtlCommand::Block(command) => self.block(&mut out, command).await,
             CtlCommand::Stats => {
                 if let Some(doc) = self.call(Method::GET, "stats", None).await? {
                     self.human(|| render::stats(&mut out, &doc))?;
@@ -49,7 +51,7 @@ impl Ctl {
     }
 
     /// Runs `print` unless `--xml` (the body was echoed already).
-    fn human(&self, print: impl FnOnce() -> io::Result<()>) -> Result<(), CtlError> {
+    pub(super) fn human(&self, print: impl FnOnce() -> io::Result<()>) -> Result<(), CtlError> {
         if self.xml {
             return Ok(());
         }
@@ -57,7 +59,7 @@ impl Ctl {
     }
 
     /// One small request; the answer's document (`None` for `204`), echoed with `--xml`.
-    async fn call(
+    pub(super) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -86,7 +88,7 @@ impl Ctl {
     }
 
     /// [`Self::call`] for an answer that is a document (an empty one for a `204`).
-    async fn fetch(
+    pub(super) async fn fetch(
         &self,
         method: Method,
         path: &str,
@@ -298,31 +300,6 @@ impl Ctl {
                 self.human(|| writeln!(out, "removed domain {name}"))
             }
         }
-    }
-
-    async fn backend(
-        &self,
-        out: &mut impl io::Write,
-        command: BackendCommand,
-    ) -> Result<(), CtlError> {
-        let (name, state) = match command {
-            BackendCommand::Ls => {
-                let doc = self.fetch(Method::GET, "backends", None).await?;
-                return self.human(|| render::backends(out, &doc));
-            }
-            BackendCommand::Rm { name } => {
-                self.call(Method::DELETE, &format!("backends/{}", encode(&name)), None)
-                    .await?;
-                return self.human(|| writeln!(out, "removed backend {name}"));
-            }
-            BackendCommand::Drain { name } => (name, "draining"),
-            BackendCommand::Activate { name } => (name, "active"),
-            BackendCommand::Down { name } => (name, "down"),
-        };
-        let body = Writer::document("backend", &[("state", state)]).finish();
-        let path = format!("backends/{}", encode(&name));
-        let doc = self.fetch(Method::PUT, &path, Some(body)).await?;
-        self.human(|| render::backend_state(out, &doc))
     }
 }
 

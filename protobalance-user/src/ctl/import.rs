@@ -28,9 +28,9 @@ use super::{
 use crate::api::xml::{MAX_VALUE, NS};
 
 /// Bytes of XML gathered before a chunk is sent (sooner when the input has no more ready).
-const CHUNK: usize = 32 * 1024;
+pub(super) const CHUNK: usize = 32 * 1024;
 /// Longest input line read; longer ones are skipped (no address is near this).
-const MAX_LINE: usize = 8 * 1024;
+pub(super) const MAX_LINE: usize = 8 * 1024;
 /// Skipped lines kept for the report (all are counted).
 const SKIPPED_SHOWN: usize = 1000;
 
@@ -99,7 +99,7 @@ pub fn mailbox_xml(line: &[u8]) -> Result<Option<String>, String> {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum Line {
+pub(super) enum Line {
     Eof,
     Read,
     /// Longer than [`MAX_LINE`]: skipped to its end, not kept.
@@ -107,7 +107,7 @@ enum Line {
 }
 
 /// One line (without its `\n`) into `line`, holding at most [`MAX_LINE`] bytes.
-async fn read_line(
+pub(super) async fn read_line(
     reader: &mut (impl AsyncBufRead + Unpin),
     line: &mut Vec<u8>,
 ) -> io::Result<Line> {
@@ -143,7 +143,7 @@ async fn read_line(
 }
 
 /// Sends `chunk` (emptying it); `Ok(false)` when the request is gone.
-async fn push(
+pub(super) async fn push(
     tx: &mpsc::Sender<io::Result<Bytes>>,
     chunk: &mut String,
     idle: Duration,
@@ -153,7 +153,7 @@ async fn push(
         Ok(Ok(())) => Ok(true),
         Ok(Err(_)) => Ok(false),
         Err(_) => Err(CtlError::Timeout(format!(
-            "the server read nothing of the import for {} s",
+            "the server read nothing of the upload for {} s",
             idle.as_secs()
         ))),
     }
@@ -222,7 +222,7 @@ pub async fn produce(
 }
 
 /// Opens FILE (`-`: stdin, through /dev/stdin as tokio's `io-std` is not enabled).
-async fn open(file: &Path) -> Result<tokio::fs::File, CtlError> {
+pub(super) async fn open(file: &Path) -> Result<tokio::fs::File, CtlError> {
     let path = if file.as_os_str() == "-" {
         Path::new("/dev/stdin")
     } else {
@@ -232,8 +232,6 @@ async fn open(file: &Path) -> Result<tokio::fs::File, CtlError> {
         .await
         .map_err(|e| CtlError::Io(format!("opening {}: {e}", file.display())))
 }
-
-type Produced = Result<Sent, CtlError>;
 
 impl Ctl {
     /// Streams the file, then reads the report. `Err(ImportIncomplete)` when any mailbox
@@ -254,7 +252,9 @@ impl Ctl {
         } else {
             "mailboxes/import"
         };
-        let (response, sent) = self.send_streamed(path, body, &mut done).await?;
+        let (response, sent) = self
+            .send_streamed(Method::POST, path, body, &mut done, IMPORT_PARTIAL)
+            .await?;
         if !response.status().is_success() {
             return Err(self.failure(response).await);
         }
@@ -274,14 +274,17 @@ impl Ctl {
     /// Sends the streamed body and returns the answer's head, and what the reader did if it
     /// has finished. The answer comes once the whole body is in, so only the wait after
     /// the end is bounded here (by `--timeout`); the reader bounds each chunk's wait.
-    async fn send_streamed(
+    /// `partial` says what a failure leaves behind on the server.
+    pub(super) async fn send_streamed<T>(
         &self,
+        method: Method,
         path: &str,
         body: OutBody,
-        done: &mut oneshot::Receiver<Produced>,
-    ) -> Result<(Response<Incoming>, Option<Sent>), CtlError> {
+        done: &mut oneshot::Receiver<Result<T, CtlError>>,
+        partial: &str,
+    ) -> Result<(Response<Incoming>, Option<T>), CtlError> {
         let idle = self.client.timeout;
-        let response = self.client.send(Method::POST, path, body);
+        let response = self.client.send(method, path, body);
         tokio::pin!(response);
         let wait = tokio::time::sleep(Duration::from_secs(365 * 86_400));
         tokio::pin!(wait);
@@ -297,17 +300,17 @@ impl Ctl {
                             (None, Ok(Ok(Err(local)))) => local,
                             _ => error,
                         }
-                        .with_note(IMPORT_PARTIAL))
+                        .with_note(partial))
                     }
                 },
                 produced = &mut *done, if sent.is_none() => {
                     let produced = produced.map_err(|_| reader_failed())?;
-                    sent = Some(produced.map_err(|e| e.with_note(IMPORT_PARTIAL))?);
+                    sent = Some(produced.map_err(|e| e.with_note(partial))?);
                     wait.as_mut().reset(Instant::now() + idle);
                 }
                 () = &mut wait, if sent.is_some() => {
                     return Err(CtlError::Timeout(format!(
-                        "no answer to the import {} s after its end; {IMPORT_PARTIAL}",
+                        "no answer {} s after the end of the upload; {partial}",
                         idle.as_secs()
                     )));
                 }
@@ -397,7 +400,7 @@ impl Ctl {
     }
 }
 
-fn reader_failed() -> CtlError {
+pub(super) fn reader_failed() -> CtlError {
     CtlError::Io("the file reader stopped unexpectedly".into())
 }
 

@@ -4,8 +4,11 @@
 //! error line. [`commands`] runs each command: [`client`] speaks HTTP to the admin
 //! listener, [`doc`] reads the answers, [`render`] prints them for people (`--xml` prints
 //! the server's body as is), and [`import`] streams a mailbox file as one `<import>`
-//! document.
+//! document. [`backend`], [`bans`] and [`blocklist`] own their subcommands and bodies.
 
+mod backend;
+mod bans;
+mod blocklist;
 mod client;
 mod commands;
 mod doc;
@@ -21,6 +24,9 @@ use std::{
 use clap::{Subcommand, ValueEnum};
 
 use crate::secret::Secret;
+use backend::BackendCommand;
+use bans::BanCommand;
+use blocklist::BlockCommand;
 use client::{Client, Endpoint};
 use commands::Ctl;
 
@@ -75,9 +81,17 @@ enum CtlCommand {
     /// Domains and their unknown-mailbox policy.
     #[command(subcommand)]
     Domain(DomainCommand),
-    /// Backends: list with health and load; drain, activate, take down, remove.
+    /// Backends: list with health and load; add, set capacity, drain, activate, take
+    /// down, remove.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Timed bans in the kernel filter: list, add, lift (needs xdp.interface).
+    #[command(subcommand)]
+    Ban(BanCommand),
+    /// Named blocklists in the kernel filter: list, add, remove, replace from a file
+    /// (needs xdp.interface).
+    #[command(subcommand)]
+    Block(BlockCommand),
     /// The directory's total and every protobalance_* metric (as /metrics has them).
     Stats,
 }
@@ -161,20 +175,6 @@ impl Policy {
             Self::AutoProvision => "auto-provision",
         }
     }
-}
-
-#[derive(Subcommand, Debug)]
-enum BackendCommand {
-    /// List backends: state, capacity, mailboxes, load, services up.
-    Ls,
-    /// Keep serving NAME's mailboxes but give it no new ones.
-    Drain { name: String },
-    /// Let NAME take new mailboxes again.
-    Activate { name: String },
-    /// Take NAME down: its mailboxes get temporary failures.
-    Down { name: String },
-    /// Remove NAME once it owns no mailboxes (not one the config file lists).
-    Rm { name: String },
 }
 
 /// The exit status of `protobalance ctl`; see [`EXIT_HELP`].

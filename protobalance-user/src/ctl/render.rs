@@ -168,6 +168,140 @@ pub fn backend_state(out: &mut impl Write, doc: &Element) -> io::Result<()> {
     )
 }
 
+/// The one-line confirmation of `backend add`.
+pub fn backend_added(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    let Some(b) = doc.children_named("backend").next() else {
+        return writeln!(out, "done");
+    };
+    writeln!(
+        out,
+        "added backend {} at {} (capacity {}): it takes new mailboxes now",
+        b.show("name"),
+        b.show("address"),
+        b.show("capacity")
+    )
+}
+
+/// The one-line confirmation of `backend set --capacity`.
+pub fn backend_capacity(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    let Some(b) = doc.children_named("backend").next() else {
+        return writeln!(out, "done");
+    };
+    writeln!(
+        out,
+        "backend {}: capacity {} ({} mailboxes, load {})",
+        b.show("name"),
+        b.show("capacity"),
+        b.show("mailboxes"),
+        b.show("load")
+    )
+}
+
+/// A length of time for people: its two largest units (`2d 3h`, `1h 0m`, `45s`).
+pub fn span(seconds: u64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+/// A number of seconds as attribute text, spelled as a [`span`].
+fn span_of(text: &str) -> String {
+    text.parse().map_or_else(|_| text.to_owned(), span)
+}
+
+/// `expires-at` (Unix seconds) relative to `now`: `in 1h 0m`, `never` when absent.
+fn expiry(element: &Element, now: i64) -> String {
+    match element.attr("expires-at").map(str::parse::<i64>) {
+        None => "never".to_owned(),
+        Some(Ok(at)) if at > now => format!("in {}", span(at.abs_diff(now))),
+        Some(Ok(_)) => "expired".to_owned(),
+        Some(Err(_)) => element.show("expires-at").to_owned(),
+    }
+}
+
+pub fn bans(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    let rows: Vec<Vec<String>> = doc
+        .children_named("ban")
+        .map(|b| {
+            vec![
+                b.show("target").to_owned(),
+                b.show("mode").to_owned(),
+                b.show("reason").to_owned(),
+                span_of(b.show("remaining-seconds")),
+            ]
+        })
+        .collect();
+    Columns::new(&["target", "mode", ">reason", ">remaining"]).print(out, &rows)
+}
+
+/// The one-line confirmation of `ban add`.
+pub fn ban_placed(out: &mut impl Write, ban: &Element) -> io::Result<()> {
+    let what = match ban.show("mode") {
+        "new-connections" => "new connections",
+        _ => "all traffic",
+    };
+    writeln!(
+        out,
+        "banned {} ({what}) for {}",
+        ban.show("target"),
+        span_of(ban.show("remaining-seconds"))
+    )
+}
+
+pub fn blocklists(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    let rows: Vec<Vec<String>> = doc
+        .children_named("list")
+        .map(|l| {
+            ["name", "managed-by", "entries"]
+                .iter()
+                .map(|a| l.show(a).to_owned())
+                .collect()
+        })
+        .collect();
+    Columns::new(&["list", "managed by", ">entries"]).print(out, &rows)
+}
+
+/// The entries of one `<list>`: CIDR, reason, expiry (relative to `now`, Unix seconds).
+pub fn block_entries(out: &mut impl Write, list: &Element, now: i64) -> io::Result<()> {
+    let rows: Vec<Vec<String>> = list
+        .children_named("entry")
+        .map(|e| {
+            vec![
+                e.show("cidr").to_owned(),
+                expiry(e, now),
+                e.show("reason").to_owned(),
+            ]
+        })
+        .collect();
+    Columns::new(&["cidr", "expires", "reason"]).print(out, &rows)
+}
+
+/// The one-line confirmation of `block add`.
+pub fn block_added(out: &mut impl Write, list: &Element, now: i64) -> io::Result<()> {
+    let Some(entry) = list.children_named("entry").next() else {
+        return writeln!(out, "done");
+    };
+    let expires = match expiry(entry, now).as_str() {
+        "never" => "no expiry".to_owned(),
+        other => format!("expires {other}"),
+    };
+    writeln!(
+        out,
+        "added {} to blocklist {} ({expires})",
+        entry.show("cidr"),
+        list.show("name")
+    )
+}
+
 /// `<stats>`: the directory's total, then one row per metric sample.
 pub fn stats(out: &mut impl Write, doc: &Element) -> io::Result<()> {
     if let Some(directory) = doc.children_named("directory").next() {
@@ -237,6 +371,53 @@ mod tests {
              metric                   labels                   value\n\
              protobalance_backend_up  backend=b1 service=pop3      1\n\
              protobalance_x_total                                 12\n"
+        );
+    }
+
+    #[test]
+    fn spans_show_their_two_largest_units() {
+        let cases = [
+            (0, "0s"),
+            (45, "45s"),
+            (61, "1m 1s"),
+            (3600, "1h 0m"),
+            (86_399, "23h 59m"),
+            (90_061, "1d 1h"),
+            (31_536_000, "365d 0h"),
+        ];
+        for (seconds, text) in cases {
+            assert_eq!(span(seconds), text, "{seconds}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bans_and_blocklists_are_tables_with_times_for_people() {
+        let d = doc(
+            "<bans xmlns=\"NS\"><ban target=\"2001:db8:1:2::/64\" mode=\"all\" \
+            reason=\"0\" remaining-seconds=\"3600\"/><ban target=\"198.51.100.7\" \
+            mode=\"new-connections\" reason=\"12\" remaining-seconds=\"59\"/></bans>",
+        )
+        .await;
+        assert_eq!(
+            text(|o| bans(o, &d)),
+            "target             mode             reason  remaining\n\
+             2001:db8:1:2::/64  all                   0      1h 0m\n\
+             198.51.100.7       new-connections      12        59s\n"
+        );
+        let d = doc("<list xmlns=\"NS\" name=\"abuse\" managed-by=\"api\">\
+            <entry cidr=\"198.51.100.0/24\" reason=\"spam run\" expires-at=\"1000120\"/>\
+            <entry cidr=\"203.0.113.0/24\"/><entry cidr=\"192.0.2.0/24\" expires-at=\"5\"/></list>")
+        .await;
+        assert_eq!(
+            text(|o| block_entries(o, &d, 1_000_000)),
+            "cidr             expires   reason\n\
+             198.51.100.0/24  in 2m 0s  spam run\n\
+             203.0.113.0/24   never     -\n\
+             192.0.2.0/24     expired   -\n"
+        );
+        assert_eq!(
+            text(|o| block_added(o, &d, 1_000_000)),
+            "added 198.51.100.0/24 to blocklist abuse (expires in 2m 0s)\n"
         );
     }
 
