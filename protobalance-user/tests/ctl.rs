@@ -511,14 +511,14 @@ fn domains_backends_and_stats_are_managed_live() {
     validate(&xml);
     assert!(xml.contains("<directory mailboxes=\"304\"/>"), "{xml}");
 
-    // A backend added live (192.0.2.10 is never reachable: it need not be) is listed at
+    // A backend added live (127.0.1.250 has no server: it need not have one) is listed at
     // once, takes a new capacity, and goes again; the config file's are left alone.
     let add = [
         "backend",
         "add",
         "backend9",
         "--address",
-        "192.0.2.10",
+        "127.0.1.250",
         "--capacity",
         "5",
         "--pop3-port",
@@ -526,12 +526,12 @@ fn domains_backends_and_stats_are_managed_live() {
     ];
     assert_eq!(
         ctl(&edge, &add).expect(0),
-        "added backend backend9 at 192.0.2.10 (capacity 5): it takes new mailboxes now\n"
+        "added backend backend9 at 127.0.1.250 (capacity 5): it takes new mailboxes now\n"
     );
     ctl(&edge, &add).expect_error(3, "backend_exists");
     ctl(
         &edge,
-        &["backend", "add", "backend1", "--address", "192.0.2.11"],
+        &["backend", "add", "backend1", "--address", "127.0.1.251"],
     )
     .expect_error(3, "backend_exists");
     let stderr = ctl(
