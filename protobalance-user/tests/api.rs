@@ -11,7 +11,6 @@ mod support;
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -32,10 +31,6 @@ fn skip() -> bool {
         return true;
     }
     false
-}
-
-fn xsd() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/api.xsd")
 }
 
 /// An HTTP answer: status and body.
@@ -62,28 +57,8 @@ impl Answer {
     }
 }
 
-fn validate(body: &str) {
-    let mut child = Command::new("xmllint")
-        .args(["--noout", "--schema"])
-        .arg(xsd())
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("xmllint");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(body.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("xmllint output");
-    assert!(
-        out.status.success(),
-        "response does not validate against docs/api.xsd:\n{body}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn validate(text: &str) {
+    support::validate_api_xml(text);
 }
 
 /// One request with curl (a real HTTP client).

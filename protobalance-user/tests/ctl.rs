@@ -97,33 +97,8 @@ fn ctl(edge: &Edge, args: &[&str]) -> Run {
     run_with(&url(edge), Some(WRITE_TOKEN), args)
 }
 
-fn xsd() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/api.xsd")
-}
-
-/// Asserts that `text` is one document valid against docs/api.xsd.
 fn validate(text: &str) {
-    let mut child = Command::new("xmllint")
-        .args(["--noout", "--schema"])
-        .arg(xsd())
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("xmllint");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("xmllint output");
-    assert!(
-        out.status.success(),
-        "not valid against docs/api.xsd:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::validate_api_xml(text);
 }
 
 /// The whitespace-separated cells of the table row that starts with `first`.

@@ -545,20 +545,9 @@ fn api_bans_drop_in_the_kernel_and_survive_a_restart() {
     if !require_root("api_bans_drop_in_the_kernel_and_survive_a_restart") {
         return;
     }
-    const TOKEN: &str = "veth-0123456789abcdef0123456789abcdef";
-    let net = Net::new("apib");
-    let pins = PinDir::for_test(&net);
-    let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
-    let v4 = listener.local_addr().expect("addr");
-    let client = IpAddr::V4(net.subnet.ns_v4);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = format!(
-        "[xdp]\ninterface = \"{}\"\npin_dir = \"{}\"\n[directory]\npath = \"{}/dir.db\"\n\
-         [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\naccess = \"read-write\"\n",
-        net.iface(),
-        pins.0.display(),
-        dir.path().display()
-    );
+    let setup = ApiNet::new("apib", "");
+    let (net, v4, client, config) = (&setup.net, setup.v4, setup.client, &setup.config);
+    const TOKEN: &str = API_TOKEN;
     let api = |admin, method: &str, path: &str, body: Option<&str>| {
         api_call(admin, TOKEN, method, path, body)
     };
@@ -643,22 +632,9 @@ fn api_blocklists_drop_in_the_kernel_persist_and_expire() {
     if !require_root("api_blocklists_drop_in_the_kernel_persist_and_expire") {
         return;
     }
-    const TOKEN: &str = "list-0123456789abcdef0123456789abcdef";
-    let net = Net::new("apil");
-    let pins = PinDir::for_test(&net);
-    let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
-    let v4 = listener.local_addr().expect("addr");
-    let client = IpAddr::V4(net.subnet.ns_v4);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = format!(
-        "[xdp]\ninterface = \"{}\"\npin_dir = \"{}\"\nblocklist = [\"{}/32\"]\n\
-         [directory]\npath = \"{}/dir.db\"\n\
-         [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\naccess = \"read-write\"\n",
-        net.iface(),
-        pins.0.display(),
-        net.bot_v4,
-        dir.path().display()
-    );
+    let setup = ApiNet::new("apil", "blocklist = [\"BOT/32\"]\n");
+    let (net, v4, client, config) = (&setup.net, setup.v4, setup.client, &setup.config);
+    const TOKEN: &str = API_TOKEN;
     let entry = |cidr: &str, extra: &str| {
         format!(
             "<entry xmlns=\"urn:protobalance:api:1\" cidr=\"{cidr}\" reason=\"crm spam\"{extra}/>"
@@ -849,4 +825,48 @@ fn program_replacement_leaves_no_unfiltered_window() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+const API_TOKEN: &str = "veth-0123456789abcdef0123456789abcdef";
+
+/// A test network, a listener on the host side, and a config with the filter on the veth
+/// (pinned), a directory and a read-write API token (`API_TOKEN`). `xdp_extra` lines go into
+/// `[xdp]`; `BOT` in them stands for the namespace's blocklisted address.
+struct ApiNet {
+    config: String,
+    v4: SocketAddr,
+    client: IpAddr,
+    _listener: TcpListener,
+    _dir: tempfile::TempDir,
+    // Dropped in this order: the pins go before the network.
+    _pins: PinDir,
+    net: Net,
+}
+
+impl ApiNet {
+    fn new(tag: &str, xdp_extra: &str) -> Self {
+        let net = Net::new(tag);
+        let pins = PinDir::for_test(&net);
+        let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
+        let v4 = listener.local_addr().expect("addr");
+        let client = IpAddr::V4(net.subnet.ns_v4);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra = xdp_extra.replace("BOT", &net.bot_v4.to_string());
+        let config = format!(
+            "[xdp]\ninterface = \"{}\"\npin_dir = \"{}\"\n{extra}[directory]\npath = \"{}/dir.db\"\n\
+             [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"{API_TOKEN}\"\naccess = \"read-write\"\n",
+            net.iface(),
+            pins.0.display(),
+            dir.path().display()
+        );
+        Self {
+            config,
+            v4,
+            client,
+            _listener: listener,
+            _dir: dir,
+            _pins: pins,
+            net,
+        }
+    }
 }

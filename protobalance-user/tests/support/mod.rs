@@ -376,3 +376,33 @@ pub fn make_certificates(dir: &std::path::Path) -> String {
     }
     config
 }
+
+/// docs/api.xsd, the schema of every XML API document.
+pub fn api_xsd() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/api.xsd")
+}
+
+/// Asserts that `text` is one document valid against docs/api.xsd (xmllint).
+pub fn validate_api_xml(text: &str) {
+    let mut child = Command::new("xmllint")
+        .args(["--noout", "--schema"])
+        .arg(api_xsd())
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("xmllint");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("xmllint output");
+    assert!(
+        out.status.success(),
+        "not valid against docs/api.xsd:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
