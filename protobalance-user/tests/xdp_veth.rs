@@ -552,7 +552,7 @@ fn api_bans_drop_in_the_kernel_and_survive_a_restart() {
         api_call(admin, TOKEN, method, path, body)
     };
 
-    let proxy = start_with(&config);
+    let proxy = start_with(config);
     assert!(net.connects(client, v4), "not banned yet");
     let ban = format!(
         "<ban xmlns=\"urn:protobalance:api:1\" target=\"{client}\" ttl-seconds=\"120\" reason=\"9\"/>"
@@ -578,7 +578,7 @@ fn api_bans_drop_in_the_kernel_and_survive_a_restart() {
 
     // Pinned maps: the ban outlives protobalance.
     proxy.stop();
-    let proxy = start_with(&config);
+    let proxy = start_with(config);
     assert!(
         !net.connects(client, v4),
         "the API ban survives the restart"
@@ -643,7 +643,7 @@ fn api_blocklists_drop_in_the_kernel_persist_and_expire() {
     let cidr = format!("{client}/32");
     let escaped = cidr.replace('/', "%2F");
 
-    let proxy = start_with(&config);
+    let proxy = start_with(config);
     let call = |admin, method: &str, path: &str, body: Option<&str>| {
         api_call(admin, TOKEN, method, path, body)
     };
@@ -701,7 +701,7 @@ fn api_blocklists_drop_in_the_kernel_persist_and_expire() {
 
     // Stored in the directory and pinned in the kernel: still dropped after a restart.
     proxy.stop();
-    let proxy = start_with(&config);
+    let proxy = start_with(config);
     assert!(
         !net.connects(client, v4),
         "the API entry survives the restart"
