@@ -35,12 +35,13 @@ struct Cluster {
 
 impl Cluster {
     fn start(extra: &str) -> Self {
-        Self::start_with(extra, false)
+        Self::start_with(extra, false, &[])
     }
 
     /// `proxy`: every backend service takes a PROXY v2 header (Dovecot `haproxy = yes`,
     /// Postfix `smtpd_upstream_proxy_protocol = haproxy`, `proxy_protocol = true`).
-    fn start_with(extra: &str, proxy: bool) -> Self {
+    /// `main_cf`: extra main.cf lines for every Postfix.
+    fn start_with(extra: &str, proxy: bool, main_cf: &[&str]) -> Self {
         let backends: Vec<PostfixBackend> = (1..=3)
             .map(|n| {
                 let name = format!("backend{n}");
@@ -55,7 +56,10 @@ impl Cluster {
                 let postfix = PostfixOptions {
                     haproxy: proxy,
                     // Debian's default; the harness turns it off.
-                    extra_main_cf: vec!["smtputf8_enable = yes".into()],
+                    extra_main_cf: std::iter::once("smtputf8_enable = yes")
+                        .chain(main_cf.iter().copied())
+                        .map(str::to_owned)
+                        .collect(),
                     ..PostfixOptions::default()
                 };
                 PostfixBackend::start(&name, dovecot, &postfix).expect("postfix")
@@ -400,7 +404,7 @@ fn proxy_protocol_backends_see_the_client_in_the_header() {
     if skip("smtp_postfix") {
         return;
     }
-    let cluster = Cluster::start_with("", true);
+    let cluster = Cluster::start_with("", true, &[]);
     let user = "user77@example.com";
     let password = password_for(user).expect("password");
     let home = owner(&cluster.edge, user);
@@ -440,4 +444,34 @@ fn proxy_protocol_backends_see_the_client_in_the_header() {
         "{log}"
     );
     assert!(!log.contains("XCLIENT"), "no XCLIENT behind PROXY: {log}");
+}
+
+/// A backend whose submission port offers no AUTH (here: SASL switched off) is a
+/// configuration problem: users get a temporary `454 4.7.0`, never a `535` that would
+/// blame their password, and the edge logs what to fix.
+#[test]
+fn a_submission_backend_without_auth_is_a_temporary_failure() {
+    if skip("smtp_postfix") {
+        return;
+    }
+    let cluster = Cluster::start_with("", false, &["smtpd_sasl_auth_enable = no"]);
+    let user = "user60@example.com";
+    let password = password_for(user).expect("password");
+    let (host, sub) = cluster.addr(SUBMISSION);
+    let out = python(&format!(
+        "{TLS_PRELUDE}\
+         s = smtplib.SMTP('{host}', {sub}, timeout=10)\n\
+         s.ehlo('laptop.example.net'); s.starttls(context=ctx); s.ehlo('laptop.example.net')\n\
+         print('auth', s.docmd('AUTH', 'PLAIN ' + base64.b64encode(b'\\0{user}\\0{password}').decode()))\n"
+    ))
+    .expect("smtplib");
+    assert!(
+        out.contains("auth (454, b'4.7.0 Temporary authentication failure"),
+        "{out}"
+    );
+    let failed = metric_line(
+        &cluster.edge,
+        &["protobalance_logins_total", "submission", "backend_error"],
+    );
+    assert!(failed.ends_with(" 1"), "{failed}");
 }

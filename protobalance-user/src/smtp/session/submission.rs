@@ -205,7 +205,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             }
             Err(error) => {
                 tracing::warn!(%error, "submission backend unavailable");
-                let result = "backend_unavailable";
+                // A backend that answered but cannot authenticate is misconfigured, not down.
+                let result = match error {
+                    DeliverError::Refused { .. } => "backend_error",
+                    _ => "backend_unavailable",
+                };
                 self.auth_unavailable(&user, Some(&home), result, started)
                     .await
             }
