@@ -99,7 +99,9 @@ impl App {
         // Blocklists added through the API are stored in the directory: they go into the
         // kernel with the config's, so a restart leaves no window without them.
         let api_lists = match &directory {
-            Some(directory) => stored_blocklists(directory).await?,
+            Some(directory) => crate::api::blocklist::kernel_lists(
+                crate::api::blocklist::stored_lists(directory).await?,
+            ),
             None => Vec::new(),
         };
         let xdp =
@@ -262,29 +264,6 @@ fn lock(filter: &std::sync::Mutex<XdpFilter>) -> std::sync::MutexGuard<'_, XdpFi
     filter
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The unexpired blocklists added through the API, from the directory.
-async fn stored_blocklists(
-    directory: &Directory<SqliteDirectory>,
-) -> Result<Vec<crate::filter::blocklist::NamedList>, AppError> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let mut lists: std::collections::BTreeMap<String, Vec<crate::filter::cidr::Cidr>> =
-        std::collections::BTreeMap::new();
-    for entry in directory.store().blocklist().await? {
-        if entry.expires_at.is_some_and(|t| t <= now) {
-            continue;
-        }
-        if let Ok(cidr) = entry.cidr.parse() {
-            lists.entry(entry.list).or_default().push(cidr);
-        }
-    }
-    Ok(lists
-        .into_iter()
-        .map(|(name, entries)| crate::filter::blocklist::NamedList { name, entries })
-        .collect())
 }
 
 fn start_xdp(

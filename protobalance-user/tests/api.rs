@@ -23,14 +23,7 @@ const READ_TOKEN: &str = "mon-0123456789abcdef0123456789abcdef";
 const NS: &str = "urn:protobalance:api:1";
 
 fn skip() -> bool {
-    if support::skip("api") {
-        return true;
-    }
-    if Command::new("xmllint").arg("--version").output().is_err() {
-        eprintln!("SKIP api: xmllint is not installed (libxml2-utils; cargo xtask setup)");
-        return true;
-    }
-    false
+    support::skip_api("api")
 }
 
 /// An HTTP answer: status and body.

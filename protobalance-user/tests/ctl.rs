@@ -23,14 +23,7 @@ const WRITE_TOKEN: &str = "crm-0123456789abcdef0123456789abcdef";
 const READ_TOKEN: &str = "mon-0123456789abcdef0123456789abcdef";
 
 fn skip() -> bool {
-    if support::skip("ctl") {
-        return true;
-    }
-    if Command::new("xmllint").arg("--version").output().is_err() {
-        eprintln!("SKIP ctl: xmllint is not installed (libxml2-utils; cargo xtask setup)");
-        return true;
-    }
-    false
+    support::skip_api("ctl")
 }
 
 /// What one `protobalance ctl` run did.

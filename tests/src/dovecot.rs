@@ -356,7 +356,8 @@ impl Drop for DovecotBackend {
 }
 
 /// The PROXY protocol v2 header of a LOCAL connection (no client behind it).
-const PROXY_V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+/// PROXY protocol v2, LOCAL command, no addresses (a health check's header).
+pub(crate) const PROXY_V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
 
 fn greets(addr: SocketAddr, greeting: &str, haproxy: bool) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
 use crate::dovecot::DovecotBackend;
+use crate::dovecot::PROXY_V2_LOCAL;
 use crate::mail_sink::MailSink;
 use crate::net::free_port;
 use crate::postfix_config::{
@@ -402,9 +403,6 @@ fn shell_quote(text: &str) -> String {
 fn port_taken(addr: SocketAddr) -> bool {
     matches!(TcpListener::bind(addr), Err(err) if err.kind() == ErrorKind::AddrInUse)
 }
-
-/// PROXY protocol v2, LOCAL command, no addresses (a health check's header).
-const PROXY_V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
 
 /// True when `addr` sends an SMTP `220` greeting (then says QUIT); `haproxy`: after a
 /// PROXY v2 LOCAL header.

@@ -63,26 +63,13 @@ impl BlocklistManager {
 
     /// The stored lists as the kernel needs them (unexpired entries, by list name).
     async fn api_lists(&self) -> Result<BTreeMap<String, Vec<BlockRecord>>, ApiError> {
-        let now = now();
-        let mut lists: BTreeMap<String, Vec<BlockRecord>> = BTreeMap::new();
-        for entry in self.directory.store().blocklist().await? {
-            if entry.expires_at.is_none_or(|t| t > now) {
-                lists.entry(entry.list.clone()).or_default().push(entry);
-            }
-        }
-        Ok(lists)
+        Ok(stored_lists(&self.directory).await?)
     }
 
     /// Rewrites the kernel's lists: the config's, then every stored one.
     pub async fn apply(&self) -> Result<(), ApiError> {
         let mut lists = self.config_lists.clone();
-        for (name, entries) in self.api_lists().await? {
-            let entries = entries
-                .iter()
-                .filter_map(|e| e.cidr.parse::<Cidr>().ok())
-                .collect();
-            lists.push(NamedList { name, entries });
-        }
+        lists.extend(kernel_lists(self.api_lists().await?));
         let mut filter = self
             .filter
             .lock()
@@ -125,6 +112,34 @@ impl BlocklistManager {
     fn is_config_list(&self, name: &str) -> bool {
         self.config_lists.iter().any(|l| l.name == name)
     }
+}
+
+/// The unexpired entries added through the API, by list name.
+pub async fn stored_lists(
+    directory: &Directory<SqliteDirectory>,
+) -> Result<BTreeMap<String, Vec<BlockRecord>>, crate::directory::DirectoryError> {
+    let now = now();
+    let mut lists: BTreeMap<String, Vec<BlockRecord>> = BTreeMap::new();
+    for entry in directory.store().blocklist().await? {
+        if entry.expires_at.is_none_or(|t| t > now) {
+            lists.entry(entry.list.clone()).or_default().push(entry);
+        }
+    }
+    Ok(lists)
+}
+
+/// Stored lists in the form the kernel filter takes them.
+pub fn kernel_lists(lists: BTreeMap<String, Vec<BlockRecord>>) -> Vec<NamedList> {
+    lists
+        .into_iter()
+        .map(|(name, entries)| NamedList {
+            name,
+            entries: entries
+                .iter()
+                .filter_map(|e| e.cidr.parse::<Cidr>().ok())
+                .collect(),
+        })
+        .collect()
 }
 
 fn manager(state: &ApiState) -> Result<&BlocklistManager, ApiError> {

@@ -376,13 +376,57 @@ impl std::fmt::Display for BodyLimit {
 
 impl std::error::Error for BodyLimit {}
 
+/// What [`StreamBound`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overrun {
+    /// More than the limit in all.
+    Total(u64),
+    /// A run longer than this without a `>`.
+    Tag(usize),
+}
+
+/// Bounds an XML byte stream as it arrives: at most `limit` bytes in all and no run of
+/// `max_tag` bytes without a `>`, so no one tag (or text) can grow a reader's buffer past
+/// it. Shared by the API's request bodies and `ctl`'s responses.
+#[derive(Debug, Clone)]
+pub struct StreamBound {
+    limit: u64,
+    max_tag: usize,
+    read: u64,
+    since_gt: usize,
+}
+
+impl StreamBound {
+    pub const fn new(limit: u64, max_tag: usize) -> Self {
+        Self {
+            limit,
+            max_tag,
+            read: 0,
+            since_gt: 0,
+        }
+    }
+
+    /// Accounts for the next `chunk`.
+    pub fn check(&mut self, chunk: &[u8]) -> Result<(), Overrun> {
+        self.read += chunk.len() as u64;
+        if self.read > self.limit {
+            return Err(Overrun::Total(self.limit));
+        }
+        for &byte in chunk {
+            self.since_gt = if byte == b'>' { 0 } else { self.since_gt + 1 };
+            if self.since_gt > self.max_tag {
+                return Err(Overrun::Tag(self.max_tag));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// An HTTP request body as a byte stream, refusing more than `limit` bytes in all and any
 /// run of [`MAX_TAG`] bytes without a `>`.
 pub struct BodyReader {
     body: Incoming,
-    limit: u64,
-    read: u64,
-    since_gt: usize,
+    bound: StreamBound,
     pending: Bytes,
 }
 
@@ -390,35 +434,24 @@ impl BodyReader {
     pub const fn new(body: Incoming, limit: u64) -> Self {
         Self {
             body,
-            limit,
-            read: 0,
-            since_gt: 0,
+            bound: StreamBound::new(limit, MAX_TAG),
             pending: Bytes::new(),
         }
     }
 
     fn check(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.read += chunk.len() as u64;
-        if self.read > self.limit {
-            return Err(io::Error::other(BodyLimit(XmlError::new(
+        let error = match self.bound.check(chunk) {
+            Ok(()) => return Ok(()),
+            Err(Overrun::Total(limit)) => XmlError::new(
                 "body_too_large",
-                format!("the body is larger than {} bytes", self.limit),
-            ))));
-        }
-        for &byte in chunk {
-            if byte == b'>' {
-                self.since_gt = 0;
-            } else {
-                self.since_gt += 1;
-                if self.since_gt > MAX_TAG {
-                    return Err(io::Error::other(BodyLimit(XmlError::new(
-                        "tag_too_long",
-                        format!("a tag or text run is longer than {MAX_TAG} bytes"),
-                    ))));
-                }
-            }
-        }
-        Ok(())
+                format!("the body is larger than {limit} bytes"),
+            ),
+            Err(Overrun::Tag(max)) => XmlError::new(
+                "tag_too_long",
+                format!("a tag or text run is longer than {max} bytes"),
+            ),
+        };
+        Err(io::Error::other(BodyLimit(error)))
     }
 }
 

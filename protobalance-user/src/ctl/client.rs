@@ -281,9 +281,7 @@ pub struct BodyStream {
     body: Incoming,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
-    limit: u64,
-    read: u64,
-    since_gt: usize,
+    bound: crate::api::xml::StreamBound,
     echo: bool,
     pending: Bytes,
 }
@@ -294,27 +292,23 @@ impl BodyStream {
             body: response.into_body(),
             idle,
             sleep: Box::pin(tokio::time::sleep(idle)),
-            limit,
-            read: 0,
-            since_gt: 0,
+            bound: crate::api::xml::StreamBound::new(limit, MAX_TAG),
             echo,
             pending: Bytes::new(),
         }
     }
 
     fn accept(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.read += chunk.len() as u64;
-        if self.read > self.limit {
-            return Err(io::Error::other(format!(
-                "the answer is larger than {} bytes",
-                self.limit
-            )));
-        }
-        for &byte in chunk {
-            self.since_gt = if byte == b'>' { 0 } else { self.since_gt + 1 };
-            if self.since_gt > MAX_TAG {
+        match self.bound.check(chunk) {
+            Ok(()) => {}
+            Err(crate::api::xml::Overrun::Total(limit)) => {
                 return Err(io::Error::other(format!(
-                    "the answer has a tag or text over {MAX_TAG} bytes: not an API document"
+                    "the answer is larger than {limit} bytes"
+                )));
+            }
+            Err(crate::api::xml::Overrun::Tag(max)) => {
+                return Err(io::Error::other(format!(
+                    "the answer has a tag or text over {max} bytes: not an API document"
                 )));
             }
         }

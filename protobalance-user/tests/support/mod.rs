@@ -377,6 +377,19 @@ pub fn make_certificates(dir: &std::path::Path) -> String {
     config
 }
 
+/// [`skip`], and also when xmllint (which the API tests validate every answer with) is
+/// missing; says why.
+pub fn skip_api(test: &str) -> bool {
+    if skip(test) {
+        return true;
+    }
+    if Command::new("xmllint").arg("--version").output().is_err() {
+        eprintln!("SKIP {test}: xmllint is not installed (libxml2-utils; cargo xtask setup)");
+        return true;
+    }
+    false
+}
+
 /// docs/api.xsd, the schema of every XML API document.
 pub fn api_xsd() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/api.xsd")
