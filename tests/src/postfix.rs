@@ -195,6 +195,12 @@ impl PostfixBackend {
         Ok(self.queue_len()? == 0)
     }
 
+    /// `postqueue -f`: attempt every deferred message now (what an operator does when
+    /// the retry timers are not worth waiting for).
+    pub fn flush(&self) -> Result<()> {
+        self.postqueue("-f").map(drop)
+    }
+
     /// Waits until every message has left the queue (delivered or bounced).
     pub fn wait_until_queue_empty(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
