@@ -295,12 +295,16 @@ impl Ctl {
                     Ok(response) => Ok((response, sent)),
                     // A failure of the reader also breaks the request: name the cause.
                     Err(error) => {
-                        let produced = tokio::time::timeout(Duration::from_secs(1), done).await;
-                        Err(match (sent, produced) {
-                            (None, Ok(Ok(Err(local)))) => local,
-                            _ => error,
-                        }
-                        .with_note(partial))
+                        // `done` may already have completed (then `sent` holds it): poll it
+                        // only while it has not.
+                        let local = match sent {
+                            Some(_) => None,
+                            None => match tokio::time::timeout(Duration::from_secs(1), done).await {
+                                Ok(Ok(Err(local))) => Some(local),
+                                _ => None,
+                            },
+                        };
+                        Err(local.unwrap_or(error).with_note(partial))
                     }
                 },
                 produced = &mut *done, if sent.is_none() => {
