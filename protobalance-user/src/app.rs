@@ -14,7 +14,10 @@ use crate::{
     backend::BackendPool,
     config::{Config, Protocol, TlsMode, Validated, XdpConfig},
     directory::{Directory, DirectoryError, MailboxDirectory as _, sqlite::SqliteDirectory},
-    filter::xdp::{Attached, SynLimit, XdpError, XdpFilter},
+    filter::{
+        reputation::{Reputation, ReputationMetrics},
+        xdp::{Attached, SynLimit, XdpError, XdpFilter},
+    },
     metrics,
     proxy::{ProxyContext, ProxyMetrics, admission::Admission, listener},
 };
@@ -92,7 +95,7 @@ impl App {
         };
         let proxy = match &directory {
             Some(directory) if !mail.is_empty() => Some(Arc::new(
-                proxy_context(config, Arc::clone(directory), &registry).await?,
+                proxy_context(&validated, Arc::clone(directory), &registry).await?,
             )),
             _ => None,
         };
@@ -121,6 +124,9 @@ impl App {
                     None
                 }
             };
+        if let (Some(proxy), Some((_, filter))) = (&proxy, &xdp) {
+            proxy.reputation.set_kernel(lock(filter).ban_handle());
+        }
         let blocklist = match (&directory, &xdp) {
             (Some(directory), Some((_, filter))) => {
                 Some(Arc::new(crate::api::blocklist::BlocklistManager::new(
@@ -414,12 +420,29 @@ async fn all_backends(
 }
 
 async fn proxy_context(
-    config: &Config,
+    validated: &Validated,
     directory: Arc<Directory<SqliteDirectory>>,
     registry: &Registry,
 ) -> Result<ProxyContext, AppError> {
+    let config = &validated.config;
     let backends = all_backends(config, &directory).await?;
+    let reputation = if config.reputation.enabled {
+        let allow = [
+            validated.reputation_allow.as_slice(),
+            validated.allowlist.as_slice(),
+        ]
+        .concat();
+        Reputation::new(
+            config.reputation.clone(),
+            allow,
+            Some(ReputationMetrics::new(registry)?),
+        )
+    } else {
+        tracing::info!("reputation.enabled = false: client behaviour is not judged");
+        Reputation::disabled()
+    };
     Ok(ProxyContext {
+        reputation: Arc::new(reputation),
         directory,
         pool: Arc::new(BackendPool::new(
             &backends,

@@ -48,6 +48,9 @@ pub struct BackendOptions {
     /// Dovecot SASL over TCP (`smtpd_sasl_path = inet:<ip>:<auth_port>`). Also turns off
     /// Dovecot's per-IP auth penalty on this backend (see `write_auth_listener`).
     pub auth_listener: bool,
+    /// No per-IP auth penalty (2, 4, 8… s after failed logins from one client address):
+    /// for tests that make many failed logins on purpose.
+    pub no_auth_penalty: bool,
 }
 
 /// True if Dovecot backends can run here; otherwise prints `SKIP <test>: <reason>`.
@@ -249,6 +252,7 @@ impl DovecotBackend {
                     },
                 ),
                 auth_port: self.auth_port,
+                no_auth_penalty: options.no_auth_penalty,
             };
         let config_path = self.config_path();
         std::fs::write(&config_path, render_config(&spec)?).context("writing dovecot.conf")?;

@@ -104,6 +104,8 @@ pub struct InstanceSpec<'a> {
     pub tls: Option<TlsListeners<'a>>,
     /// An auth inet listener (Dovecot SASL for Postfix) on this port.
     pub auth_port: Option<u16>,
+    /// Turn off the per-IP auth penalty (also done with `auth_port`).
+    pub no_auth_penalty: bool,
 }
 
 /// A certificate for Dovecot's pop3s/imaps listeners and their ports.
@@ -128,6 +130,9 @@ pub fn render_config(spec: &InstanceSpec<'_>) -> Result<String> {
     )?;
     if let Some(port) = spec.auth_port {
         write_auth_listener(&mut conf, spec.ip, port)?;
+    }
+    if spec.auth_port.is_some() || spec.no_auth_penalty {
+        write_no_auth_penalty(&mut conf)?;
     }
     Ok(conf)
 }
@@ -252,7 +257,7 @@ service lmtp {{
 /// `smtpd_sasl_path = inet:<ip>:<port>`). Any listener name other than `*-master`,
 /// `*-userdb` and `*-login` speaks the auth *client* protocol, which is what Postfix uses.
 ///
-/// It also turns off the auth penalty (no `anvil-auth-penalty` socket, so the auth
+/// With it the auth penalty is turned off too ([`write_no_auth_penalty`], so the auth
 /// process skips it): Postfix reports every SMTP client of a test as 127.0.0.1, and after
 /// one failed AUTH the penalty would delay that address's next attempts by 2, 4, 8… s.
 /// This is the SASL counterpart of `auth_failure_delay = 0`.
@@ -264,8 +269,16 @@ fn write_auth_listener(conf: &mut String, ip: IpAddr, port: u16) -> Result<()> {
     address = {ip}
     port = {port}
   }}
-}}
-service anvil {{
+}}"
+    )?;
+    Ok(())
+}
+
+/// No `anvil-auth-penalty` socket, so the auth process skips the penalty.
+fn write_no_auth_penalty(conf: &mut String) -> Result<()> {
+    writeln!(
+        conf,
+        "service anvil {{
   unix_listener anvil-auth-penalty {{
     mode = 0
   }}
@@ -324,6 +337,7 @@ mod tests {
             haproxy: false,
             tls: None,
             auth_port: None,
+            no_auth_penalty: false,
         };
         let conf = render_config(&spec)?;
         assert!(!conf.contains("service auth") && !conf.contains("anvil"));

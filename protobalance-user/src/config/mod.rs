@@ -2,12 +2,13 @@
 //! file fails fast with a message that names the key and the fix.
 //!
 //! Sections: `[admin]` (metrics/API listener), `[shutdown]`, `[xdp]` (kernel filter),
-//! `[directory]`, `[[domain]]`, `[[backend]]` (the cluster, in `cluster`). Unknown keys are
+//! `[directory]`, `[[domain]]`, `[[backend]]` (the cluster, in `cluster`), `[reputation]`. Unknown keys are
 //! rejected so a typo never silently does nothing.
 
 mod api;
 mod cluster;
 mod listeners;
+mod reputation;
 
 pub use api::{ApiAccess, ApiConfig, ApiTokenConfig};
 pub use cluster::{
@@ -16,6 +17,7 @@ pub use cluster::{
 pub use listeners::{
     CertificateConfig, LimitsConfig, ListenerConfig, Protocol, SubmissionConfig, TlsMode,
 };
+pub use reputation::{ReputationConfig, Weights};
 
 use std::{
     net::SocketAddr,
@@ -60,6 +62,8 @@ pub struct Config {
     pub certificates: Vec<CertificateConfig>,
     #[serde(default)]
     pub api: ApiConfig,
+    #[serde(default)]
+    pub reputation: ReputationConfig,
 }
 
 /// How the edge presents itself: one name and banner for the whole cluster.
@@ -377,6 +381,8 @@ pub struct Validated {
     pub blocklist: Vec<Cidr>,
     /// Every allowlist entry, inline and from files, parsed.
     pub allowlist: Vec<Cidr>,
+    /// `reputation.allow`, parsed (the engine adds `allowlist`).
+    pub reputation_allow: Vec<Cidr>,
 }
 
 impl Config {
@@ -431,6 +437,7 @@ impl Config {
         self.limits.validate().map_err(to_error)?;
         self.submission.validate().map_err(to_error)?;
         self.api.validate(base).map_err(to_error)?;
+        let reputation_allow = self.reputation.validate().map_err(to_error)?;
         if self
             .listeners
             .iter()
@@ -532,6 +539,7 @@ impl Config {
             config: self,
             blocklist: entries,
             allowlist: allow,
+            reputation_allow,
         })
     }
 }

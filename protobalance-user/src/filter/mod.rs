@@ -1,6 +1,8 @@
 //! Abuse filtering. `xdp` is the only module in the crate that touches aya; `cidr` and
-//! `blocklist` are the plain data it is fed with. Reputation and DNSBL arrive in later issues.
+//! `blocklist` are the plain data it is fed with. `reputation` judges
+//! client behaviour and feeds bans to `xdp`.
 
 pub mod blocklist;
 pub mod cidr;
+pub mod reputation;
 pub mod xdp;

@@ -21,7 +21,7 @@ use crate::{
     backend::{BackendStream, Service},
     config::Protocol,
     proxy::{
-        ProxyContext,
+        LoginJudge, ProxyContext,
         splice::{self, PlainTcp},
         target,
     },
@@ -65,16 +65,27 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     login: Login,
     endpoints: Endpoints,
     ctx: &ProxyContext,
+    judge: &LoginJudge,
 ) -> LoginResult {
     let started = Instant::now();
     let record = |backend: &str, result: &str| {
         let seconds = started.elapsed().as_secs_f64();
         ctx.metrics.login(Protocol::Imap, backend, result, seconds);
     };
+    if !judge.allowed(ctx) {
+        record("none", "account_locked");
+        judge.refused().await;
+        let text = "Too many failed logins for this account, try again later";
+        let _ = client
+            .write_all(&codec::tagged_no(&login.tag, Some("UNAVAILABLE"), text))
+            .await;
+        return LoginResult::Refused;
+    }
     let target = match target::login_target(ctx, &login.name).await {
         Ok(Some(target)) => target,
         Ok(None) => {
             record("none", "unknown_mailbox");
+            judge.refused().await;
             return refuse(client, &login.tag).await;
         }
         Err(error) => {
@@ -102,6 +113,7 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
             lines,
         }) if target::confirm(ctx, &target).await => {
             record(backend, "ok");
+            judge.succeeded(ctx);
             proxy(client, pending, upstream, &lines, backend, ctx).await
         }
         Ok(Verdict {
@@ -114,6 +126,7 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
         Ok(Verdict { lines, .. }) => {
             record(backend, "refused");
             upstream.logout().await;
+            judge.refused().await;
             let _ = client.write_all(&lines).await;
             LoginResult::Refused
         }

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     proxy::{
-        Conn, Outcome, ProxyContext,
+        Conn, LoginJudge, Outcome, ProxyContext,
         client_io::{self, ReadStop},
         splice::PlainTcp,
     },
@@ -223,10 +223,19 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
             Step::End(outcome) => return attempts.ended(outcome),
             Step::Read(end) => return attempts.ended(close(&mut client, end).await),
         };
-        match login::attempt(&mut client.stream, &mut client.buf, login, endpoints, ctx).await {
+        let judge = LoginJudge::new(ctx, &login.name, peer.ip(), attempts.failures);
+        let stream = &mut client.stream;
+        match login::attempt(stream, &mut client.buf, login, endpoints, ctx, &judge).await {
             LoginResult::Proxied => return Outcome::Proxied,
             LoginResult::TempFail => attempts.unavailable = true,
-            LoginResult::Refused => attempts.failures += 1,
+            LoginResult::Refused => {
+                attempts.failures += 1;
+                if judge.failed(ctx).refuses() {
+                    let text = "[UNAVAILABLE] Too many errors from your address, try again later";
+                    client.send(&codec::bye(text)).await;
+                    return Outcome::AuthFailed;
+                }
+            }
         }
         if attempts.failures >= ctx.limits.max_auth_failures {
             client.send(&codec::bye("Too many failed logins")).await;

@@ -20,7 +20,7 @@ use crate::{
     backend::{BackendStream, Service},
     config::Protocol,
     proxy::{
-        Conn, ProxyContext,
+        Conn, LoginJudge, ProxyContext,
         splice::{self, PlainTcp},
         target,
     },
@@ -106,9 +106,10 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     login: Login,
     conn: &Conn,
     ctx: &ProxyContext,
+    judge: &LoginJudge,
 ) -> LoginResult {
     let prepared = prepare(&login.name, conn, ctx).await;
-    finish(client, pending, prepared, &login.password, ctx).await
+    finish(client, pending, prepared, &login.password, ctx, judge).await
 }
 
 /// Sends the password on a prepared session and acts on the verdict: splice on success,
@@ -119,6 +120,7 @@ pub async fn finish<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     prepared: Result<Prepared, NotPrepared>,
     password: &Secret<String>,
     ctx: &ProxyContext,
+    judge: &LoginJudge,
 ) -> LoginResult {
     let started = Instant::now();
     let record = |backend: &str, result: &str| {
@@ -130,6 +132,13 @@ pub async fn finish<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
         );
     };
     let unavailable = "Mailbox server temporarily unavailable, try again later";
+    if !judge.allowed(ctx) {
+        record("none", "account_locked");
+        judge.refused().await;
+        let text = "Too many failed logins for this account, try again later";
+        let _ = client.write_all(&codec::err(Some("SYS/TEMP"), text)).await;
+        return LoginResult::Refused;
+    }
     let Prepared {
         target,
         mut upstream,
@@ -137,6 +146,7 @@ pub async fn finish<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
         Ok(prepared) => prepared,
         Err(NotPrepared::Unknown) => {
             record("none", "unknown_mailbox");
+            judge.refused().await;
             let _ = client
                 .write_all(&codec::err(Some("AUTH"), "Authentication failed."))
                 .await;
@@ -156,6 +166,7 @@ pub async fn finish<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
             text,
         }) => {
             record(&backend, "refused");
+            judge.refused().await;
             let _ = client.write_all(&codec::err(code.as_deref(), &text)).await;
             return LoginResult::Refused;
         }
@@ -168,6 +179,7 @@ pub async fn finish<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     match upstream.pass(password).await {
         Ok(Reply::Ok { text }) if target::confirm(ctx, &target).await => {
             record(backend, "ok");
+            judge.succeeded(ctx);
             proxy(client, pending, upstream, &text, backend, ctx).await
         }
         Ok(Reply::Ok { .. }) => {
@@ -178,6 +190,7 @@ pub async fn finish<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
         Ok(Reply::Err { code, text }) => {
             record(backend, "refused");
             let _ = upstream.stream.write_all(codec::encode_quit()).await;
+            judge.refused().await;
             let _ = client.write_all(&codec::err(code.as_deref(), &text)).await;
             LoginResult::Refused
         }

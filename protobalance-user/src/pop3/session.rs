@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     proxy::{
-        Conn, Outcome, ProxyContext,
+        Conn, LoginJudge, Outcome, ProxyContext,
         client_io::{self, ReadStop},
         splice::PlainTcp,
     },
@@ -146,7 +146,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
             Step::Continue => continue,
             Step::End(outcome) => return outcome,
             Step::Login(login) => {
-                login::attempt(&mut client.stream, &mut client.buf, login, conn, ctx).await
+                let j = LoginJudge::new(ctx, &login.name, conn.peer.ip(), failures);
+                let result =
+                    login::attempt(&mut client.stream, &mut client.buf, login, conn, ctx, &j).await;
+                (result, j)
             }
             Step::User(name) => {
                 if !client.send(&codec::ok("Send PASS")).await {
@@ -159,14 +162,17 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
                 );
                 match next {
                     Ok(Command::Pass(password)) => {
-                        login::finish(
+                        let j = LoginJudge::new(ctx, &name, conn.peer.ip(), failures);
+                        let result = login::finish(
                             &mut client.stream,
                             &mut client.buf,
                             prepared,
                             &password,
                             ctx,
+                            &j,
                         )
-                        .await
+                        .await;
+                        (result, j)
                     }
                     Ok(other) => {
                         // Not the password: the prepared session is dropped (closed).
@@ -178,10 +184,16 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
                 }
             }
         };
+        let (result, judge) = result;
         match result {
             LoginResult::Proxied => return Outcome::Proxied,
             LoginResult::TempFail => return Outcome::BackendUnavailable,
             LoginResult::Refused => failures += 1,
+        }
+        if judge.failed(ctx).refuses() {
+            let text = "Too many errors from your address, try again later";
+            client.send(&codec::err(Some("SYS/TEMP"), text)).await;
+            return Outcome::AuthFailed;
         }
         if failures >= ctx.limits.max_auth_failures {
             client

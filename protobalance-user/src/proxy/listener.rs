@@ -13,6 +13,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{Conn, Outcome, ProxyContext};
 use crate::{
     config::{Protocol, TlsMode},
+    filter::reputation::{Event, Verdict},
     imap, pop3,
     smtp::{self, session::Mode},
     tls::ClientStream,
@@ -27,7 +28,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     loop {
-        let (mut stream, peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -39,18 +40,24 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let verdict = ctx.reputation.admit(peer.ip());
+        if verdict.refuses() {
+            ctx.metrics.refused_or_ended(protocol, Outcome::Refused);
+            tracing::debug!(%peer, protocol = protocol.as_str(), verdict = verdict.as_str(), "refused by reputation");
+            tracker.spawn(refuse(stream, reputation_refusal(protocol, verdict)));
+            continue;
+        }
         let Some(permit) = ctx.admission.try_admit(peer.ip()) else {
             ctx.metrics.refused_or_ended(protocol, Outcome::Refused);
+            ctx.reputation.report(peer.ip(), Event::RateExceeded);
             tracing::info!(%peer, protocol = protocol.as_str(), "refused: too many sessions from this address");
-            tracker.spawn(async move {
-                let _ = stream.write_all(&refusal(protocol)).await;
-            });
+            tracker.spawn(refuse(stream, refusal(protocol)));
             continue;
         };
         let ctx = Arc::clone(&ctx);
         tracker.spawn(async move {
             ctx.metrics.session_started(protocol);
-            let outcome = session(stream, peer, protocol, tls, &ctx).await;
+            let outcome = session(stream, peer, protocol, tls, verdict, &ctx).await;
             ctx.metrics.session_ended(protocol, outcome);
             drop(permit);
         });
@@ -62,6 +69,7 @@ async fn session(
     peer: SocketAddr,
     protocol: Protocol,
     tls: TlsMode,
+    admitted: Verdict,
     ctx: &ProxyContext,
 ) -> Outcome {
     let Ok(local) = stream.local_addr() else {
@@ -73,6 +81,7 @@ async fn session(
         peer,
         local,
         starttls,
+        admitted,
     };
     let stream = match (tls, &ctx.tls) {
         (TlsMode::Implicit, Some(acceptor)) => {
@@ -106,5 +115,40 @@ fn refusal(protocol: Protocol) -> Vec<u8> {
         Protocol::Smtp | Protocol::Submission => {
             smtp::codec::reply(421, Some("4.7.0"), "Too many connections from your address")
         }
+    }
+}
+
+/// Answers a client refused at the door and closes gracefully: FIN after the answer, then
+/// a short drain of what the client already sent, so the close is not a reset that could
+/// destroy the answer before the client read it. Bounded in time and bytes.
+async fn refuse(mut stream: TcpStream, answer: Vec<u8>) {
+    use tokio::io::AsyncReadExt as _;
+    let write = async {
+        stream.write_all(&answer).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < 16 * 1024 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), write).await;
+}
+
+/// The answer to a client the reputation engine refuses at the door.
+fn reputation_refusal(protocol: Protocol, verdict: Verdict) -> Vec<u8> {
+    let text = if verdict == Verdict::Ban {
+        "Your address is blocked for abuse; try again later"
+    } else {
+        "Too many errors from your address; try again later"
+    };
+    match protocol {
+        Protocol::Pop3 => pop3::codec::err(Some("SYS/TEMP"), text),
+        Protocol::Imap => imap::codec::bye(&format!("[UNAVAILABLE] {text}")),
+        Protocol::Smtp | Protocol::Submission => smtp::codec::reply(421, Some("4.7.0"), text),
     }
 }

@@ -23,6 +23,63 @@ pub struct Conn {
     pub local: std::net::SocketAddr,
     /// Set when the listener offers STLS/STARTTLS (plaintext listeners with a certificate).
     pub starttls: Option<crate::tls::TlsAcceptor>,
+    /// The reputation verdict at connect (`Accept` or `Tarpit`).
+    pub admitted: crate::filter::reputation::Verdict,
+}
+
+/// What the reputation engine needs around one login attempt.
+pub struct LoginJudge {
+    pub account: String,
+    pub ip: std::net::IpAddr,
+    /// Paused before a refusal is answered.
+    pub penalty: std::time::Duration,
+    /// No failed login before this one in the session.
+    pub first_try: bool,
+}
+
+impl LoginJudge {
+    /// For the login of `name` from `ip` after `failures` failed ones in this session.
+    pub fn new(ctx: &ProxyContext, name: &str, ip: std::net::IpAddr, failures: u32) -> Self {
+        Self {
+            account: account_key(ctx, name),
+            ip,
+            penalty: ctx.reputation.auth_failure_delay(failures + 1),
+            first_try: failures == 0,
+        }
+    }
+
+    /// `false` when the account is locked for this address: refuse without asking the
+    /// backend.
+    pub fn allowed(&self, ctx: &ProxyContext) -> bool {
+        ctx.reputation.login_allowed(&self.account, self.ip)
+    }
+
+    pub async fn refused(&self) {
+        tokio::time::sleep(self.penalty).await;
+    }
+
+    /// Scores the failure; the verdict says whether the session may go on.
+    pub fn failed(&self, ctx: &ProxyContext) -> crate::filter::reputation::Verdict {
+        ctx.reputation.login_failed(Some(&self.account), self.ip)
+    }
+
+    pub fn succeeded(&self, ctx: &ProxyContext) {
+        ctx.reputation.login_succeeded(&self.account, self.ip);
+        if self.first_try {
+            ctx.reputation
+                .report(self.ip, crate::filter::reputation::Event::CleanSession);
+        }
+    }
+}
+
+/// The name login failures are counted under: the normalized mailbox when the login is
+/// an address (so `User@Example.COM` and `user@example.com` are one account), else the
+/// login as given, lower-cased.
+pub fn account_key(ctx: &ProxyContext, login: &str) -> String {
+    match ctx.directory.normalizer().normalize(login) {
+        Ok(normalized) => normalized.mailbox.to_string(),
+        Err(_) => login.trim().to_lowercase(),
+    }
 }
 
 pub struct ProxyContext {
@@ -40,6 +97,8 @@ pub struct ProxyContext {
     pub admission: admission::Admission,
     /// Certificates for implicit-TLS listeners and STLS/STARTTLS; `None` without any.
     pub tls: Option<crate::tls::TlsAcceptor>,
+    /// Judges client behaviour; sessions report events to it.
+    pub reputation: Arc<crate::filter::reputation::Reputation>,
 }
 
 /// How a session ended; the `outcome` label of `protobalance_sessions_total`.

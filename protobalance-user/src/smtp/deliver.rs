@@ -502,6 +502,7 @@ mod tests {
             peer: "[2001:db8::7]:40000".parse().expect("addr"),
             local: "127.0.0.1:25".parse().expect("addr"),
             starttls: None,
+            admitted: crate::filter::reputation::Verdict::Accept,
         };
         let client = ClientInfo {
             helo: Some("client example".into()),

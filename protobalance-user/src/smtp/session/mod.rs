@@ -34,6 +34,7 @@ use super::{
     transaction::{Binding, Transaction, backend_lost},
 };
 use crate::{
+    filter::reputation::{Event, Verdict as Judgement},
     proxy::{
         Conn, Outcome, ProxyContext,
         client_io::{self, ReadStop},
@@ -172,6 +173,12 @@ struct Session<'a, S> {
     client_info: ClientInfo,
     errors: u32,
     delivered: u32,
+    /// Replies are slowed (`reputation.tarpit_delay_ms`).
+    tarpit: bool,
+    /// Events held against the client in this session.
+    offences: u32,
+    /// Pipelining without permission is scored once per session.
+    pipelining_seen: bool,
 }
 
 /// Serves one inbound SMTP connection. The outcome is `Proxied` when at least one message
@@ -199,14 +206,19 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         client_info: ClientInfo::default(),
         errors: 0,
         delivered: 0,
+        tarpit: conn.admitted == Judgement::Tarpit,
+        offences: 0,
+        pipelining_seen: false,
     };
-    let greeting = format!("{} ESMTP {}", ctx.hostname, ctx.banner);
-    if !session.client.send(&reply(220, None, &greeting)).await {
-        return Outcome::ClientQuit;
+    if let Step::End(outcome) = session.greet_client().await {
+        return outcome;
     }
     loop {
         let step = match session.client.next_command().await {
-            Ok(Ok(command)) => session.handle(command).await,
+            Ok(Ok(command)) => match session.check_pipelining(&command).await {
+                Some(end) => end,
+                None => session.handle(command).await,
+            },
             Ok(Err(error)) => session.refuse_line(error).await,
             Err(end) => return session.close(end).await,
         };
@@ -217,12 +229,109 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
+    /// The banner. With `reputation.greeting_delay_ms` (inbound, for clients that have not
+    /// passed before) it comes in two parts: `220-` at once, the final `220 ` after the
+    /// delay. A client must wait for the final line (RFC 5321 §4.2.1); one that talks
+    /// earlier is a pregreeter, scored, and served on (or refused, per its verdict).
+    async fn greet_client(&mut self) -> Step {
+        let ctx = self.ctx;
+        let greeting = format!("{} ESMTP {}", ctx.hostname, ctx.banner);
+        let delay = match self.mode {
+            Mode::Inbound => ctx.reputation.greeting_delay(self.conn.peer.ip()),
+            Mode::Submission => None,
+        };
+        if let Some(delay) = delay {
+            let first = format!("220-{} ESMTP\r\n", ctx.hostname);
+            if !self.client.send(first.as_bytes()).await {
+                return Step::End(Outcome::ClientQuit);
+            }
+            match self.client.fill_by(std::time::Instant::now() + delay).await {
+                Err(ReadEnd::TimedOut) => {}
+                Err(_) => return Step::End(Outcome::ClientQuit),
+                Ok(()) => {
+                    tracing::info!(peer = %self.conn.peer, "pregreet: client talked before the banner ended");
+                    if let Some(end) = self.judge(Event::Pregreet).await {
+                        return end;
+                    }
+                }
+            }
+        }
+        self.answer(&reply(220, None, &greeting)).await
+    }
+
+    /// Scores `event`; ends the session (`421`) when the verdict refuses the client.
+    async fn judge(&mut self, event: Event) -> Option<Step> {
+        let verdict = self.ctx.reputation.report(self.conn.peer.ip(), event);
+        self.offences += u32::from(event != Event::CleanSession);
+        self.apply(verdict).await
+    }
+
+    async fn apply(&mut self, verdict: Judgement) -> Option<Step> {
+        match verdict {
+            Judgement::Accept => None,
+            Judgement::Tarpit => {
+                self.tarpit = true;
+                None
+            }
+            Judgement::TempFail | Judgement::Ban => {
+                tracing::info!(peer = %self.conn.peer, verdict = verdict.as_str(), "session ended by reputation");
+                let text = "Too many errors from your address; try again later";
+                self.client.send(&reply(421, Some("4.7.0"), text)).await;
+                Some(Step::End(Outcome::ClientError))
+            }
+        }
+    }
+
+    /// Commands sent ahead of the reply to EHLO/HELO/DATA/STARTTLS (which must end a
+    /// pipelined group, RFC 2920 §3.1), or ahead of any reply by a HELO client (which was
+    /// never offered PIPELINING).
+    async fn check_pipelining(&mut self, command: &Command) -> Option<Step> {
+        if self.pipelining_seen || self.client.buf.is_empty() {
+            return None;
+        }
+        let must_be_last = matches!(
+            command,
+            Command::Ehlo { .. } | Command::Helo { .. } | Command::Data | Command::StartTls
+        );
+        let allowed = self.client_info.esmtp && !matches!(self.phase, Phase::Connected);
+        if matches!(command, Command::Quit) || (!must_be_last && allowed) {
+            return None;
+        }
+        self.pipelining_seen = true;
+        tracing::info!(peer = %self.conn.peer, "client pipelined without permission");
+        self.judge(Event::Pipelining).await
+    }
+
+    /// Scores what RCPT answers say about the client: unknown mailboxes (550 5.1.1) and
+    /// relay attempts (554 5.7.1), one event per refused recipient.
+    async fn judge_rcpt(&mut self, answers: &[u8]) -> Option<Step> {
+        let mut worst = Judgement::Accept;
+        for line in answers.split(|b| *b == b'\n') {
+            let event = if line.starts_with(b"550 5.1.1") {
+                Event::UnknownRecipient
+            } else if line.starts_with(b"554 5.7.1") {
+                Event::RelayAttempt
+            } else {
+                continue;
+            };
+            self.offences += 1;
+            worst = worst.max(self.ctx.reputation.report(self.conn.peer.ip(), event));
+        }
+        self.apply(worst).await
+    }
+
     async fn handle(&mut self, command: Command) -> Step {
         let answer = match command {
             Command::Ehlo { host } => self.greet(&host, true),
             Command::Helo { host } => self.greet(&host, false),
             Command::Mail { from, params } => self.mail(&from, &params).await,
-            Command::Rcpt { to, params } => self.rcpt(&to, params.is_empty()).await,
+            Command::Rcpt { to, params } => {
+                let answer = self.rcpt(&to, params.is_empty()).await;
+                if let Step::End(outcome) = self.answer(&answer).await {
+                    return Step::End(outcome);
+                }
+                return self.judge_rcpt(&answer).await.unwrap_or(Step::Continue);
+            }
             Command::Data => return self.data().await,
             Command::Rset => {
                 if matches!(self.phase, Phase::Mail(_)) {
@@ -250,9 +359,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 return Step::End(Outcome::ClientError);
             }
             Command::Unknown { .. } => {
+                if let Some(end) = self.judge(Event::ProtocolError).await {
+                    return end;
+                }
                 return self.error(500, "5.5.2", "Command unrecognized").await;
             }
-            Command::NonSmtp { .. } => return Step::End(Outcome::ClientError),
+            Command::NonSmtp { .. } => {
+                tracing::info!(peer = %self.conn.peer, "not SMTP (HTTP or proxy request); closing");
+                let _ = self.judge(Event::NonSmtp).await;
+                return Step::End(Outcome::ClientError);
+            }
         };
         self.answer(&answer).await
     }
@@ -296,6 +412,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 
     async fn answer(&mut self, bytes: &[u8]) -> Step {
+        if self.tarpit {
+            tokio::time::sleep(self.ctx.reputation.tarpit_delay()).await;
+        }
         if self.client.send(bytes).await {
             Step::Continue
         } else {
@@ -315,6 +434,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 
     async fn refuse_line(&mut self, error: CodecError) -> Step {
+        let event = match error {
+            CodecError::LineTooLong | CodecError::Syntax { .. } => Event::ProtocolError,
+            _ => Event::BareLineEnding,
+        };
+        if let Some(end) = self.judge(event).await {
+            return end;
+        }
         match error {
             CodecError::LineTooLong => {
                 let text = "Line too long; closing";
@@ -369,10 +495,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
     }
 
+    /// The outcome of a session that ended normally; one that delivered mail with nothing
+    /// held against it counts as clean for its client's reputation.
     fn finished(&self) -> Outcome {
         match self.delivered {
             0 => Outcome::ClientQuit,
-            _ => Outcome::Proxied,
+            _ => {
+                if self.offences == 0 {
+                    self.ctx
+                        .reputation
+                        .report(self.conn.peer.ip(), Event::CleanSession);
+                }
+                Outcome::Proxied
+            }
         }
     }
 
@@ -531,7 +666,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         match (verdict, backend) {
             (DataVerdict::Ok { .. }, Some(session)) => self.deliver(session).await,
             (DataVerdict::Ok { .. }, None) => backend_lost(),
-            (refused, _) => refused_data(&refused),
+            (refused, _) => {
+                if refused == DataVerdict::BareLineEnding {
+                    self.offences += 1;
+                    let verdict = self
+                        .ctx
+                        .reputation
+                        .report(self.conn.peer.ip(), Event::BareLineEnding);
+                    self.tarpit |= verdict == Judgement::Tarpit;
+                }
+                refused_data(&refused)
+            }
         }
     }
 

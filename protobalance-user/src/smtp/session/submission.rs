@@ -165,6 +165,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     .await;
             }
         };
+        let account = crate::proxy::account_key(self.ctx, &user);
+        let ip = self.conn.peer.ip();
+        if !self.ctx.reputation.login_allowed(&account, ip) {
+            return self
+                .auth_failed(&user, Some(&home), "account_locked", started)
+                .await;
+        }
         let answer = self.open_backend(&home, &user, &password).await;
         match answer {
             Ok(Ok(backend)) => {
@@ -182,6 +189,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     }
                 }
                 self.record_login(&home, "ok", started);
+                self.ctx.reputation.login_succeeded(&account, ip);
                 tracing::info!(peer = %self.conn.peer, %user, backend = %home, "submission login");
                 // Logged in: the session may now idle like a proxied one.
                 self.client.timeout = self.ctx.limits.idle_timeout();
@@ -261,8 +269,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         started: Instant,
     ) -> Step {
         self.record_login(home.unwrap_or("none"), result, started);
-        tracing::info!(peer = %self.conn.peer, %user, "submission login failed");
+        tracing::info!(peer = %self.conn.peer, %user, result, "submission login failed");
         self.auth_failures += 1;
+        self.offences += 1;
+        let account = crate::proxy::account_key(self.ctx, user);
+        let reputation = &self.ctx.reputation;
+        let verdict = reputation.login_failed(Some(&account), self.conn.peer.ip());
+        tokio::time::sleep(reputation.auth_failure_delay(self.auth_failures)).await;
+        if let Some(end) = self.apply(verdict).await {
+            return end;
+        }
+        if result == "account_locked" {
+            return self
+                .answer(&reply(
+                    454,
+                    Some("4.7.0"),
+                    "Too many failed logins for this account; try again later",
+                ))
+                .await;
+        }
         if self.auth_failures >= self.ctx.limits.max_auth_failures {
             let bye = reply(421, Some("4.7.0"), "Too many failed logins; closing");
             self.client.send(&bye).await;
@@ -337,7 +362,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 
     /// A per-user limit was reached: `451 4.7.1`, and an event for the reputation engine.
-    pub(super) fn limited(&self, limit: Limit) -> Vec<u8> {
+    pub(super) fn limited(&mut self, limit: Limit) -> Vec<u8> {
+        self.offences += 1;
+        let verdict = self.ctx.reputation.report(
+            self.conn.peer.ip(),
+            crate::filter::reputation::Event::RateExceeded,
+        );
+        self.tarpit |= verdict == crate::filter::reputation::Verdict::Tarpit;
         let user = self.account.as_ref().map_or("", |a| a.user.as_str());
         tracing::warn!(
             target: "protobalance::events",

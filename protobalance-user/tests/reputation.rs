@@ -1,0 +1,354 @@
+//! The reputation engine end to end, in front of three real Dovecot backends: scripted
+//! bots (a pregreeting, blindly pipelining spammer; a dictionary harvester; POP3/IMAP
+//! password guessers) are refused and then banned, while well-behaved Python clients from
+//! other addresses deliver and log in throughout; an account attacked from many addresses
+//! is locked except from where its owner logged in before; bans end and scores decay.
+//! (The kernel side of bans, XDP dropping the banned bot's SYNs, is in `xdp_reputation`.)
+
+use protobalance_tests::{BackendOptions, DovecotCluster, python};
+
+mod support;
+
+use support::{Edge, Listen, USERS, metrics, start_edge};
+
+fn skip(test: &str) -> bool {
+    support::skip(test)
+}
+
+/// Short timings so the test runs in seconds; the thresholds are the defaults.
+const REPUTATION: &str = "[reputation]\ngreeting_delay_ms = 300\ntarpit_delay_ms = 100\n\
+     ban_seconds = 2\nauth_failure_delay_ms = 10\nauth_failure_delay_max_ms = 40\n";
+
+/// Python prelude: every socket comes from `ip`.
+fn from(ip: &str) -> String {
+    format!(
+        "import socket\n_orig = socket.create_connection\n\
+         socket.create_connection = lambda a, t=None, s=None: _orig(a, t, ('{ip}', 0))\n"
+    )
+}
+
+/// Sends one message to `to` with smtplib from `ip`; the server's last answer.
+fn send_mail(edge: &Edge, ip: &str, to: &str, token: &str) -> Result<String, String> {
+    let addr = edge.listeners[0];
+    python(&format!(
+        "import smtplib\ns = smtplib.SMTP('{}', {}, timeout=15, source_address=('{ip}', 0))\n\
+         s.ehlo('client.example.net')\n\
+         r = s.sendmail('sender@example.net', ['{to}'], 'Subject: {token}\\r\\n\\r\\n{token}\\r\\n')\n\
+         print('refused', r)\ns.quit()\n",
+        addr.ip(),
+        addr.port()
+    ))
+    .map_err(|e| e.to_string())
+}
+
+fn delivered(cluster: &DovecotCluster, user: &str) -> usize {
+    cluster
+        .backends()
+        .iter()
+        .map(|b| b.message_count(user).expect("count"))
+        .sum()
+}
+
+/// A metric's value, 0 when absent.
+fn value(edge: &Edge, name_and_labels: &str) -> f64 {
+    metrics(edge)
+        .lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Connects from `ip` up to `attempts` times, each time sending `payload` at once (before
+/// the banner: a pregreet) and reading until the server closes. Prints each session's
+/// first and last reply lines.
+fn bot(edge: &Edge, ip: &str, payload: &str, attempts: usize) -> String {
+    let addr = edge.listeners[0];
+    python(&format!(
+        "import socket\n\
+         for attempt in range({attempts}):\n\
+         \x20   s = socket.create_connection(('{}', {}), 10, ('{ip}', 0))\n\
+         \x20   s.settimeout(10)\n\
+         \x20   s.sendall(b'{payload}')\n\
+         \x20   data = b''\n\
+         \x20   try:\n\
+         \x20       while True:\n\
+         \x20           chunk = s.recv(65536)\n\
+         \x20           if not chunk: break\n\
+         \x20           data += chunk\n\
+         \x20   except OSError as e:\n\
+         \x20       data += b' ERROR ' + str(e).encode()\n\
+         \x20   s.close()\n\
+         \x20   lines = data.decode(errors='replace').strip().splitlines()\n\
+         \x20   print('session', attempt, lines[0] if lines else '', '|', lines[-1] if lines else '')\n\
+         \x20   if 'blocked' in data.decode(errors='replace'): break\n",
+        addr.ip(),
+        addr.port()
+    ))
+    .expect("bot script")
+}
+
+#[test]
+fn smtp_bots_are_refused_then_banned_while_good_clients_deliver() {
+    if skip("smtp_bots_are_refused_then_banned_while_good_clients_deliver") {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let edge = start_edge(&cluster, &[Listen("smtp", None)], REPUTATION);
+    let good = "127.0.0.9";
+    send_mail(&edge, good, "user1@example.com", "before").expect("good client before");
+
+    // The spammer talks before the banner ends and pipelines blindly: tarpitted, then
+    // refused within its first session; coming back while refused gets it banned.
+    let payload = format!(
+        "EHLO bot.example\\r\\nMAIL FROM:<spam@bot.example>\\r\\n{}DATA\\r\\n",
+        (0..50)
+            .map(|i| format!("RCPT TO:<guess{i}@example.com>\\r\\n"))
+            .collect::<String>()
+    );
+    let out = bot(&edge, "127.0.0.66", &payload, 8);
+    println!("{out}");
+    let sessions: Vec<&str> = out.lines().filter(|l| l.starts_with("session")).collect();
+    assert!(
+        sessions[0].contains("220-") && sessions[0].contains("421 4.7.0 Too many errors"),
+        "first session: banner part, then refused for pregreet + pipelining: {out}"
+    );
+    let last = sessions.last().expect("sessions");
+    assert!(
+        last.contains("421 4.7.0 Your address is blocked"),
+        "banned: {out}"
+    );
+    assert!(sessions.len() <= 5, "banned within 5 connections: {out}");
+    assert_eq!(
+        delivered(&cluster, "user1@example.com"),
+        1,
+        "nothing from the bot"
+    );
+
+    // A harvester that behaves at the protocol level but guesses mailboxes one by one.
+    let harvest = python(&format!(
+        "import smtplib\nresults = []\n\
+         for attempt in range(6):\n\
+         \x20   try:\n\
+         \x20       s = smtplib.SMTP('{}', {}, timeout=15, source_address=('127.0.0.68', 0))\n\
+         \x20       s.ehlo('harvester.example')\n\
+         \x20       s.mail('h@harvester.example')\n\
+         \x20       for i in range(20):\n\
+         \x20           code, text = s.rcpt('nobody%d@example.com' % i)\n\
+         \x20           results.append(code)\n\
+         \x20   except (smtplib.SMTPException, OSError) as e:\n\
+         \x20       print('ended', attempt, repr(e))\n\
+         \x20       if 'blocked' in repr(e): break\n\
+         print('codes', sorted(set(results)), len(results))\n",
+        edge.listeners[0].ip(),
+        edge.listeners[0].port()
+    ))
+    .expect("harvester");
+    println!("{harvest}");
+    assert!(harvest.contains("blocked"), "harvester banned: {harvest}");
+    let guesses: usize = harvest
+        .lines()
+        .find_map(|l| l.strip_prefix("codes "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("guess count");
+    assert!(
+        (10..20).contains(&guesses),
+        "the session ends after about 10 unknown mailboxes, long before the 120 tried: {harvest}"
+    );
+
+    // The good client was never affected.
+    send_mail(&edge, good, "user1@example.com", "after").expect("good client after");
+    assert_eq!(delivered(&cluster, "user1@example.com"), 2);
+    assert_eq!(
+        value(
+            &edge,
+            "protobalance_reputation_bans_total{enforced=\"proxy\"}"
+        ),
+        2.0
+    );
+    for event in [
+        "pregreet",
+        "pipelining",
+        "unknown_recipient",
+        "retry_while_refused",
+        "clean_session",
+    ] {
+        assert!(
+            value(
+                &edge,
+                &format!("protobalance_reputation_events_total{{event=\"{event}\"}}")
+            ) >= 1.0,
+            "{event} counted"
+        );
+    }
+
+    // The ban ends after ban_seconds; the bot's address, now behaving, is served again
+    // (tarpitted: it is still suspect until its score decays).
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    send_mail(&edge, "127.0.0.66", "user2@example.com", "reformed")
+        .expect("a banned address that behaves is accepted after its ban");
+    assert_eq!(delivered(&cluster, "user2@example.com"), 1);
+}
+
+/// POP3 then IMAP logins with a wrong password from each of `ips` in turn, reconnecting
+/// after each closed session, until refused at the door as blocked or `limit` passwords
+/// were tried. Prints `<ip> tries <n> blocked <at which try, or None>` per address.
+fn guess_passwords(edge: &Edge, ips: &[String], user: &str, limit: usize) -> String {
+    let (pop3, imap) = (edge.listeners[0], edge.listeners[1]);
+    let ips: Vec<String> = ips.iter().map(|ip| format!("'{ip}'")).collect();
+    python(&format!(
+        "import poplib, imaplib, socket, time\n_t0 = time.monotonic()\n\
+         _orig = socket.create_connection\n\
+         for ip in [{}]:\n\
+         \x20   socket.create_connection = lambda a, t=None, s=None, ip=ip: _orig(a, t, (ip, 0))\n\
+         \x20   tries = 0\n\
+         \x20   blocked = None\n\
+         \x20   while tries < {limit} and blocked is None:\n\
+         \x20       try:\n\
+         \x20           if tries % 2 == 0:\n\
+         \x20               p = poplib.POP3('{}', {}, timeout=10)\n\
+         \x20               while True:\n\
+         \x20                   tries += 1\n\
+         \x20                   p.user('{user}'); p.pass_('wrong')\n\
+         \x20           else:\n\
+         \x20               m = imaplib.IMAP4('{}', {}, timeout=10)\n\
+         \x20               while True:\n\
+         \x20                   tries += 1\n\
+         \x20                   m.login('{user}', 'wrong')\n\
+         \x20       except Exception as e:\n\
+         \x20           if 'blocked' in repr(e): blocked = tries; print('blocked', repr(e))\n\
+         \x20   print(ip, 'tries', tries, 'blocked', blocked, time.monotonic() - _t0)\n",
+        ips.join(", "),
+        pop3.ip(),
+        pop3.port(),
+        imap.ip(),
+        imap.port()
+    ))
+    .expect("guessing script")
+}
+
+fn login(edge: &Edge, ip: &str, user: &str) -> String {
+    let pass = protobalance_tests::password_for(user).expect("test user");
+    let (pop3, imap) = (edge.listeners[0], edge.listeners[1]);
+    python(&format!(
+        "{}import poplib, imaplib\n\
+         try:\n\
+         \x20   p = poplib.POP3('{}', {}, timeout=10); p.user('{user}'); p.pass_('{pass}'); print('pop3', p.stat()); p.quit()\n\
+         except Exception as e: print('pop3 failed', repr(e))\n\
+         try:\n\
+         \x20   m = imaplib.IMAP4('{}', {}, timeout=10); m.login('{user}', '{pass}'); print('imap', m.select('INBOX')[0]); m.logout()\n\
+         except Exception as e: print('imap failed', repr(e))\n",
+        from(ip),
+        pop3.ip(),
+        pop3.port(),
+        imap.ip(),
+        imap.port()
+    ))
+    .expect("login script")
+}
+
+#[test]
+fn password_guessing_bans_the_address_and_locks_the_attacked_account() {
+    if skip("password_guessing_bans_the_address_and_locks_the_attacked_account") {
+        return;
+    }
+    // Dovecot's own per-client-IP auth penalty (2, 4, 8… s; the edge hands over the
+    // client's address) would make the many failed logins here take minutes.
+    let ips: Vec<std::net::IpAddr> = (1..=3)
+        .map(|i| std::net::IpAddr::from([127, 0, 1, i]))
+        .collect();
+    let options = BackendOptions {
+        users: USERS,
+        no_auth_penalty: true,
+        ..BackendOptions::default()
+    };
+    let cluster = DovecotCluster::start_with(&ips, &options).expect("cluster");
+    let edge = start_edge(
+        &cluster,
+        &[Listen("pop3", None), Listen("imap", None)],
+        REPUTATION,
+    );
+    let ok = |out: &str| out.contains("pop3 (0, 0)") && out.contains("imap OK");
+    // The victim's owner logs in from home before the attacks.
+    let home = "127.0.0.9";
+    let out = login(&edge, home, "user5@example.com");
+    assert!(ok(&out), "{out}");
+
+    // 200 wrong passwords from one address: banned long before the 200th.
+    let out = guess_passwords(&edge, &["127.0.0.67".into()], "user20@example.com", 200);
+    println!("{out}");
+    let tries: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("127.0.0.67 tries "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("tries");
+    assert!(
+        out.contains("blocked") && tries < 30,
+        "banned after a few dozen at most: {out}"
+    );
+    let out = login(&edge, "127.0.0.67", "user20@example.com");
+    assert!(
+        out.contains("pop3 failed") && out.contains("imap failed") && out.contains("blocked"),
+        "even the right password is refused from a banned address: {out}"
+    );
+    // (user20 itself is locked now too: 10 failures lock an account, whoever sent them.)
+    assert!(
+        ok(&login(&edge, home, "user21@example.com")),
+        "other addresses unaffected"
+    );
+
+    // 200 wrong passwords for one account from 50 addresses, 4 each: no address is
+    // punished, the account is locked.
+    let attackers: Vec<String> = (1..=50).map(|i| format!("127.0.3.{i}")).collect();
+    let out = guess_passwords(&edge, &attackers, "user5@example.com", 4);
+    println!("{out}");
+    for ip in &attackers {
+        assert!(
+            out.contains(&format!("{ip} tries 4 blocked None")),
+            "{ip}: four tries, never blocked: {out}"
+        );
+    }
+    let out = login(&edge, "127.0.4.1", "user5@example.com");
+    assert!(
+        out.contains("pop3 failed") && out.contains("SYS/TEMP") && out.contains("imap failed"),
+        "locked account refused from a new address: {out}"
+    );
+    assert!(
+        out.contains("Too many failed logins for this account"),
+        "{out}"
+    );
+    assert!(
+        ok(&login(&edge, "127.0.4.1", "user6@example.com")),
+        "other accounts fine"
+    );
+    assert!(
+        ok(&login(&edge, home, "user5@example.com")),
+        "owner's known address"
+    );
+    assert!(
+        ok(&login(&edge, "127.0.3.7", "user7@example.com")),
+        "an attacking address with 4 failures is not banned"
+    );
+    assert_eq!(
+        value(
+            &edge,
+            "protobalance_reputation_account_events_total{event=\"locked\"}"
+        ),
+        2.0,
+        "user20 (by the single guesser) and user5"
+    );
+    assert!(
+        value(
+            &edge,
+            "protobalance_reputation_account_events_total{event=\"refused_while_locked\"}"
+        ) >= 2.0
+    );
+    assert!(
+        value(
+            &edge,
+            "protobalance_reputation_bans_total{enforced=\"proxy\"}"
+        ) >= 1.0
+    );
+}
