@@ -147,7 +147,8 @@ impl App {
                     blocklist.clone(),
                     registry.clone(),
                 )
-                .map_err(AppError::Api)?,
+                .map_err(AppError::Api)?
+                .with_reputation(proxy.as_ref().map(|p| Arc::clone(&p.reputation))),
             ),
             None => None,
         };

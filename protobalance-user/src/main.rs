@@ -47,6 +47,9 @@ enum Command {
     Directory(DirectoryCommand),
     /// Drive a running protobalance through its XML management API (docs/api.md).
     Ctl(ctl::Args),
+    /// Why is ADDRESS treated as it is? The reputation engine's score, verdict and events,
+    /// and the kernel bans covering it (`ctl explain`; same options).
+    Explain(ctl::ExplainArgs),
 }
 
 #[derive(Subcommand)]
@@ -176,6 +179,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Directory(command) => directory_cli::run(command),
         Command::Ctl(args) => std::process::exit(ctl::run(args)),
+        Command::Explain(args) => std::process::exit(ctl::run_explain(args)),
         Command::Filter(FilterCommand::Load {
             iface,
             pin_dir,

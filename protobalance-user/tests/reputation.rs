@@ -17,7 +17,28 @@ fn skip(test: &str) -> bool {
 
 /// Short timings so the test runs in seconds; the thresholds are the defaults.
 const REPUTATION: &str = "[reputation]\ngreeting_delay_ms = 300\ntarpit_delay_ms = 100\n\
-     ban_seconds = 2\nauth_failure_delay_ms = 10\nauth_failure_delay_max_ms = 40\n";
+     ban_seconds = 2\nauth_failure_delay_ms = 10\nauth_failure_delay_max_ms = 40\n\
+     [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"reputation-test-token-0123456789abcdef\"\n\
+     access = \"read-write\"\n";
+
+/// `protobalance <args>` against the edge's API: (exit code, stdout + stderr).
+fn cli(edge: &Edge, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(support::BIN)
+        .args(args)
+        .args(["--url", &format!("http://{}", edge.admin)])
+        .env(
+            "PROTOBALANCE_TOKEN",
+            "reputation-test-token-0123456789abcdef",
+        )
+        .output()
+        .expect("run protobalance");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
 
 /// Python prelude: every socket comes from `ip`.
 fn from(ip: &str) -> String {
@@ -157,9 +178,42 @@ fn smtp_bots_are_refused_then_banned_while_good_clients_deliver() {
         "the session ends after about 10 unknown mailboxes, long before the 120 tried: {harvest}"
     );
 
+    // Explained: score, verdict, the events that built it; no kernel filter here.
+    let (code, text) = cli(&edge, &["explain", "127.0.0.68"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("127.0.0.68: score")
+            && text.contains("verdict ban")
+            && text.contains("unknown_recipient")
+            && text.contains("retry_while_refused")
+            && text.contains("kernel: no ban"),
+        "{text}"
+    );
+    for address in ["127.0.0.68", "127.0.0.200"] {
+        let (code, xml) = cli(&edge, &["explain", address, "--xml"]);
+        assert_eq!(code, 0, "{xml}");
+        support::validate_api_xml(&xml);
+    }
+    let (code, text) = cli(&edge, &["explain", "127.0.0.9"]);
+    assert!(code == 0 && text.contains("verdict accept"), "{text}");
+    let (code, text) = cli(&edge, &["explain", "not-an-address"]);
+    assert!(
+        code == 5 && text.contains("invalid_address"),
+        "{code} {text}"
+    );
+    // Forgiven: the harvester's address is served again at once.
+    let (code, text) = cli(&edge, &["ctl", "forgive", "127.0.0.68"]);
+    assert!(code == 0 && text.contains("forgave 127.0.0.68"), "{text}");
+    let (code, text) = cli(&edge, &["explain", "127.0.0.68"]);
+    assert!(code == 0 && text.contains("not tracked"), "{text}");
+    let (code, text) = cli(&edge, &["ctl", "forgive", "127.0.0.68"]);
+    assert_eq!(code, 2, "nothing left to forgive: {text}");
+    send_mail(&edge, "127.0.0.68", "user3@example.com", "forgiven").expect("forgiven address");
+
     // The good client was never affected.
     send_mail(&edge, good, "user1@example.com", "after").expect("good client after");
     assert_eq!(delivered(&cluster, "user1@example.com"), 2);
+    assert_eq!(delivered(&cluster, "user3@example.com"), 1);
     assert_eq!(
         value(
             &edge,

@@ -16,6 +16,7 @@ mod bans;
 pub mod blocklist;
 mod domains;
 mod mailboxes;
+mod reputation;
 mod stats;
 pub mod xml;
 
@@ -59,6 +60,8 @@ pub struct ApiState {
     pub bans: Option<Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>>,
     /// The blocklists (config and API), when the filter is loaded.
     pub blocklist: Option<Arc<blocklist::BlocklistManager>>,
+    /// The reputation engine, when mail listeners run.
+    pub reputation: Option<Arc<crate::filter::reputation::Reputation>>,
     pub max_body_octets: u64,
     pub max_import_octets: u64,
 }
@@ -94,9 +97,21 @@ impl ApiState {
             registry,
             bans,
             blocklist,
+            reputation: None,
             max_body_octets: config.api.max_body_octets,
             max_import_octets: config.api.max_import_octets,
         })
+    }
+}
+
+impl ApiState {
+    #[must_use]
+    pub fn with_reputation(
+        mut self,
+        reputation: Option<Arc<crate::filter::reputation::Reputation>>,
+    ) -> Self {
+        self.reputation = reputation;
+        self
     }
 }
 
@@ -296,10 +311,13 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         (&Method::GET, ["bans"]) => bans::list(state).await,
         (&Method::POST, ["bans"]) => bans::create(state, req.into_body()).await,
         (&Method::DELETE, ["bans", target]) => bans::delete(state, target).await,
+        (&Method::GET, ["reputation", address]) => reputation::get(state, address).await,
+        (&Method::DELETE, ["reputation", address]) => reputation::delete(state, address).await,
         (
             _,
             [
-                "mailboxes" | "domains" | "backends" | "stats" | "bans" | "blocklist",
+                "mailboxes" | "domains" | "backends" | "stats" | "bans" | "blocklist"
+                | "reputation",
                 ..,
             ],
         ) => Err(ApiError::new(

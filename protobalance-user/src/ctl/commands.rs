@@ -2,7 +2,7 @@
 //! [`Client`], and prints the answer (a table or one line; `--xml`: the body as is).
 //! Failures become [`CtlError`]s carrying the server's code and message.
 
-use std::io::{self, IsTerminal as _};
+use std::io::{self, IsTerminal as _, Write as _};
 
 use hyper::{Method, Response, StatusCode, body::Incoming};
 use tokio::io::AsyncReadExt as _;
@@ -41,6 +41,21 @@ impl Ctl {
             CtlCommand::Backend(command) => self.backend(&mut out, command).await,
             CtlCommand::Ban(command) => self.ban(&mut out, command).await,
             CtlCommand::Block(command) => self.block(&mut out, command).await,
+            CtlCommand::Explain { address } => {
+                let path = format!("reputation/{}", super::client::encode(&address));
+                let doc = self.fetch(Method::GET, &path, None).await?;
+                self.human(|| render::reputation(&mut out, &doc))
+            }
+            CtlCommand::Forgive { address } => {
+                let path = format!("reputation/{}", super::client::encode(&address));
+                self.call(Method::DELETE, &path, None).await?;
+                self.human(|| {
+                    writeln!(
+                        out,
+                        "forgave {address}: score forgotten, kernel bans lifted"
+                    )
+                })
+            }
             CtlCommand::Stats => {
                 if let Some(doc) = self.call(Method::GET, "stats", None).await? {
                     self.human(|| render::stats(&mut out, &doc))?;

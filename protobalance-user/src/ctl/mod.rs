@@ -94,6 +94,11 @@ enum CtlCommand {
     Block(BlockCommand),
     /// The directory's total and every protobalance_* metric (as /metrics has them).
     Stats,
+    /// What the reputation engine holds against ADDRESS: score, verdict, the events that
+    /// built it, and the kernel bans covering it.
+    Explain { address: String },
+    /// Forgive ADDRESS: forget its score and history and lift the kernel bans covering it.
+    Forgive { address: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -277,7 +282,9 @@ pub fn run(args: Args) -> i32 {
 /// Prints a command-line parse error (or help) and exits: with 1 for `ctl` usage errors,
 /// as its exit codes promise, and clap's own code otherwise.
 pub fn exit_on_parse_error(error: clap::Error) -> ! {
-    let ctl = std::env::args_os().nth(1).is_some_and(|a| a == "ctl");
+    let ctl = std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "ctl" || a == "explain");
     let code = if ctl && error.use_stderr() {
         Exit::Failure as i32
     } else {
@@ -285,6 +292,44 @@ pub fn exit_on_parse_error(error: clap::Error) -> ! {
     };
     let _ = error.print();
     std::process::exit(code)
+}
+
+/// `protobalance explain ADDRESS`: `ctl explain` under a shorter name, with the same
+/// options (`--url`, `--token-file`, `--xml`, `--timeout`) and exit codes.
+#[derive(clap::Args, Debug)]
+#[command(after_help = EXIT_HELP)]
+pub struct ExplainArgs {
+    /// The client address to explain (an IPv6 client is judged by its /64 by default).
+    address: String,
+    /// The admin listener (admin.listen) of the protobalance to ask.
+    #[arg(
+        long,
+        env = "PROTOBALANCE_URL",
+        default_value = "http://127.0.0.1:9925"
+    )]
+    url: String,
+    /// A file whose first line is the API token (else $PROTOBALANCE_TOKEN is used).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Print the server's XML answer as is.
+    #[arg(long)]
+    xml: bool,
+    /// Seconds to wait for the connection and the answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    timeout: u64,
+}
+
+pub fn run_explain(args: ExplainArgs) -> i32 {
+    run(Args {
+        url: args.url,
+        token_file: args.token_file,
+        xml: args.xml,
+        timeout: args.timeout,
+        command: CtlCommand::Explain {
+            address: args.address,
+        },
+    })
 }
 
 fn run_command(args: Args) -> Result<(), CtlError> {

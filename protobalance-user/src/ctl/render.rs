@@ -243,6 +243,68 @@ pub fn bans(out: &mut impl Write, doc: &Element) -> io::Result<()> {
     Columns::new(&["target", "mode", ">reason", ">remaining"]).print(out, &rows)
 }
 
+/// `explain`: the verdict line, the event counts, the latest events, the kernel bans.
+pub fn reputation(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    if doc.show("enabled") == "false" {
+        writeln!(
+            out,
+            "the reputation engine is disabled (reputation.enabled = false)"
+        )?;
+    }
+    let subject = doc.attr("subject").unwrap_or(doc.show("address"));
+    if doc.show("tracked") == "true" {
+        write!(
+            out,
+            "{subject}: score {}, verdict {}",
+            doc.show("score"),
+            doc.show("verdict")
+        )?;
+        if doc.show("allowlisted") == "true" {
+            write!(out, " (allowlisted: never refused)")?;
+        }
+        if let Some(left) = doc.attr("banned-seconds") {
+            write!(out, ", banned for {}", span_of(left))?;
+        }
+        writeln!(out, "; {} ban(s) so far", doc.show("bans"))?;
+    } else {
+        writeln!(out, "{subject}: nothing held against it (not tracked)")?;
+    }
+    let counts: Vec<Vec<String>> = doc
+        .children_named("event")
+        .map(|e| vec![e.show("name").to_owned(), e.show("count").to_owned()])
+        .collect();
+    if !counts.is_empty() {
+        Columns::new(&["event", ">count"]).print(out, &counts)?;
+    }
+    let recent: Vec<String> = doc
+        .children_named("recent")
+        .map(|e| {
+            format!(
+                "{} ({} ago)",
+                e.show("event"),
+                span_of(e.show("seconds-ago"))
+            )
+        })
+        .collect();
+    if !recent.is_empty() {
+        writeln!(out, "latest: {}", recent.join(", "))?;
+    }
+    for ban in doc.children_named("kernel-ban") {
+        writeln!(
+            out,
+            "kernel: ban of {} ({}, reason {}), {} left",
+            ban.show("target"),
+            ban.show("mode"),
+            ban.show("reason"),
+            span_of(ban.show("remaining-seconds"))
+        )?;
+    }
+    if doc.children_named("kernel-ban").next().is_none() {
+        writeln!(out, "kernel: no ban")?;
+    }
+    Ok(())
+}
+
 /// The one-line confirmation of `ban add`.
 pub fn ban_placed(out: &mut impl Write, ban: &Element) -> io::Result<()> {
     let what = match ban.show("mode") {

@@ -70,6 +70,17 @@ pub fn start_edge_with(
 /// Starts protobalance with these `[[backend]]` sections (any kind of backend), the
 /// `listeners` and `extra` config; users 1..=USERS are apportioned evenly.
 pub fn start_edge_sections(sections: &[String], listeners: &[Listen<'_>], extra: &str) -> Edge {
+    start_edge_on(IpAddr::from([127, 0, 0, 1]), sections, listeners, extra)
+}
+
+/// [`start_edge_sections`] with the mail listeners on `listen_ip` (e.g. the host end of a
+/// test namespace's veth); the admin listener stays on loopback.
+pub fn start_edge_on(
+    listen_ip: IpAddr,
+    sections: &[String],
+    listeners: &[Listen<'_>],
+    extra: &str,
+) -> Edge {
     let dir = tempfile::tempdir().expect("tempdir");
     let lo = IpAddr::from([127, 0, 0, 1]);
     let admin = SocketAddr::new(lo, free_port(lo).expect("port"));
@@ -99,7 +110,7 @@ pub fn start_edge_sections(sections: &[String], listeners: &[Listen<'_>], extra:
     );
     let mut addrs = Vec::new();
     for Listen(protocol, tls) in listeners {
-        let addr = SocketAddr::new(lo, free_port(lo).expect("port"));
+        let addr = SocketAddr::new(listen_ip, free_port(listen_ip).expect("port"));
         let tls = tls.map(|t| format!("tls = \"{t}\"\n")).unwrap_or_default();
         text.push_str(&format!(
             "[[listener]]\nprotocol = \"{protocol}\"\nlisten = \"{addr}\"\n{tls}"

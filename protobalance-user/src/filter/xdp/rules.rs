@@ -234,6 +234,34 @@ impl BanMaps {
         Ok(out)
     }
 
+    /// The unexpired bans that cover `ip`: of the address itself and, for IPv6, of its /64.
+    pub fn covering(&self, ip: IpAddr) -> Result<Vec<Ban>, XdpError> {
+        let now = monotonic_ns();
+        let found = |entry: Result<BanEntry, MapError>| match entry {
+            Ok(entry) => Ok(Some(entry)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(other) => Err(XdpError::from(other)),
+        };
+        let mut out = Vec::new();
+        match ip.to_canonical() {
+            IpAddr::V4(a) => {
+                if let Some(e) = found(self.v4.get(&a.octets(), 0))? {
+                    out.push(ban(BanTarget::Address(IpAddr::V4(a)), e, now));
+                }
+            }
+            IpAddr::V6(a) => {
+                if let Some(e) = found(self.v6.get(&a.octets(), 0))? {
+                    out.push(ban(BanTarget::Address(IpAddr::V6(a)), e, now));
+                }
+                if let Some(e) = found(self.v6_64.get(&net64(a), 0))? {
+                    out.push(ban(BanTarget::Ipv6Net64(net64_base(a)), e, now));
+                }
+            }
+        }
+        out.retain(|b| !b.remaining.is_zero());
+        Ok(out)
+    }
+
     /// Removes expired bans; returns how many.
     pub fn sweep(&mut self) -> Result<usize, XdpError> {
         let expired: Vec<BanTarget> = self
