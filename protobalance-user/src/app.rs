@@ -52,6 +52,8 @@ pub enum AppError {
     Metrics(#[from] prometheus::Error),
     #[error("XML API (`api`): {0}")]
     Api(String),
+    #[error("DNSBL (`dnsbl`): {0}")]
+    Dnsbl(String),
 }
 
 /// A started but not yet serving protobalance: everything is bound and loaded.
@@ -442,7 +444,15 @@ async fn proxy_context(
         tracing::info!("reputation.enabled = false: client behaviour is not judged");
         Reputation::disabled()
     };
+    let dnsbl = crate::filter::dnsbl::Dnsbl::new(
+        &config.dnsbl,
+        validated.dnsbl_sites.clone(),
+        Some(registry),
+    )
+    .map_err(AppError::Dnsbl)?
+    .map(Arc::new);
     Ok(ProxyContext {
+        dnsbl,
         reputation: Arc::new(reputation),
         directory,
         pool: Arc::new(BackendPool::new(

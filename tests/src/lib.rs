@@ -1,12 +1,13 @@
 //! End-to-end test harness for protobalance: real Dovecot backends ([`dovecot`]), real
 //! Postfix MTAs in front of them ([`postfix`]) with a [`mail_sink`] for everything else,
-//! network namespaces and veth pairs ([`netns`]), and helpers to drive real clients
+//! a DNS server for DNSBL tests ([`dns`]), network namespaces and veth pairs ([`netns`]), and helpers to drive real clients
 //! ([`process::python`]) and wait for sockets ([`net`]). A normal library so both the
 //! integration tests and `cargo xtask run` (a demo cluster) can use it.
 //!
 //! Everything that starts a process or creates kernel state is an RAII value: dropping
 //! it (also while a test panics) stops the process or removes the state.
 
+pub mod dns;
 pub mod dovecot;
 pub mod dovecot_cluster;
 pub mod dovecot_config;
@@ -18,6 +19,7 @@ pub mod postfix_config;
 pub mod process;
 pub mod test_dir;
 
+pub use dns::{DnsServer, require_dnsmasq};
 pub use dovecot::{BackendOptions, DovecotBackend, password_for, user_name};
 pub use dovecot_cluster::{DovecotCluster, loopback_ip};
 pub use mail_sink::{MailSink, SinkMessage};

@@ -39,6 +39,8 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     // xmllint: the API tests validate every response against docs/api.xsd.
     "libxml2-utils",
+    // dnsmasq (the binary only, no service): the DNS server of the DNSBL tests.
+    "dnsmasq-base",
 ];
 
 pub fn run() -> Result<()> {

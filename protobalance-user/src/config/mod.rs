@@ -2,11 +2,12 @@
 //! file fails fast with a message that names the key and the fix.
 //!
 //! Sections: `[admin]` (metrics/API listener), `[shutdown]`, `[xdp]` (kernel filter),
-//! `[directory]`, `[[domain]]`, `[[backend]]` (the cluster, in `cluster`), `[reputation]`. Unknown keys are
+//! `[directory]`, `[[domain]]`, `[[backend]]` (the cluster, in `cluster`), `[reputation]`, `[dnsbl]`. Unknown keys are
 //! rejected so a typo never silently does nothing.
 
 mod api;
 mod cluster;
+mod dnsbl;
 mod listeners;
 mod reputation;
 
@@ -14,6 +15,7 @@ pub use api::{ApiAccess, ApiConfig, ApiTokenConfig};
 pub use cluster::{
     BackendConfig, Delivery, DirectoryConfig, DomainConfig, HealthConfig, validate_backend,
 };
+pub use dnsbl::{DnsblConfig, Site as DnsblSite, SiteConfig as DnsblSiteConfig};
 pub use listeners::{
     CertificateConfig, LimitsConfig, ListenerConfig, Protocol, SubmissionConfig, TlsMode,
 };
@@ -64,6 +66,8 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub reputation: ReputationConfig,
+    #[serde(default)]
+    pub dnsbl: DnsblConfig,
 }
 
 /// How the edge presents itself: one name and banner for the whole cluster.
@@ -373,6 +377,22 @@ pub enum ConfigError {
     },
 }
 
+/// A number for an `f32` key, written as an integer (`weight = 3`) or not (`3.5`).
+pub(crate) fn de_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Int(i64),
+        Float(f64),
+    }
+    Ok(match Number::deserialize(d)? {
+        #[expect(clippy::cast_precision_loss, reason = "config weights are small")]
+        Number::Int(i) => i as f32,
+        #[expect(clippy::cast_possible_truncation, reason = "config weights are small")]
+        Number::Float(f) => f as f32,
+    })
+}
+
 /// The validated configuration plus what validation derived from it.
 #[derive(Debug, Clone)]
 pub struct Validated {
@@ -383,6 +403,8 @@ pub struct Validated {
     pub allowlist: Vec<Cidr>,
     /// `reputation.allow`, parsed (the engine adds `allowlist`).
     pub reputation_allow: Vec<Cidr>,
+    /// `[[dnsbl.site]]`, checked.
+    pub dnsbl_sites: Vec<DnsblSite>,
 }
 
 impl Config {
@@ -438,6 +460,7 @@ impl Config {
         self.submission.validate().map_err(to_error)?;
         self.api.validate(base).map_err(to_error)?;
         let reputation_allow = self.reputation.validate().map_err(to_error)?;
+        let dnsbl_sites = self.dnsbl.validate().map_err(to_error)?;
         if self
             .listeners
             .iter()
@@ -540,6 +563,7 @@ impl Config {
             blocklist: entries,
             allowlist: allow,
             reputation_allow,
+            dnsbl_sites,
         })
     }
 }

@@ -19,11 +19,11 @@ pub struct ReputationConfig {
     pub ipv6_prefix: u8,
     #[serde(default = "default_half_life")]
     pub half_life_seconds: u64,
-    #[serde(default = "default_tarpit")]
+    #[serde(default = "default_tarpit", deserialize_with = "super::de_f32")]
     pub tarpit_score: f32,
-    #[serde(default = "default_tempfail")]
+    #[serde(default = "default_tempfail", deserialize_with = "super::de_f32")]
     pub tempfail_score: f32,
-    #[serde(default = "default_ban")]
+    #[serde(default = "default_ban", deserialize_with = "super::de_f32")]
     pub ban_score: f32,
     /// Every SMTP reply to a tarpitted client waits this long.
     #[serde(default = "default_tarpit_delay")]
@@ -56,7 +56,10 @@ pub struct ReputationConfig {
     /// Failed logins (decaying like the scores) after which an account is locked: its
     /// logins get a temporary failure without reaching its backend, except from addresses
     /// it recently logged in from.
-    #[serde(default = "default_account_failures")]
+    #[serde(
+        default = "default_account_failures",
+        deserialize_with = "super::de_f32"
+    )]
     pub account_failures: f32,
     #[serde(default = "default_account_lock")]
     pub account_lock_seconds: u64,
@@ -77,27 +80,27 @@ impl Default for ReputationConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Weights {
-    #[serde(default = "w_pregreet")]
+    #[serde(default = "w_pregreet", deserialize_with = "super::de_f32")]
     pub pregreet: f32,
-    #[serde(default = "w_pipelining")]
+    #[serde(default = "w_pipelining", deserialize_with = "super::de_f32")]
     pub pipelining: f32,
-    #[serde(default = "w_bare_line_ending")]
+    #[serde(default = "w_bare_line_ending", deserialize_with = "super::de_f32")]
     pub bare_line_ending: f32,
-    #[serde(default = "w_non_smtp")]
+    #[serde(default = "w_non_smtp", deserialize_with = "super::de_f32")]
     pub non_smtp: f32,
-    #[serde(default = "w_one")]
+    #[serde(default = "w_one", deserialize_with = "super::de_f32")]
     pub unknown_recipient: f32,
-    #[serde(default = "w_relay")]
+    #[serde(default = "w_relay", deserialize_with = "super::de_f32")]
     pub relay_attempt: f32,
-    #[serde(default = "w_one")]
+    #[serde(default = "w_one", deserialize_with = "super::de_f32")]
     pub auth_failure: f32,
-    #[serde(default = "w_two")]
+    #[serde(default = "w_two", deserialize_with = "super::de_f32")]
     pub rate_exceeded: f32,
-    #[serde(default = "w_one")]
+    #[serde(default = "w_one", deserialize_with = "super::de_f32")]
     pub protocol_error: f32,
-    #[serde(default = "w_two")]
+    #[serde(default = "w_two", deserialize_with = "super::de_f32")]
     pub retry_while_refused: f32,
-    #[serde(default = "w_clean")]
+    #[serde(default = "w_clean", deserialize_with = "super::de_f32")]
     pub clean_session: f32,
 }
 

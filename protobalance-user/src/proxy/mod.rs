@@ -99,6 +99,8 @@ pub struct ProxyContext {
     pub tls: Option<crate::tls::TlsAcceptor>,
     /// Judges client behaviour; sessions report events to it.
     pub reputation: Arc<crate::filter::reputation::Reputation>,
+    /// DNSBL/DNSWL lookups for inbound SMTP clients, when `[[dnsbl.site]]`s are configured.
+    pub dnsbl: Option<Arc<crate::filter::dnsbl::Dnsbl>>,
 }
 
 /// How a session ended; the `outcome` label of `protobalance_sessions_total`.

@@ -179,6 +179,8 @@ struct Session<'a, S> {
     offences: u32,
     /// Pipelining without permission is scored once per session.
     pipelining_seen: bool,
+    /// Listed by DNSBLs past the threshold: mail is refused with this text.
+    blocked: Option<String>,
 }
 
 /// Serves one inbound SMTP connection. The outcome is `Proxied` when at least one message
@@ -209,6 +211,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         tarpit: conn.admitted == Judgement::Tarpit,
         offences: 0,
         pipelining_seen: false,
+        blocked: None,
     };
     if let Step::End(outcome) = session.greet_client().await {
         return outcome;
@@ -236,9 +239,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     async fn greet_client(&mut self) -> Step {
         let ctx = self.ctx;
         let greeting = format!("{} ESMTP {}", ctx.hostname, ctx.banner);
-        let delay = match self.mode {
-            Mode::Inbound => ctx.reputation.greeting_delay(self.conn.peer.ip()),
-            Mode::Submission => None,
+        let ip = self.conn.peer.ip();
+        let (delay, dnsbl) = match (self.mode, &ctx.dnsbl) {
+            (Mode::Inbound, dnsbl) => (
+                ctx.reputation.greeting_delay(ip),
+                // Asked now, answered while the greeting delay runs.
+                dnsbl
+                    .as_ref()
+                    .map(|d| tokio::spawn(std::sync::Arc::clone(d).check(ip))),
+            ),
+            (Mode::Submission, _) => (None, None),
         };
         if let Some(delay) = delay {
             let first = format!("220-{} ESMTP\r\n", ctx.hostname);
@@ -256,7 +266,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 }
             }
         }
-        self.answer(&reply(220, None, &greeting)).await
+        if let Some(lookup) = dnsbl
+            && let Ok(listing) = lookup.await
+            && let Some(end) = self.judge_listing(&listing).await
+        {
+            return end;
+        }
+        match &self.blocked {
+            // RFC 5321 §3.1: 554 instead of 220; the client should QUIT.
+            Some(text) if delay.is_none() => {
+                let text = text.clone();
+                self.answer(&reply(554, Some("5.7.1"), &text)).await
+            }
+            _ => self.answer(&reply(220, None, &greeting)).await,
+        }
+    }
+
+    /// Scores what the DNS lists say (negative for allowlists); past the threshold, mail
+    /// from the client is refused for this session.
+    async fn judge_listing(&mut self, listing: &crate::filter::dnsbl::Listing) -> Option<Step> {
+        let dnsbl = self.ctx.dnsbl.as_ref()?;
+        if listing.listed_by.is_empty() {
+            return None;
+        }
+        let ip = self.conn.peer.ip();
+        let zones: Vec<&str> = listing.listed_by.iter().map(|(z, _)| z.as_str()).collect();
+        tracing::info!(client = %ip, score = listing.score, lists = ?zones, "DNS lists name the client");
+        if dnsbl.refuses(listing) {
+            self.blocked = Some(format!(
+                "Service unavailable; client [{ip}] blocked using {}",
+                listing.blocklists(dnsbl.sites()).join(", ")
+            ));
+        }
+        // A blocklisting is held against the session (no clean-session credit).
+        self.offences += u32::from(listing.score > 0.0);
+        let verdict = self
+            .ctx
+            .reputation
+            .report_weighted(ip, Event::Dnsbl, listing.score);
+        self.apply(verdict).await
     }
 
     /// Scores `event`; ends the session (`421`) when the verdict refuses the client.
@@ -321,6 +369,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 
     async fn handle(&mut self, command: Command) -> Step {
+        if let Some(text) = &self.blocked
+            && matches!(
+                command,
+                Command::Mail { .. }
+                    | Command::Rcpt { .. }
+                    | Command::Data
+                    | Command::Bdat { .. }
+                    | Command::Vrfy { .. }
+                    | Command::Auth { .. }
+            )
+        {
+            let text = text.clone();
+            return self.error(554, "5.7.1", &text).await;
+        }
         let answer = match command {
             Command::Ehlo { host } => self.greet(&host, true),
             Command::Helo { host } => self.greet(&host, false),
