@@ -150,7 +150,7 @@ impl App {
                     registry.clone(),
                 )
                 .map_err(AppError::Api)?
-                .with_reputation(proxy.as_ref().map(|p| Arc::clone(&p.reputation))),
+                .with_proxy(proxy.clone()),
             ),
             None => None,
         };

@@ -322,6 +322,130 @@ fn submission_authenticates_at_the_users_backend_and_relays_through_it() {
     assert!(limited.ends_with(" 1"), "{limited}");
 }
 
+/// A relay client with spam malware: an authenticated user writing to more distinct
+/// recipients in an hour than allowed is suspended from sending (`550 5.7.1`, metrics, the
+/// API lists it), while another user sends on; lifting the suspension lets it send again.
+#[test]
+fn a_relay_client_with_malware_is_suspended_while_others_send_on() {
+    if skip("smtp_postfix") {
+        return;
+    }
+    let token = "suspension-test-token-0123456789abcdef";
+    let cluster = Cluster::start(&format!(
+        "[submission]\nmax_distinct_recipients_per_hour = 5\nsuspend_seconds = 600\n\
+         [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"{token}\"\naccess = \"read-write\"\n"
+    ));
+    let (infected, other) = ("user61@example.com", "user62@example.com");
+    let (host, subs) = cluster.addr(SUBMISSIONS);
+    let session = |user: &str, body: &str| {
+        let password = password_for(user).expect("password");
+        let body = body.replace("{user}", user);
+        python(&format!(
+            "{TLS_PRELUDE}\
+             s = smtplib.SMTP_SSL('{host}', {subs}, context=ctx, timeout=10)\n\
+             s.login('{user}', '{password}')\n{body}s.quit()\n"
+        ))
+        .expect("submission script")
+    };
+    let out = session(
+        infected,
+        "print('first', s.sendmail('{user}', ['r0@elsewhere.test', 'r1@elsewhere.test', \
+         'r2@elsewhere.test', 'r3@elsewhere.test', 'r4@elsewhere.test'], 'Subject: burst\\r\\n\\r\\nx\\r\\n'))\n\
+         s.mail('{user}'); print('sixth', s.rcpt('r5@elsewhere.test')); s.rset()\n\
+         print('after', s.mail('{user}'))\n",
+    );
+    assert!(out.contains("first {}"), "{out}");
+    assert!(
+        out.contains("sixth (550, b'5.7.1 Your account is suspended from sending mail (too many different recipients)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("after (550, b'5.7.1 Your account is suspended"),
+        "{out}"
+    );
+    let out = session(
+        other,
+        "print('other', s.sendmail('{user}', ['friend@elsewhere.test'], 'Subject: fine\\r\\n\\r\\nx\\r\\n'))\n",
+    );
+    assert!(out.contains("other {}"), "another user sends on: {out}");
+
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(support::BIN)
+            .arg("ctl")
+            .args(args)
+            .args(["--url", &format!("http://{}", cluster.edge.admin)])
+            .env("PROTOBALANCE_TOKEN", token)
+            .output()
+            .expect("ctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, text) = ctl(&["suspension", "ls"]);
+    assert!(
+        code == 0 && text.contains(infected) && text.contains("distinct_recipients"),
+        "{text}"
+    );
+    let (code, xml) = ctl(&["suspension", "ls", "--xml"]);
+    assert_eq!(code, 0, "{xml}");
+    support::validate_api_xml(&xml);
+    let suspended = metric_line(
+        &cluster.edge,
+        &[
+            "protobalance_submission_suspensions_total",
+            "distinct_recipients",
+        ],
+    );
+    assert!(suspended.ends_with(" 1"), "{suspended}");
+    // (The sample line, not the HELP line, which names the metric too.)
+    metric_line(
+        &cluster.edge,
+        &["protobalance_submission_suspended_accounts 1"],
+    );
+
+    let (code, text) = ctl(&["suspension", "rm", infected]);
+    assert!(code == 0, "{text}");
+    let (code, _) = ctl(&["suspension", "rm", infected]);
+    assert_eq!(code, 2, "nothing left to lift");
+    let out = session(
+        infected,
+        "print('lifted', s.sendmail('{user}', ['r6@elsewhere.test'], 'Subject: again\\r\\n\\r\\nx\\r\\n'))\n",
+    );
+    assert!(out.contains("lifted {}"), "{out}");
+    // The outside world got the burst and the message after the lift, never r5's.
+    let home = owner(&cluster.edge, infected);
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    loop {
+        let messages = cluster.backend(&home).sink().messages();
+        let from_infected = messages.iter().filter(|m| m.mail_from == infected).count();
+        if from_infected >= 2 {
+            assert_eq!(from_infected, 2, "burst and after the lift");
+            break;
+        }
+        assert!(Instant::now() < deadline, "relayed: {from_infected} of 2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for b in &cluster.backends {
+        for m in b.sink().messages() {
+            assert!(
+                !m.rcpts.iter().any(|r| r.starts_with("r5@")),
+                "{:?}",
+                m.rcpts
+            );
+        }
+    }
+    // An operator can suspend too.
+    let (code, text) = ctl(&["suspension", "add", other, "--seconds", "60"]);
+    assert!(
+        code == 0 && text.contains("suspended user62@example.com"),
+        "{text}"
+    );
+    let out = session(other, "print('op', s.mail('{user}'))\n");
+    assert!(out.contains("op (550, b'5.7.1 Your account is suspended from sending mail (suspended by the administrator)"), "{out}");
+}
+
 /// A real Postfix as the sending MTA relays one 5-recipient message (recipients on all
 /// three backends) through the edge: the edge takes one backend's recipients per
 /// transaction and answers `452 4.5.3` for the rest; Postfix retries those, and every

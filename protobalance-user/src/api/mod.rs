@@ -18,6 +18,7 @@ mod domains;
 mod mailboxes;
 mod reputation;
 mod stats;
+mod suspensions;
 pub mod xml;
 
 use std::sync::Arc;
@@ -60,8 +61,8 @@ pub struct ApiState {
     pub bans: Option<Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>>,
     /// The blocklists (config and API), when the filter is loaded.
     pub blocklist: Option<Arc<blocklist::BlocklistManager>>,
-    /// The reputation engine, when mail listeners run.
-    pub reputation: Option<Arc<crate::filter::reputation::Reputation>>,
+    /// The proxy (reputation engine, submission limits), when mail listeners run.
+    pub proxy: Option<Arc<crate::proxy::ProxyContext>>,
     pub max_body_octets: u64,
     pub max_import_octets: u64,
 }
@@ -97,7 +98,7 @@ impl ApiState {
             registry,
             bans,
             blocklist,
-            reputation: None,
+            proxy: None,
             max_body_octets: config.api.max_body_octets,
             max_import_octets: config.api.max_import_octets,
         })
@@ -106,11 +107,8 @@ impl ApiState {
 
 impl ApiState {
     #[must_use]
-    pub fn with_reputation(
-        mut self,
-        reputation: Option<Arc<crate::filter::reputation::Reputation>>,
-    ) -> Self {
-        self.reputation = reputation;
+    pub fn with_proxy(mut self, proxy: Option<Arc<crate::proxy::ProxyContext>>) -> Self {
+        self.proxy = proxy;
         self
     }
 }
@@ -313,11 +311,14 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         (&Method::DELETE, ["bans", target]) => bans::delete(state, target).await,
         (&Method::GET, ["reputation", address]) => reputation::get(state, address).await,
         (&Method::DELETE, ["reputation", address]) => reputation::delete(state, address).await,
+        (&Method::GET, ["suspensions"]) => suspensions::list(state),
+        (&Method::POST, ["suspensions"]) => suspensions::create(state, req.into_body()).await,
+        (&Method::DELETE, ["suspensions", account]) => suspensions::delete(state, account),
         (
             _,
             [
                 "mailboxes" | "domains" | "backends" | "stats" | "bans" | "blocklist"
-                | "reputation",
+                | "reputation" | "suspensions",
                 ..,
             ],
         ) => Err(ApiError::new(

@@ -11,12 +11,16 @@ use super::{ApiError, ApiResponse, ApiState, no_content, xml::Writer, xml_respon
 use crate::filter::{reputation::Reputation, xdp::BanMode};
 
 fn engine(state: &ApiState) -> Result<&Reputation, ApiError> {
-    state.reputation.as_deref().ok_or_else(|| {
-        ApiError::conflict(
-            "reputation_not_running",
-            "no mail listeners run here, so there is no reputation engine",
-        )
-    })
+    state
+        .proxy
+        .as_deref()
+        .map(|p| &*p.reputation)
+        .ok_or_else(|| {
+            ApiError::conflict(
+                "reputation_not_running",
+                "no mail listeners run here, so there is no reputation engine",
+            )
+        })
 }
 
 fn address(text: &str) -> Result<IpAddr, ApiError> {

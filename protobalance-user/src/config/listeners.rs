@@ -215,16 +215,43 @@ pub struct SubmissionConfig {
     pub max_recipients_per_message: u32,
     #[serde(default = "default_recipients_per_hour")]
     pub max_recipients_per_hour: u32,
+    /// Suspension (relay clients with malware): more distinct recipients in an hour …
+    #[serde(default = "default_distinct_per_hour")]
+    pub max_distinct_recipients_per_hour: u32,
+    /// … or this share of recipients refused by the backend (once there are
+    /// `rejected_share_min_recipients` in the hour) …
+    #[serde(default = "default_rejected_share", deserialize_with = "super::de_f32")]
+    pub max_rejected_recipient_share: f32,
+    #[serde(default = "default_share_min")]
+    pub rejected_share_min_recipients: u32,
+    /// … or this many refusals for a limit in an hour suspend the account from sending
+    /// for `suspend_seconds`.
+    #[serde(default = "default_suspend_after")]
+    pub suspend_after_limit_hits: u32,
+    #[serde(default = "default_suspend_seconds")]
+    pub suspend_seconds: u64,
 }
 
 impl Default for SubmissionConfig {
     fn default() -> Self {
-        Self {
-            max_messages_per_hour: default_messages_per_hour(),
-            max_recipients_per_message: default_recipients_per_message(),
-            max_recipients_per_hour: default_recipients_per_hour(),
-        }
+        toml::from_str("").expect("defaults")
     }
+}
+
+const fn default_distinct_per_hour() -> u32 {
+    500
+}
+const fn default_rejected_share() -> f32 {
+    0.5
+}
+const fn default_share_min() -> u32 {
+    20
+}
+const fn default_suspend_after() -> u32 {
+    20
+}
+const fn default_suspend_seconds() -> u64 {
+    3600
 }
 
 const fn default_messages_per_hour() -> u32 {
@@ -252,11 +279,36 @@ impl SubmissionConfig {
                 "submission.max_recipients_per_hour",
                 self.max_recipients_per_hour,
             ),
+            (
+                "submission.max_distinct_recipients_per_hour",
+                self.max_distinct_recipients_per_hour,
+            ),
+            (
+                "submission.rejected_share_min_recipients",
+                self.rejected_share_min_recipients,
+            ),
+            (
+                "submission.suspend_after_limit_hits",
+                self.suspend_after_limit_hits,
+            ),
         ];
         for (key, value) in checks {
             if !(1..=1_000_000).contains(&value) {
                 return Err(Problem::new(key, format!("{value} is outside 1..=1000000")));
             }
+        }
+        let share = self.max_rejected_recipient_share;
+        if !(share > 0.0 && share <= 1.0) {
+            return Err(Problem::new(
+                "submission.max_rejected_recipient_share",
+                format!("{share} is not a share in (0, 1], e.g. 0.5"),
+            ));
+        }
+        if !(1..=30 * 86_400).contains(&self.suspend_seconds) {
+            return Err(Problem::new(
+                "submission.suspend_seconds",
+                format!("{} is outside 1..=2592000", self.suspend_seconds),
+            ));
         }
         Ok(())
     }

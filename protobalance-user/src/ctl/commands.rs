@@ -8,7 +8,7 @@ use hyper::{Method, Response, StatusCode, body::Incoming};
 use tokio::io::AsyncReadExt as _;
 
 use super::{
-    CtlCommand, CtlError, DomainCommand, MailboxCommand,
+    CtlCommand, CtlError, DomainCommand, MailboxCommand, SuspensionCommand,
     client::{BodyStream, Client, OutBody, encode},
     doc::{DocReader, Element},
     import,
@@ -56,6 +56,7 @@ impl Ctl {
                     )
                 })
             }
+            CtlCommand::Suspension(command) => self.suspension(&mut out, command).await,
             CtlCommand::Stats => {
                 if let Some(doc) = self.call(Method::GET, "stats", None).await? {
                     self.human(|| render::stats(&mut out, &doc))?;
@@ -313,6 +314,43 @@ impl Ctl {
                 self.call(Method::DELETE, &format!("domains/{}", encode(&name)), None)
                     .await?;
                 self.human(|| writeln!(out, "removed domain {name}"))
+            }
+        }
+    }
+}
+
+impl Ctl {
+    async fn suspension(
+        &self,
+        out: &mut impl io::Write,
+        command: SuspensionCommand,
+    ) -> Result<(), CtlError> {
+        match command {
+            SuspensionCommand::Ls => {
+                let doc = self.fetch(Method::GET, "suspensions", None).await?;
+                self.human(|| render::suspensions(out, &doc))
+            }
+            SuspensionCommand::Add { account, seconds } => {
+                let seconds = seconds.to_string();
+                let body = Writer::document(
+                    "suspension",
+                    &[("account", &account), ("seconds", &seconds)],
+                )
+                .finish();
+                let doc = self.fetch(Method::POST, "suspensions", Some(body)).await?;
+                self.human(|| {
+                    writeln!(
+                        out,
+                        "suspended {} from sending for {} s",
+                        doc.show("account"),
+                        doc.show("remaining-seconds")
+                    )
+                })
+            }
+            SuspensionCommand::Rm { account } => {
+                let path = format!("suspensions/{}", encode(&account));
+                self.call(Method::DELETE, &path, None).await?;
+                self.human(|| writeln!(out, "lifted the suspension of {account}"))
             }
         }
     }

@@ -99,6 +99,23 @@ enum CtlCommand {
     Explain { address: String },
     /// Forgive ADDRESS: forget its score and history and lift the kernel bans covering it.
     Forgive { address: String },
+    /// Accounts suspended from sending (submission): list, suspend, lift.
+    #[command(subcommand)]
+    Suspension(SuspensionCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum SuspensionCommand {
+    /// List suspended accounts: reason, since, time left.
+    Ls,
+    /// Suspend ACCOUNT from sending for SECONDS.
+    Add {
+        account: String,
+        #[arg(long, value_name = "SECONDS")]
+        seconds: u64,
+    },
+    /// Lift the suspension of ACCOUNT.
+    Rm { account: String },
 }
 
 #[derive(Subcommand, Debug)]

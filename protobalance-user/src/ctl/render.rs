@@ -243,6 +243,21 @@ pub fn bans(out: &mut impl Write, doc: &Element) -> io::Result<()> {
     Columns::new(&["target", "mode", ">reason", ">remaining"]).print(out, &rows)
 }
 
+pub fn suspensions(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    let rows: Vec<Vec<String>> = doc
+        .children_named("suspension")
+        .map(|s| {
+            vec![
+                s.show("account").to_owned(),
+                s.show("reason").to_owned(),
+                format!("{} ago", span_of(s.show("seconds-ago"))),
+                span_of(s.show("remaining-seconds")),
+            ]
+        })
+        .collect();
+    Columns::new(&["account", "reason", "since", ">remaining"]).print(out, &rows)
+}
+
 /// `explain`: the verdict line, the event counts, the latest events, the kernel bans.
 pub fn reputation(out: &mut impl Write, doc: &Element) -> io::Result<()> {
     if doc.show("enabled") == "false" {

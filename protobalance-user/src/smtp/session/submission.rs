@@ -28,6 +28,8 @@ use crate::{
 /// An authenticated user and the backend session that carries their mail.
 pub(super) struct Account {
     pub user: String,
+    /// The normalized account name limits and suspensions are kept under.
+    pub key: String,
     password: Secret<String>,
     pub home: String,
     /// `None` after the backend closed or was abandoned mid-message; re-opened on demand.
@@ -194,6 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 // Logged in: the session may now idle like a proxied one.
                 self.client.timeout = self.ctx.limits.idle_timeout();
                 self.account = Some(Account {
+                    key: account.clone(),
                     user,
                     password,
                     home,
@@ -361,6 +364,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
     }
 
+    /// `550 5.7.1` while the account is suspended from sending.
+    pub(super) fn suspended(&mut self, user: &str) -> Option<Vec<u8>> {
+        let suspension = self
+            .ctx
+            .submission_limits
+            .suspension(user, Instant::now())?;
+        self.offences += 1;
+        let _ = self.ctx.reputation.report(
+            self.conn.peer.ip(),
+            crate::filter::reputation::Event::RateExceeded,
+        );
+        Some(reply(
+            550,
+            Some("5.7.1"),
+            &format!(
+                "Your account is suspended from sending mail ({}); contact your provider",
+                suspension.reason.explain()
+            ),
+        ))
+    }
+
     /// A per-user limit was reached: `451 4.7.1`, and an event for the reputation engine.
     pub(super) fn limited(&mut self, limit: Limit) -> Vec<u8> {
         self.offences += 1;
@@ -369,7 +393,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             crate::filter::reputation::Event::RateExceeded,
         );
         self.tarpit |= verdict == crate::filter::reputation::Verdict::Tarpit;
-        let user = self.account.as_ref().map_or("", |a| a.user.as_str());
+        let user = self.account.as_ref().map_or("", |a| a.key.as_str());
         tracing::warn!(
             target: "protobalance::events",
             event = "submission_limit",
@@ -396,7 +420,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let user = self
             .account
             .as_ref()
-            .map_or_else(String::new, |a| a.user.clone());
+            .map_or_else(String::new, |a| a.key.clone());
+        if let Some(refusal) = self.suspended(&user) {
+            return refusal;
+        }
         if let Err(limit) = self.ctx.submission_limits.may_send(&user, Instant::now()) {
             return self.limited(limit);
         }
@@ -448,18 +475,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             ForwardPath::Postmaster => "postmaster".to_owned(),
         };
         let pending = tx.accepted();
-        let user = self.account.as_ref().map_or("", |a| a.user.as_str());
+        let user = self
+            .account
+            .as_ref()
+            .map_or_else(String::new, |a| a.key.clone());
+        if let Some(refusal) = self.suspended(&user) {
+            return refusal;
+        }
         let check = self
             .ctx
             .submission_limits
-            .may_add_recipient(user, pending, Instant::now());
+            .may_add_recipient(&user, pending, Instant::now());
         if let Err(limit) = check {
             return self.limited(limit);
         }
         let Some(backend) = self.account.as_mut().and_then(|a| a.backend.as_mut()) else {
             return backend_lost();
         };
-        match backend.rcpt(&address).await {
+        let answer = backend.rcpt(&address).await;
+        if let Ok(answer) = &answer {
+            // Judged on the backend's verdict: a 4xx (greylisting, a full mailbox) is
+            // no sign of spam, a 5xx (no such user, relay denied) may be.
+            let refused = answer.code >= 500;
+            let limits = &self.ctx.submission_limits;
+            if limits
+                .note_recipient(&user, &address, !refused, Instant::now())
+                .is_some()
+            {
+                self.reset_backend().await;
+                self.phase = Phase::Idle;
+                return self.suspended(&user).unwrap_or_else(backend_lost);
+            }
+        }
+        match answer {
             Ok(answer) if answer.is_positive() => {
                 if let Phase::Mail(tx) = &mut self.phase {
                     tx.count_accepted();
@@ -492,7 +540,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 .answer(&reply(530, Some("5.7.0"), "Authentication required"))
                 .await;
         };
-        let user = account.user.clone();
+        let user = account.key.clone();
+        if let Some(refusal) = self.suspended(&user) {
+            self.reset_backend().await;
+            return self.answer(&refusal).await;
+        }
+        let Some(account) = self.account.as_mut() else {
+            return self.answer(&backend_lost()).await;
+        };
         let mut slot = account.backend.take();
         let started = match slot.as_mut() {
             Some(backend) => backend.start_data().await,
