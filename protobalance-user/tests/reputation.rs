@@ -17,6 +17,7 @@ fn skip(test: &str) -> bool {
 
 /// Short timings so the test runs in seconds; the thresholds are the defaults.
 const REPUTATION: &str = "[reputation]\ngreeting_delay_ms = 300\ntarpit_delay_ms = 100\n\
+     allow = [\"127.0.0.69/32\"]\n\
      ban_seconds = 2\nauth_failure_delay_ms = 10\nauth_failure_delay_max_ms = 40\n\
      [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"reputation-test-token-0123456789abcdef\"\n\
      access = \"read-write\"\n";
@@ -144,6 +145,19 @@ fn smtp_bots_are_refused_then_banned_while_good_clients_deliver() {
         delivered(&cluster, "user1@example.com"),
         1,
         "nothing from the bot"
+    );
+
+    // The same bot from an allowlisted address is scored but never refused.
+    let out = bot(&edge, "127.0.0.69", &format!("{payload}QUIT\\r\\n"), 4);
+    assert_eq!(out.lines().filter(|l| l.starts_with("session")).count(), 4, "{out}");
+    assert!(
+        !out.contains("Too many errors") && !out.contains("blocked"),
+        "allowlisted: {out}"
+    );
+    let (code, text) = cli(&edge, &["explain", "127.0.0.69"]);
+    assert!(
+        code == 0 && text.contains("allowlisted") && text.contains("verdict accept"),
+        "{text}"
     );
 
     // A harvester that behaves at the protocol level but guesses mailboxes one by one.

@@ -478,7 +478,10 @@ impl Reputation {
         let allowed = self.allowed(ip);
         let outcome = self.with_record(ip, true, |record, now| {
             record.note(event, now);
-            record.score = (record.score + weight).clamp(-1_000.0, 1_000_000.0);
+            // Good behaviour earns at most `tarpit_score` of credit, so a client that built
+            // a long clean history cannot spend it on a burst of abuse.
+            let floor = -self.config.tarpit_score;
+            record.score = (record.score + weight).clamp(floor, 1_000_000.0);
             let was_banned = record.banned(now);
             let verdict = self.verdict_of(record, now, allowed);
             let new_ban = (verdict == Verdict::Ban && !was_banned).then(|| {
@@ -835,6 +838,21 @@ mod tests {
         let r = engine("");
         r.report(ip("::ffff:198.51.100.1"), Event::NonSmtp);
         assert_eq!(r.admit(ip("198.51.100.1")), Verdict::TempFail);
+    }
+
+    #[test]
+    fn good_behaviour_earns_bounded_credit() {
+        let r = engine("");
+        let a = ip("198.51.100.15");
+        for _ in 0..1000 {
+            r.report(a, Event::CleanSession);
+        }
+        assert!((r.explain(a).expect("kept").score + 5.0).abs() < 0.01);
+        // Credit of 5, then 15 points of abuse: refused.
+        for _ in 0..15 {
+            r.report(a, Event::ProtocolError);
+        }
+        assert_eq!(r.admit(a), Verdict::TempFail);
     }
 
     #[test]
