@@ -451,6 +451,16 @@ async fn proxy_context(
     )
     .map_err(AppError::Dnsbl)?
     .map(Arc::new);
+    let submission_limits =
+        crate::smtp::limits::SubmissionLimits::new(config.submission.clone(), registry)?
+            .with_store(Arc::clone(&directory));
+    let restored = submission_limits.restore().await?;
+    if restored > 0 {
+        tracing::info!(
+            accounts = restored,
+            "submission suspensions restored from the directory"
+        );
+    }
     Ok(ProxyContext {
         dnsbl,
         reputation: Arc::new(reputation),
@@ -465,10 +475,7 @@ async fn proxy_context(
         banner: config.server.banner.clone(),
         hostname: config.server.hostname.clone(),
         postmaster: config.postmaster(),
-        submission_limits: crate::smtp::limits::SubmissionLimits::new(
-            config.submission.clone(),
-            registry,
-        )?,
+        submission_limits,
         metrics: ProxyMetrics::new(registry)?,
         admission: Admission::new(config.limits.max_sessions_per_ip),
         tls: crate::tls::acceptor(&config.certificates)

@@ -149,7 +149,11 @@ fn smtp_bots_are_refused_then_banned_while_good_clients_deliver() {
 
     // The same bot from an allowlisted address is scored but never refused.
     let out = bot(&edge, "127.0.0.69", &format!("{payload}QUIT\\r\\n"), 4);
-    assert_eq!(out.lines().filter(|l| l.starts_with("session")).count(), 4, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("session")).count(),
+        4,
+        "{out}"
+    );
     assert!(
         !out.contains("Too many errors") && !out.contains("blocked"),
         "allowlisted: {out}"

@@ -331,7 +331,7 @@ fn a_relay_client_with_malware_is_suspended_while_others_send_on() {
         return;
     }
     let token = "suspension-test-token-0123456789abcdef";
-    let cluster = Cluster::start(&format!(
+    let mut cluster = Cluster::start(&format!(
         "[submission]\nmax_distinct_recipients_per_hour = 5\nsuspend_seconds = 600\n\
          [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"{token}\"\naccess = \"read-write\"\n"
     ));
@@ -369,11 +369,12 @@ fn a_relay_client_with_malware_is_suspended_while_others_send_on() {
     );
     assert!(out.contains("other {}"), "another user sends on: {out}");
 
+    let admin = cluster.edge.admin;
     let ctl = |args: &[&str]| {
         let out = std::process::Command::new(support::BIN)
             .arg("ctl")
             .args(args)
-            .args(["--url", &format!("http://{}", cluster.edge.admin)])
+            .args(["--url", &format!("http://{admin}")])
             .env("PROTOBALANCE_TOKEN", token)
             .output()
             .expect("ctl");
@@ -404,6 +405,16 @@ fn a_relay_client_with_malware_is_suspended_while_others_send_on() {
         &cluster.edge,
         &["protobalance_submission_suspended_accounts 1"],
     );
+
+    // Kept in the directory store: a restart does not free the spammer.
+    cluster.edge.restart();
+    let (code, text) = ctl(&["suspension", "ls"]);
+    assert!(
+        code == 0 && text.contains(infected) && text.contains("distinct_recipients"),
+        "after a restart: {text}"
+    );
+    let out = session(infected, "print('restarted', s.mail('{user}'))\n");
+    assert!(out.contains("restarted (550, b'5.7.1"), "{out}");
 
     let (code, text) = ctl(&["suspension", "rm", infected]);
     assert!(code == 0, "{text}");
@@ -442,6 +453,7 @@ fn a_relay_client_with_malware_is_suspended_while_others_send_on() {
         code == 0 && text.contains("suspended user62@example.com"),
         "{text}"
     );
+    cluster.edge.restart();
     let out = session(other, "print('op', s.mail('{user}'))\n");
     assert!(out.contains("op (550, b'5.7.1 Your account is suspended from sending mail (suspended by the administrator)"), "{out}");
 }

@@ -313,7 +313,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         (&Method::DELETE, ["reputation", address]) => reputation::delete(state, address).await,
         (&Method::GET, ["suspensions"]) => suspensions::list(state),
         (&Method::POST, ["suspensions"]) => suspensions::create(state, req.into_body()).await,
-        (&Method::DELETE, ["suspensions", account]) => suspensions::delete(state, account),
+        (&Method::DELETE, ["suspensions", account]) => suspensions::delete(state, account).await,
         (
             _,
             [

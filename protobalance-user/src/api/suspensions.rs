@@ -1,7 +1,8 @@
 //! `/api/v1/suspensions`: accounts suspended from sending through the submission
 //! listeners — by the rules against relay clients with malware (`[submission]`), or by an
 //! operator — with their reason and time left; `POST` suspends, `DELETE` lifts.
-//! Suspensions are kept per edge node, in memory.
+//! Suspensions are kept per edge node, in memory and in the directory store (so they
+//! survive a restart).
 
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,7 @@ pub async fn create(state: &ApiState, body: Incoming) -> Result<ApiResponse, Api
         Duration::from_secs(seconds),
         Instant::now(),
     );
+    limits.save(&account).await.map_err(store_error)?;
     let seconds = seconds.to_string();
     let w = Writer::document(
         "suspension",
@@ -96,10 +98,21 @@ pub async fn create(state: &ApiState, body: Incoming) -> Result<ApiResponse, Api
     Ok(xml_response(StatusCode::CREATED, w.finish()))
 }
 
-pub fn delete(state: &ApiState, text: &str) -> Result<ApiResponse, ApiError> {
+pub async fn delete(state: &ApiState, text: &str) -> Result<ApiResponse, ApiError> {
     let account = account(state, text);
-    if !limits(state)?.lift(&account) {
+    let limits = limits(state)?;
+    if !limits.lift(&account) {
         return Err(ApiError::not_found(format!("{account} is not suspended")));
     }
+    limits.save(&account).await.map_err(store_error)?;
     Ok(no_content())
+}
+
+fn store_error(error: crate::directory::DirectoryError) -> ApiError {
+    tracing::error!(%error, "API: storing a suspension failed");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "directory_error",
+        "the directory store failed; the change holds in memory until a restart",
+    )
 }

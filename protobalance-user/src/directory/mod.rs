@@ -279,10 +279,36 @@ pub trait MailboxDirectory: Send + Sync + 'static {
         now: i64,
     ) -> impl Future<Output = Result<Vec<BlockRecord>, DirectoryError>> + Send;
 
+    /// Every stored suspension from sending (expired ones included until removed).
+    fn suspensions(
+        &self,
+    ) -> impl Future<Output = Result<Vec<SuspensionRecord>, DirectoryError>> + Send;
+
+    /// Adds or replaces the suspension of `record.account`; removes expired ones.
+    fn put_suspension(
+        &self,
+        record: &SuspensionRecord,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    /// Removes the suspension of `account`; false when there was none.
+    fn remove_suspension(
+        &self,
+        account: &str,
+    ) -> impl Future<Output = Result<bool, DirectoryError>> + Send;
+
     /// `(name, spec)` of every backend added at run time.
     fn backend_specs(
         &self,
     ) -> impl Future<Output = Result<Vec<(String, String)>, DirectoryError>> + Send;
+}
+
+/// An account suspended from sending, as stored (times in Unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SuspensionRecord {
+    pub account: String,
+    pub reason: String,
+    pub since: i64,
+    pub until: i64,
 }
 
 /// A blocklist entry added at run time (the config file's lists are the file's).

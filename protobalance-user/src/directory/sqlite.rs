@@ -17,7 +17,7 @@ use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
 use super::{
     BackendRecord, BackendState, BlockRecord, DirectoryError, DomainPolicy, DomainRecord, Mailbox,
-    MailboxDirectory, MailboxFilter,
+    MailboxDirectory, MailboxFilter, SuspensionRecord,
 };
 
 mod manage;
@@ -362,6 +362,60 @@ impl MailboxDirectory for SqliteDirectory {
                 params![entry.list, entry.cidr, entry.reason, entry.expires_at],
             )
             .map(drop)
+            .map_err(store_err)
+        })
+        .await
+    }
+
+    async fn suspensions(&self) -> Result<Vec<SuspensionRecord>, DirectoryError> {
+        self.blocking(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT account, reason, since, until FROM suspensions ORDER BY account")
+                .map_err(store_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(SuspensionRecord {
+                        account: r.get(0)?,
+                        reason: r.get(1)?,
+                        since: r.get(2)?,
+                        until: r.get(3)?,
+                    })
+                })
+                .map_err(store_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(store_err)
+        })
+        .await
+    }
+
+    async fn put_suspension(&self, record: &SuspensionRecord) -> Result<(), DirectoryError> {
+        let record = record.clone();
+        self.blocking(move |conn| {
+            let tx = conn.transaction().map_err(store_err)?;
+            tx.execute(
+                "DELETE FROM suspensions WHERE until <= ?1",
+                params![record.since],
+            )
+            .map_err(store_err)?;
+            tx.execute(
+                "INSERT INTO suspensions (account, reason, since, until) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (account) DO UPDATE SET reason = excluded.reason,
+                 since = excluded.since, until = excluded.until",
+                params![record.account, record.reason, record.since, record.until],
+            )
+            .map_err(store_err)?;
+            tx.commit().map_err(store_err)
+        })
+        .await
+    }
+
+    async fn remove_suspension(&self, account: &str) -> Result<bool, DirectoryError> {
+        let account = account.to_owned();
+        self.blocking(move |conn| {
+            conn.execute(
+                "DELETE FROM suspensions WHERE account = ?1",
+                params![account],
+            )
+            .map(|n| n > 0)
             .map_err(store_err)
         })
         .await

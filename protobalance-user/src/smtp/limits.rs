@@ -8,8 +8,9 @@
 //! recipients than `max_distinct_recipients_per_hour`, a share of recipients refused by the
 //! backend above `max_rejected_recipient_share`, or `suspend_after_limit_hits` refusals for
 //! the limits above suspend the account from sending for `suspend_seconds` (`550 5.7.1`).
-//! Suspensions are kept apart from the LRU, so a busy edge cannot forget them early; they
-//! can be listed and lifted through the API.
+//! Suspensions are kept apart from the LRU, so a busy edge cannot forget them early, and
+//! written to the directory store, so a restart does not free a spammer; they can be
+//! listed, placed and lifted through the API.
 
 use std::{
     collections::HashMap,
@@ -22,7 +23,12 @@ use std::{
 use lru::LruCache;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
-use crate::config::SubmissionConfig;
+use crate::{
+    config::SubmissionConfig,
+    directory::{
+        Directory, DirectoryError, MailboxDirectory as _, SuspensionRecord, sqlite::SqliteDirectory,
+    },
+};
 
 /// Users whose usage is remembered; the least recently active beyond this start afresh.
 const TRACKED_USERS: usize = 100_000;
@@ -91,6 +97,15 @@ impl SuspendReason {
     }
 
     /// For the `550 5.7.1` reply.
+    fn parse(text: &str) -> Self {
+        match text {
+            "distinct_recipients" => Self::DistinctRecipients,
+            "rejected_recipients" => Self::RejectedRecipients,
+            "limit_hits" => Self::LimitHits,
+            _ => Self::Operator,
+        }
+    }
+
     pub const fn explain(self) -> &'static str {
         match self {
             Self::DistinctRecipients => "too many different recipients",
@@ -153,6 +168,22 @@ pub struct SubmissionLimits {
     hasher: std::collections::hash_map::RandomState,
     limited: IntCounterVec,
     suspensions: Option<(IntCounterVec, IntGauge)>,
+    /// Where suspensions are kept across restarts.
+    store: Option<std::sync::Arc<Directory<SqliteDirectory>>>,
+}
+
+/// Unix seconds of `at` (an `Instant` near now).
+fn unix(at: Instant, now: Instant) -> i64 {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let now_unix = i64::try_from(now_unix).unwrap_or(i64::MAX);
+    let offset = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    if at >= now {
+        now_unix.saturating_add(offset(at - now))
+    } else {
+        now_unix.saturating_sub(offset(now - at))
+    }
 }
 
 impl SubmissionLimits {
@@ -192,7 +223,79 @@ impl SubmissionLimits {
             hasher: std::collections::hash_map::RandomState::new(),
             limited,
             suspensions: None,
+            store: None,
         }
+    }
+
+    /// Keeps suspensions in `store` from now on.
+    #[must_use]
+    pub fn with_store(mut self, store: std::sync::Arc<Directory<SqliteDirectory>>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Loads the stored suspensions that have not ended; returns how many.
+    pub async fn restore(&self) -> Result<usize, DirectoryError> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        let records = store.store().suspensions().await?;
+        let now = Instant::now();
+        let now_unix = unix(now, now);
+        let mut map = self.suspensions_lock();
+        for r in records.iter().filter(|r| r.until > now_unix) {
+            let ago = Duration::from_secs(u64::try_from(now_unix - r.since).unwrap_or(0));
+            let left = Duration::from_secs(u64::try_from(r.until - now_unix).unwrap_or(0));
+            map.insert(
+                r.account.clone(),
+                Suspension {
+                    reason: SuspendReason::parse(&r.reason),
+                    since: now.checked_sub(ago).unwrap_or(now),
+                    until: now + left,
+                },
+            );
+        }
+        self.update_gauge(map.len());
+        Ok(map.len())
+    }
+
+    /// Writes `user`'s suspension (or its absence) to the store; the future is `'static`,
+    /// for a session to spawn or the API to await.
+    pub fn save(
+        &self,
+        user: &str,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send + 'static {
+        let store = self.store.clone();
+        let now = Instant::now();
+        let record = self.suspension(user, now).map(|s| SuspensionRecord {
+            account: user.to_owned(),
+            reason: s.reason.as_str().to_owned(),
+            since: unix(s.since, now),
+            until: unix(s.until, now),
+        });
+        let user = user.to_owned();
+        async move {
+            let Some(store) = store else { return Ok(()) };
+            match record {
+                Some(record) => store.store().put_suspension(&record).await,
+                None => store.store().remove_suspension(&user).await.map(drop),
+            }
+        }
+    }
+
+    /// [`Self::save`] in the background, logging a failure (the suspension holds in memory
+    /// all the same).
+    pub fn save_later(&self, user: &str) {
+        if self.store.is_none() {
+            return;
+        }
+        let save = self.save(user);
+        let user = user.to_owned();
+        tokio::spawn(async move {
+            if let Err(error) = save.await {
+                tracing::error!(%user, %error, "storing a submission suspension failed; it holds until a restart");
+            }
+        });
     }
 
     fn suspensions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Suspension>> {

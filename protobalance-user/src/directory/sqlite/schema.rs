@@ -11,6 +11,8 @@
 //! 3. `backends.spec`: the definition (TOML of a `[[backend]]`) of a backend added through
 //!    the API; `NULL` for the config file's backends. `blocklist`: the blocklist entries
 //!    added through the API (list name, CIDR, reason, expiry in Unix seconds or NULL).
+//!    `suspensions`: accounts suspended from sending (submission), with reason and the
+//!    Unix seconds of start and end — a new table, created on the next open of any file.
 //!
 //! `domain` is a VIRTUAL generated column rather than one written on insert: SQLite derives
 //! it, so no writer (the import, a future tool) can forget it or get it wrong, and adding it
@@ -47,6 +49,12 @@ CREATE TABLE IF NOT EXISTS blocklist (
     reason     TEXT NOT NULL DEFAULT '',
     expires_at INTEGER,
     PRIMARY KEY (list, cidr)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS suspensions (
+    account TEXT PRIMARY KEY,
+    reason  TEXT NOT NULL,
+    since   INTEGER NOT NULL,
+    until   INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS domains (
     name   TEXT PRIMARY KEY,

@@ -492,3 +492,23 @@ async fn files_with_the_old_schema_are_migrated_on_open() {
     };
     assert_eq!(indexes, ["mailboxes_by_backend", "mailboxes_by_domain"]);
 }
+
+#[tokio::test]
+async fn suspensions_are_stored_replaced_and_removed_and_expired_ones_pruned() {
+    use crate::directory::SuspensionRecord;
+    let (store, _dir) = store();
+    let record = |account: &str, since: i64, until: i64| SuspensionRecord {
+        account: account.to_owned(),
+        reason: "operator".to_owned(),
+        since,
+        until,
+    };
+    store.put_suspension(&record("a@x", 100, 200)).await.expect("put");
+    store.put_suspension(&record("b@x", 150, 500)).await.expect("put");
+    // Replaced in place; and writing at t=300 prunes a@x, which ended at 200.
+    store.put_suspension(&record("b@x", 300, 900)).await.expect("put");
+    assert_eq!(store.suspensions().await.expect("list"), [record("b@x", 300, 900)]);
+    assert!(store.remove_suspension("b@x").await.expect("remove"));
+    assert!(!store.remove_suspension("b@x").await.expect("remove"));
+    assert!(store.suspensions().await.expect("list").is_empty());
+}

@@ -394,6 +394,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         );
         self.tarpit |= verdict == crate::filter::reputation::Verdict::Tarpit;
         let user = self.account.as_ref().map_or("", |a| a.key.as_str());
+        if self
+            .ctx
+            .submission_limits
+            .suspension(user, Instant::now())
+            .is_some()
+        {
+            // This refusal was one too many: suspended (`limit_hits`).
+            self.ctx.submission_limits.save_later(user);
+        }
         tracing::warn!(
             target: "protobalance::events",
             event = "submission_limit",
@@ -502,6 +511,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 .note_recipient(&user, &address, !refused, Instant::now())
                 .is_some()
             {
+                limits.save_later(&user);
                 self.reset_backend().await;
                 self.phase = Phase::Idle;
                 return self.suspended(&user).unwrap_or_else(backend_lost);
