@@ -150,7 +150,8 @@ impl App {
                     registry.clone(),
                 )
                 .map_err(AppError::Api)?
-                .with_proxy(proxy.clone()),
+                .with_proxy(proxy.clone())
+                .with_filter(xdp.as_ref().map(|(_, filter)| Arc::clone(filter))),
             ),
             None => None,
         };

@@ -208,7 +208,11 @@ fn reputation_bans_reach_the_kernel_and_good_clients_are_unaffected() {
     assert!(
         text.contains("verdict ban")
             && text.contains("pregreet")
-            && text.contains(&format!("kernel: ban of {} (all, reason 1", net.bot)),
+            && text.contains(&format!("kernel: ban of {} (all, reason 1", net.bot))
+            && text.contains(&format!(
+                "kernel: DROP SYN from {} to port 25: ban of",
+                net.bot
+            )),
         "{text}"
     );
     let (code, text) = cli(&edge, &["ctl", "ban", "ls"]);
@@ -223,7 +227,12 @@ fn reputation_bans_reach_the_kernel_and_good_clients_are_unaffected() {
     );
     let (_, text) = cli(&edge, &["explain", &net.bot.to_string()]);
     assert!(
-        text.contains("not tracked") && text.contains("kernel: no ban"),
+        text.contains("not tracked")
+            && text.contains("kernel: no ban")
+            && text.contains("PASS SYN from"),
         "{text}"
     );
+    let (code, xml) = cli(&edge, &["explain", &net.bot.to_string(), "--xml"]);
+    assert_eq!(code, 0, "{xml}");
+    support::validate_api_xml(&xml);
 }

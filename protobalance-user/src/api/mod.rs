@@ -63,6 +63,8 @@ pub struct ApiState {
     pub blocklist: Option<Arc<blocklist::BlocklistManager>>,
     /// The proxy (reputation engine, submission limits), when mail listeners run.
     pub proxy: Option<Arc<crate::proxy::ProxyContext>>,
+    /// The kernel filter, for `reputation/{address}`'s view of the kernel's verdict.
+    pub filter: Option<Arc<std::sync::Mutex<crate::filter::xdp::XdpFilter>>>,
     pub max_body_octets: u64,
     pub max_import_octets: u64,
 }
@@ -99,6 +101,7 @@ impl ApiState {
             bans,
             blocklist,
             proxy: None,
+            filter: None,
             max_body_octets: config.api.max_body_octets,
             max_import_octets: config.api.max_import_octets,
         })
@@ -106,6 +109,15 @@ impl ApiState {
 }
 
 impl ApiState {
+    #[must_use]
+    pub fn with_filter(
+        mut self,
+        filter: Option<Arc<std::sync::Mutex<crate::filter::xdp::XdpFilter>>>,
+    ) -> Self {
+        self.filter = filter;
+        self
+    }
+
     #[must_use]
     pub fn with_proxy(mut self, proxy: Option<Arc<crate::proxy::ProxyContext>>) -> Self {
         self.proxy = proxy;
@@ -309,7 +321,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         (&Method::GET, ["bans"]) => bans::list(state).await,
         (&Method::POST, ["bans"]) => bans::create(state, req.into_body()).await,
         (&Method::DELETE, ["bans", target]) => bans::delete(state, target).await,
-        (&Method::GET, ["reputation", address]) => reputation::get(state, address).await,
+        (&Method::GET, ["reputation", address]) => reputation::get(state, address, &query).await,
         (&Method::DELETE, ["reputation", address]) => reputation::delete(state, address).await,
         (&Method::GET, ["suspensions"]) => suspensions::list(state),
         (&Method::POST, ["suspensions"]) => suspensions::create(state, req.into_body()).await,

@@ -1,6 +1,8 @@
-//! `/api/v1/reputation/{address}`: what the reputation engine holds against a client
-//! address — score, verdict, the events that built it, and the kernel bans covering it —
-//! and `DELETE` to forgive it (forget the record and lift those bans). The same document
+//! `/api/v1/reputation/{address}[?port=N]`: what the reputation engine holds against a
+//! client address — score, verdict, the events that built it, the kernel bans covering it,
+//! and (with the filter loaded) which kernel rule would decide a new connection from it to
+//! `port` (25 by default), found by the side-effect-free probe of `filter explain` — and
+//! `DELETE` to forgive it (forget the record and lift those bans). The same document
 //! `protobalance explain` prints.
 
 use std::net::IpAddr;
@@ -41,8 +43,48 @@ fn kernel_error(error: impl std::fmt::Display) -> ApiError {
     )
 }
 
-pub async fn get(state: &ApiState, text: &str) -> Result<ApiResponse, ApiError> {
+/// The kernel's verdict on a SYN from `ip` to `port`, by the probe (`None` without a
+/// loaded filter).
+async fn kernel_verdict(
+    state: &ApiState,
+    ip: IpAddr,
+    port: u16,
+) -> Result<Option<(bool, String)>, ApiError> {
+    let Some(filter) = state.filter.clone() else {
+        return Ok(None);
+    };
+    // Loading the probe is a few system calls and milliseconds: off the async workers.
+    let explained = tokio::task::spawn_blocking(move || {
+        filter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .explain(ip, port)
+    })
+    .await
+    .map_err(|e| kernel_error(format!("explain task: {e}")))?
+    .map_err(kernel_error)?;
+    Ok(Some((explained.dropped(), explained.to_string())))
+}
+
+fn port(query: &str) -> Result<u16, ApiError> {
+    let mut port = 25;
+    for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        if key == "port" {
+            port = value
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| {
+                    ApiError::invalid("invalid_port", format!("`port` is `{value}`: use 1-65535"))
+                })?;
+        }
+    }
+    Ok(port)
+}
+
+pub async fn get(state: &ApiState, text: &str, query: &str) -> Result<ApiResponse, ApiError> {
     let ip = address(text)?;
+    let port = port(query)?;
     let engine = engine(state)?;
     let explained = engine.explain(ip);
     let kernel = match &state.bans {
@@ -103,6 +145,16 @@ pub async fn get(state: &ApiState, text: &str) -> Result<ApiResponse, ApiError> 
             ],
         ),
     };
+    if let Some((dropped, text)) = kernel_verdict(state, ip, port).await? {
+        w.empty(
+            "kernel-verdict",
+            &[
+                ("port", &port.to_string()),
+                ("action", if dropped { "drop" } else { "pass" }),
+                ("explanation", &text),
+            ],
+        );
+    }
     for ban in &kernel {
         let mode = match ban.mode {
             BanMode::All => "all",

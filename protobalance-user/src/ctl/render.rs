@@ -304,6 +304,9 @@ pub fn reputation(out: &mut impl Write, doc: &Element) -> io::Result<()> {
     if !recent.is_empty() {
         writeln!(out, "latest: {}", recent.join(", "))?;
     }
+    for verdict in doc.children_named("kernel-verdict") {
+        writeln!(out, "kernel: {}", verdict.show("explanation"))?;
+    }
     for ban in doc.children_named("kernel-ban") {
         writeln!(
             out,

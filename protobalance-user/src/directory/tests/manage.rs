@@ -503,11 +503,23 @@ async fn suspensions_are_stored_replaced_and_removed_and_expired_ones_pruned() {
         since,
         until,
     };
-    store.put_suspension(&record("a@x", 100, 200)).await.expect("put");
-    store.put_suspension(&record("b@x", 150, 500)).await.expect("put");
+    store
+        .put_suspension(&record("a@x", 100, 200))
+        .await
+        .expect("put");
+    store
+        .put_suspension(&record("b@x", 150, 500))
+        .await
+        .expect("put");
     // Replaced in place; and writing at t=300 prunes a@x, which ended at 200.
-    store.put_suspension(&record("b@x", 300, 900)).await.expect("put");
-    assert_eq!(store.suspensions().await.expect("list"), [record("b@x", 300, 900)]);
+    store
+        .put_suspension(&record("b@x", 300, 900))
+        .await
+        .expect("put");
+    assert_eq!(
+        store.suspensions().await.expect("list"),
+        [record("b@x", 300, 900)]
+    );
     assert!(store.remove_suspension("b@x").await.expect("remove"));
     assert!(!store.remove_suspension("b@x").await.expect("remove"));
     assert!(store.suspensions().await.expect("list").is_empty());
