@@ -1,7 +1,8 @@
 //! Wiring: builds the runtime from a validated config, binds listeners, loads the kernel
 //! filter, serves until the shutdown token fires, then drains within the grace period.
 //!
-//! Signals (handled in main): SIGTERM and SIGINT both mean "stop accepting, drain, exit".
+//! Signals: SIGTERM and SIGINT (handled in main) mean "stop accepting, drain, exit";
+//! SIGHUP reloads the config ([`crate::reload`]).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -70,6 +71,8 @@ pub struct App {
     admin_tls: Option<crate::tls::TlsAcceptor>,
     /// The XML API's state, when the config has API tokens or mail listeners.
     api: Option<crate::api::ApiState>,
+    /// The config file, re-read on SIGHUP (`None`: no reload, e.g. in tests).
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl App {
@@ -176,7 +179,15 @@ impl App {
             proxy,
             api,
             blocklist,
+            config_path: None,
         })
+    }
+
+    /// Reload the config from `path` on SIGHUP ([`crate::reload`]).
+    #[must_use]
+    pub fn reload_from(mut self, path: std::path::PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
     }
 
     pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
@@ -201,6 +212,21 @@ impl App {
                     tracker.spawn(sweeper.run(shutdown.clone()));
                 }
                 Err(error) => tracing::error!(%error, "ban metrics"),
+            }
+        }
+        if let Some(path) = self.config_path.clone() {
+            let reloader = crate::reload::Reloader::new(
+                path,
+                self.validated.clone(),
+                self.xdp.as_ref().map(|(_, filter)| Arc::clone(filter)),
+                self.blocklist.clone(),
+                &self.registry,
+            );
+            match reloader {
+                Ok(reloader) => {
+                    tracker.spawn(reloader.run(shutdown.clone()));
+                }
+                Err(error) => tracing::error!(%error, "config reload metrics"),
             }
         }
         let state = Arc::new(AdminState {

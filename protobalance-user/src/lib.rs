@@ -20,6 +20,7 @@ pub mod imap;
 pub mod metrics;
 pub mod pop3;
 pub mod proxy;
+pub mod reload;
 pub mod secret;
 pub mod smtp;
 pub mod tls;

@@ -29,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the config, bind, load the kernel filter and serve until SIGTERM/SIGINT.
+    /// Validate the config, bind, load the kernel filter and serve until SIGTERM/SIGINT;
+    /// SIGHUP re-reads the config's kernel lists.
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -175,7 +176,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run { config } => {
             let validated = Config::load(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-            runtime.block_on(run(validated))
+            runtime.block_on(run(validated, config))
         }
         Command::Directory(command) => directory_cli::run(command),
         Command::Ctl(args) => std::process::exit(ctl::run(args)),
@@ -292,9 +293,9 @@ fn parse_ban_target(text: &str) -> anyhow::Result<BanTarget> {
     Ok(BanTarget::Address(addr))
 }
 
-async fn run(validated: protobalance::config::Validated) -> anyhow::Result<()> {
+async fn run(validated: protobalance::config::Validated, path: PathBuf) -> anyhow::Result<()> {
     raise_fd_limit();
-    let app = App::start(validated).await?;
+    let app = App::start(validated).await?.reload_from(path);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     app.serve(shutdown).await;

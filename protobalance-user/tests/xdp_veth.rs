@@ -870,3 +870,68 @@ impl ApiNet {
         }
     }
 }
+
+/// SIGHUP re-reads the config's blocklist files: a source taken off the file connects
+/// again and one put on it is dropped, without a restart (the process stays the same);
+/// a file that no longer validates is refused and the running lists stay.
+#[test]
+fn sighup_reloads_the_blocklist_files() {
+    if !require_root("sighup_reloads_the_blocklist_files") {
+        return;
+    }
+    let net = Net::new("rld");
+    let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
+    let v4 = listener.local_addr().expect("addr");
+    let (bot, client) = (IpAddr::V4(net.bot_v4), IpAddr::V4(net.subnet.ns_v4));
+    let lists = tempfile::tempdir().expect("tempdir");
+    let file = lists.path().join("bots.txt");
+    std::fs::write(&file, format!("# bots\n{}/32\n", net.bot_v4)).expect("write list");
+    let mut proxy = start_with(&format!(
+        "[xdp]\ninterface = \"{}\"\nblocklist_files = [\"{}\"]\n",
+        net.iface(),
+        file.display()
+    ));
+    assert!(!net.connects(bot, v4), "listed at start: dropped");
+    assert!(net.connects(client, v4), "not listed: connects");
+    let pid = proxy.guard.id();
+    let reloads = |result: &str| {
+        let metrics = metrics(proxy.admin);
+        let series = format!("protobalance_config_reloads_total{{result=\"{result}\"}}");
+        metrics
+            .lines()
+            .find(|l| l.strip_prefix(&series).is_some_and(|v| v.starts_with(' ')))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // The bot is taken off the file, the client put on it.
+    std::fs::write(&file, format!("# bots\n{}/32\n", net.subnet.ns_v4)).expect("rewrite");
+    process::signal(pid, "HUP");
+    wait_for("the reload is applied", &|| reloads("applied") == 1);
+    assert!(net.connects(bot, v4), "taken off the list: connects");
+    assert!(!net.connects(client, v4), "put on the list: dropped");
+
+    // A broken file: refused, the lists in force stay.
+    std::fs::write(&file, "not-a-network\n").expect("rewrite");
+    process::signal(pid, "HUP");
+    wait_for("the reload is refused", &|| reloads("invalid") == 1);
+    assert!(
+        !net.connects(client, v4),
+        "still dropped after a refused reload"
+    );
+    assert!(net.connects(bot, v4));
+    assert_eq!(
+        proxy.guard.wait_timeout(Duration::ZERO).expect("wait"),
+        None,
+        "the same process throughout"
+    );
+    proxy.stop();
+}

@@ -38,8 +38,11 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub struct BlocklistManager {
     directory: Arc<Directory<SqliteDirectory>>,
     filter: Arc<Mutex<XdpFilter>>,
-    /// The config file's lists, first the inline one: they head every rewrite.
-    config_lists: Vec<NamedList>,
+    /// The config file's lists, first the inline one: they head every rewrite. Replaced
+    /// when the config is reloaded.
+    config_lists: Mutex<Vec<NamedList>>,
+    /// One rewrite at a time, so a slower one cannot write older lists over a newer one.
+    applying: tokio::sync::Mutex<()>,
 }
 
 fn now() -> i64 {
@@ -57,8 +60,26 @@ impl BlocklistManager {
         Self {
             directory,
             filter,
-            config_lists,
+            config_lists: Mutex::new(config_lists),
+            applying: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The config file's lists now.
+    pub fn config_lists(&self) -> Vec<NamedList> {
+        self.config_lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A reloaded config's lists: stored, then written into the kernel with the API's.
+    pub async fn set_config_lists(&self, lists: Vec<NamedList>) -> Result<(), ApiError> {
+        *self
+            .config_lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = lists;
+        self.apply().await
     }
 
     /// The stored lists as the kernel needs them (unexpired entries, by list name).
@@ -68,7 +89,8 @@ impl BlocklistManager {
 
     /// Rewrites the kernel's lists: the config's, then every stored one.
     pub async fn apply(&self) -> Result<(), ApiError> {
-        let mut lists = self.config_lists.clone();
+        let _one_at_a_time = self.applying.lock().await;
+        let mut lists = self.config_lists();
         lists.extend(kernel_lists(self.api_lists().await?));
         let mut filter = self
             .filter
@@ -110,7 +132,7 @@ impl BlocklistManager {
     }
 
     fn is_config_list(&self, name: &str) -> bool {
-        self.config_lists.iter().any(|l| l.name == name)
+        self.config_lists().iter().any(|l| l.name == name)
     }
 }
 
@@ -215,7 +237,7 @@ fn write_entry(w: &mut Writer, e: &BlockRecord) {
 pub async fn lists(state: &ApiState) -> Result<ApiResponse, ApiError> {
     let manager = manager(state)?;
     let mut w = Writer::document("blocklists", &[]);
-    for list in &manager.config_lists {
+    for list in &manager.config_lists() {
         let entries = list.entries.len().to_string();
         w.empty(
             "list",
@@ -243,7 +265,7 @@ pub async fn lists(state: &ApiState) -> Result<ApiResponse, ApiError> {
 /// `GET /blocklist/{list}`: its entries.
 pub async fn show(state: &ApiState, name: &str) -> Result<ApiResponse, ApiError> {
     let manager = manager(state)?;
-    if let Some(list) = manager.config_lists.iter().find(|l| l.name == name) {
+    if let Some(list) = manager.config_lists().iter().find(|l| l.name == name) {
         let mut w = Writer::document("list", &[("name", name), ("managed-by", "config")]);
         for cidr in &list.entries {
             w.empty("entry", &[("cidr", &cidr.to_string())]);

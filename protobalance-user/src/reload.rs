@@ -1,0 +1,180 @@
+//! Config reload on SIGHUP: the file `run` was started with is read and validated again;
+//! a config that does not validate is refused (logged with the key and the fix, counted)
+//! and the running one stays. A valid one applies, without cutting any session:
+//!
+//! * the kernel filter's allowlist and the config's blocklists (`xdp.blocklist`,
+//!   `xdp.blocklist_files` re-read), written together with the API's lists: new entries go
+//!   in before stale ones come out.
+//!
+//! Everything else (listeners, backends, certificates, limits, reputation) takes effect at
+//! the next restart; a reload says so when those sections changed.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use prometheus::{IntCounterVec, Opts, Registry};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::blocklist::BlocklistManager,
+    config::{Config, Validated},
+    filter::xdp::XdpFilter,
+};
+
+pub struct Reloader {
+    path: PathBuf,
+    /// What the running process was started with, to name the sections a reload cannot
+    /// change.
+    started: Validated,
+    filter: Option<Arc<Mutex<XdpFilter>>>,
+    blocklist: Option<Arc<BlocklistManager>>,
+    reloads: IntCounterVec,
+}
+
+impl Reloader {
+    pub fn new(
+        path: PathBuf,
+        started: Validated,
+        filter: Option<Arc<Mutex<XdpFilter>>>,
+        blocklist: Option<Arc<BlocklistManager>>,
+        registry: &Registry,
+    ) -> prometheus::Result<Self> {
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "protobalance_config_reloads_total",
+                "Config reloads (SIGHUP) by result: applied, or refused as invalid or failed",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(reloads.clone()))?;
+        Ok(Self {
+            path,
+            started,
+            filter,
+            blocklist,
+            reloads,
+        })
+    }
+
+    /// Reloads on every SIGHUP until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot install the SIGHUP handler: config reload is off");
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = hangup.recv() => {}
+            }
+            tracing::info!(path = %self.path.display(), "SIGHUP: reloading the config");
+            let result = match self.reload().await {
+                Ok(()) => "applied",
+                Err(Refused::Invalid(error)) => {
+                    tracing::error!(%error, "config reload refused; the running config stays");
+                    "invalid"
+                }
+                Err(Refused::Failed(error)) => {
+                    tracing::error!(%error, "config reload failed to apply");
+                    "failed"
+                }
+            };
+            self.reloads.with_label_values(&[result]).inc();
+        }
+    }
+
+    async fn reload(&self) -> Result<(), Refused> {
+        let new = Config::load(&self.path).map_err(|e| Refused::Invalid(e.to_string()))?;
+        let (old, cfg) = (&self.started.config, &new.config);
+        if old.xdp.interface != cfg.xdp.interface || old.xdp.pin_dir != cfg.xdp.pin_dir {
+            return Err(Refused::Invalid(
+                "xdp.interface or xdp.pin_dir changed: that needs a restart".into(),
+            ));
+        }
+        if let Some(filter) = &self.filter {
+            let allowed = filter
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .replace_allowlist(&new.allowlist)
+                .map_err(|e| Refused::Failed(format!("kernel allowlist: {e}")))?;
+            let lists = cfg.xdp.blocklists.clone();
+            let entries: usize = lists.iter().map(|l| l.entries.len()).sum();
+            match &self.blocklist {
+                Some(manager) => manager
+                    .set_config_lists(lists)
+                    .await
+                    .map_err(|e| Refused::Failed(format!("kernel blocklists: {}", e.message)))?,
+                None => {
+                    filter
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .replace_named_lists(&lists)
+                        .map_err(|e| Refused::Failed(format!("kernel blocklists: {e}")))?;
+                }
+            }
+            tracing::info!(
+                blocklist_entries = entries,
+                allowlist_entries = new.allowlist.len(),
+                stale_allowlist_entries_removed = allowed,
+                "config reloaded: kernel blocklists and allowlist replaced"
+            );
+        }
+        let later = restart_sections(old, cfg);
+        if !later.is_empty() {
+            tracing::warn!(
+                sections = ?later,
+                "these sections changed and take effect at the next restart"
+            );
+        }
+        Ok(())
+    }
+}
+
+enum Refused {
+    /// The file does not validate (or changes what a reload cannot).
+    Invalid(String),
+    /// Valid, but writing it into the kernel failed.
+    Failed(String),
+}
+
+/// The sections that differ between `old` and `new` and that only a restart applies.
+fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let mut changed = Vec::new();
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 12] = [
+        ("admin", &old.admin, &new.admin),
+        ("listener", &old.listeners, &new.listeners),
+        ("backend", &old.backends, &new.backends),
+        ("domain", &old.domains, &new.domains),
+        ("directory", &old.directory, &new.directory),
+        ("limits", &old.limits, &new.limits),
+        ("submission", &old.submission, &new.submission),
+        ("server", &old.server, &new.server),
+        ("certificate", &old.certificates, &new.certificates),
+        ("reputation", &old.reputation, &new.reputation),
+        ("dnsbl", &old.dnsbl, &new.dnsbl),
+        ("api", &old.api, &new.api),
+    ];
+    for (name, a, b) in sections {
+        if !same(a, b) {
+            changed.push(name);
+        }
+    }
+    let syn = |x: &crate::config::XdpConfig| {
+        (
+            x.syn_rate_per_second,
+            x.syn_burst,
+            x.syn_penalty_seconds,
+            x.syn_limited_ports.clone(),
+            x.mode,
+        )
+    };
+    if !same(&syn(&old.xdp), &syn(&new.xdp)) {
+        changed.push("xdp (SYN limiter, mode)");
+    }
+    changed
+}
