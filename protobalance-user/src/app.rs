@@ -245,6 +245,7 @@ impl App {
         ));
         if let Some(ctx) = &self.proxy {
             tracker.spawn(Arc::clone(&ctx.pool).run_health_checks(shutdown.clone()));
+            tracker.spawn(Arc::clone(&ctx.sessions).sweep(shutdown.clone()));
             for (protocol, tls, listener) in self.mail {
                 if let Ok(addr) = listener.local_addr() {
                     tracing::info!(%addr, protocol = protocol.as_str(), ?tls, "mail listener ready");
@@ -489,6 +490,10 @@ async fn proxy_context(
         );
     }
     Ok(ProxyContext {
+        sessions: Arc::new(crate::smtp::reuse::SessionPool::new(
+            config.limits.backend_idle_sessions,
+            Some(registry),
+        )?),
         dnsbl,
         reputation: Arc::new(reputation),
         directory,

@@ -515,3 +515,56 @@ impl RawSmtp {
         }
     }
 }
+
+/// Backend delivery sessions are reused (`limits.backend_idle_sessions`): one connection
+/// to the owner serves messages from three clients in turn, and each message carries its
+/// own client's HELO and address (XCLIENT again on the reused session), never the
+/// previous client's.
+#[test]
+fn reused_backend_sessions_carry_each_clients_identity() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let edge = start_edge(&cluster, &[Listen("smtp", None)], "");
+    let user = "user42@example.com";
+    let addr = edge.listeners[0];
+    for (i, client) in ["127.0.0.9", "127.0.0.10", "127.0.0.11"].iter().enumerate() {
+        let out = python(&format!(
+            "import smtplib\ns = smtplib.SMTP('{}', {}, timeout=10, source_address=('{client}', 0))\n\
+             s.ehlo('client{i}.example.net')\n\
+             print(s.sendmail('a@sender.example.net', ['{user}'], 'Subject: reuse-{i}\\r\\n\\r\\nx\\r\\n'))\n\
+             s.quit()\n",
+            addr.ip(),
+            addr.port()
+        ))
+        .expect("smtplib");
+        assert!(out.trim_end().ends_with("{}"), "{out}");
+    }
+    assert_only_on_owner(&cluster, &edge, user, 3);
+    let home = owner(&edge, user);
+    for message in stored(&cluster, &home, user) {
+        let i: usize = message
+            .split("Subject: reuse-")
+            .nth(1)
+            .and_then(|rest| rest.get(..1))
+            .and_then(|d| d.parse().ok())
+            .expect("subject");
+        let expected = format!("Received: from client{i}.example.net ([127.0.0.{}])", 9 + i);
+        assert!(message.contains(&expected), "message {i}: {message}");
+    }
+    let metrics = support::metrics(&edge);
+    let sample = |result: &str| {
+        let series = format!(
+            "protobalance_backend_sessions_total{{backend=\"{home}\",result=\"{result}\"}}"
+        );
+        metrics
+            .lines()
+            .find(|l| l.strip_prefix(&series).is_some_and(|v| v.starts_with(' ')))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(sample("fresh"), 1, "one connection …\n{metrics}");
+    assert_eq!(sample("reused"), 2, "… reused twice");
+}

@@ -177,6 +177,28 @@ fn inbound_mail_reaches_the_owners_postfix_with_the_clients_identity() {
     );
     let log = cluster.backend(&owner(&cluster.edge, user)).log();
     assert!(log.contains("client=unknown[127.0.0.9]"), "{log}");
+    // A second client: the edge reuses its idle session to that Postfix, and XCLIENT
+    // again gives Postfix the second client's identity, not the first's.
+    let out = python(&format!(
+        "import smtplib\ns = smtplib.SMTP('{host}', {smtp}, timeout=10, source_address=('127.0.0.10', 0))\n\
+         s.ehlo('second.example.net')\n\
+         print('refused', s.sendmail('far@sender.example.net', ['{user}'], 'Subject: again\\r\\n\\r\\nx\\r\\n'))\n\
+         s.quit()\n"
+    ))
+    .expect("smtplib");
+    assert!(out.contains("refused {}"), "{out}");
+    cluster.wait_for(user, 2);
+    let home = owner(&cluster.edge, user);
+    let log = cluster.backend(&home).log();
+    assert!(log.contains("client=unknown[127.0.0.10]"), "{log}");
+    metric_line(
+        &cluster.edge,
+        &[
+            "protobalance_backend_sessions_total",
+            &format!("backend=\"{home}\""),
+            "result=\"reused\"} 1",
+        ],
+    );
     // The edge still refuses relaying on its MX port: Postfix would accept only with AUTH.
     let out = python(&format!(
         "import smtplib\ns = smtplib.SMTP('{host}', {smtp}, timeout=10)\ns.ehlo('c.example.net')\n\

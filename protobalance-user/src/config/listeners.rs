@@ -98,6 +98,10 @@ pub struct LimitsConfig {
     /// `SIZE`; larger ones get `552 5.3.4`).
     #[serde(default = "default_max_message")]
     pub max_message_octets: u64,
+    /// Idle delivery sessions (LMTP/SMTP) kept per backend for the next inbound message;
+    /// 0: a new connection for every message.
+    #[serde(default = "default_idle_sessions")]
+    pub backend_idle_sessions: usize,
 }
 
 impl Default for LimitsConfig {
@@ -110,6 +114,7 @@ impl Default for LimitsConfig {
             backend_connect_timeout_seconds: default_connect_timeout(),
             max_line_octets: default_max_line(),
             max_message_octets: default_max_message(),
+            backend_idle_sessions: default_idle_sessions(),
         }
     }
 }
@@ -131,6 +136,9 @@ const fn default_max_line() -> usize {
 }
 const fn default_connect_timeout() -> u64 {
     3
+}
+const fn default_idle_sessions() -> usize {
+    16
 }
 const fn default_max_message() -> u64 {
     25 * 1024 * 1024
@@ -166,6 +174,12 @@ impl LimitsConfig {
                 self.idle_timeout_seconds,
                 1,
                 86_400,
+            ),
+            (
+                "limits.backend_idle_sessions",
+                self.backend_idle_sessions as u64,
+                0,
+                10_000,
             ),
             (
                 "limits.max_sessions_per_ip",

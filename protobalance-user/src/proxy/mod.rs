@@ -101,6 +101,8 @@ pub struct ProxyContext {
     pub reputation: Arc<crate::filter::reputation::Reputation>,
     /// DNSBL/DNSWL lookups for inbound SMTP clients, when `[[dnsbl.site]]`s are configured.
     pub dnsbl: Option<Arc<crate::filter::dnsbl::Dnsbl>>,
+    /// Idle backend delivery sessions for reuse (`limits.backend_idle_sessions`).
+    pub sessions: Arc<crate::smtp::reuse::SessionPool>,
 }
 
 /// How a session ended; the `outcome` label of `protobalance_sessions_total`.

@@ -9,7 +9,9 @@
 //!
 //! Nothing is spooled here: the client hears `250` only after the backend stored the
 //! message. A refused message (too big, bare line ending) is abandoned by dropping the
-//! connection without the end-of-data sequence, so the backend discards it.
+//! connection without the end-of-data sequence, so the backend discards it. After a
+//! completed transaction an inbound session goes back to the idle pool (`reuse`) for the
+//! next message, which `open` tries before connecting.
 
 use std::time::Duration;
 
@@ -111,6 +113,13 @@ pub struct BackendSession {
     hello: Reply,
     /// Recipients the backend accepted in this transaction, in order.
     accepted: Vec<String>,
+    service: Service,
+    /// The XCLIENT attributes the backend offered before any XCLIENT (`None`: it takes
+    /// no XCLIENT, or the client's identity went in a PROXY header instead).
+    xclient_offer: Option<String>,
+    /// The identity of this connection's client can be replaced: it may be reused
+    /// (see `reuse`).
+    reusable: bool,
 }
 
 impl BackendSession {
@@ -122,6 +131,73 @@ impl BackendSession {
         backend: &str,
         service: Service,
         client: &ClientInfo,
+    ) -> Result<Self, DeliverError> {
+        let proxied = ctx.pool.uses_proxy_protocol(backend, service);
+        if !proxied && service != Service::Submission {
+            while let Some(mut session) = ctx.sessions.take(backend, service) {
+                match session.adopt(ctx, conn, client).await {
+                    Ok(()) => {
+                        ctx.sessions.count(backend, "reused");
+                        return Ok(session);
+                    }
+                    Err(DeliverError::Refused {
+                        step: "XCLIENT", ..
+                    }) => {
+                        ctx.sessions.count(backend, "stale");
+                        ctx.sessions.refuse_reuse(backend, service);
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%backend, %error, "pooled backend session was stale");
+                        ctx.sessions.count(backend, "stale");
+                    }
+                }
+            }
+        }
+        let session = Self::connect(ctx, conn, backend, service, client, proxied).await?;
+        ctx.sessions.count(backend, "fresh");
+        Ok(session)
+    }
+
+    /// Takes over a pooled session for the client of `conn`: its identity by XCLIENT
+    /// (which resets the session; greeted again), or a RSET to check it is still there.
+    async fn adopt(
+        &mut self,
+        ctx: &ProxyContext,
+        conn: &Conn,
+        client: &ClientInfo,
+    ) -> Result<(), DeliverError> {
+        self.accepted.clear();
+        match self.xclient_offer.clone() {
+            Some(offer) => {
+                self.send(xclient(&offer, conn, client).as_bytes()).await?;
+                self.expect("XCLIENT", 220).await?;
+                let client_name = client.helo_domain.as_deref().unwrap_or(&ctx.hostname);
+                self.greet(client_name).await
+            }
+            None => {
+                self.send(b"RSET\r\n").await?;
+                self.expect("RSET", 250).await
+            }
+        }
+    }
+
+    /// Whether this session may go back to the pool after a completed transaction.
+    pub const fn reusable(&self) -> bool {
+        self.reusable
+    }
+
+    pub const fn service(&self) -> Service {
+        self.service
+    }
+
+    async fn connect(
+        ctx: &ProxyContext,
+        conn: &Conn,
+        backend: &str,
+        service: Service,
+        client: &ClientInfo,
+        proxied: bool,
     ) -> Result<Self, DeliverError> {
         let stream = ctx
             .pool
@@ -142,22 +218,31 @@ impl BackendSession {
                 lines: Vec::new(),
             },
             accepted: Vec::new(),
+            service,
+            xclient_offer: None,
+            reusable: false,
         };
         session.expect("greeting", 220).await?;
         // Behind a PROXY header the backend already sees the client's address; greeting
         // with the client's HELO name too makes its Received header the client's own.
-        let proxied = ctx.pool.uses_proxy_protocol(backend, service);
         let client_name = client.helo_domain.as_deref().unwrap_or(&ctx.hostname);
         session
             .greet(if proxied { client_name } else { &ctx.hostname })
             .await?;
-        if let Some(offered) = session.hello.extension("XCLIENT").filter(|_| !proxied) {
+        let offer = session
+            .hello
+            .extension("XCLIENT")
+            .filter(|_| !proxied)
+            .map(str::to_owned);
+        if let Some(offered) = &offer {
             let command = xclient(offered, conn, client);
             session.send(command.as_bytes()).await?;
             session.expect("XCLIENT", 220).await?;
             session.greet(client_name).await?;
             tracing::debug!(%backend, peer = %conn.peer, "client identity passed by XCLIENT");
         }
+        session.xclient_offer = offer;
+        session.reusable = !proxied && service != Service::Submission;
         Ok(session)
     }
 
@@ -283,13 +368,6 @@ impl BackendSession {
                 replies.extend(accepted.into_iter().map(|m| (m, reply.clone())));
             }
         }
-        Ok(replies)
-    }
-
-    /// Ends the data and says QUIT without waiting for the answer.
-    pub async fn finish(mut self) -> Result<Vec<(String, Reply)>, DeliverError> {
-        let replies = self.end_data().await?;
-        self.quit().await;
         Ok(replies)
     }
 

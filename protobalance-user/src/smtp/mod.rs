@@ -4,7 +4,8 @@
 //! and submission session driver with its LMTP/SMTP backend side and per-user limits.
 
 pub mod codec;
-mod deliver;
+pub mod deliver;
 pub mod limits;
+pub mod reuse;
 pub mod session;
 mod transaction;

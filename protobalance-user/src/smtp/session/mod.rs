@@ -742,15 +742,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
     }
 
-    async fn deliver(&mut self, session: BackendSession) -> Vec<u8> {
+    async fn deliver(&mut self, mut session: BackendSession) -> Vec<u8> {
         let backend = session.backend().to_owned();
-        let replies = match session.finish().await {
+        let replies = match session.end_data().await {
             Ok(replies) => replies,
             Err(error) => {
                 tracing::warn!(%error, "backend lost at the end of DATA");
                 return backend_lost();
             }
         };
+        // Every reply came in: the backend is ready for the next transaction.
+        if session.reusable() {
+            let service = session.service();
+            self.ctx.sessions.put(session, service);
+        } else {
+            session.quit().await;
+        }
         for (mailbox, refusal) in replies.iter().filter(|(_, r)| !r.is_positive()) {
             tracing::warn!(%mailbox, %backend, code = refusal.code, "backend refused a recipient after DATA");
         }
