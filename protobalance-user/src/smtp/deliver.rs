@@ -141,7 +141,9 @@ impl BackendSession {
                         return Ok(session);
                     }
                     Err(DeliverError::Refused {
-                        step: "XCLIENT", ..
+                        step: "XCLIENT",
+                        code: 500..=599,
+                        ..
                     }) => {
                         ctx.sessions.count(backend, "stale");
                         ctx.sessions.refuse_reuse(backend, service);
@@ -182,9 +184,10 @@ impl BackendSession {
         }
     }
 
-    /// Whether this session may go back to the pool after a completed transaction.
-    pub const fn reusable(&self) -> bool {
-        self.reusable
+    /// Whether this session may go back to the pool after a completed transaction: its
+    /// identity can be replaced and the backend sent nothing beyond its replies.
+    pub fn reusable(&self) -> bool {
+        self.reusable && self.buf.is_empty()
     }
 
     pub const fn service(&self) -> Service {
