@@ -8,7 +8,7 @@
 //!   with the XDP filter on it, protobalance on examples/demo.toml. Ctrl-C stops it all.
 //! * `test`   — setup, then the whole test suite, then a short fuzzing smoke run.
 //! * `fuzz`   — the codec fuzz targets for longer.
-//! * `bench`  — end-to-end benchmarks (`pop3`, `imap`, `smtp`, `memory`, `directory`);
+//! * `bench`  — end-to-end benchmarks (`pop3`, `imap`, `smtp`, `memory`, `directory`, `abuse`);
 //!   without a target, lists them.
 
 mod bench;

@@ -97,6 +97,18 @@ impl EdgeConfig {
         protocol: Option<Protocol>,
         limits: &Limits,
     ) -> Result<Self> {
+        Self::write_with(dir, backends, protocol, limits, "")
+    }
+
+    /// As [`Self::write`], with `extra` (whole TOML tables, e.g. `"[reputation]\n…"`)
+    /// appended at the end.
+    pub fn write_with(
+        dir: &TestDir,
+        backends: &[BackendSpec],
+        protocol: Option<Protocol>,
+        limits: &Limits,
+        extra: &str,
+    ) -> Result<Self> {
         let admin = SocketAddr::new(LOOPBACK, free_port(LOOPBACK)?);
         let directory = dir.path().join("directory.db");
         let mut text = format!(
@@ -132,6 +144,7 @@ impl EdgeConfig {
                 write!(text, "delivery = \"smtp\"\nsmtp_port = {port}\n")?;
             }
         }
+        text.push_str(extra);
         let path = dir.path().join("protobalance.toml");
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         Ok(Self {

@@ -20,9 +20,9 @@ use crate::util::step;
 /// Pause after a failed session so a dead server is not hammered in a tight loop.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 /// Before each measured slice of [`interleaved`].
-const WARMUP: Duration = Duration::from_secs(1);
+pub const WARMUP: Duration = Duration::from_secs(1);
 /// The measured time per path is split into at most this many alternating slices.
-const MAX_ROUNDS: u64 = 5;
+pub const MAX_ROUNDS: u64 = 5;
 
 /// Where one mailbox's (or recipient group's) sessions go in a phase, and what they do.
 #[derive(Debug, Clone)]
@@ -197,7 +197,7 @@ pub fn interleaved(
 }
 
 /// Fails when nothing completed; reports failed sessions (a benchmark does not hide them).
-fn check(path: &str, result: &PhaseResult) -> Result<()> {
+pub fn check(path: &str, result: &PhaseResult) -> Result<()> {
     if let Some(error) = &result.first_error {
         if result.completed() == 0 {
             bail!("{path}: no session completed; first error: {error}");

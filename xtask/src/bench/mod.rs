@@ -12,6 +12,13 @@
 //!   an edge with `delivery = "lmtp"`, and direct SMTP to a real Postfix in front of each
 //!   Dovecot vs an edge with `delivery = "smtp"`; prints the ratios and the latency added.
 //!   Also protobalance's RSS while it streams 10 KB vs 20 MiB messages.
+//! * `abuse` — clean SMTP messages/s (and p50/p99) through an edge with three real Dovecot
+//!   backends while 1 000 abusive clients (distinct source addresses, pregreet and blind
+//!   pipelining of guessed recipients) hammer it, vs without them, in alternating slices;
+//!   prints the ratio, the abusers' connections/s and how the edge ended them, the bans
+//!   placed and protobalance's RSS; then the reputation engine alone: bytes per tracked
+//!   address at 1 M addresses and ns per report/admit (`protobalance-user` bench
+//!   `reputation_memory`).
 //! * `memory` — protobalance's RSS/Pss per idle logged-in POP3 session (10 000 by default),
 //!   in front of a stand-in backend, since Dovecot cannot hold that many sessions here.
 //! * `directory` — `protobalance directory import` rate (mailboxes/s) for N mailboxes, the
@@ -23,6 +30,8 @@
 //! machines. Everything started is an RAII guard; Ctrl-C stops the load and cleans up.
 //! A debug `cargo xtask` re-runs itself optimized, so the client side is not the bottleneck.
 
+mod abuse;
+mod abusers;
 mod directory;
 mod edge;
 mod imap;
@@ -37,6 +46,7 @@ mod protocol;
 mod smtp;
 mod smtp_bench;
 mod smtp_memory;
+mod source_addr;
 mod standin_pop3;
 mod stats;
 mod store;
@@ -62,6 +72,12 @@ pub enum Target {
     /// `delivery = "lmtp"`, direct SMTP to Postfix vs protobalance with `delivery = "smtp"`;
     /// then protobalance's RSS while it streams 10 KB vs 20 MiB messages.
     Smtp(smtp_bench::SmtpArgs),
+    /// Clean SMTP messages/s while 1 000 abusive clients hammer the edge, vs without them.
+    ///
+    /// Also the bans placed, protobalance's RSS, and the reputation engine's memory per
+    /// tracked address at 1 M addresses (`cargo bench -p protobalance-user --bench
+    /// reputation_memory`).
+    Abuse(abuse::AbuseArgs),
     /// protobalance's memory (RSS, Pss) per idle logged-in POP3 session.
     Memory(memory::MemoryArgs),
     /// Directory import rate (mailboxes/s), disk use and owner-lookup latency.
@@ -99,6 +115,7 @@ pub fn run(target: Option<Target>) -> Result<()> {
         Target::Pop3(args) => mail::run(&binary, protocol::Retrieval::Pop3, &args),
         Target::Imap(args) => mail::run(&binary, protocol::Retrieval::Imap, &args),
         Target::Smtp(args) => smtp_bench::run(&binary, &args),
+        Target::Abuse(args) => abuse::run(&binary, &args),
         Target::Memory(args) => memory::run(&binary, &args),
         Target::Directory(args) => directory::run(&binary, &args),
     }
@@ -106,12 +123,15 @@ pub fn run(target: Option<Target>) -> Result<()> {
 
 /// What a target needs from this machine, checked before the (slow) optimized build.
 fn preflight(target: &Target) -> Result<()> {
-    let backends = matches!(target, Target::Pop3(_) | Target::Imap(_) | Target::Smtp(_));
+    let backends = matches!(
+        target,
+        Target::Pop3(_) | Target::Imap(_) | Target::Smtp(_) | Target::Abuse(_)
+    );
     if backends && !util::is_root() {
         bail!(
-            "the POP3, IMAP and SMTP benches run real Dovecot (and Postfix) backends, which \
-             must start as root to switch to their users: run `cargo xtask bench \
-             pop3|imap|smtp` as root"
+            "the POP3, IMAP, SMTP and abuse benches run real Dovecot (and Postfix) backends, \
+             which must start as root to switch to their users: run `cargo xtask bench \
+             pop3|imap|smtp|abuse` as root"
         );
     }
     if matches!(target, Target::Smtp(_)) && !std::path::Path::new(MASTER_BIN).exists() {
@@ -154,7 +174,7 @@ fn print_targets() {
         println!("  {:<10} {about}", target.get_name());
     }
     println!(
-        "\npop3, imap and smtp start real Dovecot backends (smtp also a Postfix in front of \
-         each): run them as root."
+        "\npop3, imap, smtp and abuse start real Dovecot backends (smtp also a Postfix in \
+         front of each): run them as root."
     );
 }

@@ -1,10 +1,10 @@
-//! What `/proc` says about a process, for `bench memory` and `bench smtp`: resident memory
-//! (VmRSS, its high-water mark VmHWM, and Pss from smaps_rollup, which charges shared
-//! pages by share), open descriptors, and the open-file limit — which this process raises
-//! for itself with util-linux `prlimit` (xtask has no libc binding, and `prlimit` comes
-//! with util-linux like `mount`).
+//! What `/proc` says about a process, for `bench memory`, `smtp` and `abuse`: resident
+//! memory (VmRSS, its high-water mark VmHWM, and Pss from smaps_rollup, which charges
+//! shared pages by share), CPU time, open descriptors, and the open-file limit — which
+//! this process raises for itself with util-linux `prlimit` (xtask has no libc binding,
+//! and `prlimit` comes with util-linux like `mount`).
 
-use std::{path::PathBuf, process::Command};
+use std::{path::PathBuf, process::Command, sync::OnceLock, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -36,6 +36,38 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
 /// falls between two samples).
 pub fn peak_rss_kib(pid: u32) -> Result<u64> {
     field_kib(&read(pid, "status")?, "VmHWM:").context("no VmHWM in /proc/<pid>/status")
+}
+
+/// CPU time `pid` used so far, user and system, all its threads (fields 14 and 15 of
+/// /proc/<pid>/stat, in clock ticks).
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = read(pid, "stat")?;
+    let ticks = stat_cpu_ticks(&stat).context("cannot parse utime/stime in /proc/<pid>/stat")?;
+    Ok(Duration::from_secs_f64(
+        ticks as f64 / clock_ticks_per_second() as f64,
+    ))
+}
+
+/// utime + stime of a stat line; the fields are counted after the `(comm)`, which may
+/// hold spaces and parentheses.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, after_comm) = stat.rsplit_once(')')?;
+    let mut fields = after_comm.split_ascii_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// `getconf CLK_TCK` (USER_HZ), once; 100 (Linux's on every common architecture) if it
+/// cannot be asked.
+fn clock_ticks_per_second() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        util::output(Command::new("getconf").arg("CLK_TCK"))
+            .and_then(|out| out.trim().parse().ok())
+            .filter(|&hz| hz > 0)
+            .unwrap_or(100)
+    })
 }
 
 /// Entries in /proc/<pid>/fd.
@@ -112,6 +144,13 @@ mod tests {
         assert_eq!(field_kib(status, "VmRSS:"), Some(123));
         assert_eq!(field_kib("Rss: 9 kB\nPss: 7 kB\n", "Pss:"), Some(7));
         assert_eq!(field_kib(status, "Pss:"), None);
+    }
+
+    #[test]
+    fn parses_cpu_ticks_after_the_command_name() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 3 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(12));
+        assert_eq!(stat_cpu_ticks("42 (x) S 1"), None);
     }
 
     #[test]
