@@ -120,6 +120,28 @@ pub struct BackendSession {
     /// The identity of this connection's client can be replaced: it may be reused
     /// (see `reuse`).
     reusable: bool,
+    /// The client identity the backend holds (after XCLIENT): address, HELO, ESMTP.
+    identity: Option<Identity>,
+}
+
+/// What XCLIENT told the backend about the client, minus its source port: a reused session
+/// whose backend already holds the same identity needs no new XCLIENT (a sender's many
+/// connections from one address and name), only a check that it is still there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Identity {
+    addr: std::net::IpAddr,
+    helo: Option<String>,
+    esmtp: bool,
+}
+
+impl Identity {
+    fn of(conn: &Conn, client: &ClientInfo) -> Self {
+        Self {
+            addr: conn.peer.ip(),
+            helo: client.helo.clone(),
+            esmtp: client.esmtp,
+        }
+    }
 }
 
 impl BackendSession {
@@ -170,14 +192,18 @@ impl BackendSession {
         client: &ClientInfo,
     ) -> Result<(), DeliverError> {
         self.accepted.clear();
+        let identity = Identity::of(conn, client);
         match self.xclient_offer.clone() {
-            Some(offer) => {
+            Some(offer) if self.identity.as_ref() != Some(&identity) => {
                 self.send(xclient(&offer, conn, client).as_bytes()).await?;
                 self.expect("XCLIENT", 220).await?;
                 let client_name = client.helo_domain.as_deref().unwrap_or(&ctx.hostname);
-                self.greet(client_name).await
+                self.greet(client_name).await?;
+                self.identity = Some(identity);
+                Ok(())
             }
-            None => {
+            // The same client identity, or none passed: check the session is alive.
+            _ => {
                 self.send(b"RSET\r\n").await?;
                 self.expect("RSET", 250).await
             }
@@ -224,6 +250,7 @@ impl BackendSession {
             service,
             xclient_offer: None,
             reusable: false,
+            identity: None,
         };
         session.expect("greeting", 220).await?;
         // Behind a PROXY header the backend already sees the client's address; greeting
@@ -242,6 +269,7 @@ impl BackendSession {
             session.send(command.as_bytes()).await?;
             session.expect("XCLIENT", 220).await?;
             session.greet(client_name).await?;
+            session.identity = Some(Identity::of(conn, client));
             tracing::debug!(%backend, peer = %conn.peer, "client identity passed by XCLIENT");
         }
         session.xclient_offer = offer;

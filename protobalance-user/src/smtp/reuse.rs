@@ -1,7 +1,8 @@
 //! Idle backend sessions for reuse by the next inbound transaction, per backend and
 //! delivery service. A message through the edge otherwise costs the backend a new
 //! connection, a greeting and an LHLO/EHLO each time (and a QUIT); a reused session costs
-//! only the new client's XCLIENT and the greeting after it.
+//! only the new client's XCLIENT and the greeting after it, or just a RSET when the client
+//! has the same address and HELO as the last one there.
 //!
 //! Only sessions whose client identity can be replaced are kept: those of backends that
 //! take the identity by XCLIENT (Dovecot LMTP and Postfix allow XCLIENT again outside a
