@@ -34,7 +34,7 @@ pub enum Binding {
     /// No recipient accepted yet.
     Unbound,
     /// Bound by its first accepted recipient; holds the open backend transaction.
-    Bound(BackendSession),
+    Bound(Box<BackendSession>),
     /// Recipients were accepted, then the backend connection failed: DATA gets `451`.
     Lost,
     /// Submission: the transaction runs on the authenticated user's backend session;
@@ -266,7 +266,7 @@ impl Transaction {
     ) -> Vec<u8> {
         if let Binding::Unbound = self.binding {
             match self.open(ctx, conn, backend).await {
-                Ok(Ok(session)) => self.binding = Binding::Bound(session),
+                Ok(Ok(session)) => self.binding = Binding::Bound(Box::new(session)),
                 Ok(Err(refusal)) => return deliver::relay(&refusal),
                 Err(error) => {
                     tracing::warn!(%error, "owner unavailable for a recipient");

@@ -666,7 +666,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             }
         };
         let mut backend = match binding {
-            Binding::Bound(backend) => backend,
+            Binding::Bound(backend) => *backend,
             Binding::Unbound => return self.answer(&no_recipients()).await,
             Binding::Lost => return self.answer(&backend_lost()).await,
             Binding::Account { accepted } => return self.submit_data(accepted).await,
