@@ -2,7 +2,8 @@
 //! bots (a pregreeting, blindly pipelining spammer; a dictionary harvester; POP3/IMAP
 //! password guessers) are refused and then banned, while well-behaved Python clients from
 //! other addresses deliver and log in throughout; an account attacked from many addresses
-//! is locked except from where its owner logged in before; bans end and scores decay.
+//! is locked except from where its owner logged in before; bans end and scores decay; a
+//! real sending Postfix (pregreet delay, 452 splits, PIPELINING groups) earns no offence.
 //! (The kernel side of bans, XDP dropping the banned bot's SYNs, is in `xdp_reputation`.)
 
 use protobalance_tests::{BackendOptions, DovecotCluster, python};
@@ -423,4 +424,94 @@ fn password_guessing_bans_the_address_and_locks_the_attacked_account() {
             "protobalance_reputation_bans_total{enforced=\"proxy\"}"
         ) >= 1.0
     );
+}
+
+/// A real sending MTA is judged a good client: a Postfix relaying to the edge (which holds
+/// its banner back for the pregreet test, splits transactions with `452 4.5.3` and gets
+/// PIPELINING-grouped commands) delivers everything and earns no offence, while a bot
+/// beside it is banned.
+#[test]
+fn a_sending_postfix_is_a_good_client_beside_a_banned_bot() {
+    let test = "a_sending_postfix_is_a_good_client_beside_a_banned_bot";
+    if skip(test) || !protobalance_tests::require_postfix(test) {
+        return;
+    }
+    use protobalance_tests::{DovecotBackend, PostfixBackend, PostfixOptions, loopback_ip};
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let edge = start_edge(&cluster, &[Listen("smtp", None)], REPUTATION);
+    let options = PostfixOptions {
+        relay_all_to: Some(edge.listeners[0]),
+        ..PostfixOptions::default()
+    }
+    .with_fast_retries();
+    let sender_dovecot = DovecotBackend::start(
+        "sender",
+        loopback_ip(20).expect("ip"),
+        &BackendOptions {
+            users: 1,
+            auth_listener: true,
+            ..BackendOptions::default()
+        },
+    )
+    .expect("sender dovecot");
+    let sender = PostfixBackend::start("sender", sender_dovecot, &options).expect("sender");
+    // Recipients on different backends: the edge takes one backend's per transaction.
+    let recipients: Vec<String> = (1..=6).map(|n| format!("user{n}@example.com")).collect();
+    let list = recipients
+        .iter()
+        .map(|r| format!("'{r}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let user = "user1@example.com";
+    let password = protobalance_tests::password_for(user).expect("password");
+    let out = python(&format!(
+        "import smtplib\ns = smtplib.SMTP('{}', {}, timeout=10)\ns.ehlo('mua.example.net')\n\
+         s.login('{user}', '{password}')\n\
+         for i in range(3):\n\
+         \x20   print('refused', s.sendmail('{user}', [{list}], 'Subject: relayed-%d\\r\\n\\r\\nx\\r\\n' % i))\n\
+         s.quit()\n",
+        sender.ip(),
+        sender.smtp_port()
+    ))
+    .expect("inject into the sending Postfix");
+    assert!(out.matches("refused {}").count() == 3, "{out}");
+    // Meanwhile a bot is banned.
+    let bot_out = bot(
+        &edge,
+        "127.0.0.66",
+        "EHLO bot\\r\\nMAIL FROM:<x@bot.example>\\r\\n",
+        8,
+    );
+    assert!(bot_out.contains("blocked"), "{bot_out}");
+    if sender
+        .wait_until_queue_empty(std::time::Duration::from_secs(30))
+        .is_err()
+    {
+        sender.flush().expect("postqueue -f");
+        sender
+            .wait_until_queue_empty(std::time::Duration::from_secs(40))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", sender.log_tail(40)));
+    }
+    for r in &recipients {
+        assert_eq!(delivered(&cluster, r), 3, "{r}");
+    }
+    // Postfix connects from its own address: nothing held against it.
+    let (code, text) = cli(&edge, &["explain", &sender.ip().to_string()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("verdict accept"), "{text}");
+    for offence in [
+        "pregreet",
+        "pipelining",
+        "bare_line_ending",
+        "protocol_error",
+        "unknown_recipient",
+        "relay_attempt",
+        "retry_while_refused",
+    ] {
+        assert!(
+            !text.contains(offence),
+            "Postfix judged for {offence}: {text}"
+        );
+    }
+    assert!(text.contains("clean_session"), "{text}");
 }
