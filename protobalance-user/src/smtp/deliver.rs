@@ -323,6 +323,37 @@ impl BackendSession {
         self.read_reply(REPLY_TIMEOUT).await
     }
 
+    /// MAIL FROM and the first RCPT in one write when the backend offers PIPELINING (RFC
+    /// 2920: one round trip instead of two), else one after the other. The RCPT reply is
+    /// `None` when MAIL was refused (a pipelined RCPT's answer is then read and dropped).
+    pub async fn mail_and_rcpt(
+        &mut self,
+        envelope: &Envelope,
+        mailbox: &str,
+    ) -> Result<(Reply, Option<Reply>), DeliverError> {
+        if !self.offers("PIPELINING") {
+            let mail = self.mail(envelope).await?;
+            if !mail.is_positive() {
+                return Ok((mail, None));
+            }
+            let rcpt = self.rcpt(mailbox).await?;
+            return Ok((mail, Some(rcpt)));
+        }
+        self.accepted.clear();
+        let mut lines = envelope.mail_from(&self.hello);
+        lines.push_str(&format!("RCPT TO:<{mailbox}>\r\n"));
+        self.send(lines.as_bytes()).await?;
+        let mail = self.read_reply(REPLY_TIMEOUT).await?;
+        let rcpt = self.read_reply(REPLY_TIMEOUT).await?;
+        if !mail.is_positive() {
+            return Ok((mail, None));
+        }
+        if rcpt.is_positive() {
+            self.accepted.push(mailbox.to_owned());
+        }
+        Ok((mail, Some(rcpt)))
+    }
+
     /// Recipients the backend accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.len()

@@ -9,13 +9,12 @@
 //! local parts (`"x@ext"@ours`) and `%`/`!` routing (refused by the directory's
 //! normalizer) all get `554 5.7.1`.
 
-use super::{codec::Reply, deliver::DeliverError};
+use super::codec::Reply;
 use super::{
     codec::{Body, ForwardPath, MailParameters, ReversePath, reply},
     deliver::{self, BackendSession, ClientInfo, Envelope},
 };
 use crate::{
-    backend::ConnectError,
     directory::{AddressError, Route},
     proxy::{Conn, ProxyContext},
 };
@@ -265,14 +264,7 @@ impl Transaction {
         backend: &str,
     ) -> Vec<u8> {
         if let Binding::Unbound = self.binding {
-            match self.open(ctx, conn, backend).await {
-                Ok(Ok(session)) => self.binding = Binding::Bound(Box::new(session)),
-                Ok(Err(refusal)) => return deliver::relay(&refusal),
-                Err(error) => {
-                    tracing::warn!(%error, "owner unavailable for a recipient");
-                    return owner_unavailable();
-                }
-            }
+            return self.open_with(ctx, conn, backend, mailbox).await;
         }
         let session = match &mut self.binding {
             Binding::Bound(session) if session.backend() == backend => session,
@@ -305,30 +297,50 @@ impl Transaction {
 }
 
 impl Transaction {
-    /// Opens the owner's delivery service and starts the transaction there; the inner
-    /// `Err` is the backend's refusal of MAIL FROM (relayed to the client).
-    async fn open(
-        &self,
+    /// Opens the owner's delivery service and starts the transaction there with MAIL FROM
+    /// and the first recipient (pipelined when offered); binds the transaction when the
+    /// backend takes the recipient. The backend's refusals are relayed to the client.
+    async fn open_with(
+        &mut self,
         ctx: &ProxyContext,
         conn: &Conn,
         backend: &str,
-    ) -> Result<Result<BackendSession, Reply>, DeliverError> {
-        let service = ctx
-            .pool
-            .delivery_service(backend)
-            .ok_or_else(|| DeliverError::Connect(ConnectError::Unknown(backend.to_owned())))?;
-        let mut session = BackendSession::open(ctx, conn, backend, service, &self.client).await?;
+        mailbox: &str,
+    ) -> Vec<u8> {
+        let Some(service) = ctx.pool.delivery_service(backend) else {
+            tracing::warn!(%backend, "owner is not in the backend pool");
+            return owner_unavailable();
+        };
+        let opened = BackendSession::open(ctx, conn, backend, service, &self.client).await;
+        let mut session = match opened {
+            Ok(session) => session,
+            Err(error) => {
+                tracing::warn!(%error, "owner unavailable for a recipient");
+                return owner_unavailable();
+            }
+        };
         if self.envelope.smtputf8 && !session.offers("SMTPUTF8") {
             session.quit().await;
-            return Ok(Err(no_smtputf8_downstream()));
+            return deliver::relay(&no_smtputf8_downstream());
         }
-        let answer = session.mail(&self.envelope).await?;
-        if answer.is_positive() {
-            Ok(Ok(session))
-        } else {
-            tracing::warn!(%backend, code = answer.code, "backend refused MAIL FROM");
-            session.quit().await;
-            Ok(Err(answer))
+        match session.mail_and_rcpt(&self.envelope, mailbox).await {
+            Ok((_, Some(rcpt))) if rcpt.is_positive() => {
+                self.binding = Binding::Bound(Box::new(session));
+                reply(250, Some("2.1.5"), "OK")
+            }
+            Ok((_, Some(refusal))) => {
+                session.quit().await;
+                deliver::relay(&refusal)
+            }
+            Ok((mail, None)) => {
+                tracing::warn!(%backend, code = mail.code, "backend refused MAIL FROM");
+                session.quit().await;
+                deliver::relay(&mail)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "owner unavailable for a recipient");
+                owner_unavailable()
+            }
         }
     }
 }
