@@ -214,6 +214,7 @@ impl App {
                 Err(error) => tracing::error!(%error, "ban metrics"),
             }
         }
+        let mut api = self.api;
         if let Some(path) = self.config_path.clone() {
             let reloader = crate::reload::Reloader::new(
                 path,
@@ -224,6 +225,8 @@ impl App {
             );
             match reloader {
                 Ok(reloader) => {
+                    let reloader = Arc::new(reloader);
+                    api = api.map(|api| api.with_reloader(Arc::clone(&reloader)));
                     tracker.spawn(reloader.run(shutdown.clone()));
                 }
                 Err(error) => tracing::error!(%error, "config reload metrics"),
@@ -232,7 +235,7 @@ impl App {
         let state = Arc::new(AdminState {
             registry: self.registry,
             tls: self.admin_tls,
-            api: self.api,
+            api,
         });
         if let Ok(addr) = self.admin.local_addr() {
             tracing::info!(%addr, "admin listener ready: /metrics, /healthz");

@@ -1,4 +1,5 @@
-//! Config reload on SIGHUP: the file `run` was started with is read and validated again;
+//! Config reload on SIGHUP (or `POST /api/v1/reload`): the file `run` was started with is
+//! read and validated again;
 //! a config that does not validate is refused (logged with the key and the fix, counted)
 //! and the running one stays. A valid one applies, without cutting any session:
 //!
@@ -31,6 +32,8 @@ pub struct Reloader {
     filter: Option<Arc<Mutex<XdpFilter>>>,
     blocklist: Option<Arc<BlocklistManager>>,
     reloads: IntCounterVec,
+    /// One reload at a time (SIGHUP and API).
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Reloader {
@@ -55,11 +58,12 @@ impl Reloader {
             filter,
             blocklist,
             reloads,
+            reloading: tokio::sync::Mutex::new(()),
         })
     }
 
     /// Reloads on every SIGHUP until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hangup) = signal(SignalKind::hangup()) else {
             tracing::error!("cannot install the SIGHUP handler: config reload is off");
@@ -71,22 +75,30 @@ impl Reloader {
                 _ = hangup.recv() => {}
             }
             tracing::info!(path = %self.path.display(), "SIGHUP: reloading the config");
-            let result = match self.reload().await {
-                Ok(()) => "applied",
-                Err(Refused::Invalid(error)) => {
-                    tracing::error!(%error, "config reload refused; the running config stays");
-                    "invalid"
-                }
-                Err(Refused::Failed(error)) => {
-                    tracing::error!(%error, "config reload failed to apply");
-                    "failed"
-                }
-            };
-            self.reloads.with_label_values(&[result]).inc();
+            let _ = self.reload().await;
         }
     }
 
-    async fn reload(&self) -> Result<(), Refused> {
+    /// Reloads now: `Ok` with the changed sections that wait for a restart.
+    pub async fn reload(&self) -> Result<Vec<&'static str>, Refused> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let result = self.apply().await;
+        let label = match &result {
+            Ok(_) => "applied",
+            Err(Refused::Invalid(error)) => {
+                tracing::error!(%error, "config reload refused; the running config stays");
+                "invalid"
+            }
+            Err(Refused::Failed(error)) => {
+                tracing::error!(%error, "config reload failed to apply");
+                "failed"
+            }
+        };
+        self.reloads.with_label_values(&[label]).inc();
+        result
+    }
+
+    async fn apply(&self) -> Result<Vec<&'static str>, Refused> {
         let new = Config::load(&self.path).map_err(|e| Refused::Invalid(e.to_string()))?;
         let (old, cfg) = (&self.started.config, &new.config);
         if old.xdp.interface != cfg.xdp.interface || old.xdp.pin_dir != cfg.xdp.pin_dir {
@@ -129,11 +141,11 @@ impl Reloader {
                 "these sections changed and take effect at the next restart"
             );
         }
-        Ok(())
+        Ok(later)
     }
 }
 
-enum Refused {
+pub enum Refused {
     /// The file does not validate (or changes what a reload cannot).
     Invalid(String),
     /// Valid, but writing it into the kernel failed.
@@ -145,8 +157,10 @@ fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     let same =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
     let mut changed = Vec::new();
-    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 12] = [
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 14] = [
         ("admin", &old.admin, &new.admin),
+        ("shutdown", &old.shutdown, &new.shutdown),
+        ("health", &old.health, &new.health),
         ("listener", &old.listeners, &new.listeners),
         ("backend", &old.backends, &new.backends),
         ("domain", &old.domains, &new.domains),
@@ -174,7 +188,7 @@ fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
         )
     };
     if !same(&syn(&old.xdp), &syn(&new.xdp)) {
-        changed.push("xdp (SYN limiter, mode)");
+        changed.push("xdp.syn_limiter");
     }
     changed
 }

@@ -886,10 +886,15 @@ fn sighup_reloads_the_blocklist_files() {
     let lists = tempfile::tempdir().expect("tempdir");
     let file = lists.path().join("bots.txt");
     std::fs::write(&file, format!("# bots\n{}/32\n", net.bot_v4)).expect("write list");
+    let state = tempfile::tempdir().expect("tempdir");
     let mut proxy = start_with(&format!(
-        "[xdp]\ninterface = \"{}\"\nblocklist_files = [\"{}\"]\n",
+        "[xdp]\ninterface = \"{}\"\nblocklist_files = [\"{}\"]\n\
+         [directory]\npath = \"{}/dir.db\"\n\
+         [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"{API_TOKEN}\"\naccess = \"read-write\"\n\
+         [health]\ninterval_seconds = 5\n",
         net.iface(),
-        file.display()
+        file.display(),
+        state.path().display()
     ));
     assert!(!net.connects(bot, v4), "listed at start: dropped");
     assert!(net.connects(client, v4), "not listed: connects");
@@ -928,6 +933,30 @@ fn sighup_reloads_the_blocklist_files() {
         "still dropped after a refused reload"
     );
     assert!(net.connects(bot, v4));
+
+    // The same through the API: refused with the config error, then applied, naming the
+    // changed section that waits for a restart.
+    let (status, body) = api_call(proxy.admin, API_TOKEN, "POST", "reload", None);
+    assert!(
+        status == 422 && body.contains("invalid_config") && body.contains("not-a-network"),
+        "{status} {body}"
+    );
+    std::fs::write(&file, format!("{}/32\n", net.bot_v4)).expect("rewrite");
+    let config = proxy._dir.path().join("protobalance.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("interval_seconds = 5", "interval_seconds = 7"),
+    )
+    .expect("config");
+    let (status, body) = api_call(proxy.admin, API_TOKEN, "POST", "reload", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("result=\"applied\" restart-needed=\"health\""),
+        "{body}"
+    );
+    assert!(!net.connects(bot, v4), "listed again: dropped");
+    assert!(net.connects(client, v4), "taken off again: connects");
     assert_eq!(
         proxy.guard.wait_timeout(Duration::ZERO).expect("wait"),
         None,

@@ -65,6 +65,8 @@ pub struct ApiState {
     pub proxy: Option<Arc<crate::proxy::ProxyContext>>,
     /// The kernel filter, for `reputation/{address}`'s view of the kernel's verdict.
     pub filter: Option<Arc<std::sync::Mutex<crate::filter::xdp::XdpFilter>>>,
+    /// `POST reload` (when the server runs from a config file).
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
     pub max_body_octets: u64,
     pub max_import_octets: u64,
 }
@@ -102,6 +104,7 @@ impl ApiState {
             blocklist,
             proxy: None,
             filter: None,
+            reloader: None,
             max_body_octets: config.api.max_body_octets,
             max_import_octets: config.api.max_import_octets,
         })
@@ -109,6 +112,12 @@ impl ApiState {
 }
 
 impl ApiState {
+    #[must_use]
+    pub fn with_reloader(mut self, reloader: Arc<crate::reload::Reloader>) -> Self {
+        self.reloader = Some(reloader);
+        self
+    }
+
     #[must_use]
     pub fn with_filter(
         mut self,
@@ -126,6 +135,34 @@ impl ApiState {
 }
 
 pub type ApiResponse = Response<Full<Bytes>>;
+
+/// `POST reload`: what SIGHUP does, answered with the outcome.
+async fn reload(state: &ApiState) -> Result<ApiResponse, ApiError> {
+    let reloader = state.reloader.as_ref().ok_or_else(|| {
+        ApiError::conflict(
+            "reload_unavailable",
+            "this server was not started from a config file",
+        )
+    })?;
+    match reloader.reload().await {
+        Ok(later) => {
+            let later = later.join(" ");
+            let w = Writer::document(
+                "reload",
+                &[("result", "applied"), ("restart-needed", &later)],
+            );
+            Ok(xml_response(StatusCode::OK, w.finish()))
+        }
+        Err(crate::reload::Refused::Invalid(message)) => {
+            Err(ApiError::invalid("invalid_config", message))
+        }
+        Err(crate::reload::Refused::Failed(message)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reload_failed",
+            message,
+        )),
+    }
+}
 
 /// An API failure: HTTP status, stable code, message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,6 +360,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         (&Method::DELETE, ["bans", target]) => bans::delete(state, target).await,
         (&Method::GET, ["reputation", address]) => reputation::get(state, address, &query).await,
         (&Method::DELETE, ["reputation", address]) => reputation::delete(state, address).await,
+        (&Method::POST, ["reload"]) => reload(state).await,
         (&Method::GET, ["suspensions"]) => suspensions::list(state),
         (&Method::POST, ["suspensions"]) => suspensions::create(state, req.into_body()).await,
         (&Method::DELETE, ["suspensions", account]) => suspensions::delete(state, account).await,
@@ -330,7 +368,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
             _,
             [
                 "mailboxes" | "domains" | "backends" | "stats" | "bans" | "blocklist"
-                | "reputation" | "suspensions",
+                | "reputation" | "suspensions" | "reload",
                 ..,
             ],
         ) => Err(ApiError::new(

@@ -57,6 +57,16 @@ impl Ctl {
                 })
             }
             CtlCommand::Suspension(command) => self.suspension(&mut out, command).await,
+            CtlCommand::Reload => {
+                let doc = self.fetch(Method::POST, "reload", None).await?;
+                self.human(|| match doc.show("restart-needed") {
+                    "" => writeln!(out, "config reloaded"),
+                    later => writeln!(
+                        out,
+                        "config reloaded; these sections changed and take effect at the next restart: {later}"
+                    ),
+                })
+            }
             CtlCommand::Stats => {
                 if let Some(doc) = self.call(Method::GET, "stats", None).await? {
                     self.human(|| render::stats(&mut out, &doc))?;

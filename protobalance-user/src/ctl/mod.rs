@@ -102,6 +102,8 @@ enum CtlCommand {
     /// Accounts suspended from sending (submission): list, suspend, lift.
     #[command(subcommand)]
     Suspension(SuspensionCommand),
+    /// Reload the server's config file now (as SIGHUP does); exits 5 when it is invalid.
+    Reload,
 }
 
 #[derive(Subcommand, Debug)]
