@@ -20,7 +20,9 @@ pub fn connect_from(
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.bind(&SockAddr::from(SocketAddr::V4(SocketAddrV4::new(source, 0))))?;
+    socket.bind(&SockAddr::from(SocketAddr::V4(SocketAddrV4::new(
+        source, 0,
+    ))))?;
     socket.connect_timeout(&SockAddr::from(SocketAddr::V4(to)), timeout)?;
     Ok(socket.into())
 }
