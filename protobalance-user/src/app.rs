@@ -221,6 +221,7 @@ impl App {
                 self.validated.clone(),
                 self.xdp.as_ref().map(|(_, filter)| Arc::clone(filter)),
                 self.blocklist.clone(),
+                self.proxy.clone(),
                 &self.registry,
             );
             match reloader {

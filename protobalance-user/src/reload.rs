@@ -5,10 +5,12 @@
 //!
 //! * the kernel filter's allowlist and the config's blocklists (`xdp.blocklist`,
 //!   `xdp.blocklist_files` re-read), written together with the API's lists: new entries go
-//!   in before stale ones come out.
+//!   in before stale ones come out;
+//! * `[reputation]`: weights, thresholds, delays, ban lengths, account rules and `allow`
+//!   (scores and bans so far stay; what sizes or keys the records waits for a restart).
 //!
-//! Everything else (listeners, backends, certificates, limits, reputation) takes effect at
-//! the next restart; a reload says so when those sections changed.
+//! Everything else (listeners, backends, certificates, limits, DNSBL) takes effect at the
+//! next restart; a reload says so when those sections changed.
 
 use std::{
     path::PathBuf,
@@ -31,6 +33,8 @@ pub struct Reloader {
     started: Validated,
     filter: Option<Arc<Mutex<XdpFilter>>>,
     blocklist: Option<Arc<BlocklistManager>>,
+    /// The proxy (reputation engine), when mail listeners run.
+    proxy: Option<Arc<crate::proxy::ProxyContext>>,
     reloads: IntCounterVec,
     /// One reload at a time (SIGHUP and API).
     reloading: tokio::sync::Mutex<()>,
@@ -42,6 +46,7 @@ impl Reloader {
         started: Validated,
         filter: Option<Arc<Mutex<XdpFilter>>>,
         blocklist: Option<Arc<BlocklistManager>>,
+        proxy: Option<Arc<crate::proxy::ProxyContext>>,
         registry: &Registry,
     ) -> prometheus::Result<Self> {
         let reloads = IntCounterVec::new(
@@ -57,6 +62,7 @@ impl Reloader {
             started,
             filter,
             blocklist,
+            proxy,
             reloads,
             reloading: tokio::sync::Mutex::new(()),
         })
@@ -134,7 +140,15 @@ impl Reloader {
                 "config reloaded: kernel blocklists and allowlist replaced"
             );
         }
-        let later = restart_sections(old, cfg);
+        let mut later = restart_sections(old, cfg);
+        if let Some(proxy) = &self.proxy {
+            let allow = [new.reputation_allow.as_slice(), new.allowlist.as_slice()].concat();
+            let kept = proxy.reputation.reconfigure(cfg.reputation.clone(), allow);
+            later.extend(kept);
+            tracing::info!("config reloaded: [reputation] weights, thresholds and allow in force");
+        } else if !format!("{:?}", old.reputation).eq(&format!("{:?}", cfg.reputation)) {
+            later.push("reputation");
+        }
         if !later.is_empty() {
             tracing::warn!(
                 sections = ?later,
@@ -157,7 +171,7 @@ fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     let same =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
     let mut changed = Vec::new();
-    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 14] = [
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 13] = [
         ("admin", &old.admin, &new.admin),
         ("shutdown", &old.shutdown, &new.shutdown),
         ("health", &old.health, &new.health),
@@ -169,7 +183,6 @@ fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
         ("submission", &old.submission, &new.submission),
         ("server", &old.server, &new.server),
         ("certificate", &old.certificates, &new.certificates),
-        ("reputation", &old.reputation, &new.reputation),
         ("dnsbl", &old.dnsbl, &new.dnsbl),
         ("api", &old.api, &new.api),
     ];

@@ -515,3 +515,42 @@ fn a_sending_postfix_is_a_good_client_beside_a_banned_bot() {
     }
     assert!(text.contains("clean_session"), "{text}");
 }
+
+/// `[reputation]` is reloaded live (`ctl reload`, as SIGHUP): with thresholds too high to
+/// judge, a bot goes on unrefused; lowered in the file and reloaded, the same bot's next
+/// connections are refused and it is banned — its score so far kept across the reload.
+#[test]
+fn reputation_thresholds_are_reloaded_live() {
+    if skip("reputation_thresholds_are_reloaded_live") {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let lenient = "tarpit_score = 900.0\ntempfail_score = 900.0\nban_score = 900.0\n";
+    let edge = start_edge(
+        &cluster,
+        &[Listen("smtp", None)],
+        &REPUTATION.replacen("[api]", &format!("{lenient}[api]"), 1),
+    );
+    let payload = "EHLO bot.example\\r\\nMAIL FROM:<x@bot.example>\\r\\nQUIT\\r\\n";
+    let out = bot(&edge, "127.0.0.66", payload, 3);
+    assert!(
+        !out.contains("Too many errors") && !out.contains("blocked"),
+        "lenient thresholds: {out}"
+    );
+    let path = edge.dir.path().join("pb.toml");
+    let text = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, text.replace(lenient, "")).expect("config");
+    let (code, text) = cli(&edge, &["ctl", "reload"]);
+    assert!(code == 0 && text.contains("config reloaded"), "{text}");
+    let out = bot(&edge, "127.0.0.66", payload, 6);
+    assert!(
+        out.contains("blocked"),
+        "default thresholds after the reload: {out}"
+    );
+    let (code, text) = cli(&edge, &["explain", "127.0.0.66"]);
+    assert!(
+        code == 0 && text.contains("verdict ban") && text.contains("banned for"),
+        "the ban is placed, not only answered: {text}"
+    );
+    send_mail(&edge, "127.0.0.9", "user1@example.com", "still-fine").expect("good client");
+}

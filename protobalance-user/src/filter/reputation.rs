@@ -268,25 +268,15 @@ impl ReputationMetrics {
     }
 }
 
-pub struct Reputation {
+/// What `[reputation]` (and `xdp.allowlist`) set, swapped whole on a config reload.
+struct Settings {
     config: ReputationConfig,
     weights: [f32; EVENTS],
     allow: Vec<Cidr>,
-    shards: Box<[Mutex<LruCache<Key, Record>>]>,
-    hasher: std::collections::hash_map::RandomState,
-    epoch: Instant,
-    kernel: OnceLock<Arc<Mutex<BanMaps>>>,
-    accounts: AccountGuard,
-    metrics: Option<ReputationMetrics>,
 }
 
-impl Reputation {
-    /// `allow` is `reputation.allow` plus the `xdp.allowlist`.
-    pub fn new(
-        config: ReputationConfig,
-        allow: Vec<Cidr>,
-        metrics: Option<ReputationMetrics>,
-    ) -> Self {
+impl Settings {
+    fn new(config: ReputationConfig, allow: Vec<Cidr>) -> Self {
         let w = &config.weights;
         let mut weights = [0.0; EVENTS];
         for (event, weight) in [
@@ -305,6 +295,31 @@ impl Reputation {
         ] {
             weights[event as usize] = weight;
         }
+        Self {
+            config,
+            weights,
+            allow,
+        }
+    }
+}
+
+pub struct Reputation {
+    settings: std::sync::RwLock<Arc<Settings>>,
+    shards: Box<[Mutex<LruCache<Key, Record>>]>,
+    hasher: std::collections::hash_map::RandomState,
+    epoch: Instant,
+    kernel: OnceLock<Arc<Mutex<BanMaps>>>,
+    accounts: AccountGuard,
+    metrics: Option<ReputationMetrics>,
+}
+
+impl Reputation {
+    /// `allow` is `reputation.allow` plus the `xdp.allowlist`.
+    pub fn new(
+        config: ReputationConfig,
+        allow: Vec<Cidr>,
+        metrics: Option<ReputationMetrics>,
+    ) -> Self {
         let per_shard = NonZeroUsize::new(config.max_tracked.div_ceil(SHARDS).max(1))
             .unwrap_or(NonZeroUsize::MIN);
         let shards = (0..SHARDS)
@@ -312,9 +327,7 @@ impl Reputation {
             .collect();
         let accounts = AccountGuard::new(&config);
         Self {
-            config,
-            weights,
-            allow,
+            settings: std::sync::RwLock::new(Arc::new(Settings::new(config, allow))),
             shards,
             hasher: std::collections::hash_map::RandomState::new(),
             epoch: Instant::now(),
@@ -335,12 +348,42 @@ impl Reputation {
         Self::new(config, Vec::new(), None)
     }
 
-    pub const fn enabled(&self) -> bool {
-        self.config.enabled
+    fn s(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    pub const fn config(&self) -> &ReputationConfig {
-        &self.config
+    pub fn enabled(&self) -> bool {
+        self.s().config.enabled
+    }
+
+    /// A reloaded config: weights, thresholds, delays, ban lengths, account rules and the
+    /// allowlist apply from now on, the scores and bans so far stay. What sizes or keys
+    /// the records (`enabled`, `ipv6_prefix`, `max_tracked`, `max_accounts`) keeps its
+    /// old value until a restart; the keys that did are returned.
+    pub fn reconfigure(&self, mut config: ReputationConfig, allow: Vec<Cidr>) -> Vec<&'static str> {
+        let old = self.s();
+        let mut kept = Vec::new();
+        if config.enabled != old.config.enabled {
+            config.enabled = old.config.enabled;
+            kept.push("reputation.enabled");
+        }
+        if config.ipv6_prefix != old.config.ipv6_prefix {
+            config.ipv6_prefix = old.config.ipv6_prefix;
+            kept.push("reputation.ipv6_prefix");
+        }
+        if config.max_tracked != old.config.max_tracked {
+            config.max_tracked = old.config.max_tracked;
+            kept.push("reputation.max_tracked");
+        }
+        if config.max_accounts != old.config.max_accounts {
+            config.max_accounts = old.config.max_accounts;
+            kept.push("reputation.max_accounts");
+        }
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(Settings::new(config, allow));
+        kept
     }
 
     /// From now on bans also go into the kernel's ban maps.
@@ -361,7 +404,7 @@ impl Reputation {
             IpAddr::V4(a) => Key(u128::from(a.to_ipv6_mapped())),
             IpAddr::V6(a) => {
                 let bits = u128::from(a);
-                Key(if self.config.ipv6_prefix == 64 {
+                Key(if self.s().config.ipv6_prefix == 64 {
                     bits & !((1u128 << 64) - 1)
                 } else {
                     bits
@@ -372,7 +415,7 @@ impl Reputation {
 
     fn subject(&self, ip: IpAddr) -> String {
         match ip.to_canonical() {
-            IpAddr::V6(_) if self.config.ipv6_prefix == 64 => {
+            IpAddr::V6(_) if self.s().config.ipv6_prefix == 64 => {
                 format!("{}/64", Ipv6Addr::from(self.key(ip).0))
             }
             other => other.to_string(),
@@ -386,14 +429,15 @@ impl Reputation {
 
     fn allowed(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.allow.iter().any(|c| c.contains(ip))
+        self.s().allow.iter().any(|c| c.contains(ip))
     }
 
     fn verdict_of(&self, record: &Record, now: u32, allowed: bool) -> Verdict {
         if allowed {
             return Verdict::Accept;
         }
-        let c = &self.config;
+        let settings = self.s();
+        let c = &settings.config;
         if record.banned(now) || record.score >= c.ban_score {
             Verdict::Ban
         } else if record.score >= c.tempfail_score {
@@ -414,7 +458,7 @@ impl Reputation {
     ) -> Option<T> {
         let key = self.key(ip);
         let now = self.now();
-        let half_life = self.config.half_life_seconds as f32;
+        let half_life = self.s().config.half_life_seconds as f32;
         let mut shard = self
             .shard(key)
             .lock()
@@ -444,12 +488,14 @@ impl Reputation {
             return Verdict::Accept;
         }
         let allowed = self.allowed(ip);
-        let verdict = self
+        let (verdict, banned) = self
             .with_record(ip, false, |record, now| {
-                self.verdict_of(record, now, allowed)
+                (self.verdict_of(record, now, allowed), record.banned(now))
             })
-            .unwrap_or(Verdict::Accept);
-        let verdict = if verdict == Verdict::TempFail {
+            .unwrap_or((Verdict::Accept, false));
+        // Refused, or over the ban score without a ban yet (thresholds lowered by a
+        // reload): coming back counts, and places the ban.
+        let verdict = if verdict == Verdict::TempFail || (verdict == Verdict::Ban && !banned) {
             self.report(ip, Event::RetryWhileRefused)
         } else {
             verdict
@@ -464,7 +510,8 @@ impl Reputation {
 
     /// Scores `event` with its configured weight; the verdict after it.
     pub fn report(&self, ip: IpAddr, event: Event) -> Verdict {
-        self.report_weighted(ip, event, self.weights[event as usize])
+        let weight = self.s().weights[event as usize];
+        self.report_weighted(ip, event, weight)
     }
 
     /// Scores `event` with `weight` (DNSBL sites carry their own weights).
@@ -480,7 +527,7 @@ impl Reputation {
             record.note(event, now);
             // Good behaviour earns at most `tarpit_score` of credit, so a client that built
             // a long clean history cannot spend it on a burst of abuse.
-            let floor = -self.config.tarpit_score;
+            let floor = -self.s().config.tarpit_score;
             record.score = (record.score + weight).clamp(floor, 1_000_000.0);
             let was_banned = record.banned(now);
             let verdict = self.verdict_of(record, now, allowed);
@@ -491,7 +538,7 @@ impl Reputation {
                     now.saturating_add(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX));
                 // The ban is the punishment: once it ends the client starts over as
                 // suspect (tarpitted) rather than straight back into the ban.
-                record.score = record.score.min(self.config.tarpit_score);
+                record.score = record.score.min(self.s().config.tarpit_score);
                 ttl
             });
             (verdict, new_ban)
@@ -506,7 +553,8 @@ impl Reputation {
     }
 
     fn ban_ttl(&self, earlier_bans: u16) -> Duration {
-        let c = &self.config;
+        let settings = self.s();
+        let c = &settings.config;
         let factor = u64::from(c.ban_growth).saturating_pow(u32::from(earlier_bans.min(32)));
         Duration::from_secs(c.ban_seconds.saturating_mul(factor).min(c.ban_max_seconds))
     }
@@ -514,7 +562,7 @@ impl Reputation {
     fn place_ban(&self, ip: IpAddr, ttl: Duration, event: Event) {
         let subject = self.subject(ip);
         let target = match ip.to_canonical() {
-            IpAddr::V6(a) if self.config.ipv6_prefix == 64 => BanTarget::Ipv6Net64(a),
+            IpAddr::V6(a) if self.s().config.ipv6_prefix == 64 => BanTarget::Ipv6Net64(a),
             other => BanTarget::Address(other),
         };
         let enforced = match self.kernel.get() {
@@ -549,7 +597,7 @@ impl Reputation {
 
     /// The SMTP greeting delay applies: the test is on and the client has not passed it.
     pub fn greeting_delay(&self, ip: IpAddr) -> Option<Duration> {
-        if !self.enabled() || self.config.greeting_delay_ms == 0 || self.allowed(ip) {
+        if !self.enabled() || self.s().config.greeting_delay_ms == 0 || self.allowed(ip) {
             return None;
         }
         let passed = self
@@ -557,11 +605,11 @@ impl Reputation {
                 r.clean() && r.counts[Event::CleanSession as usize] > 0
             })
             .unwrap_or(false);
-        (!passed).then(|| Duration::from_millis(self.config.greeting_delay_ms))
+        (!passed).then(|| Duration::from_millis(self.s().config.greeting_delay_ms))
     }
 
-    pub const fn tarpit_delay(&self) -> Duration {
-        Duration::from_millis(self.config.tarpit_delay_ms)
+    pub fn tarpit_delay(&self) -> Duration {
+        Duration::from_millis(self.s().config.tarpit_delay_ms)
     }
 
     /// The pause before answering the `n`th failed login of a session (1-based).
@@ -569,7 +617,8 @@ impl Reputation {
         if !self.enabled() {
             return Duration::ZERO;
         }
-        let c = &self.config;
+        let settings = self.s();
+        let c = &settings.config;
         let ms = c
             .auth_failure_delay_ms
             .saturating_mul(1u64 << n.saturating_sub(1).min(16));
@@ -653,9 +702,7 @@ impl Reputation {
     pub fn login_failed(&self, account: Option<&str>, ip: IpAddr) -> Verdict {
         if let Some(account) = account
             && self.enabled()
-            && self
-                .accounts
-                .failed(account, self.now(), self.config.half_life_seconds as f32)
+            && self.accounts.failed(account, self.now(), &self.s().config)
         {
             self.account_metric("locked");
             tracing::warn!(%account, "account locked after failed logins");
@@ -674,8 +721,6 @@ impl Reputation {
 /// Failed logins per account.
 pub struct AccountGuard {
     accounts: Mutex<LruCache<String, AccountRecord>>,
-    threshold: f32,
-    lock_seconds: u32,
 }
 
 /// Addresses an account recently logged in from, exempt from its lock.
@@ -695,8 +740,6 @@ impl AccountGuard {
             accounts: Mutex::new(LruCache::new(
                 NonZeroUsize::new(config.max_accounts).unwrap_or(NonZeroUsize::MIN),
             )),
-            threshold: config.account_failures,
-            lock_seconds: u32::try_from(config.account_lock_seconds).unwrap_or(u32::MAX),
         }
     }
 
@@ -713,7 +756,9 @@ impl AccountGuard {
     }
 
     /// Counts a failure; `true` when it locks the account.
-    fn failed(&self, account: &str, now: u32, half_life: f32) -> bool {
+    fn failed(&self, account: &str, now: u32, config: &ReputationConfig) -> bool {
+        let half_life = config.half_life_seconds as f32;
+        let lock_seconds = u32::try_from(config.account_lock_seconds).unwrap_or(u32::MAX);
         let mut accounts = self.lock();
         let record = accounts.get_or_insert_mut(account.to_owned(), || AccountRecord {
             failures: 0.0,
@@ -726,8 +771,8 @@ impl AccountGuard {
         record.failures *= (-(elapsed as f32) / half_life).exp2();
         record.updated = now;
         record.failures += 1.0;
-        if record.failures >= self.threshold && record.locked_until <= now {
-            record.locked_until = now.saturating_add(self.lock_seconds);
+        if record.failures >= config.account_failures && record.locked_until <= now {
+            record.locked_until = now.saturating_add(lock_seconds);
             return true;
         }
         false
@@ -853,6 +898,32 @@ mod tests {
             r.report(a, Event::ProtocolError);
         }
         assert_eq!(r.admit(a), Verdict::TempFail);
+    }
+
+    #[test]
+    fn a_reload_changes_weights_and_thresholds_but_keeps_records_and_sizes() {
+        let r = engine("ban_score = 100.0\ntempfail_score = 100.0\ntarpit_score = 100.0");
+        let bot = ip("198.51.100.16");
+        r.report(bot, Event::NonSmtp);
+        assert_eq!(
+            r.admit(bot),
+            Verdict::Accept,
+            "10 points, thresholds at 100"
+        );
+        let config: ReputationConfig =
+            toml::from_str("max_tracked = 5000\n[weights]\nnon_smtp = 20.0\n").expect("config");
+        let kept = r.reconfigure(config, Vec::new());
+        assert_eq!(kept, ["reputation.max_tracked"]);
+        assert_eq!(
+            r.admit(bot),
+            Verdict::TempFail,
+            "same score, default thresholds"
+        );
+        assert_eq!(
+            r.report(bot, Event::NonSmtp),
+            Verdict::Ban,
+            "new weight: 12 + 20"
+        );
     }
 
     #[test]
