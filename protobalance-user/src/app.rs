@@ -476,10 +476,11 @@ async fn proxy_context(
         tracing::info!("reputation.enabled = false: client behaviour is not judged");
         Reputation::disabled()
     };
+    let dnsbl_lookups = crate::filter::dnsbl::Dnsbl::register_metrics(registry)?;
     let dnsbl = crate::filter::dnsbl::Dnsbl::new(
         &config.dnsbl,
         validated.dnsbl_sites.clone(),
-        Some(registry),
+        Some(dnsbl_lookups.clone()),
     )
     .map_err(AppError::Dnsbl)?
     .map(Arc::new);
@@ -498,7 +499,8 @@ async fn proxy_context(
             config.limits.backend_idle_sessions,
             Some(registry),
         )?),
-        dnsbl,
+        dnsbl: std::sync::RwLock::new(dnsbl),
+        dnsbl_lookups,
         reputation: Arc::new(reputation),
         directory,
         pool: Arc::new(BackendPool::new(

@@ -7,9 +7,10 @@
 //!   `xdp.blocklist_files` re-read), written together with the API's lists: new entries go
 //!   in before stale ones come out;
 //! * `[reputation]`: weights, thresholds, delays, ban lengths, account rules and `allow`
-//!   (scores and bans so far stay; what sizes or keys the records waits for a restart).
+//!   (scores and bans so far stay; what sizes or keys the records waits for a restart);
+//! * `[dnsbl]`: the lists are rebuilt (new resolver, empty cache) for the next connections.
 //!
-//! Everything else (listeners, backends, certificates, limits, DNSBL) takes effect at the
+//! Everything else (listeners, backends, certificates, limits) takes effect at the
 //! next restart; a reload says so when those sections changed.
 
 use std::{
@@ -142,12 +143,30 @@ impl Reloader {
         }
         let mut later = restart_sections(old, cfg);
         if let Some(proxy) = &self.proxy {
+            proxy
+                .set_dnsbl(&cfg.dnsbl, new.dnsbl_sites.clone())
+                .map_err(|e| Refused::Failed(format!("DNS lists: {e}")))?;
             let allow = [new.reputation_allow.as_slice(), new.allowlist.as_slice()].concat();
             let kept = proxy.reputation.reconfigure(cfg.reputation.clone(), allow);
             later.extend(kept);
             tracing::info!("config reloaded: [reputation] weights, thresholds and allow in force");
-        } else if !format!("{:?}", old.reputation).eq(&format!("{:?}", cfg.reputation)) {
-            later.push("reputation");
+        } else {
+            for (name, a, b) in [
+                (
+                    "reputation",
+                    format!("{:?}", old.reputation),
+                    format!("{:?}", cfg.reputation),
+                ),
+                (
+                    "dnsbl",
+                    format!("{:?}", old.dnsbl),
+                    format!("{:?}", cfg.dnsbl),
+                ),
+            ] {
+                if a != b {
+                    later.push(name);
+                }
+            }
         }
         if !later.is_empty() {
             tracing::warn!(
@@ -171,7 +190,7 @@ fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     let same =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
     let mut changed = Vec::new();
-    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 13] = [
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 12] = [
         ("admin", &old.admin, &new.admin),
         ("shutdown", &old.shutdown, &new.shutdown),
         ("health", &old.health, &new.health),
@@ -183,7 +202,6 @@ fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
         ("submission", &old.submission, &new.submission),
         ("server", &old.server, &new.server),
         ("certificate", &old.certificates, &new.certificates),
-        ("dnsbl", &old.dnsbl, &new.dnsbl),
         ("api", &old.api, &new.api),
     ];
     for (name, a, b) in sections {

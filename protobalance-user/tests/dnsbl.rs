@@ -82,6 +82,7 @@ fn listed_clients_are_refused_or_scored_by_weight_and_dns_failure_never_blocks_m
         record("127.0.0.72", "wl.test", "127.0.0.2"),
         // Listed, but with an answer the site's `answers` do not count.
         record("127.0.0.74", "bl.test", "127.0.0.10"),
+        record("127.0.0.75", "bl.test", "127.0.0.2"),
     ];
     let mut dns = DnsServer::start(
         IpAddr::from([127, 0, 5, 53]),
@@ -141,6 +142,34 @@ fn listed_clients_are_refused_or_scored_by_weight_and_dns_failure_never_blocks_m
         "{text}"
     );
 
+    // The lists are reloaded live (`ctl reload`, as SIGHUP): bl.test at weight 1 no longer
+    // refuses on its own; back at 3 it does again.
+    let path = edge.dir.path().join("pb.toml");
+    let original = std::fs::read_to_string(&path).expect("config");
+    assert!(
+        send(&edge, "127.0.0.75", "user1@example.com").is_err(),
+        "listed"
+    );
+    std::fs::write(&path, original.replace("weight = 3.0", "weight = 1.0")).expect("config");
+    let reload = |what: &str| {
+        let out = std::process::Command::new(support::BIN)
+            .args(["ctl", "reload", "--url", &format!("http://{}", edge.admin)])
+            .env("PROTOBALANCE_TOKEN", TOKEN)
+            .output()
+            .expect("ctl reload");
+        assert!(out.status.success(), "{what}: {out:?}");
+    };
+    reload("lowered");
+    send(&edge, "127.0.0.75", "user1@example.com").expect("weight 1 after the reload");
+    std::fs::write(&path, &original).expect("config");
+    reload("restored");
+    let refused = send(&edge, "127.0.0.75", "user1@example.com").expect_err("weight 3 again");
+    assert!(refused.contains("blocked using bl.test"), "{refused}");
+    assert_eq!(delivered(&cluster, "user1@example.com"), 5);
+    // A reload starts a new resolver with an empty cache: this looks .70 up again, so the
+    // cache holds it below.
+    send(&edge, "127.0.0.70", "user1@example.com").expect_err("listed");
+
     // DNS down: an unseen client is served after at most the timeout; the cached listing
     // still refuses the listed one.
     dns.stop();
@@ -152,7 +181,7 @@ fn listed_clients_are_refused_or_scored_by_weight_and_dns_failure_never_blocks_m
         .expect("seconds");
     println!("unseen client with DNS down took {seconds:.2} s");
     send(&edge, "127.0.0.9", "user1@example.com").expect("DNS down: mail flows");
-    assert_eq!(delivered(&cluster, "user1@example.com"), 6);
+    assert_eq!(delivered(&cluster, "user1@example.com"), 7);
     let failed = sample(
         &edge,
         "protobalance_dnsbl_lookups_total{result=\"error\",zone=\"bl.test\"}",

@@ -61,11 +61,25 @@ pub struct Dnsbl {
 }
 
 impl Dnsbl {
+    /// `protobalance_dnsbl_lookups_total`, registered once (a reload builds a new `Dnsbl`
+    /// counting into the same).
+    pub fn register_metrics(registry: &Registry) -> prometheus::Result<IntCounterVec> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "protobalance_dnsbl_lookups_total",
+                "DNSBL/DNSWL lookups by zone and result",
+            ),
+            &["zone", "result"],
+        )?;
+        registry.register(Box::new(lookups.clone()))?;
+        Ok(lookups)
+    }
+
     /// `None` when no list is configured.
     pub fn new(
         config: &DnsblConfig,
         sites: Vec<DnsblSite>,
-        registry: Option<&Registry>,
+        lookups: Option<IntCounterVec>,
     ) -> Result<Option<Self>, String> {
         if sites.is_empty() {
             return Ok(None);
@@ -105,23 +119,6 @@ impl Dnsbl {
             .with_options(options)
             .build()
             .map_err(|e| format!("DNS resolver: {e}"))?;
-        let lookups = match registry {
-            Some(registry) => {
-                let lookups = IntCounterVec::new(
-                    Opts::new(
-                        "protobalance_dnsbl_lookups_total",
-                        "DNSBL/DNSWL lookups by zone and result",
-                    ),
-                    &["zone", "result"],
-                )
-                .map_err(|e| e.to_string())?;
-                registry
-                    .register(Box::new(lookups.clone()))
-                    .map_err(|e| e.to_string())?;
-                Some(lookups)
-            }
-            None => None,
-        };
         Ok(Some(Self {
             resolver,
             sites: sites.into(),

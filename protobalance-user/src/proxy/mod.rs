@@ -99,10 +99,39 @@ pub struct ProxyContext {
     pub tls: Option<crate::tls::TlsAcceptor>,
     /// Judges client behaviour; sessions report events to it.
     pub reputation: Arc<crate::filter::reputation::Reputation>,
-    /// DNSBL/DNSWL lookups for inbound SMTP clients, when `[[dnsbl.site]]`s are configured.
-    pub dnsbl: Option<Arc<crate::filter::dnsbl::Dnsbl>>,
+    /// DNSBL/DNSWL lookups for inbound SMTP clients, when `[[dnsbl.site]]`s are configured;
+    /// replaced by a config reload.
+    pub dnsbl: std::sync::RwLock<Option<Arc<crate::filter::dnsbl::Dnsbl>>>,
+    /// `protobalance_dnsbl_lookups_total`, shared by every `Dnsbl` a reload builds.
+    pub dnsbl_lookups: prometheus::IntCounterVec,
     /// Idle backend delivery sessions for reuse (`limits.backend_idle_sessions`).
     pub sessions: Arc<crate::smtp::reuse::SessionPool>,
+}
+
+impl ProxyContext {
+    /// The DNS lists in force now.
+    pub fn dnsbl(&self) -> Option<Arc<crate::filter::dnsbl::Dnsbl>> {
+        self.dnsbl
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Rebuilds the DNS lists from a reloaded `[dnsbl]`.
+    pub fn set_dnsbl(
+        &self,
+        config: &crate::config::DnsblConfig,
+        sites: Vec<crate::config::DnsblSite>,
+    ) -> Result<(), String> {
+        let dnsbl =
+            crate::filter::dnsbl::Dnsbl::new(config, sites, Some(self.dnsbl_lookups.clone()))?
+                .map(Arc::new);
+        *self
+            .dnsbl
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = dnsbl;
+        Ok(())
+    }
 }
 
 /// How a session ended; the `outcome` label of `protobalance_sessions_total`.

@@ -240,7 +240,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let ctx = self.ctx;
         let greeting = format!("{} ESMTP {}", ctx.hostname, ctx.banner);
         let ip = self.conn.peer.ip();
-        let (delay, dnsbl) = match (self.mode, &ctx.dnsbl) {
+        let lists = ctx.dnsbl();
+        let (delay, dnsbl) = match (self.mode, &lists) {
             (Mode::Inbound, dnsbl) => (
                 ctx.reputation.greeting_delay(ip),
                 // Asked now, answered while the greeting delay runs.
@@ -268,7 +269,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
         if let Some(lookup) = dnsbl
             && let Ok(listing) = lookup.await
-            && let Some(end) = self.judge_listing(&listing).await
+            && let Some(lists) = &lists
+            && let Some(end) = self.judge_listing(lists, &listing).await
         {
             return end;
         }
@@ -284,8 +286,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
 
     /// Scores what the DNS lists say (negative for allowlists); past the threshold, mail
     /// from the client is refused for this session.
-    async fn judge_listing(&mut self, listing: &crate::filter::dnsbl::Listing) -> Option<Step> {
-        let dnsbl = self.ctx.dnsbl.as_ref()?;
+    async fn judge_listing(
+        &mut self,
+        dnsbl: &crate::filter::dnsbl::Dnsbl,
+        listing: &crate::filter::dnsbl::Listing,
+    ) -> Option<Step> {
         if listing.listed_by.is_empty() {
             return None;
         }
