@@ -106,7 +106,13 @@ impl Reloader {
     }
 
     async fn apply(&self) -> Result<Vec<&'static str>, Refused> {
-        let new = Config::load(&self.path).map_err(|e| Refused::Invalid(e.to_string()))?;
+        // Reading and checking the file (blocklist files may hold a million lines, the
+        // certificates are parsed) is blocking work: off the async workers.
+        let path = self.path.clone();
+        let new = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| Refused::Failed(format!("reading the config: {e}")))?
+            .map_err(|e| Refused::Invalid(e.to_string()))?;
         let (old, cfg) = (&self.started.config, &new.config);
         if old.xdp.interface != cfg.xdp.interface || old.xdp.pin_dir != cfg.xdp.pin_dir {
             return Err(Refused::Invalid(
