@@ -10,7 +10,7 @@ use protobalance_tests::{DnsServer, DovecotCluster, python, require_dnsmasq};
 
 mod support;
 
-use support::{Edge, Listen, USERS, metrics, start_edge};
+use support::{Edge, Listen, USERS, delivered, sample, start_edge};
 
 const TOKEN: &str = "dnsbl-test-token-0123456789abcdef";
 
@@ -41,23 +41,6 @@ fn send(edge: &Edge, ip: &str, to: &str) -> Result<String, String> {
     } else {
         Ok(out)
     }
-}
-
-fn delivered(cluster: &DovecotCluster, user: &str) -> usize {
-    cluster
-        .backends()
-        .iter()
-        .map(|b| b.message_count(user).expect("count"))
-        .sum()
-}
-
-fn sample(edge: &Edge, series: &str) -> u64 {
-    metrics(edge)
-        .lines()
-        .find(|l| l.strip_prefix(series).is_some_and(|v| v.starts_with(' ')))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn record(client: &str, zone: &str, answer: &str) -> (String, IpAddr) {
@@ -126,17 +109,8 @@ fn listed_clients_are_refused_or_scored_by_weight_and_dns_failure_never_blocks_m
     );
 
     // The listing below the threshold is scored all the same.
-    let out = std::process::Command::new(support::BIN)
-        .args([
-            "explain",
-            "127.0.0.71",
-            "--url",
-            &format!("http://{}", edge.admin),
-        ])
-        .env("PROTOBALANCE_TOKEN", TOKEN)
-        .output()
-        .expect("explain");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (code, text) = support::cli(&edge, TOKEN, &["explain", "127.0.0.71"]);
+    assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("score 1.00") && text.contains("dnsbl"),
         "{text}"
@@ -152,12 +126,8 @@ fn listed_clients_are_refused_or_scored_by_weight_and_dns_failure_never_blocks_m
     );
     std::fs::write(&path, original.replace("weight = 3.0", "weight = 1.0")).expect("config");
     let reload = |what: &str| {
-        let out = std::process::Command::new(support::BIN)
-            .args(["ctl", "reload", "--url", &format!("http://{}", edge.admin)])
-            .env("PROTOBALANCE_TOKEN", TOKEN)
-            .output()
-            .expect("ctl reload");
-        assert!(out.status.success(), "{what}: {out:?}");
+        let (code, text) = support::cli(&edge, TOKEN, &["ctl", "reload"]);
+        assert_eq!(code, 0, "{what}: {text}");
     };
     reload("lowered");
     send(&edge, "127.0.0.75", "user1@example.com").expect("weight 1 after the reload");

@@ -10,7 +10,7 @@ use protobalance_tests::{BackendOptions, DovecotCluster, python};
 
 mod support;
 
-use support::{Edge, Listen, USERS, metrics, start_edge};
+use support::{Edge, Listen, USERS, delivered, sample, start_edge};
 
 fn skip(test: &str) -> bool {
     support::skip(test)
@@ -23,23 +23,11 @@ const REPUTATION: &str = "[reputation]\ngreeting_delay_ms = 300\ntarpit_delay_ms
      [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"reputation-test-token-0123456789abcdef\"\n\
      access = \"read-write\"\n";
 
+const TOKEN: &str = "reputation-test-token-0123456789abcdef";
+
 /// `protobalance <args>` against the edge's API: (exit code, stdout + stderr).
 fn cli(edge: &Edge, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(support::BIN)
-        .args(args)
-        .args(["--url", &format!("http://{}", edge.admin)])
-        .env(
-            "PROTOBALANCE_TOKEN",
-            "reputation-test-token-0123456789abcdef",
-        )
-        .output()
-        .expect("run protobalance");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    support::cli(edge, TOKEN, args)
 }
 
 /// Python prelude: every socket comes from `ip`.
@@ -62,24 +50,6 @@ fn send_mail(edge: &Edge, ip: &str, to: &str, token: &str) -> Result<String, Str
         addr.port()
     ))
     .map_err(|e| e.to_string())
-}
-
-fn delivered(cluster: &DovecotCluster, user: &str) -> usize {
-    cluster
-        .backends()
-        .iter()
-        .map(|b| b.message_count(user).expect("count"))
-        .sum()
-}
-
-/// A metric's value, 0 when absent.
-fn value(edge: &Edge, name_and_labels: &str) -> f64 {
-    metrics(edge)
-        .lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Connects from `ip` up to `attempts` times, each time sending `payload` at once (before
@@ -234,11 +204,11 @@ fn smtp_bots_are_refused_then_banned_while_good_clients_deliver() {
     assert_eq!(delivered(&cluster, "user1@example.com"), 2);
     assert_eq!(delivered(&cluster, "user3@example.com"), 1);
     assert_eq!(
-        value(
+        sample(
             &edge,
             "protobalance_reputation_bans_total{enforced=\"proxy\"}"
         ),
-        2.0
+        2
     );
     for event in [
         "pregreet",
@@ -248,10 +218,10 @@ fn smtp_bots_are_refused_then_banned_while_good_clients_deliver() {
         "clean_session",
     ] {
         assert!(
-            value(
+            sample(
                 &edge,
                 &format!("protobalance_reputation_events_total{{event=\"{event}\"}}")
-            ) >= 1.0,
+            ) >= 1,
             "{event} counted"
         );
     }
@@ -405,24 +375,24 @@ fn password_guessing_bans_the_address_and_locks_the_attacked_account() {
         "an attacking address with 4 failures is not banned"
     );
     assert_eq!(
-        value(
+        sample(
             &edge,
             "protobalance_reputation_account_events_total{event=\"locked\"}"
         ),
-        2.0,
+        2,
         "user20 (by the single guesser) and user5"
     );
     assert!(
-        value(
+        sample(
             &edge,
             "protobalance_reputation_account_events_total{event=\"refused_while_locked\"}"
-        ) >= 2.0
+        ) >= 2
     );
     assert!(
-        value(
+        sample(
             &edge,
             "protobalance_reputation_bans_total{enforced=\"proxy\"}"
-        ) >= 1.0
+        ) >= 1
     );
 }
 
@@ -436,25 +406,11 @@ fn a_sending_postfix_is_a_good_client_beside_a_banned_bot() {
     if skip(test) || !protobalance_tests::require_postfix(test) {
         return;
     }
-    use protobalance_tests::{DovecotBackend, PostfixBackend, PostfixOptions, loopback_ip};
+    use protobalance_tests::{PostfixBackend, loopback_ip};
     let cluster = DovecotCluster::start(3, USERS).expect("cluster");
     let edge = start_edge(&cluster, &[Listen("smtp", None)], REPUTATION);
-    let options = PostfixOptions {
-        relay_all_to: Some(edge.listeners[0]),
-        ..PostfixOptions::default()
-    }
-    .with_fast_retries();
-    let sender_dovecot = DovecotBackend::start(
-        "sender",
-        loopback_ip(20).expect("ip"),
-        &BackendOptions {
-            users: 1,
-            auth_listener: true,
-            ..BackendOptions::default()
-        },
-    )
-    .expect("sender dovecot");
-    let sender = PostfixBackend::start("sender", sender_dovecot, &options).expect("sender");
+    let sender = PostfixBackend::start_sender(loopback_ip(20).expect("ip"), edge.listeners[0])
+        .expect("sender");
     // Recipients on different backends: the edge takes one backend's per transaction.
     let recipients: Vec<String> = (1..=6).map(|n| format!("user{n}@example.com")).collect();
     let list = recipients
@@ -483,15 +439,9 @@ fn a_sending_postfix_is_a_good_client_beside_a_banned_bot() {
         8,
     );
     assert!(bot_out.contains("blocked"), "{bot_out}");
-    if sender
-        .wait_until_queue_empty(std::time::Duration::from_secs(30))
-        .is_err()
-    {
-        sender.flush().expect("postqueue -f");
-        sender
-            .wait_until_queue_empty(std::time::Duration::from_secs(40))
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", sender.log_tail(40)));
-    }
+    sender
+        .drain(std::time::Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sender.log_tail(40)));
     for r in &recipients {
         assert_eq!(delivered(&cluster, r), 3, "{r}");
     }

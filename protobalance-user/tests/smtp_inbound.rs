@@ -561,18 +561,14 @@ fn reused_backend_sessions_carry_each_clients_identity() {
         let expected = format!("Received: from client{who}.example.net ([{client}])");
         assert!(message.contains(&expected), "message {i}: {message}");
     }
-    let metrics = support::metrics(&edge);
     let sample = |result: &str| {
-        let series = format!(
-            "protobalance_backend_sessions_total{{backend=\"{home}\",result=\"{result}\"}}"
-        );
-        metrics
-            .lines()
-            .find(|l| l.strip_prefix(&series).is_some_and(|v| v.starts_with(' ')))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+        support::sample(
+            &edge,
+            &format!(
+                "protobalance_backend_sessions_total{{backend=\"{home}\",result=\"{result}\"}}"
+            ),
+        )
     };
-    assert_eq!(sample("fresh"), 1, "one connection …\n{metrics}");
+    assert_eq!(sample("fresh"), 1, "one connection …");
     assert_eq!(sample("reused"), 3, "… reused three times");
 }

@@ -391,27 +391,12 @@ fn a_relay_client_with_malware_is_suspended_while_others_send_on() {
     );
     assert!(out.contains("other {}"), "another user sends on: {out}");
 
-    let admin = cluster.edge.admin;
-    let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(support::BIN)
-            .arg("ctl")
-            .args(args)
-            .args(["--url", &format!("http://{admin}")])
-            .env("PROTOBALANCE_TOKEN", token)
-            .output()
-            .expect("ctl");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
-    let (code, text) = ctl(&["suspension", "ls"]);
+    let (code, text) = ctl(&cluster.edge, token, &["suspension", "ls"]);
     assert!(
         code == 0 && text.contains(infected) && text.contains("distinct_recipients"),
         "{text}"
     );
-    let (code, xml) = ctl(&["suspension", "ls", "--xml"]);
+    let (code, xml) = ctl(&cluster.edge, token, &["suspension", "ls", "--xml"]);
     assert_eq!(code, 0, "{xml}");
     support::validate_api_xml(&xml);
     let suspended = metric_line(
@@ -430,7 +415,7 @@ fn a_relay_client_with_malware_is_suspended_while_others_send_on() {
 
     // Kept in the directory store: a restart does not free the spammer.
     cluster.edge.restart();
-    let (code, text) = ctl(&["suspension", "ls"]);
+    let (code, text) = ctl(&cluster.edge, token, &["suspension", "ls"]);
     assert!(
         code == 0 && text.contains(infected) && text.contains("distinct_recipients"),
         "after a restart: {text}"
@@ -438,9 +423,9 @@ fn a_relay_client_with_malware_is_suspended_while_others_send_on() {
     let out = session(infected, "print('restarted', s.mail('{user}'))\n");
     assert!(out.contains("restarted (550, b'5.7.1"), "{out}");
 
-    let (code, text) = ctl(&["suspension", "rm", infected]);
+    let (code, text) = ctl(&cluster.edge, token, &["suspension", "rm", infected]);
     assert!(code == 0, "{text}");
-    let (code, _) = ctl(&["suspension", "rm", infected]);
+    let (code, _) = ctl(&cluster.edge, token, &["suspension", "rm", infected]);
     assert_eq!(code, 2, "nothing left to lift");
     let out = session(
         infected,
@@ -470,7 +455,11 @@ fn a_relay_client_with_malware_is_suspended_while_others_send_on() {
         }
     }
     // An operator can suspend too.
-    let (code, text) = ctl(&["suspension", "add", other, "--seconds", "60"]);
+    let (code, text) = ctl(
+        &cluster.edge,
+        token,
+        &["suspension", "add", other, "--seconds", "60"],
+    );
     assert!(
         code == 0 && text.contains("suspended user62@example.com"),
         "{text}"
@@ -504,22 +493,9 @@ fn a_sending_postfix_delivers_five_recipients_over_three_backends_once_each() {
     recipients.truncate(5);
     assert_eq!(recipients.len(), 5);
 
-    let options = PostfixOptions {
-        relay_all_to: Some(std::net::SocketAddr::new([127, 0, 0, 1].into(), smtp)),
-        ..PostfixOptions::default()
-    }
-    .with_fast_retries();
-    let sender_dovecot = DovecotBackend::start(
-        "sender",
-        loopback_ip(20).expect("ip"),
-        &BackendOptions {
-            users: 1,
-            auth_listener: true,
-            ..BackendOptions::default()
-        },
-    )
-    .expect("sender dovecot");
-    let sender = PostfixBackend::start("sender", sender_dovecot, &options).expect("sender");
+    let edge_smtp = std::net::SocketAddr::new([127, 0, 0, 1].into(), smtp);
+    let sender =
+        PostfixBackend::start_sender(loopback_ip(20).expect("ip"), edge_smtp).expect("sender");
     let rcpts = recipients
         .iter()
         .map(|r| format!("'{r}'"))
@@ -537,18 +513,10 @@ fn a_sending_postfix_delivers_five_recipients_over_three_backends_once_each() {
     ))
     .expect("inject into the sending Postfix");
     assert!(out.contains("refused {}"), "{out}");
-    // Postfix retries on its own (1 s timers). Its queue manager now and then skips a
-    // message that is "still being delivered" and only comes back to it much later; after
-    // 20 s the test flushes the queue, which is the same retry, just not waited for.
-    if sender
-        .wait_until_queue_empty(Duration::from_secs(20))
-        .is_err()
-    {
-        sender.flush().expect("postqueue -f");
-        sender
-            .wait_until_queue_empty(Duration::from_secs(40))
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", sender.log_tail(40)));
-    }
+    // Postfix retries on its own; `drain` flushes its queue once after 20 s.
+    sender
+        .drain(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sender.log_tail(40)));
     for r in &recipients {
         cluster.wait_for(r, 1);
     }
@@ -642,4 +610,9 @@ fn a_submission_backend_without_auth_is_a_temporary_failure() {
         &["protobalance_logins_total", "submission", "backend_error"],
     );
     assert!(failed.ends_with(" 1"), "{failed}");
+}
+
+/// `protobalance ctl <args>` against `edge` with `token`: (exit code, output).
+fn ctl(edge: &Edge, token: &str, args: &[&str]) -> (i32, String) {
+    support::cli(edge, token, &[&["ctl"], args].concat())
 }

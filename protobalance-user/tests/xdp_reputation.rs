@@ -11,7 +11,7 @@ use protobalance_tests::{DovecotCluster, NetNs, TestSubnet, Veth, netns, require
 
 mod support;
 
-use support::{Edge, Listen, USERS, backend_section, metrics, start_edge_on};
+use support::{Edge, Listen, USERS, backend_section, delivered, sample, start_edge_on};
 
 const TOKEN: &str = "xdp-reputation-token-0123456789abcdef";
 
@@ -79,36 +79,8 @@ impl Net {
     }
 }
 
-fn delivered(cluster: &DovecotCluster, user: &str) -> usize {
-    cluster
-        .backends()
-        .iter()
-        .map(|b| b.message_count(user).expect("count"))
-        .sum()
-}
-
-fn sample(edge: &Edge, series: &str) -> u64 {
-    metrics(edge)
-        .lines()
-        .find(|l| l.strip_prefix(series).is_some_and(|v| v.starts_with(' ')))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn cli(edge: &Edge, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(support::BIN)
-        .args(args)
-        .args(["--url", &format!("http://{}", edge.admin)])
-        .env("PROTOBALANCE_TOKEN", TOKEN)
-        .output()
-        .expect("run protobalance");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    support::cli(edge, TOKEN, args)
 }
 
 #[test]

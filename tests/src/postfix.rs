@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
-use crate::dovecot::DovecotBackend;
 use crate::dovecot::PROXY_V2_LOCAL;
+use crate::dovecot::{BackendOptions, DovecotBackend};
 use crate::mail_sink::MailSink;
 use crate::net::free_port;
 use crate::postfix_config::{
@@ -193,6 +193,38 @@ impl PostfixBackend {
 
     pub fn queue_is_empty(&self) -> Result<bool> {
         Ok(self.queue_len()? == 0)
+    }
+
+    /// A sending MTA for tests: a Postfix on `ip` (with a one-user Dovecot there for its
+    /// SASL) that relays all mail to `relay_to`, with 1 s retry timers.
+    pub fn start_sender(ip: IpAddr, relay_to: SocketAddr) -> Result<Self> {
+        let options = PostfixOptions {
+            relay_all_to: Some(relay_to),
+            ..PostfixOptions::default()
+        }
+        .with_fast_retries();
+        let dovecot = DovecotBackend::start(
+            "sender",
+            ip,
+            &BackendOptions {
+                users: 1,
+                auth_listener: true,
+                ..BackendOptions::default()
+            },
+        )?;
+        Self::start("sender", dovecot, &options)
+    }
+
+    /// Waits until the queue is empty. Postfix retries on its own (1 s timers with
+    /// `with_fast_retries`), but its queue manager now and then skips a message that is
+    /// "still being delivered" and only comes back to it much later: after `patience` the
+    /// queue is flushed once (the same retry, just not waited for) and given 40 s more.
+    pub fn drain(&self, patience: Duration) -> Result<()> {
+        if self.wait_until_queue_empty(patience).is_ok() {
+            return Ok(());
+        }
+        self.flush()?;
+        self.wait_until_queue_empty(Duration::from_secs(40))
     }
 
     /// `postqueue -f`: attempt every deferred message now (what an operator does when

@@ -301,9 +301,43 @@ impl Settings {
             allow,
         }
     }
+
+    fn allows(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow.iter().any(|c| c.contains(ip))
+    }
+
+    fn verdict(&self, record: &Record, now: u32, allowed: bool) -> Verdict {
+        let c = &self.config;
+        if allowed {
+            Verdict::Accept
+        } else if record.banned(now) || record.score >= c.ban_score {
+            Verdict::Ban
+        } else if record.score >= c.tempfail_score {
+            Verdict::TempFail
+        } else if record.score >= c.tarpit_score {
+            Verdict::Tarpit
+        } else {
+            Verdict::Accept
+        }
+    }
+
+    fn ban_ttl(&self, earlier_bans: u16) -> Duration {
+        let c = &self.config;
+        let factor = u64::from(c.ban_growth).saturating_pow(u32::from(earlier_bans.min(32)));
+        Duration::from_secs(c.ban_seconds.saturating_mul(factor).min(c.ban_max_seconds))
+    }
+
+    fn half_life(&self) -> f32 {
+        self.config.half_life_seconds as f32
+    }
 }
 
 pub struct Reputation {
+    /// Fixed at start (they size or key the records): `reputation.enabled`, and whether
+    /// IPv6 clients are kept per /64 (`ipv6_prefix = 64`) or per address.
+    enabled: bool,
+    per_64: bool,
     settings: std::sync::RwLock<Arc<Settings>>,
     shards: Box<[Mutex<LruCache<Key, Record>>]>,
     hasher: std::collections::hash_map::RandomState,
@@ -327,6 +361,8 @@ impl Reputation {
             .collect();
         let accounts = AccountGuard::new(&config);
         Self {
+            enabled: config.enabled,
+            per_64: config.ipv6_prefix == 64,
             settings: std::sync::RwLock::new(Arc::new(Settings::new(config, allow))),
             shards,
             hasher: std::collections::hash_map::RandomState::new(),
@@ -352,8 +388,8 @@ impl Reputation {
         Arc::clone(&self.settings.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    pub fn enabled(&self) -> bool {
-        self.s().config.enabled
+    pub const fn enabled(&self) -> bool {
+        self.enabled
     }
 
     /// A reloaded config: weights, thresholds, delays, ban lengths, account rules and the
@@ -361,24 +397,30 @@ impl Reputation {
     /// the records (`enabled`, `ipv6_prefix`, `max_tracked`, `max_accounts`) keeps its
     /// old value until a restart; the keys that did are returned.
     pub fn reconfigure(&self, mut config: ReputationConfig, allow: Vec<Cidr>) -> Vec<&'static str> {
-        let old = self.s();
-        let mut kept = Vec::new();
-        if config.enabled != old.config.enabled {
-            config.enabled = old.config.enabled;
-            kept.push("reputation.enabled");
-        }
-        if config.ipv6_prefix != old.config.ipv6_prefix {
-            config.ipv6_prefix = old.config.ipv6_prefix;
-            kept.push("reputation.ipv6_prefix");
-        }
-        if config.max_tracked != old.config.max_tracked {
-            config.max_tracked = old.config.max_tracked;
-            kept.push("reputation.max_tracked");
-        }
-        if config.max_accounts != old.config.max_accounts {
-            config.max_accounts = old.config.max_accounts;
-            kept.push("reputation.max_accounts");
-        }
+        let old = &self.s().config;
+        let kept: Vec<&'static str> = [
+            ("reputation.enabled", config.enabled != self.enabled),
+            (
+                "reputation.ipv6_prefix",
+                (config.ipv6_prefix == 64) != self.per_64,
+            ),
+            (
+                "reputation.max_tracked",
+                config.max_tracked != old.max_tracked,
+            ),
+            (
+                "reputation.max_accounts",
+                config.max_accounts != old.max_accounts,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect();
+        // Settings keep the sizes in force, so `explain`-like readers see the truth.
+        config.enabled = self.enabled;
+        config.ipv6_prefix = old.ipv6_prefix;
+        config.max_tracked = old.max_tracked;
+        config.max_accounts = old.max_accounts;
         *self
             .settings
             .write()
@@ -391,10 +433,6 @@ impl Reputation {
         let _ = self.kernel.set(maps);
     }
 
-    pub fn accounts(&self) -> &AccountGuard {
-        &self.accounts
-    }
-
     fn now(&self) -> u32 {
         u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
@@ -404,7 +442,7 @@ impl Reputation {
             IpAddr::V4(a) => Key(u128::from(a.to_ipv6_mapped())),
             IpAddr::V6(a) => {
                 let bits = u128::from(a);
-                Key(if self.s().config.ipv6_prefix == 64 {
+                Key(if self.per_64 {
                     bits & !((1u128 << 64) - 1)
                 } else {
                     bits
@@ -415,7 +453,7 @@ impl Reputation {
 
     fn subject(&self, ip: IpAddr) -> String {
         match ip.to_canonical() {
-            IpAddr::V6(_) if self.s().config.ipv6_prefix == 64 => {
+            IpAddr::V6(_) if self.per_64 => {
                 format!("{}/64", Ipv6Addr::from(self.key(ip).0))
             }
             other => other.to_string(),
@@ -427,38 +465,16 @@ impl Reputation {
         &self.shards[(hash as usize) % SHARDS]
     }
 
-    fn allowed(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.s().allow.iter().any(|c| c.contains(ip))
-    }
-
-    fn verdict_of(&self, record: &Record, now: u32, allowed: bool) -> Verdict {
-        if allowed {
-            return Verdict::Accept;
-        }
-        let settings = self.s();
-        let c = &settings.config;
-        if record.banned(now) || record.score >= c.ban_score {
-            Verdict::Ban
-        } else if record.score >= c.tempfail_score {
-            Verdict::TempFail
-        } else if record.score >= c.tarpit_score {
-            Verdict::Tarpit
-        } else {
-            Verdict::Accept
-        }
-    }
-
     /// Runs `f` on the address's record (created if new), with its score decayed to now.
     fn with_record<T>(
         &self,
         ip: IpAddr,
         create: bool,
+        half_life: f32,
         f: impl FnOnce(&mut Record, u32) -> T,
     ) -> Option<T> {
         let key = self.key(ip);
         let now = self.now();
-        let half_life = self.s().config.half_life_seconds as f32;
         let mut shard = self
             .shard(key)
             .lock()
@@ -487,16 +503,18 @@ impl Reputation {
         if !self.enabled() {
             return Verdict::Accept;
         }
-        let allowed = self.allowed(ip);
+        let s = self.s();
+        let allowed = s.allows(ip);
         let (verdict, banned) = self
-            .with_record(ip, false, |record, now| {
-                (self.verdict_of(record, now, allowed), record.banned(now))
+            .with_record(ip, false, s.half_life(), |record, now| {
+                (s.verdict(record, now, allowed), record.banned(now))
             })
             .unwrap_or((Verdict::Accept, false));
         // Refused, or over the ban score without a ban yet (thresholds lowered by a
         // reload): coming back counts, and places the ban.
         let verdict = if verdict == Verdict::TempFail || (verdict == Verdict::Ban && !banned) {
-            self.report(ip, Event::RetryWhileRefused)
+            let weight = s.weights[Event::RetryWhileRefused as usize];
+            self.score(&s, ip, Event::RetryWhileRefused, weight)
         } else {
             verdict
         };
@@ -510,35 +528,43 @@ impl Reputation {
 
     /// Scores `event` with its configured weight; the verdict after it.
     pub fn report(&self, ip: IpAddr, event: Event) -> Verdict {
-        let weight = self.s().weights[event as usize];
-        self.report_weighted(ip, event, weight)
+        if !self.enabled {
+            return Verdict::Accept;
+        }
+        let s = self.s();
+        let weight = s.weights[event as usize];
+        self.score(&s, ip, event, weight)
     }
 
     /// Scores `event` with `weight` (DNSBL sites carry their own weights).
     pub fn report_weighted(&self, ip: IpAddr, event: Event, weight: f32) -> Verdict {
-        if !self.enabled() {
+        if !self.enabled {
             return Verdict::Accept;
         }
+        self.score(&self.s(), ip, event, weight)
+    }
+
+    fn score(&self, s: &Settings, ip: IpAddr, event: Event, weight: f32) -> Verdict {
         if let Some(m) = &self.metrics {
             m.events.with_label_values(&[event.as_str()]).inc();
         }
-        let allowed = self.allowed(ip);
-        let outcome = self.with_record(ip, true, |record, now| {
+        let allowed = s.allows(ip);
+        let outcome = self.with_record(ip, true, s.half_life(), |record, now| {
             record.note(event, now);
             // Good behaviour earns at most `tarpit_score` of credit, so a client that built
             // a long clean history cannot spend it on a burst of abuse.
-            let floor = -self.s().config.tarpit_score;
+            let floor = -s.config.tarpit_score;
             record.score = (record.score + weight).clamp(floor, 1_000_000.0);
             let was_banned = record.banned(now);
-            let verdict = self.verdict_of(record, now, allowed);
+            let verdict = s.verdict(record, now, allowed);
             let new_ban = (verdict == Verdict::Ban && !was_banned).then(|| {
-                let ttl = self.ban_ttl(record.bans);
+                let ttl = s.ban_ttl(record.bans);
                 record.bans = record.bans.saturating_add(1);
                 record.banned_until =
                     now.saturating_add(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX));
                 // The ban is the punishment: once it ends the client starts over as
                 // suspect (tarpitted) rather than straight back into the ban.
-                record.score = record.score.min(self.s().config.tarpit_score);
+                record.score = record.score.min(s.config.tarpit_score);
                 ttl
             });
             (verdict, new_ban)
@@ -552,17 +578,10 @@ impl Reputation {
         verdict
     }
 
-    fn ban_ttl(&self, earlier_bans: u16) -> Duration {
-        let settings = self.s();
-        let c = &settings.config;
-        let factor = u64::from(c.ban_growth).saturating_pow(u32::from(earlier_bans.min(32)));
-        Duration::from_secs(c.ban_seconds.saturating_mul(factor).min(c.ban_max_seconds))
-    }
-
     fn place_ban(&self, ip: IpAddr, ttl: Duration, event: Event) {
         let subject = self.subject(ip);
         let target = match ip.to_canonical() {
-            IpAddr::V6(a) if self.s().config.ipv6_prefix == 64 => BanTarget::Ipv6Net64(a),
+            IpAddr::V6(a) if self.per_64 => BanTarget::Ipv6Net64(a),
             other => BanTarget::Address(other),
         };
         let enforced = match self.kernel.get() {
@@ -597,15 +616,16 @@ impl Reputation {
 
     /// The SMTP greeting delay applies: the test is on and the client has not passed it.
     pub fn greeting_delay(&self, ip: IpAddr) -> Option<Duration> {
-        if !self.enabled() || self.s().config.greeting_delay_ms == 0 || self.allowed(ip) {
+        let s = self.s();
+        if !self.enabled || s.config.greeting_delay_ms == 0 || s.allows(ip) {
             return None;
         }
         let passed = self
-            .with_record(ip, false, |r, _| {
+            .with_record(ip, false, s.half_life(), |r, _| {
                 r.clean() && r.counts[Event::CleanSession as usize] > 0
             })
             .unwrap_or(false);
-        (!passed).then(|| Duration::from_millis(self.s().config.greeting_delay_ms))
+        (!passed).then(|| Duration::from_millis(s.config.greeting_delay_ms))
     }
 
     pub fn tarpit_delay(&self) -> Duration {
@@ -617,8 +637,8 @@ impl Reputation {
         if !self.enabled() {
             return Duration::ZERO;
         }
-        let settings = self.s();
-        let c = &settings.config;
+        let s = self.s();
+        let c = &s.config;
         let ms = c
             .auth_failure_delay_ms
             .saturating_mul(1u64 << n.saturating_sub(1).min(16));
@@ -626,12 +646,13 @@ impl Reputation {
     }
 
     pub fn explain(&self, ip: IpAddr) -> Option<Explanation> {
-        let allowed = self.allowed(ip);
+        let s = self.s();
+        let allowed = s.allows(ip);
         let subject = self.subject(ip);
-        self.with_record(ip, false, |r, now| Explanation {
+        self.with_record(ip, false, s.half_life(), |r, now| Explanation {
             subject,
             score: r.score,
-            verdict: self.verdict_of(r, now, allowed),
+            verdict: s.verdict(r, now, allowed),
             allowlisted: allowed,
             bans: r.bans,
             banned_for: r
@@ -792,13 +813,6 @@ impl AccountGuard {
             record.known_next = (record.known_next + 1) % KNOWN_ADDRESSES as u8;
         }
     }
-
-    /// Whether `account` is locked now (for `explain` and tests).
-    pub fn locked(&self, account: &str, now: u32) -> bool {
-        self.lock()
-            .peek(account)
-            .is_some_and(|r| r.locked_until > now)
-    }
 }
 
 #[cfg(test)]
@@ -848,8 +862,8 @@ mod tests {
             "score drops to the tarpit level: {}",
             e.score
         );
-        assert_eq!(r.ban_ttl(1), Duration::from_secs(2400), "second ban ×4");
-        assert_eq!(r.ban_ttl(10), Duration::from_secs(86_400), "capped");
+        assert_eq!(r.s().ban_ttl(1), Duration::from_secs(2400), "second ban ×4");
+        assert_eq!(r.s().ban_ttl(10), Duration::from_secs(86_400), "capped");
     }
 
     #[test]
@@ -931,7 +945,9 @@ mod tests {
         let r = engine("half_life_seconds = 1");
         let a = ip("198.51.100.11");
         r.report(a, Event::NonSmtp);
-        let mut record = r.with_record(a, false, |rec, _| rec.clone()).expect("kept");
+        let mut record = r
+            .with_record(a, false, 1.0, |rec, _| rec.clone())
+            .expect("kept");
         record.decay(record.updated + 3, 1.0);
         assert!((record.score - 1.25).abs() < 0.01, "{}", record.score);
     }

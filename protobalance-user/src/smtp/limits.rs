@@ -329,6 +329,8 @@ impl SubmissionLimits {
     /// Suspends `user` for `duration` (the API's, or a rule's, with `suspend_seconds`).
     pub fn suspend(&self, user: &str, reason: SuspendReason, duration: Duration, now: Instant) {
         let mut map = self.suspensions_lock();
+        // Ended ones go here too, so accounts never seen again do not pile up.
+        map.retain(|_, s| s.until > now);
         map.insert(
             user.to_owned(),
             Suspension {

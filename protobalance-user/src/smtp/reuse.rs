@@ -131,11 +131,6 @@ impl SessionPool {
             .insert(key);
     }
 
-    /// Sessions parked now (all backends).
-    pub fn idle(&self) -> usize {
-        self.lock().values().map(VecDeque::len).sum()
-    }
-
     /// Closes expired sessions every few seconds until `shutdown`, and all at the end.
     pub async fn sweep(self: std::sync::Arc<Self>, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(SWEEP_EVERY);

@@ -233,6 +233,43 @@ pub fn metrics(edge: &Edge) -> String {
     get(edge.admin, "/metrics").expect("metrics")
 }
 
+/// The value of the /metrics sample `series` (name and labels exactly as exposed); 0 when
+/// there is none yet.
+pub fn sample(edge: &Edge, series: &str) -> u64 {
+    metrics(edge)
+        .lines()
+        .find(|l| l.strip_prefix(series).is_some_and(|v| v.starts_with(' ')))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Messages `user` has on all the backends of `cluster`.
+pub fn delivered(cluster: &DovecotCluster, user: &str) -> usize {
+    cluster
+        .backends()
+        .iter()
+        .map(|b| b.message_count(user).expect("count"))
+        .sum()
+}
+
+/// `protobalance <args> --url <the edge's admin listener>` with API `token`: (exit code,
+/// stdout followed by stderr).
+pub fn cli(edge: &Edge, token: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--url", &format!("http://{}", edge.admin)])
+        .env("PROTOBALANCE_TOKEN", token)
+        .output()
+        .expect("run protobalance");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// Waits up to 2 s for a /metrics line holding all of `parts`; returns it.
 pub fn metric_line(edge: &Edge, parts: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(2);

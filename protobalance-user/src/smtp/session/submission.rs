@@ -364,6 +364,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
     }
 
+    /// The logged-in user's account key, or the `550 5.7.1` of its suspension.
+    fn sender(&mut self) -> Result<String, Vec<u8>> {
+        let user = self
+            .account
+            .as_ref()
+            .map_or_else(String::new, |a| a.key.clone());
+        match self.suspended(&user) {
+            Some(refusal) => Err(refusal),
+            None => Ok(user),
+        }
+    }
+
     /// `550 5.7.1` while the account is suspended from sending.
     pub(super) fn suspended(&mut self, user: &str) -> Option<Vec<u8>> {
         let suspension = self
@@ -426,13 +438,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// MAIL FROM on the user's backend; the backend's answer is relayed. A backend that
     /// closed since the last message is re-opened once.
     pub(super) async fn submit_mail(&mut self, tx: Transaction) -> Vec<u8> {
-        let user = self
-            .account
-            .as_ref()
-            .map_or_else(String::new, |a| a.key.clone());
-        if let Some(refusal) = self.suspended(&user) {
-            return refusal;
-        }
+        let user = match self.sender() {
+            Ok(user) => user,
+            Err(refusal) => return refusal,
+        };
         if let Err(limit) = self.ctx.submission_limits.may_send(&user, Instant::now()) {
             return self.limited(limit);
         }
@@ -484,13 +493,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             ForwardPath::Postmaster => "postmaster".to_owned(),
         };
         let pending = tx.accepted();
-        let user = self
-            .account
-            .as_ref()
-            .map_or_else(String::new, |a| a.key.clone());
-        if let Some(refusal) = self.suspended(&user) {
-            return refusal;
-        }
+        let user = match self.sender() {
+            Ok(user) => user,
+            Err(refusal) => return refusal,
+        };
         let check = self
             .ctx
             .submission_limits
