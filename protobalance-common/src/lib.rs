@@ -52,14 +52,25 @@ pub const MAP_LIST_HITS: &str = "PB_LIST_HITS";
 pub const MAP_LIST_NAMES: &str = "PB_LIST_NAMES";
 /// List ids with their own hit counter and name: `0..LISTS_MAX`. An entry with a larger
 /// id still drops, but is counted only in the verdict counters.
-pub const LISTS_MAX: u32 = 64;
+pub const LISTS_MAX: u32 = 61;
 /// Bytes of a list name.
 pub const LIST_NAME_LEN: usize = 64;
 /// A list name: UTF-8, NUL-padded; all zeros = no list has this id.
 pub type ListName = [u8; LIST_NAME_LEN];
 
 /// Every map the loader pins under `xdp.pin_dir` (and `filter unload` removes).
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 25] = [
+    MAP_LIST_GEN,
+    MAP_V4_DIR[0],
+    MAP_V4_DIR[1],
+    MAP_V4_EXACT[0],
+    MAP_V4_EXACT[1],
+    MAP_V4_LONG[0],
+    MAP_V4_LONG[1],
+    MAP_V6_EXACT[0],
+    MAP_V6_EXACT[1],
+    MAP_V6_PREFIX[0],
+    MAP_V6_PREFIX[1],
     MAP_BLOCK_V4,
     MAP_BLOCK_V6,
     MAP_ALLOW_V4,
@@ -79,8 +90,84 @@ pub const PINNED_MAPS: [&str; 14] = [
 /// Name of the XDP program inside the object file.
 pub const PROG_XDP: &str = "protobalance";
 
-/// Capacity of each blocklist trie. Large enough for full public DROP/EDROP-style lists.
-pub const BLOCKLIST_MAX_ENTRIES: u32 = 262_144;
+/// Capacity of each blocklist trie (allocated as entries are added, not up front): 2 M
+/// entries, for aggregated feeds of a million bot addresses and more.
+pub const BLOCKLIST_MAX_ENTRIES: u32 = 2_097_152;
+
+// The rule tables the program reads: the allowlist and blocklists compiled by user space
+// into one longest-prefix-match function per family, in two generations, so a whole new
+// set of lists replaces the old one atomically (see protobalance-user's
+// filter::xdp::generations for the design and the proof that the verdicts equal the
+// reference model's). The tries above stay the source of truth that user space lists,
+// explains and counts from; the program itself never reads them.
+//
+// IPv4, per generation g:
+// * `PB_V4_DIR_g` — DIR-24 first stage: one byte per /24 ([`CLASS_*`] in the low six bits,
+//   [`DIR_HAS_EXACT`], [`DIR_HAS_LONG`]), packed [`DIR_SLOTS_PER_VALUE`] to an array
+//   value, indexed by the top 18 bits of the address (16 MiB, mmap-able, written by user
+//   space as memory);
+// * `PB_V4_EXACT_g` — hash of /32 entries: address -> class, consulted only when the /24's
+//   byte has [`DIR_HAS_EXACT`];
+// * `PB_V4_LONG_g` — LPM trie of /25–/31 entries -> class, only when [`DIR_HAS_LONG`].
+// IPv6: `PB_V6_EXACT_g` (hash of /128 entries) then `PB_V6_PREFIX_g` (LPM trie of the
+// rest), each skipped while empty ([`ListGen::flags`]).
+
+/// Name of the generation selector: an array with one [`ListGen`] at index 0.
+pub const MAP_LIST_GEN: &str = "PB_LIST_GEN";
+pub const MAP_V4_DIR: [&str; 2] = ["PB_V4_DIR_0", "PB_V4_DIR_1"];
+pub const MAP_V4_EXACT: [&str; 2] = ["PB_V4_EXACT_0", "PB_V4_EXACT_1"];
+pub const MAP_V4_LONG: [&str; 2] = ["PB_V4_LONG_0", "PB_V4_LONG_1"];
+pub const MAP_V6_EXACT: [&str; 2] = ["PB_V6_EXACT_0", "PB_V6_EXACT_1"];
+pub const MAP_V6_PREFIX: [&str; 2] = ["PB_V6_PREFIX_0", "PB_V6_PREFIX_1"];
+
+/// /24 slots per `PB_V4_DIR_g` value (one byte each).
+pub const DIR_SLOTS_PER_VALUE: usize = 64;
+/// `PB_V4_DIR_g` entries: 2²⁴ /24 slots / [`DIR_SLOTS_PER_VALUE`].
+pub const DIR_ENTRIES: u32 = (1 << 24) / DIR_SLOTS_PER_VALUE as u32;
+/// One `PB_V4_DIR_g` value.
+pub type DirValue = [u8; DIR_SLOTS_PER_VALUE];
+/// Capacity of the exact-match hashes (allocated as entries are added).
+pub const EXACT_MAX_ENTRIES: u32 = 2_097_152;
+/// Capacity of `PB_V4_LONG_g` and `PB_V6_PREFIX_g`.
+pub const PREFIX_MAX_ENTRIES: u32 = 1_048_576;
+
+/// A DIR byte's class bits.
+pub const DIR_CLASS_MASK: u8 = 0x3f;
+/// Some /32 entry lies inside this /24: consult `PB_V4_EXACT_g` first.
+pub const DIR_HAS_EXACT: u8 = 0x40;
+/// Some /25–/31 entry lies inside this /24: consult `PB_V4_LONG_g` next.
+pub const DIR_HAS_LONG: u8 = 0x80;
+/// Class: no rule.
+pub const CLASS_NONE: u8 = 0;
+/// Class: allowlisted (passes before bans and the SYN limiter).
+pub const CLASS_ALLOW: u8 = 63;
+/// Classes `1..=LISTS_MAX + 1` are "blocked by list id `class - 1`"; list ids from
+/// [`LISTS_MAX`] on share the last one (they drop but have no per-list counter).
+pub const fn class_of_list(list_id: u32) -> u8 {
+    let id = if list_id < LISTS_MAX {
+        list_id
+    } else {
+        LISTS_MAX
+    };
+    id as u8 + 1
+}
+
+/// [`ListGen::flags`]: `PB_V6_EXACT_g` of the live generation has entries.
+pub const GEN_V6_EXACT: u32 = 1;
+/// [`ListGen::flags`]: `PB_V6_PREFIX_g` of the live generation has entries.
+pub const GEN_V6_PREFIX: u32 = 2;
+
+/// Which generation the program reads; user space flips it after filling the other one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListGen {
+    /// 0 or 1: the live generation's maps.
+    pub live: u32,
+    /// [`GEN_V6_EXACT`] | [`GEN_V6_PREFIX`] for the live generation.
+    pub flags: u32,
+    /// Counts generations published since the maps were created (the metric).
+    pub serial: u64,
+}
 
 /// What a blocklist entry carries: which list it came from, so drops can be attributed
 /// (see [`MAP_LIST_HITS`]).
@@ -173,8 +260,12 @@ impl Counter {
 
 /// Name of the limiter's settings: an array with one [`SynLimitConfig`] at index 0.
 pub const MAP_SYN_LIMIT_CONFIG: &str = "PB_SYN_CONFIG";
-/// Name of the set of limited destination ports (hash: port in host byte order -> 1).
+/// Name of the set of limited destination ports: a bitmap, an array of
+/// [`SYN_PORT_WORDS`] u64 words; port p is bit `p % 64` of word `p / 64` (an array lookup
+/// the verifier inlines, where a hash lookup cost ~20 ns per SYN).
 pub const MAP_SYN_PORTS: &str = "PB_SYN_PORTS";
+/// Words of the port bitmap: 65 536 bits.
+pub const SYN_PORT_WORDS: u32 = 1024;
 /// Name of the token buckets (LRU hash: [`SynSourceKey`] -> [`SynBucket`]).
 pub const MAP_SYN_BUCKETS: &str = "PB_SYN_BUCKETS";
 /// Name of the penalty map (hash, not LRU: [`SynSourceKey`] -> expiry, CLOCK_MONOTONIC ns).
@@ -253,6 +344,11 @@ pub struct SynBucket {
     pub tokens: u64,
     /// When `tokens` was last brought up to date (CLOCK_MONOTONIC ns).
     pub updated_ns: u64,
+    /// Until when this source is in the penalty (CLOCK_MONOTONIC ns; 0: never was). A copy
+    /// of its penalty-map entry, so a SYN from a source with a bucket costs one lookup, not
+    /// two; the penalty map is consulted only for a source without a bucket (new, or
+    /// evicted from the LRU), which keeps a limited source limited through LRU churn.
+    pub penalty_ns: u64,
 }
 
 impl SynBucket {
@@ -262,6 +358,7 @@ impl SynBucket {
         Self {
             tokens: capacity(config).saturating_sub(SYN_TOKEN),
             updated_ns: now_ns,
+            penalty_ns: 0,
         }
     }
 
@@ -274,14 +371,21 @@ impl SynBucket {
         let capacity = capacity(config);
         // A clock that went backwards (never with CLOCK_MONOTONIC) refills nothing.
         let elapsed = now_ns.saturating_sub(self.updated_ns);
-        // Time to fill an empty bucket; `None` only for rate 0, which refills nothing.
-        let fill_ns = capacity.checked_div(rate).unwrap_or(u64::MAX);
-        self.tokens = if elapsed >= fill_ns {
-            capacity
+        let refill = if elapsed < 1 << 31 {
+            // The usual case (SYNs of one source come seconds apart at most), without a
+            // division: elapsed < 2³¹ and rate < 2³², so the product fits.
+            elapsed * rate
         } else {
-            // elapsed < capacity / rate, so elapsed × rate < capacity: no overflow.
-            self.tokens.saturating_add(elapsed * rate).min(capacity)
+            // Time to fill an empty bucket; `None` only for rate 0, which refills nothing.
+            let fill_ns = capacity.checked_div(rate).unwrap_or(u64::MAX);
+            if elapsed >= fill_ns {
+                capacity
+            } else {
+                // elapsed < capacity / rate, so elapsed × rate < capacity: no overflow.
+                elapsed * rate
+            }
         };
+        self.tokens = self.tokens.saturating_add(refill).min(capacity);
         self.updated_ns = now_ns;
         if self.tokens >= SYN_TOKEN {
             self.tokens -= SYN_TOKEN;
@@ -301,6 +405,9 @@ const fn capacity(config: &SynLimitConfig) -> u64 {
 mod pod {
     // SAFETY: repr(C) of two u32, no padding.
     unsafe impl aya::Pod for super::BlockEntry {}
+
+    // SAFETY: repr(C), plain integers, no padding.
+    unsafe impl aya::Pod for super::ListGen {}
     // SAFETY: repr(C) of two u64, no padding.
     unsafe impl aya::Pod for super::CounterValue {}
     // SAFETY: repr(C) of u64 + two u32, no padding.
@@ -372,6 +479,7 @@ mod tests {
         let mut b = SynBucket {
             tokens: 0,
             updated_ns: 0,
+            penalty_ns: 0,
         };
         assert!(b.take(&slow, u64::MAX));
         // A clock behind the bucket refills nothing.
@@ -379,6 +487,7 @@ mod tests {
         let mut b = SynBucket {
             tokens: 0,
             updated_ns: 10 * SECOND,
+            penalty_ns: 0,
         };
         assert!(!b.take(&c, SECOND));
         assert!(!config(0, 5).enabled() && !config(5, 0).enabled());

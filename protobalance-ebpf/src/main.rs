@@ -2,7 +2,9 @@
 //!
 //! Per packet: parse Ethernet (up to two VLAN tags: 802.1Q, QinQ), IPv4 or IPv6 (extension
 //! headers walked with a fixed bound; non-first fragments never read as TCP) and TCP, then
-//! in this order: allowlisted source (LPM) → pass; blocklisted source (LPM) → drop; source
+//! in this order: allowlisted source → pass; blocklisted source → drop (both from one
+//! longest-prefix lookup in the live generation of the compiled rule tables: DIR-24 array,
+//! /32 hash and /25–/31 trie for IPv4, /128 hash and trie for IPv6); source
 //! under an unexpired ban (hash of the address, for IPv6 also of its /64) → drop, or only
 //! its new connections (SYN without ACK) for a SYN-only ban; a SYN to a mail port from a
 //! source over its SYN rate, or in the SYN penalty map → drop ([`syn_limit`]); count every
@@ -18,15 +20,17 @@ mod parse;
 mod syn_limit;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::bpf_ktime_get_ns,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use protobalance_common::{
     ALLOWLIST_MAX_ENTRIES, BAN_ALL, BANS_MAX_ENTRIES, BLOCKLIST_MAX_ENTRIES, BanEntry, BlockEntry,
-    Counter, CounterValue, LISTS_MAX, ListName,
+    CLASS_ALLOW, CLASS_NONE, Counter, CounterValue, DIR_CLASS_MASK, DIR_ENTRIES, DIR_HAS_EXACT,
+    DIR_HAS_LONG, DIR_SLOTS_PER_VALUE, DirValue, EXACT_MAX_ENTRIES, GEN_V6_EXACT, GEN_V6_PREFIX,
+    LISTS_MAX, ListGen, ListName, PREFIX_MAX_ENTRIES,
 };
 
 use crate::{
@@ -35,6 +39,9 @@ use crate::{
 };
 
 // Map statics are named exactly like protobalance_common::MAP_* (the loader finds them by name).
+
+// The source-of-truth tries: user space keeps them (listing, explaining, counting) and
+// compiles them into the generation maps below; the program never reads them.
 #[map]
 static PB_BLOCK_V4: LpmTrie<[u8; 4], BlockEntry> =
     LpmTrie::with_max_entries(BLOCKLIST_MAX_ENTRIES, 0);
@@ -48,6 +55,44 @@ static PB_ALLOW_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(ALLOWLIST_
 
 #[map]
 static PB_ALLOW_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(ALLOWLIST_MAX_ENTRIES, 0);
+
+// The compiled rule tables, two generations (see protobalance_common, MAP_LIST_GEN).
+#[map]
+static PB_LIST_GEN: Array<ListGen> = Array::with_max_entries(1, 0);
+
+#[map]
+static PB_V4_DIR_0: Array<DirValue> = Array::with_max_entries(DIR_ENTRIES, BPF_F_MMAPABLE);
+
+#[map]
+static PB_V4_DIR_1: Array<DirValue> = Array::with_max_entries(DIR_ENTRIES, BPF_F_MMAPABLE);
+
+#[map]
+static PB_V4_EXACT_0: HashMap<[u8; 4], u32> =
+    HashMap::with_max_entries(EXACT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+static PB_V4_EXACT_1: HashMap<[u8; 4], u32> =
+    HashMap::with_max_entries(EXACT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+static PB_V4_LONG_0: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(PREFIX_MAX_ENTRIES, 0);
+
+#[map]
+static PB_V4_LONG_1: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(PREFIX_MAX_ENTRIES, 0);
+
+#[map]
+static PB_V6_EXACT_0: HashMap<[u8; 16], u32> =
+    HashMap::with_max_entries(EXACT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+static PB_V6_EXACT_1: HashMap<[u8; 16], u32> =
+    HashMap::with_max_entries(EXACT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+static PB_V6_PREFIX_0: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(PREFIX_MAX_ENTRIES, 0);
+
+#[map]
+static PB_V6_PREFIX_1: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(PREFIX_MAX_ENTRIES, 0);
 
 #[map]
 static PB_BANS_V4: HashMap<[u8; 4], BanEntry> = HashMap::with_max_entries(BANS_MAX_ENTRIES, 0);
@@ -84,12 +129,13 @@ fn classify(ctx: &XdpContext) -> (Counter, u32) {
         Ok(Parsed::NotIp) => return (Counter::PassNonIp, PASS),
         Err(_) => return (Counter::PassMalformed, PASS),
     };
-    if is_allowlisted(&source) {
-        return (Counter::PassAllowlist, PASS);
-    }
-    if let Some(list_id) = blocklist_id(&source) {
-        count_list_hit(list_id);
-        return (Counter::DropBlocklist, DROP);
+    match rule_class(&source) {
+        CLASS_NONE => {}
+        CLASS_ALLOW => return (Counter::PassAllowlist, PASS),
+        class => {
+            count_list_hit(u32::from(class) - 1);
+            return (Counter::DropBlocklist, DROP);
+        }
     }
     if is_banned(&source, matches!(l4, L4::TcpSyn { .. })) {
         return (Counter::DropBan, DROP);
@@ -111,20 +157,88 @@ fn classify(ctx: &XdpContext) -> (Counter, u32) {
     }
 }
 
-fn is_allowlisted(source: &Source) -> bool {
+/// The class of the longest allowlist or blocklist entry containing the source, from the
+/// live generation: `CLASS_NONE`, `CLASS_ALLOW` or a list's class.
+#[inline(always)]
+fn rule_class(source: &Source) -> u8 {
+    let Some(generation) = PB_LIST_GEN.get(0) else {
+        return CLASS_NONE;
+    };
+    let generation = *generation;
     match source {
-        Source::V4(addr) => PB_ALLOW_V4.get(Key::new(32, *addr)).is_some(),
-        Source::V6(addr) => PB_ALLOW_V6.get(Key::new(128, *addr)).is_some(),
+        Source::V4(addr) => v4_class(generation.live, addr),
+        Source::V6(addr) => v6_class(&generation, addr),
     }
 }
 
-/// The list id of the longest blocklist entry containing the source.
-fn blocklist_id(source: &Source) -> Option<u32> {
-    let entry = match source {
-        Source::V4(addr) => PB_BLOCK_V4.get(Key::new(32, *addr)),
-        Source::V6(addr) => PB_BLOCK_V6.get(Key::new(128, *addr)),
+/// DIR-24 lookup: the /24's byte, then (only when the byte says so) the /32 hash and the
+/// /25–/31 trie, longest first.
+#[inline(always)]
+fn v4_class(live: u32, addr: &[u8; 4]) -> u8 {
+    let ip = u32::from_be_bytes(*addr);
+    let index = ip >> 14;
+    let slot = ((ip >> 8) as usize) % DIR_SLOTS_PER_VALUE;
+    let value = if live == 0 {
+        PB_V4_DIR_0.get(index)
+    } else {
+        PB_V4_DIR_1.get(index)
     };
-    entry.map(|e| e.list_id)
+    let Some(value) = value else {
+        return CLASS_NONE;
+    };
+    let byte = value[slot];
+    if byte & DIR_HAS_EXACT != 0 {
+        let hit = if live == 0 {
+            PB_V4_EXACT_0.get_ptr(addr)
+        } else {
+            PB_V4_EXACT_1.get_ptr(addr)
+        };
+        if let Some(class) = hit {
+            // SAFETY: a successful lookup's pointer to a plain u32.
+            return unsafe { *class } as u8;
+        }
+    }
+    if byte & DIR_HAS_LONG != 0 {
+        let key = Key::new(32, *addr);
+        let hit = if live == 0 {
+            PB_V4_LONG_0.get(&key)
+        } else {
+            PB_V4_LONG_1.get(&key)
+        };
+        if let Some(class) = hit {
+            return *class as u8;
+        }
+    }
+    byte & DIR_CLASS_MASK
+}
+
+/// The /128 hash, then the trie of every shorter prefix; each skipped while empty.
+#[inline(always)]
+fn v6_class(generation: &ListGen, addr: &[u8; 16]) -> u8 {
+    let live = generation.live;
+    if generation.flags & GEN_V6_EXACT != 0 {
+        let hit = if live == 0 {
+            PB_V6_EXACT_0.get_ptr(addr)
+        } else {
+            PB_V6_EXACT_1.get_ptr(addr)
+        };
+        if let Some(class) = hit {
+            // SAFETY: a successful lookup's pointer to a plain u32.
+            return unsafe { *class } as u8;
+        }
+    }
+    if generation.flags & GEN_V6_PREFIX != 0 {
+        let key = Key::new(128, *addr);
+        let hit = if live == 0 {
+            PB_V6_PREFIX_0.get(&key)
+        } else {
+            PB_V6_PREFIX_1.get(&key)
+        };
+        if let Some(class) = hit {
+            return *class as u8;
+        }
+    }
+    CLASS_NONE
 }
 
 fn count_list_hit(list_id: u32) {
@@ -140,28 +254,31 @@ fn count_list_hit(list_id: u32) {
 /// openings for a SYN-only ban. For IPv6 both the address and its /64 are consulted, so an
 /// expired or SYN-only ban of the address never hides a ban of the whole /64.
 fn is_banned(source: &Source, opens_connection: bool) -> bool {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     match source {
-        Source::V4(addr) => covers(PB_BANS_V4.get_ptr(addr), now, opens_connection),
+        Source::V4(addr) => covers(PB_BANS_V4.get_ptr(addr), opens_connection),
         Source::V6(addr) => {
             let mut net = [0u8; 8];
             net.copy_from_slice(&addr[..8]);
-            covers(PB_BANS_V6.get_ptr(addr), now, opens_connection)
-                || covers(PB_BANS_V6_64.get_ptr(net), now, opens_connection)
+            covers(PB_BANS_V6.get_ptr(addr), opens_connection)
+                || covers(PB_BANS_V6_64.get_ptr(net), opens_connection)
         }
     }
 }
 
+/// The clock is read only when a ban entry exists: most packets have none.
 #[inline(always)]
-fn covers(entry: Option<*const BanEntry>, now: u64, opens_connection: bool) -> bool {
+fn covers(entry: Option<*const BanEntry>, opens_connection: bool) -> bool {
     let Some(entry) = entry else {
         return false;
     };
     // SAFETY: the pointer comes from a successful map lookup and the value is plain data;
     // a concurrent update from user space can at worst mix two valid entries.
     let entry = unsafe { *entry };
-    entry.expires_ns > now && (entry.mode == BAN_ALL || opens_connection)
+    // SAFETY: no preconditions. The coarse clock (CLOCK_MONOTONIC_COARSE: CLOCK_MONOTONIC
+    // at the last tick) costs a load where the precise one cost ~30 ns per packet here; a
+    // ban ends at most one tick (1-10 ms) late.
+    (entry.mode == BAN_ALL || opens_connection)
+        && entry.expires_ns > unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 fn count(counter: Counter, len: usize) {

@@ -9,12 +9,12 @@
 
 use aya_ebpf::{
     bindings::BPF_ANY,
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::map,
     maps::{Array, HashMap, LruHashMap},
 };
 use protobalance_common::{
-    Counter, SYN_BUCKETS_MAX_ENTRIES, SYN_PENALTY_MAX_ENTRIES, SYN_PORTS_MAX_ENTRIES, SynBucket,
+    Counter, SYN_BUCKETS_MAX_ENTRIES, SYN_PENALTY_MAX_ENTRIES, SYN_PORT_WORDS, SynBucket,
     SynLimitConfig, SynSourceKey,
 };
 
@@ -25,7 +25,7 @@ use crate::parse::Source;
 static PB_SYN_CONFIG: Array<SynLimitConfig> = Array::with_max_entries(1, 0);
 
 #[map]
-static PB_SYN_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(SYN_PORTS_MAX_ENTRIES, 0);
+static PB_SYN_PORTS: Array<u64> = Array::with_max_entries(SYN_PORT_WORDS, 0);
 
 #[map]
 static PB_SYN_BUCKETS: LruHashMap<SynSourceKey, SynBucket> =
@@ -64,38 +64,49 @@ pub fn judge(source: &Source, dst_port: u16) -> SynVerdict {
         return SynVerdict::Pass;
     };
     let config = *config;
-    if !config.enabled() || PB_SYN_PORTS.get_ptr(dst_port).is_none() {
+    if !config.enabled() {
         return SynVerdict::Pass;
     }
-    // SAFETY: bpf_ktime_get_ns has no preconditions. CLOCK_MONOTONIC, like ban expiries.
-    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let Some(word) = PB_SYN_PORTS.get(u32::from(dst_port) / 64) else {
+        return SynVerdict::Pass;
+    };
+    if (*word >> (dst_port % 64)) & 1 == 0 {
+        return SynVerdict::Pass;
+    }
+    // SAFETY: no preconditions. CLOCK_MONOTONIC_COARSE, like ban checks: refills come in
+    // whole ticks (the fraction is kept in the bucket, so the rate is exact over time) and
+    // penalties end at most a tick late, for the price of a load instead of a clock read.
+    let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
     let key = match source {
         Source::V4(addr) => SynSourceKey::v4(*addr),
         Source::V6(addr) => SynSourceKey::v6(addr),
     };
-    if let Some(expires) = PB_SYN_PENALTY.get_ptr(key) {
-        // SAFETY: the pointer comes from a successful lookup of a plain u64; a concurrent
-        // update can at worst give us the old or the new expiry.
-        if unsafe { *expires } > now_ns {
-            return SynVerdict::DropPenalty;
+    let Some(bucket) = PB_SYN_BUCKETS.get_ptr_mut(key) else {
+        // No bucket: a new source, or one the LRU evicted, so its penalty (if any) is only
+        // in the penalty map.
+        if let Some(expires) = PB_SYN_PENALTY.get_ptr(key) {
+            // SAFETY: the pointer comes from a successful lookup of a plain u64; a
+            // concurrent update can at worst give us the old or the new expiry.
+            if unsafe { *expires } > now_ns {
+                return SynVerdict::DropPenalty;
+            }
         }
-    }
-    let allowed = match PB_SYN_BUCKETS.get_ptr_mut(key) {
-        // SAFETY: the pointer comes from a successful lookup and the value is plain data;
-        // concurrent writers only make the count approximate (see the module comment).
-        Some(bucket) => unsafe { (*bucket).take(&config, now_ns) },
-        None => {
-            // First SYN seen from this source (or its bucket was evicted): a full bucket,
-            // minus this SYN's token. If the insert fails, passing is what a fresh bucket
-            // would have decided anyway (burst ≥ 1).
-            let _ = PB_SYN_BUCKETS.insert(key, SynBucket::first(&config, now_ns), BPF_ANY.into());
-            true
-        }
+        // A full bucket, minus this SYN's token. If the insert fails, passing is what a
+        // fresh bucket would have decided anyway (burst ≥ 1).
+        let _ = PB_SYN_BUCKETS.insert(key, SynBucket::first(&config, now_ns), BPF_ANY.into());
+        return SynVerdict::Pass;
     };
-    if allowed {
+    // SAFETY: the pointer comes from a successful lookup and the value is plain data;
+    // concurrent writers only make the count approximate (see the module comment).
+    let bucket = unsafe { &mut *bucket };
+    if bucket.penalty_ns > now_ns {
+        return SynVerdict::DropPenalty;
+    }
+    if bucket.take(&config, now_ns) {
         return SynVerdict::Pass;
     }
     let expires = now_ns.saturating_add(config.penalty_ns);
+    bucket.penalty_ns = expires;
     // BPF_ANY also replaces an expired entry of this source (an update of an existing key
     // never needs a free slot); a new key fails when the map is full.
     let penalised = PB_SYN_PENALTY.insert(key, expires, BPF_ANY.into()).is_ok();

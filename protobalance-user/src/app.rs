@@ -367,7 +367,6 @@ fn register_xdp_metrics(
     let sizes = filter.list_sizes().map_err(xdp_error)?;
     let names = filter.list_names().map_err(xdp_error)?;
     tracing::info!(%iface, v4 = sizes.v4, v6 = sizes.v6, lists = ?names, "blocklist loaded");
-    metrics::register_blocklist_sizes(registry, &sizes, &names)?;
     registry.register(Box::new(metrics::XdpCollector::new(
         filter.counter_handle(),
     )?))?;

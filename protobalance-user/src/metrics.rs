@@ -9,7 +9,7 @@ use prometheus::{
 
 use crate::{
     directory::{Directory, sqlite::SqliteDirectory},
-    filter::xdp::{BanMaps, CounterHandle, ListSizes, SynLimiter, label_by_list},
+    filter::xdp::{BanMaps, CounterHandle, SynLimiter},
 };
 
 /// Build/identity gauge, so dashboards can tell which version is running.
@@ -34,43 +34,86 @@ pub struct XdpCollector {
     bytes: IntCounterVec,
     penalty_full: prometheus::IntCounter,
     list_hits: IntCounterVec,
+    /// The table metrics' templates, for `desc()`.
+    tables: TableMetrics,
 }
 
-/// Blocklist sizes at start-up: per family, and per list (by name).
-pub fn register_blocklist_sizes(
-    registry: &Registry,
-    sizes: &ListSizes,
-    names: &[(u32, String)],
-) -> prometheus::Result<()> {
-    let entries = IntGaugeVec::new(
-        Opts::new(
-            "protobalance_xdp_blocklist_entries",
-            "Entries in the kernel blocklist tries",
-        ),
-        &["family"],
-    )?;
-    entries.with_label_values(&["ipv4"]).set(sizes.v4 as i64);
-    entries.with_label_values(&["ipv6"]).set(sizes.v6 as i64);
-    registry.register(Box::new(entries))?;
-    let per_list = IntGaugeVec::new(
-        Opts::new(
-            "protobalance_xdp_list_entries",
-            "Entries of each blocklist in the kernel at start-up (a CIDR in two lists counts \
-             for the later one)",
-        ),
-        &["list"],
-    )?;
-    let counts: Vec<(u32, u64)> = sizes
-        .per_list
-        .iter()
-        .map(|(id, n)| (*id, *n as u64))
-        .collect();
-    for (list, n) in label_by_list(names, &counts) {
-        per_list
-            .with_label_values(&[list.as_str()])
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+/// Sizes and generation of the live rule tables, read at scrape time.
+struct TableMetrics {
+    entries: IntGaugeVec,
+    per_list: IntGaugeVec,
+    generation: prometheus::IntGauge,
+    publish: prometheus::Gauge,
+}
+
+impl TableMetrics {
+    fn new() -> prometheus::Result<Self> {
+        Ok(Self {
+            entries: IntGaugeVec::new(
+                Opts::new(
+                    "protobalance_xdp_blocklist_entries",
+                    "Entries in the kernel blocklists, by address family",
+                ),
+                &["family"],
+            )?,
+            per_list: IntGaugeVec::new(
+                Opts::new(
+                    "protobalance_xdp_list_entries",
+                    "Entries of each blocklist in the kernel (a CIDR in two lists counts for \
+                     the later one)",
+                ),
+                &["list"],
+            )?,
+            generation: prometheus::IntGauge::new(
+                "protobalance_xdp_list_generation",
+                "Rule-table generations published since the maps were created: each \
+                 whole-list replacement (start-up, reload, API) makes a new one live \
+                 atomically",
+            )?,
+            publish: prometheus::Gauge::new(
+                "protobalance_xdp_list_publish_seconds",
+                "How long the last rule-table publish took (compile, write both generations)",
+            )?,
+        })
     }
-    registry.register(Box::new(per_list))
+
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.entries.desc();
+        descs.extend(self.per_list.desc());
+        descs.extend(self.generation.desc());
+        descs.extend(self.publish.desc());
+        descs
+    }
+
+    /// Fresh metrics filled from `handle`.
+    fn collect(handle: &CounterHandle) -> prometheus::Result<Vec<MetricFamily>> {
+        let m = Self::new()?;
+        let tables = handle.tables();
+        m.entries
+            .with_label_values(&["ipv4"])
+            .set(tables.sizes.v4 as i64);
+        m.entries
+            .with_label_values(&["ipv6"])
+            .set(tables.sizes.v6 as i64);
+        match handle.list_entries() {
+            Ok(lists) => {
+                for (list, n) in lists {
+                    m.per_list
+                        .with_label_values(&[list.as_str()])
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+            Err(error) => tracing::warn!(%error, "reading XDP list names failed"),
+        }
+        m.generation
+            .set(i64::try_from(tables.generation.serial).unwrap_or(i64::MAX));
+        m.publish.set(tables.publish.as_secs_f64());
+        let mut families = m.entries.collect();
+        families.extend(m.per_list.collect());
+        families.extend(m.generation.collect());
+        families.extend(m.publish.collect());
+        Ok(families)
+    }
 }
 
 fn list_hits_vec() -> prometheus::Result<IntCounterVec> {
@@ -111,6 +154,7 @@ impl XdpCollector {
             bytes: xdp_vec("bytes")?,
             penalty_full: penalty_full_counter()?,
             list_hits: list_hits_vec()?,
+            tables: TableMetrics::new()?,
         })
     }
 }
@@ -121,6 +165,7 @@ impl Collector for XdpCollector {
         descs.extend(self.bytes.desc());
         descs.extend(self.penalty_full.desc());
         descs.extend(self.list_hits.desc());
+        descs.extend(self.tables.desc());
         descs
     }
 
@@ -152,6 +197,10 @@ impl Collector for XdpCollector {
         families.extend(bytes.collect());
         families.extend(penalty_full.collect());
         families.extend(self.collect_list_hits());
+        match TableMetrics::collect(&self.handle) {
+            Ok(tables) => families.extend(tables),
+            Err(error) => tracing::warn!(%error, "XDP table metrics"),
+        }
         families
     }
 }
@@ -356,9 +405,6 @@ mod tests {
             );
         }
         let registry = Registry::new();
-        let sizes = filter.list_sizes().expect("sizes");
-        let names = filter.list_names().expect("names");
-        register_blocklist_sizes(&registry, &sizes, &names).expect("sizes");
         registry
             .register(Box::new(
                 XdpCollector::new(filter.counter_handle()).expect("collector"),
@@ -373,6 +419,7 @@ mod tests {
             "protobalance_xdp_list_entries{list=\"xdp.blocklist\"} 1",
             "protobalance_xdp_list_entries{list=\"#9\"} 1",
             "protobalance_xdp_blocklist_entries{family=\"ipv4\"} 3",
+            "protobalance_xdp_list_generation 3",
             "protobalance_xdp_packets_total{reason=\"blocklist\",verdict=\"drop\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");

@@ -9,7 +9,7 @@
 //! truncations and byte flips, and some random bytes. A seeded SplitMix64 drives it all:
 //! `PROTOBALANCE_MODEL_SEED=N` replays a run, `PROTOBALANCE_MODEL_ROUNDS=N` changes its size.
 //!
-//! Time: the kernel reads its clock inside the run, so the model judges each frame at the
+//! Time: the kernel reads its (coarse) clock inside the run, so the model judges each frame at the
 //! instants just before and just after it and accepts either (they differ only when a token
 //! refill crosses a whole token in between); afterwards the model's bucket and penalty of
 //! that source are set to what the kernel stored, so rounding never accumulates.
@@ -27,7 +27,7 @@ use protobalance::filter::{
     xdp::{
         BanTarget, SynLimit, SynSource, XdpFilter,
         model::{self, Decision, Rule, Rules, SynState, XDP_ABORTED},
-        monotonic_ns,
+        monotonic_coarse_ns, monotonic_ns,
     },
 };
 use protobalance_common::{BAN_ALL, BAN_SYN_ONLY, BanEntry, Counter, LISTS_MAX, SynLimitConfig};
@@ -640,9 +640,9 @@ fn random_frames_get_the_models_verdict() {
                 frame = random_frame(&mut rng, src, &world.rules.syn_ports);
             }
             let (mut early, mut late) = (state.clone(), state.clone());
-            let t0 = monotonic_ns();
+            let t0 = monotonic_coarse_ns();
             let (action, _) = filter.test_run(&frame, 1).expect("test run");
-            let t1 = monotonic_ns();
+            let t1 = monotonic_coarse_ns();
             let after = packets(&filter);
             let kernel = counted(&before, &after);
             before = after;

@@ -56,13 +56,18 @@ pub fn run() -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    install_packages(APT_PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` that are missing (as root), idempotently.
+pub fn install_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| !dpkg_installed(pkg))
         .collect();
     if missing.is_empty() {
-        println!("  apt packages: ok ({})", APT_PACKAGES.len());
+        println!("  apt packages: ok ({})", packages.join(" "));
         return Ok(());
     }
     if !util::is_root() {

@@ -21,6 +21,10 @@
 //!   `reputation_memory`).
 //! * `memory` — protobalance's RSS/Pss per idle logged-in POP3 session (10 000 by default),
 //!   in front of a stand-in backend, since Dovecot cannot hold that many sessions here.
+//! * `xdp` — the XDP program's ns/packet (`BPF_PROG_TEST_RUN`) for pass, blocklisted, banned
+//!   and SYN-limited frames with 1 … 1 M blocklist CIDRs, side by side with Debian's
+//!   `xdp-filter`; the time to load each list; a veth flood's drops/s vs an nftables
+//!   netdev-ingress rule (`protobalance-user` bench `xdp`).
 //! * `directory` — `protobalance directory import` rate (mailboxes/s) for N mailboxes, the
 //!   disk it takes, and the latency of random owner lookups on the resulting SQLite file.
 //!
@@ -51,6 +55,7 @@ mod standin_pop3;
 mod stats;
 mod store;
 mod wire;
+mod xdp;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -82,6 +87,8 @@ pub enum Target {
     Memory(memory::MemoryArgs),
     /// Directory import rate (mailboxes/s), disk use and owner-lookup latency.
     Directory(directory::DirectoryArgs),
+    /// XDP ns/packet with 1 … 1 M blocklist CIDRs vs Debian's xdp-filter; veth flood vs nftables.
+    Xdp(xdp::XdpArgs),
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -105,6 +112,10 @@ pub fn run(target: Option<Target>) -> Result<()> {
         return Ok(());
     };
     preflight(&target)?;
+    if let Target::Xdp(args) = &target {
+        // A cargo bench binary (optimized by cargo itself), not the edge binary.
+        return xdp::run(args);
+    }
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))
         .context("installing the Ctrl-C handler")?;
     if cfg!(debug_assertions) {
@@ -118,6 +129,7 @@ pub fn run(target: Option<Target>) -> Result<()> {
         Target::Abuse(args) => abuse::run(&binary, &args),
         Target::Memory(args) => memory::run(&binary, &args),
         Target::Directory(args) => directory::run(&binary, &args),
+        Target::Xdp(_) => unreachable!("handled above"),
     }
 }
 

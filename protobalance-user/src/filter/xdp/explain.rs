@@ -30,23 +30,31 @@ use aya::{
 use protobalance_common::{
     BAN_SYN_ONLY, BanEntry, BlockEntry, Counter, CounterValue, LISTS_MAX, ListName, MAP_ALLOW_V4,
     MAP_ALLOW_V6, MAP_BANS_V4, MAP_BANS_V6, MAP_BANS_V6_64, MAP_BLOCK_V4, MAP_BLOCK_V6,
-    MAP_COUNTERS, MAP_LIST_NAMES, MAP_SYN_BUCKETS, MAP_SYN_LIMIT_CONFIG, MAP_SYN_PENALTY,
-    MAP_SYN_PORTS, PINNED_MAPS, PROG_XDP, SYN_TOKEN, SynBucket, SynLimitConfig, SynSourceKey,
+    MAP_COUNTERS, MAP_LIST_GEN, MAP_LIST_NAMES, MAP_SYN_BUCKETS, MAP_SYN_LIMIT_CONFIG,
+    MAP_SYN_PENALTY, MAP_SYN_PORTS, MAP_V4_DIR, MAP_V4_EXACT, MAP_V4_LONG, MAP_V6_EXACT,
+    MAP_V6_PREFIX, PINNED_MAPS, PROG_XDP, SYN_TOKEN, SynBucket, SynLimitConfig, SynSourceKey,
 };
 
 use super::{
     BanTarget, SynSource, XDP_OBJECT, XdpError, XdpFilter,
     model::{self, Rule, Rules, SynState},
-    monotonic_ns,
+    monotonic_coarse_ns,
 };
 use crate::filter::cidr::Cidr;
 
 /// Maps the probe shares with the live program: the program only reads them.
-const SHARED_MAPS: [&str; 9] = [
-    MAP_ALLOW_V4,
-    MAP_ALLOW_V6,
-    MAP_BLOCK_V4,
-    MAP_BLOCK_V6,
+const SHARED_MAPS: [&str; 16] = [
+    MAP_LIST_GEN,
+    MAP_V4_DIR[0],
+    MAP_V4_DIR[1],
+    MAP_V4_EXACT[0],
+    MAP_V4_EXACT[1],
+    MAP_V4_LONG[0],
+    MAP_V4_LONG[1],
+    MAP_V6_EXACT[0],
+    MAP_V6_EXACT[1],
+    MAP_V6_PREFIX[0],
+    MAP_V6_PREFIX[1],
     MAP_BANS_V4,
     MAP_BANS_V6,
     MAP_BANS_V6_64,
@@ -211,7 +219,8 @@ pub fn explain_pinned(pin_dir: &Path, source: IpAddr, port: u16) -> Result<Expla
     let live = LiveState::read(pin_dir, key)?;
     let frame = syn_frame(source, port);
     let (action, counter) = probe(pin_dir, &live, &frame)?;
-    let now_ns = monotonic_ns();
+    // The program's clock, so a ban expiring in this very tick is judged alike.
+    let now_ns = monotonic_coarse_ns();
     let rules = rules_for(pin_dir, source)?;
     let mut state = SynState::default();
     if let Some(bucket) = live.bucket {
@@ -400,8 +409,8 @@ fn rules_for(pin_dir: &Path, source: IpAddr) -> Result<Rules, XdpError> {
     let config: Array<MapData, SynLimitConfig> =
         Array::try_from(open(pin_dir, MAP_SYN_LIMIT_CONFIG)?)?;
     rules.syn = config.get(&0, 0)?;
-    let ports: BpfHashMap<MapData, u16, u8> = BpfHashMap::try_from(open(pin_dir, MAP_SYN_PORTS)?)?;
-    rules.syn_ports = ports.keys().collect::<Result<_, _>>()?;
+    let ports: Array<MapData, u64> = Array::try_from(open(pin_dir, MAP_SYN_PORTS)?)?;
+    rules.syn_ports = super::syn_limit::read_ports(&ports)?.into_iter().collect();
     Ok(rules)
 }
 

@@ -11,15 +11,12 @@
 //! entries, its name and its counter. Zeroing races with drops counted at that moment on
 //! other CPUs, which a counter reset can afford.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-};
+use std::collections::{HashMap, HashSet};
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues};
 use protobalance_common::{LIST_NAME_LEN, LISTS_MAX, ListName, MAP_LIST_HITS, MAP_LIST_NAMES};
 
-use super::{XdpError, XdpFilter, key_to_cidr, trie_v4, trie_v6};
+use super::{XdpError, XdpFilter};
 use crate::filter::{
     blocklist::{NamedList, fit_name},
     cidr::Cidr,
@@ -185,7 +182,7 @@ impl XdpFilter {
         let mut wanted: HashMap<Cidr, u32> = HashMap::new();
         for (list, id) in lists.iter().zip(&plan.ids) {
             for cidr in &list.entries {
-                self.block(*cidr, *id)?;
+                self.stage_block(*cidr, *id)?;
                 wanted.insert(cidr.network(), *id);
             }
         }
@@ -198,8 +195,9 @@ impl XdpFilter {
         let stale =
             self.entries_where(|cidr, id| managed.contains(&id) && !wanted.contains_key(&cidr))?;
         for cidr in &stale {
-            self.unblock(*cidr)?;
+            self.stage_unblock(*cidr)?;
         }
+        self.publish()?;
         for (id, _) in plan
             .released
             .iter()
@@ -224,40 +222,29 @@ impl XdpFilter {
         self.list_maps().hits()
     }
 
-    /// Blocklist entries per family and per list id (one walk over both tries).
+    /// Blocklist entries per family and per list id.
     pub fn list_sizes(&mut self) -> Result<ListSizes, XdpError> {
         let mut sizes = ListSizes::default();
-        for item in trie_v4(&mut self.ebpf)?.iter() {
-            let (_, entry) = item?;
-            sizes.v4 += 1;
-            *sizes.per_list.entry(entry.list_id).or_default() += 1;
-        }
-        for item in trie_v6(&mut self.ebpf)?.iter() {
-            let (_, entry) = item?;
-            sizes.v6 += 1;
-            *sizes.per_list.entry(entry.list_id).or_default() += 1;
+        for (cidr, id) in &self.mirror.block {
+            if cidr.addr().is_ipv4() {
+                sizes.v4 += 1;
+            } else {
+                sizes.v6 += 1;
+            }
+            *sizes.per_list.entry(*id).or_default() += 1;
         }
         Ok(sizes)
     }
 
     /// Blocklist entries (both families) for which `select(cidr, list_id)` holds.
     fn entries_where(&mut self, select: impl Fn(Cidr, u32) -> bool) -> Result<Vec<Cidr>, XdpError> {
-        let mut out = Vec::new();
-        for item in trie_v4(&mut self.ebpf)?.iter() {
-            let (key, entry) = item?;
-            out.extend(
-                key_to_cidr(key.prefix_len(), IpAddr::from(key.data()))
-                    .filter(|c| select(*c, entry.list_id)),
-            );
-        }
-        for item in trie_v6(&mut self.ebpf)?.iter() {
-            let (key, entry) = item?;
-            out.extend(
-                key_to_cidr(key.prefix_len(), IpAddr::from(key.data()))
-                    .filter(|c| select(*c, entry.list_id)),
-            );
-        }
-        Ok(out)
+        Ok(self
+            .mirror
+            .block
+            .iter()
+            .filter(|(cidr, id)| select(**cidr, **id))
+            .map(|(cidr, _)| *cidr)
+            .collect())
     }
 
     fn list_maps(&self) -> std::sync::MutexGuard<'_, ListMaps> {

@@ -36,16 +36,19 @@ use protobalance_common::{
 use crate::filter::cidr::Cidr;
 
 mod explain;
+pub mod generations;
 mod lists;
 pub mod model;
 mod pin;
 mod rules;
 mod syn_limit;
 pub use explain::{Explanation, SynContext, explain_pinned, syn_frame};
+pub use generations::Published;
+use generations::{Compiled, Generations};
 pub use lists::{INLINE_LIST_ID, ListMaps, ListSizes, ListsReplaced};
 use pin::prepare_pin_dir;
 pub use pin::unload_pinned;
-pub use rules::{Ban, BanMaps, BanMode, BanTarget, monotonic_ns};
+pub use rules::{Ban, BanMaps, BanMode, BanTarget, monotonic_coarse_ns, monotonic_ns};
 pub use syn_limit::{Penalty, SynLimit, SynLimiter, SynSource};
 
 /// The XDP object, built by build.rs from the protobalance-ebpf crate.
@@ -131,6 +134,14 @@ pub struct XdpFilter {
     bans: Arc<Mutex<BanMaps>>,
     syn: Arc<Mutex<SynLimiter>>,
     lists: Arc<Mutex<ListMaps>>,
+    /// The compiled rule tables the program reads (two generations).
+    generations: Generations,
+    /// What the live tables hold, for the metrics collector.
+    tables: Arc<Mutex<TableStats>>,
+    /// What the allowlist and blocklist tries hold, kept in memory: the tries are the
+    /// source of truth (pinned, listed, explained from), and this copy is what each
+    /// publish compiles from without reading a million entries back from the kernel.
+    mirror: Mirror,
     /// The attachment this filter owns (detached when the filter is dropped).
     link: Option<XdpLinkId>,
     /// Kernel ids of the maps in [`PINNED_MAPS`], to reopen them after they were taken
@@ -169,16 +180,52 @@ impl XdpFilter {
         let bans = Arc::new(Mutex::new(BanMaps::take(&mut ebpf)?));
         let syn = Arc::new(Mutex::new(SynLimiter::take(&mut ebpf)?));
         let lists = Arc::new(Mutex::new(ListMaps::take(&mut ebpf)?));
-        Ok(Self {
+        let generations = Generations::take(&mut ebpf)?;
+        let mirror = Mirror::read(&mut ebpf)?;
+        let mut filter = Self {
             ebpf,
             counters,
             bans,
             syn,
             lists,
+            generations,
+            tables: Arc::default(),
+            mirror,
             pin_dir: pin_dir.map(Path::to_owned),
             link: None,
             map_ids,
-        })
+        };
+        // Pinned tries from a previous run: the tables must match them before we attach.
+        filter.publish()?;
+        Ok(filter)
+    }
+
+    /// Compiles the tries' entries into the spare generation and makes it live (see
+    /// `generations`): the program sees the old rules or the new ones, never a mix.
+    pub fn publish(&mut self) -> Result<Published, XdpError> {
+        let compiled = Compiled::new(&self.mirror.allow, &self.mirror.block);
+        let published = self.generations.publish(compiled)?;
+        let sizes = self.list_sizes()?;
+        *self
+            .tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = TableStats {
+            generation: self.generations.state(),
+            sizes,
+            publish: published.took,
+        };
+        tracing::debug!(
+            serial = published.serial,
+            changes = published.changes,
+            took_ms = published.took.as_millis() as u64,
+            "XDP rule tables published"
+        );
+        Ok(published)
+    }
+
+    /// The live generation of the rule tables and how many were published.
+    pub fn list_generation(&self) -> protobalance_common::ListGen {
+        self.generations.state()
     }
 
     /// Attaches to `iface`. When a pinned link for `iface` exists under the pin dir, the
@@ -246,6 +293,40 @@ impl XdpFilter {
 
     /// Adds (or replaces) a blocklist entry: packets from inside `cidr` are dropped.
     pub fn block(&mut self, cidr: Cidr, list_id: u32) -> Result<(), XdpError> {
+        self.stage_block(cidr, list_id)?;
+        self.publish()?;
+        Ok(())
+    }
+
+    /// Removes a blocklist entry; removing an absent entry is not an error.
+    pub fn unblock(&mut self, cidr: Cidr) -> Result<(), XdpError> {
+        self.stage_unblock(cidr)?;
+        self.publish()?;
+        Ok(())
+    }
+
+    /// Adds allowlist and blocklist entries (with their list ids) and publishes once.
+    pub fn add_rules(
+        &mut self,
+        allow: &[(Cidr, u32)],
+        block: &[(Cidr, u32)],
+    ) -> Result<(), XdpError> {
+        for (cidr, id) in allow {
+            self.stage_allow(*cidr, *id)?;
+        }
+        for (cidr, id) in block {
+            self.stage_block(*cidr, *id)?;
+        }
+        self.publish()?;
+        Ok(())
+    }
+
+    /// The tries only; [`Self::publish`] makes it count.
+    fn stage_block(&mut self, cidr: Cidr, list_id: u32) -> Result<(), XdpError> {
+        if self.mirror.block.get(&cidr.network()) == Some(&list_id) {
+            // Already there: a reload of an unchanged million-line list writes nothing.
+            return Ok(());
+        }
         let entry = BlockEntry { list_id, flags: 0 };
         let len = u32::from(cidr.prefix_len());
         match cidr.network().addr() {
@@ -256,11 +337,12 @@ impl XdpFilter {
                 trie_v6(&mut self.ebpf)?.insert(&Key::new(len, addr.octets()), entry, 0)?
             }
         }
+        self.mirror.block.insert(cidr.network(), list_id);
         Ok(())
     }
 
-    /// Removes a blocklist entry; removing an absent entry is not an error.
-    pub fn unblock(&mut self, cidr: Cidr) -> Result<(), XdpError> {
+    fn stage_unblock(&mut self, cidr: Cidr) -> Result<(), XdpError> {
+        self.mirror.block.remove(&cidr.network());
         let len = u32::from(cidr.prefix_len());
         let result = match cidr.network().addr() {
             IpAddr::V4(addr) => trie_v4(&mut self.ebpf)?.remove(&Key::new(len, addr.octets())),
@@ -278,7 +360,7 @@ impl XdpFilter {
     /// Returns how many stale entries were removed.
     pub fn replace_list(&mut self, list_id: u32, wanted: &[Cidr]) -> Result<usize, XdpError> {
         for cidr in wanted {
-            self.block(*cidr, list_id)?;
+            self.stage_block(*cidr, list_id)?;
         }
         let wanted: HashSet<Cidr> = wanted.iter().map(Cidr::network).collect();
         let stale: Vec<Cidr> = self
@@ -287,27 +369,21 @@ impl XdpFilter {
             .filter(|cidr| !wanted.contains(cidr))
             .collect();
         for cidr in &stale {
-            self.unblock(*cidr)?;
+            self.stage_unblock(*cidr)?;
         }
+        self.publish()?;
         Ok(stale.len())
     }
 
     /// Every entry of list `list_id`, both families.
     pub fn list_entries(&mut self, list_id: u32) -> Result<Vec<Cidr>, XdpError> {
-        let mut out = Vec::new();
-        for item in trie_v4(&mut self.ebpf)?.iter() {
-            let (key, entry) = item?;
-            if entry.list_id == list_id {
-                out.extend(key_to_cidr(key.prefix_len(), IpAddr::from(key.data())));
-            }
-        }
-        for item in trie_v6(&mut self.ebpf)?.iter() {
-            let (key, entry) = item?;
-            if entry.list_id == list_id {
-                out.extend(key_to_cidr(key.prefix_len(), IpAddr::from(key.data())));
-            }
-        }
-        Ok(out)
+        Ok(self
+            .mirror
+            .block
+            .iter()
+            .filter(|(_, id)| **id == list_id)
+            .map(|(cidr, _)| *cidr)
+            .collect())
     }
 
     /// The ban maps (ban, unban, list, sweep), locked for the caller.
@@ -343,9 +419,13 @@ impl XdpFilter {
 
     /// Number of entries in the (v4, v6) blocklists.
     pub fn blocklist_len(&mut self) -> Result<(usize, usize), XdpError> {
-        let v4 = trie_v4(&mut self.ebpf)?.keys().count();
-        let v6 = trie_v6(&mut self.ebpf)?.keys().count();
-        Ok((v4, v6))
+        let v4 = self
+            .mirror
+            .block
+            .keys()
+            .filter(|c| c.addr().is_ipv4())
+            .count();
+        Ok((v4, self.mirror.block.len() - v4))
     }
 
     /// Verdict counters summed over all CPUs, in [`Counter::ALL`] order.
@@ -358,6 +438,7 @@ impl XdpFilter {
         CounterHandle {
             counters: Arc::clone(&self.counters),
             lists: Arc::clone(&self.lists),
+            tables: Arc::clone(&self.tables),
         }
     }
 
@@ -385,6 +466,34 @@ impl XdpFilter {
     }
 }
 
+/// The allowlist and blocklist entries (network → list id), as in the tries.
+#[derive(Default)]
+struct Mirror {
+    allow: std::collections::HashMap<Cidr, u32>,
+    block: std::collections::HashMap<Cidr, u32>,
+}
+
+impl Mirror {
+    /// Reads the tries (pinned ones keep a previous run's entries).
+    fn read(ebpf: &mut Ebpf) -> Result<Self, XdpError> {
+        let mut mirror = Mirror::default();
+        for item in trie_v4(ebpf)?.iter() {
+            let (key, entry) = item?;
+            mirror.block.extend(
+                key_to_cidr(key.prefix_len(), IpAddr::from(key.data())).map(|c| (c, entry.list_id)),
+            );
+        }
+        for item in trie_v6(ebpf)?.iter() {
+            let (key, entry) = item?;
+            mirror.block.extend(
+                key_to_cidr(key.prefix_len(), IpAddr::from(key.data())).map(|c| (c, entry.list_id)),
+            );
+        }
+        mirror.allow = rules::read_allowlist(ebpf)?;
+        Ok(mirror)
+    }
+}
+
 fn key_to_cidr(prefix_len: u32, addr: IpAddr) -> Option<Cidr> {
     Cidr::new(addr, u8::try_from(prefix_len).ok()?).ok()
 }
@@ -394,11 +503,46 @@ fn key_to_cidr(prefix_len: u32, addr: IpAddr) -> Option<Cidr> {
 pub struct CounterHandle {
     counters: Arc<Mutex<PerCpuArray<MapData, CounterValue>>>,
     lists: Arc<Mutex<ListMaps>>,
+    tables: Arc<Mutex<TableStats>>,
+}
+
+/// The live rule tables as of the last publish.
+#[derive(Clone, Debug, Default)]
+pub struct TableStats {
+    pub generation: protobalance_common::ListGen,
+    pub sizes: ListSizes,
+    /// How long the last publish took (both generations written).
+    pub publish: std::time::Duration,
 }
 
 impl CounterHandle {
     pub fn read(&self) -> Result<Vec<(Counter, CounterValue)>, XdpError> {
         read_counters(&self.counters)
+    }
+
+    /// The live tables' generation and sizes.
+    pub fn tables(&self) -> TableStats {
+        self.tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Entries per list, labelled like [`Self::list_hits`].
+    pub fn list_entries(&self) -> Result<Vec<(String, u64)>, XdpError> {
+        let names = self
+            .lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .names()?;
+        let counts: Vec<(u32, u64)> = self
+            .tables()
+            .sizes
+            .per_list
+            .iter()
+            .map(|(id, n)| (*id, *n as u64))
+            .collect();
+        Ok(label_by_list(&names, &counts))
     }
 
     /// Drops per list, labelled with the list's name (`#<id>` for an unnamed id), for every

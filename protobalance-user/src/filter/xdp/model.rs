@@ -230,32 +230,37 @@ fn syn_limit(
         return pass;
     }
     let key = SynSource::of(source);
-    if let Some(&expires_ns) = state.penalties.get(&key)
-        && expires_ns > now_ns
-    {
-        return Decision {
-            counter: Counter::DropSynPenalty,
-            rule: Rule::SynPenalty {
-                source: key,
-                expires_ns,
-            },
-        };
-    }
-    let allowed = match state.buckets.get_mut(&key) {
-        Some(bucket) => bucket.take(&rules.syn, now_ns),
-        None => {
-            state
-                .buckets
-                .insert(key, SynBucket::first(&rules.syn, now_ns));
-            true
-        }
+    let in_penalty = |expires_ns: u64| Decision {
+        counter: Counter::DropSynPenalty,
+        rule: Rule::SynPenalty {
+            source: key,
+            expires_ns,
+        },
     };
-    if allowed {
-        return Decision {
-            counter: Counter::Pass,
-            rule: Rule::NoMatch { syn_limited: true },
-        };
+    let passed = Decision {
+        counter: Counter::Pass,
+        rule: Rule::NoMatch { syn_limited: true },
+    };
+    // A source with a bucket carries its penalty in it; the penalty map speaks only for a
+    // source without one (new, or evicted from the LRU).
+    let Some(bucket) = state.buckets.get_mut(&key) else {
+        if let Some(&expires_ns) = state.penalties.get(&key)
+            && expires_ns > now_ns
+        {
+            return in_penalty(expires_ns);
+        }
+        state
+            .buckets
+            .insert(key, SynBucket::first(&rules.syn, now_ns));
+        return passed;
+    };
+    if bucket.penalty_ns > now_ns {
+        return in_penalty(bucket.penalty_ns);
     }
+    if bucket.take(&rules.syn, now_ns) {
+        return passed;
+    }
+    bucket.penalty_ns = now_ns.saturating_add(rules.syn.penalty_ns);
     // An existing key is always replaced; a new one needs a free slot.
     let penalised = state.penalties.contains_key(&key)
         || state.penalties.len() < SYN_PENALTY_MAX_ENTRIES as usize;

@@ -78,11 +78,26 @@ pub struct Ban {
 impl XdpFilter {
     /// Adds (or replaces) an allowlist entry: matching sources pass before any other rule.
     pub fn allow(&mut self, cidr: Cidr, list_id: u32) -> Result<(), XdpError> {
+        self.stage_allow(cidr, list_id)?;
+        self.publish()?;
+        Ok(())
+    }
+
+    /// The trie only; [`XdpFilter::publish`] makes it count.
+    pub(super) fn stage_allow(&mut self, cidr: Cidr, list_id: u32) -> Result<(), XdpError> {
+        if self.mirror.allow.get(&cidr.network()) == Some(&list_id) {
+            return Ok(());
+        }
         let len = u32::from(cidr.prefix_len());
         match cidr.network().addr() {
-            IpAddr::V4(a) => allow_v4(self)?.insert(&Key::new(len, a.octets()), list_id, 0)?,
-            IpAddr::V6(a) => allow_v6(self)?.insert(&Key::new(len, a.octets()), list_id, 0)?,
+            IpAddr::V4(a) => {
+                allow_v4(&mut self.ebpf)?.insert(&Key::new(len, a.octets()), list_id, 0)?
+            }
+            IpAddr::V6(a) => {
+                allow_v6(&mut self.ebpf)?.insert(&Key::new(len, a.octets()), list_id, 0)?
+            }
         }
+        self.mirror.allow.insert(cidr.network(), list_id);
         Ok(())
     }
 
@@ -90,11 +105,11 @@ impl XdpFilter {
     /// with pinned maps, entries a previous run allowed must not linger).
     pub fn replace_allowlist(&mut self, wanted: &[Cidr]) -> Result<usize, XdpError> {
         for cidr in wanted {
-            self.allow(*cidr, 0)?;
+            self.stage_allow(*cidr, 0)?;
         }
         let wanted: std::collections::HashSet<Cidr> = wanted.iter().map(Cidr::network).collect();
         let mut stale = Vec::new();
-        for key in allow_v4(self)?.keys() {
+        for key in allow_v4(&mut self.ebpf)?.keys() {
             let key = key?;
             stale.extend(stale_key(
                 key.prefix_len(),
@@ -102,7 +117,7 @@ impl XdpFilter {
                 &wanted,
             ));
         }
-        for key in allow_v6(self)?.keys() {
+        for key in allow_v6(&mut self.ebpf)?.keys() {
             let key = key?;
             stale.extend(stale_key(
                 key.prefix_len(),
@@ -112,15 +127,17 @@ impl XdpFilter {
         }
         for cidr in &stale {
             let len = u32::from(cidr.prefix_len());
+            self.mirror.allow.remove(cidr);
             let removed = match cidr.addr() {
-                IpAddr::V4(a) => allow_v4(self)?.remove(&Key::new(len, a.octets())),
-                IpAddr::V6(a) => allow_v6(self)?.remove(&Key::new(len, a.octets())),
+                IpAddr::V4(a) => allow_v4(&mut self.ebpf)?.remove(&Key::new(len, a.octets())),
+                IpAddr::V6(a) => allow_v6(&mut self.ebpf)?.remove(&Key::new(len, a.octets())),
             };
             match removed {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(other) => return Err(other.into()),
             }
         }
+        self.publish()?;
         Ok(stale.len())
     }
 }
@@ -296,14 +313,24 @@ fn net64(addr: Ipv6Addr) -> [u8; 8] {
     net
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads in the kernel.
+/// CLOCK_MONOTONIC in nanoseconds: the clock ban and penalty expiries are set in.
 pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: what the program reads (`bpf_ktime_get_coarse_ns`),
+/// CLOCK_MONOTONIC as of the last tick, so at most a tick behind [`monotonic_ns`].
+pub fn monotonic_coarse_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: ts is a valid out-pointer; both monotonic clocks always exist on Linux.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
     if rc != 0 {
         return 0;
     }
@@ -311,16 +338,32 @@ pub fn monotonic_ns() -> u64 {
 }
 
 fn map<'a>(
-    filter: &'a mut XdpFilter,
+    ebpf: &'a mut aya::Ebpf,
     name: &'static str,
 ) -> Result<&'a mut aya::maps::Map, XdpError> {
-    filter.ebpf.map_mut(name).ok_or(XdpError::Missing(name))
+    ebpf.map_mut(name).ok_or(XdpError::Missing(name))
 }
 
-fn allow_v4(f: &mut XdpFilter) -> Result<LpmTrie<&mut MapData, [u8; 4], u32>, XdpError> {
-    Ok(LpmTrie::try_from(map(f, MAP_ALLOW_V4)?)?)
+fn allow_v4(ebpf: &mut aya::Ebpf) -> Result<LpmTrie<&mut MapData, [u8; 4], u32>, XdpError> {
+    Ok(LpmTrie::try_from(map(ebpf, MAP_ALLOW_V4)?)?)
 }
 
-fn allow_v6(f: &mut XdpFilter) -> Result<LpmTrie<&mut MapData, [u8; 16], u32>, XdpError> {
-    Ok(LpmTrie::try_from(map(f, MAP_ALLOW_V6)?)?)
+fn allow_v6(ebpf: &mut aya::Ebpf) -> Result<LpmTrie<&mut MapData, [u8; 16], u32>, XdpError> {
+    Ok(LpmTrie::try_from(map(ebpf, MAP_ALLOW_V6)?)?)
+}
+
+/// Every allowlist entry (network → list id), both families.
+pub(super) fn read_allowlist(
+    ebpf: &mut aya::Ebpf,
+) -> Result<std::collections::HashMap<Cidr, u32>, XdpError> {
+    let mut out = std::collections::HashMap::new();
+    for item in allow_v4(ebpf)?.iter() {
+        let (key, id) = item?;
+        out.extend(super::key_to_cidr(key.prefix_len(), IpAddr::from(key.data())).map(|c| (c, id)));
+    }
+    for item in allow_v6(ebpf)?.iter() {
+        let (key, id) = item?;
+        out.extend(super::key_to_cidr(key.prefix_len(), IpAddr::from(key.data())).map(|c| (c, id)));
+    }
+    Ok(out)
 }

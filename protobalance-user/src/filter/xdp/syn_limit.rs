@@ -17,8 +17,9 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, MapError};
 use protobalance_common::{
-    MAP_SYN_BUCKETS, MAP_SYN_LIMIT_CONFIG, MAP_SYN_PENALTY, MAP_SYN_PORTS, SYN_PORTS_MAX_ENTRIES,
-    SYN_SOURCE_V4, SYN_SOURCE_V6_64, SynBucket, SynLimitConfig, SynSourceKey,
+    MAP_SYN_BUCKETS, MAP_SYN_LIMIT_CONFIG, MAP_SYN_PENALTY, MAP_SYN_PORTS, SYN_PORT_WORDS,
+    SYN_PORTS_MAX_ENTRIES, SYN_SOURCE_V4, SYN_SOURCE_V6_64, SynBucket, SynLimitConfig,
+    SynSourceKey,
 };
 
 use super::{XdpError, monotonic_ns};
@@ -111,10 +112,24 @@ pub struct Penalty {
     pub remaining: Duration,
 }
 
+/// The ports set in the limiter's port bitmap, sorted.
+pub(super) fn read_ports(bitmap: &Array<MapData, u64>) -> Result<Vec<u16>, XdpError> {
+    let mut out = Vec::new();
+    for index in 0..SYN_PORT_WORDS {
+        let word = bitmap.get(&index, 0)?;
+        out.extend(
+            (0..64u16)
+                .filter(|bit| word >> bit & 1 == 1)
+                .map(|bit| index as u16 * 64 + bit),
+        );
+    }
+    Ok(out)
+}
+
 /// The four limiter maps, taken out of a loaded filter.
 pub struct SynLimiter {
     config: Array<MapData, SynLimitConfig>,
-    ports: HashMap<MapData, u16, u8>,
+    ports: Array<MapData, u64>,
     buckets: HashMap<MapData, SynSourceKey, SynBucket>,
     penalty: HashMap<MapData, SynSourceKey, u64>,
 }
@@ -124,7 +139,7 @@ impl SynLimiter {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(XdpError::Missing(name));
         Ok(Self {
             config: Array::try_from(take(MAP_SYN_LIMIT_CONFIG)?)?,
-            ports: HashMap::try_from(take(MAP_SYN_PORTS)?)?,
+            ports: Array::try_from(take(MAP_SYN_PORTS)?)?,
             buckets: HashMap::try_from(take(MAP_SYN_BUCKETS)?)?,
             penalty: HashMap::try_from(take(MAP_SYN_PENALTY)?)?,
         })
@@ -137,17 +152,15 @@ impl SynLimiter {
         if wanted.len() > SYN_PORTS_MAX_ENTRIES as usize {
             return Err(XdpError::TooManySynPorts(wanted.len()));
         }
-        // Stale ports go first so the map has room for the new ones.
-        let stale: Vec<u16> = self
-            .ports()?
-            .into_iter()
-            .filter(|p| !wanted.contains(p))
-            .collect();
-        for port in stale {
-            ignore_absent(self.ports.remove(&port))?;
-        }
+        let mut words = [0u64; SYN_PORT_WORDS as usize];
         for port in &wanted {
-            self.ports.insert(port, 1u8, 0)?;
+            words[usize::from(*port) / 64] |= 1 << (port % 64);
+        }
+        // Each word is written whole, so a SYN sees a port either limited or not.
+        for (index, word) in (0u32..).zip(words) {
+            if self.ports.get(&index, 0)? != word {
+                self.ports.set(index, word, 0)?;
+            }
         }
         self.config.set(0, limit.to_kernel(), 0)?;
         Ok(())
@@ -165,20 +178,45 @@ impl SynLimiter {
 
     /// The limited destination ports, sorted.
     pub fn ports(&self) -> Result<Vec<u16>, XdpError> {
-        let mut out = self.ports.keys().collect::<Result<Vec<u16>, MapError>>()?;
-        out.sort_unstable();
-        Ok(out)
+        read_ports(&self.ports)
     }
 
     /// Puts `source` into the penalty map until `expires_ns` (CLOCK_MONOTONIC, see
     /// [`monotonic_ns`]); tests use expiries in the past.
     pub fn penalise(&mut self, source: SynSource, expires_ns: u64) -> Result<(), XdpError> {
-        Ok(self.penalty.insert(source.key(), expires_ns, 0)?)
+        self.penalty.insert(source.key(), expires_ns, 0)?;
+        self.set_bucket_penalty(source, expires_ns)
     }
 
     /// Takes `source` out of the penalty map; an absent source is not an error.
     pub fn pardon(&mut self, source: SynSource) -> Result<(), XdpError> {
-        ignore_absent(self.penalty.remove(&source.key()))
+        ignore_absent(self.penalty.remove(&source.key()))?;
+        self.set_bucket_penalty(source, 0)
+    }
+
+    /// The program reads a source's penalty from its bucket when it has one (the map only
+    /// otherwise): keep the copy in step. A SYN updating the bucket at this instant may
+    /// undo it; the penalty map still holds the truth for when the bucket is evicted.
+    fn set_bucket_penalty(&mut self, source: SynSource, expires_ns: u64) -> Result<(), XdpError> {
+        let key = source.key();
+        match self.buckets.get(&key, 0) {
+            Ok(mut bucket) => {
+                bucket.penalty_ns = expires_ns;
+                // BPF_EXIST: never recreate a bucket the LRU evicted meanwhile (ENOENT).
+                const BPF_EXIST: u64 = 2;
+                match self.buckets.insert(key, bucket, BPF_EXIST) {
+                    Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                    {
+                        Ok(())
+                    }
+                    Err(other) => Err(other.into()),
+                }
+            }
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(other) => Err(other.into()),
+        }
     }
 
     /// Every source in the penalty map, expired ones included (remaining zero).
