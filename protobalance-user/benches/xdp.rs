@@ -485,14 +485,21 @@ fn trafgen(ns: &NetNs, dev: &str, conf: &std::path::Path, time: Duration) -> Res
             "--conf",
         ],
     );
+    // Its own process group: trafgen forks a sender per CPU, and SIGINT must reach both.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.arg(conf)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+        .stderr(std::process::Stdio::null());
     let mut child = protobalance_tests::ChildGuard::spawn(&mut cmd, "trafgen")?;
     std::thread::sleep(time);
-    // SAFETY: kill with a valid pid and signal.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    child.wait_timeout(Duration::from_secs(10))?;
+    let group = i32::try_from(child.id()).context("pid")?;
+    // SAFETY: kill with a valid process group and signal.
+    unsafe { libc::kill(-group, libc::SIGINT) };
+    if child.wait_timeout(Duration::from_secs(10))?.is_none() {
+        // SAFETY: as above.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        bail!("trafgen did not stop on SIGINT");
+    }
     Ok(())
 }
 
@@ -517,9 +524,10 @@ impl Nft {
             &file,
             format!(
                 "table netdev {NFT_TABLE} {{
+  counter dropped {{ }}
   set blocklist {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {} }} }}
   chain ingress {{ type filter hook ingress device \"{dev}\" priority -500; policy accept;
-    ip saddr @blocklist counter drop
+    ip saddr @blocklist counter name \"dropped\" drop
   }}
 }}
 ",
@@ -544,18 +552,19 @@ impl Nft {
         Ok(nft)
     }
 
+    /// The named counter (listing the chain would dump the million-element set).
     fn dropped(&self) -> Result<u64> {
         let output = output_with_timeout(
             std::process::Command::new("nft")
-                .args(["list", "chain", "netdev", NFT_TABLE, "ingress"]),
+                .args(["list", "counter", "netdev", NFT_TABLE, "dropped"]),
             Duration::from_secs(60),
         )?;
         let text = String::from_utf8_lossy(&output.stdout);
-        text.split("counter packets ")
+        text.split("packets ")
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse().ok())
-            .with_context(|| format!("no counter in `nft list chain`: {text}"))
+            .with_context(|| format!("no counter in `nft list counter`: {text}"))
     }
 }
 

@@ -4,8 +4,8 @@
 //! and the running one stays. A valid one applies, without cutting any session:
 //!
 //! * the kernel filter's allowlist and the config's blocklists (`xdp.blocklist`,
-//!   `xdp.blocklist_files` re-read), written together with the API's lists: new entries go
-//!   in before stale ones come out;
+//!   `xdp.blocklist_files` re-read), written together with the API's lists; each becomes
+//!   live atomically as a new generation of the kernel's rule tables;
 //! * `[reputation]`: weights, thresholds, delays, ban lengths, account rules and `allow`
 //!   (scores and bans so far stay; what sizes or keys the records waits for a restart);
 //! * `[dnsbl]`: the lists are rebuilt (new resolver, empty cache) for the next connections.

@@ -964,3 +964,105 @@ fn sighup_reloads_the_blocklist_files() {
     );
     proxy.stop();
 }
+
+/// Whole-list replacement under traffic: the bot's address is blocklisted throughout, but
+/// by a different kind of entry in each set — a /24 (the DIR-24 byte), a /32 (the exact
+/// hash, flagged in the byte) and a /26 (the /25–/31 trie) — so a packet that met the byte
+/// of one generation and the hash or trie of another would pass. A prober in the namespace
+/// opens connections from the bot (non-blocking connects: hundreds of SYNs a second) while
+/// the lists are swapped as fast as they publish; no connection may complete.
+#[test]
+fn list_swaps_under_traffic_never_let_a_blocked_source_through() {
+    if !require_root("list_swaps_under_traffic_never_let_a_blocked_source_through") {
+        return;
+    }
+    use protobalance::filter::{
+        blocklist::NamedList,
+        cidr::Cidr,
+        xdp::{AttachMode, XdpFilter},
+    };
+    use protobalance_common::Counter;
+
+    let net = Net::new("gen");
+    let listener = TcpListener::bind((net.subnet.host_v4, 0)).expect("listen");
+    let dst = listener.local_addr().expect("addr");
+    let mut filter = XdpFilter::load(None).expect("load");
+    filter
+        .attach(net.iface(), AttachMode::Driver)
+        .expect("attach");
+    let bot = IpAddr::V4(net.bot_v4);
+    let sets: Vec<Vec<NamedList>> = [24u8, 32, 26]
+        .iter()
+        .map(|len| {
+            vec![NamedList {
+                name: "xdp.blocklist".into(),
+                entries: vec![Cidr::new(bot, *len).expect("cidr").network()],
+            }]
+        })
+        .collect();
+    // (The /24 holds the namespace's other address too, so the bot itself shows the path
+    // works before it is listed.)
+    assert!(net.connects(bot, dst), "the bot connects while unlisted");
+    filter.replace_named_lists(&sets[0]).expect("first set");
+    assert!(!net.connects(bot, dst), "the bot is blocked");
+
+    let probe = format!(
+        "import socket, select, time\n\
+         ok = tries = 0\nend = time.time() + 4\nwhile time.time() < end:\n\
+         \x20   socks = []\n\
+         \x20   for _ in range(50):\n\
+         \x20       s = socket.socket(); s.setblocking(False); s.bind(('{bot}', 0))\n\
+         \x20       s.connect_ex(('{}', {})); socks.append(s); tries += 1\n\
+         \x20   _, writable, _ = select.select([], socks, [], 0.02)\n\
+         \x20   ok += sum(1 for s in writable if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)\n\
+         \x20   for s in socks: s.close()\n\
+         print(ok, tries)\n",
+        dst.ip(),
+        dst.port()
+    );
+    let before = drops(&filter);
+    let (result, swaps) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| net.ns.python(&probe).expect("prober"));
+        let mut swaps = 0usize;
+        while !prober.is_finished() {
+            filter
+                .replace_named_lists(&sets[(swaps + 1) % sets.len()])
+                .expect("swap");
+            swaps += 1;
+        }
+        (prober.join().expect("prober thread"), swaps)
+    });
+    let counts: Vec<u64> = result
+        .split_whitespace()
+        .map(|n| n.parse().expect("count"))
+        .collect();
+    let (ok, tries) = (counts[0], counts[1]);
+    let dropped = drops(&filter) - before;
+    eprintln!("{tries} connects during {swaps} list swaps: {ok} completed, {dropped} SYNs dropped");
+    assert_eq!(
+        ok, 0,
+        "a connection from the blocked bot completed during a swap"
+    );
+    assert!(
+        swaps >= 20,
+        "only {swaps} swaps: the test did not exercise the swap"
+    );
+    assert!(
+        tries >= 1000 && dropped >= tries,
+        "{tries} connects, {dropped} drops: the SYNs must have met the filter"
+    );
+    assert_eq!(
+        filter.list_generation().serial,
+        2 + swaps as u64,
+        "one generation per swap (and the load's and the first set's)"
+    );
+
+    fn drops(filter: &XdpFilter) -> u64 {
+        filter
+            .counters()
+            .expect("counters")
+            .into_iter()
+            .find(|(c, _)| *c == Counter::DropBlocklist)
+            .map_or(0, |(_, v)| v.packets)
+    }
+}

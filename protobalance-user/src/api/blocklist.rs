@@ -4,9 +4,9 @@
 //! directory store (so they survive restarts) and written into the kernel tries.
 //!
 //! Every change rewrites the kernel's lists from the config's plus the stored ones with
-//! [`XdpFilter::replace_named_lists`]: new entries go in before stale ones come out, so a
-//! source on both the old and the new list is never let through in between (the swap is
-//! not atomic: during it a packet may match entries of both). Expired entries are removed
+//! [`XdpFilter::replace_named_lists`], which publishes the whole new set of lists as one
+//! new generation of the kernel's rule tables: a packet meets the old lists or the new
+//! ones, never a mix (see `filter::xdp::generations`). Expired entries are removed
 //! by [`BlocklistManager::sweep`] every few seconds.
 
 use std::{
