@@ -17,6 +17,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod parse;
+mod rare;
 mod syn_limit;
 
 use aya_ebpf::{
@@ -26,6 +27,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
+use aya_log_ebpf::warn;
 use protobalance_common::{
     ALLOWLIST_MAX_ENTRIES, BAN_ALL, BANS_MAX_ENTRIES, BLOCKLIST_MAX_ENTRIES, BanEntry, BlockEntry,
     CLASS_ALLOW, CLASS_NONE, Counter, CounterValue, DIR_CLASS_MASK, DIR_ENTRIES, DIR_HAS_EXACT,
@@ -35,6 +37,7 @@ use protobalance_common::{
 
 use crate::{
     parse::{L4, Parsed, Source},
+    rare::Rare,
     syn_limit::SynVerdict,
 };
 
@@ -127,7 +130,17 @@ fn classify(ctx: &XdpContext) -> (Counter, u32) {
     let (source, l4) = match parse::packet(ctx) {
         Ok(Parsed::Ip { source, l4 }) => (source, l4),
         Ok(Parsed::NotIp) => return (Counter::PassNonIp, PASS),
-        Err(_) => return (Counter::PassMalformed, PASS),
+        Err(_) => {
+            if rare::due(Rare::Malformed) {
+                warn!(
+                    ctx,
+                    "passed a {} byte frame the parser could not read (at most one such line \
+                     per second per CPU)",
+                    ctx.data_end() - ctx.data()
+                );
+            }
+            return (Counter::PassMalformed, PASS);
+        }
     };
     match rule_class(&source) {
         CLASS_NONE => {}
@@ -147,6 +160,22 @@ fn classify(ctx: &XdpContext) -> (Counter, u32) {
             if let SynVerdict::DropLimit { penalised: false } = verdict {
                 // An event, not a verdict: no bytes, so byte counters still sum to traffic.
                 count(Counter::SynPenaltyFull, 0);
+                if rare::due(Rare::PenaltyFull) {
+                    match &source {
+                        Source::V4(addr) => warn!(
+                            ctx,
+                            "SYN penalty map full: {:i} held by its bucket only (at most one \
+                             such line per second per CPU)",
+                            *addr
+                        ),
+                        Source::V6(addr) => warn!(
+                            ctx,
+                            "SYN penalty map full: the /64 of {:i} held by its bucket only (at \
+                             most one such line per second per CPU)",
+                            *addr
+                        ),
+                    }
+                }
             }
             match verdict.counter() {
                 Some(counter) => (counter, DROP),

@@ -201,7 +201,10 @@ impl App {
             tracker.spawn(Arc::clone(blocklist).sweep(shutdown.clone()));
         }
         if let Some((_, filter)) = &self.xdp {
-            let filter = lock(filter);
+            let mut filter = lock(filter);
+            if let Some(kernel_log) = filter.take_kernel_log() {
+                tracker.spawn(kernel_log.run(shutdown.clone()));
+            }
             let sweeper = metrics::BanSweeper::new(
                 filter.ban_handle(),
                 filter.syn_limiter_handle(),

@@ -885,7 +885,8 @@ fn lru_churn_never_frees_a_penalised_source() {
 
 #[test]
 fn a_full_penalty_map_still_drops_and_says_so() {
-    let Some(filter) = load() else { return };
+    let Some(mut filter) = load() else { return };
+    let mut kernel_log = filter.take_kernel_log().expect("the program's log");
     limit(&filter, 1, 3, &[SMTP]);
     let in_an_hour = monotonic_ns() + 3_600_000_000_000;
     {
@@ -920,6 +921,57 @@ fn a_full_penalty_map_still_drops_and_says_so() {
         .find(|(c, _)| *c == Counter::SynPenaltyFull)
         .map(|(_, v)| v.bytes);
     assert_eq!(penalty_full_bytes, Some(0), "an event, not traffic");
+    let logged = capture_log(|| kernel_log.flush());
+    assert!(
+        logged.contains("SYN penalty map full: 198.51.100.70 held by its bucket only"),
+        "the program logs the event: {logged}"
+    );
+}
+
+/// What `f` writes into the log (tracing, as protobalance logs), as text.
+fn capture_log(f: impl FnOnce()) -> String {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = buffer.0.lock().expect("buffer").clone();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[test]
+fn frames_the_parser_gives_up_on_are_logged_at_most_once_a_second() {
+    let Some(mut filter) = load() else { return };
+    let mut kernel_log = filter.take_kernel_log().expect("the program's log");
+    // Ethernet + the first 6 bytes of an IPv4 header.
+    let frame = &frame_from(ip("198.51.100.9"))[..20];
+    // One run of 50 repetitions: one CPU, well within a second.
+    let (action, _) = filter.test_run(frame, 50).expect("test run");
+    assert_eq!(action, XDP_PASS, "an unreadable frame is passed");
+    assert_eq!(value(&filter, Counter::PassMalformed), 50);
+    let logged = capture_log(|| kernel_log.flush());
+    assert_eq!(
+        logged
+            .matches("passed a 20 byte frame the parser could not read")
+            .count(),
+        1,
+        "one line for 50 frames: {logged}"
+    );
+    assert!(logged.contains("protobalance::xdp::kernel"), "{logged}");
 }
 
 // ---- explain -------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ use crate::filter::cidr::Cidr;
 
 mod explain;
 pub mod generations;
+mod kernel_log;
 mod lists;
 pub mod model;
 mod pin;
@@ -45,6 +46,7 @@ mod syn_limit;
 pub use explain::{Explanation, SynContext, explain_pinned, syn_frame};
 pub use generations::Published;
 use generations::{Compiled, Generations};
+pub use kernel_log::KernelLog;
 pub use lists::{INLINE_LIST_ID, ListMaps, ListSizes, ListsReplaced};
 use pin::prepare_pin_dir;
 pub use pin::unload_pinned;
@@ -79,6 +81,8 @@ pub enum XdpError {
     Program(#[from] ProgramError),
     #[error("XDP map: {0}")]
     Map(#[from] MapError),
+    #[error("the XDP program's log: {0}")]
+    Log(String),
     #[error("XDP link: {0}")]
     LinkConversion(#[from] LinkError),
     #[error("pinned link {path}: {source}")]
@@ -138,6 +142,8 @@ pub struct XdpFilter {
     generations: Generations,
     /// What the live tables hold, for the metrics collector.
     tables: Arc<Mutex<TableStats>>,
+    /// The program's diagnostic records, until [`Self::take_kernel_log`].
+    kernel_log: Option<KernelLog>,
     /// What the allowlist and blocklist tries hold, kept in memory: the tries are the
     /// source of truth (pinned, listed, explained from), and this copy is what each
     /// publish compiles from without reading a million entries back from the kernel.
@@ -181,6 +187,13 @@ impl XdpFilter {
         let syn = Arc::new(Mutex::new(SynLimiter::take(&mut ebpf)?));
         let lists = Arc::new(Mutex::new(ListMaps::take(&mut ebpf)?));
         let generations = Generations::take(&mut ebpf)?;
+        let kernel_log = match KernelLog::take(&mut ebpf) {
+            Ok(log) => Some(log),
+            Err(error) => {
+                tracing::warn!(%error, "the XDP program's diagnostics will not be logged");
+                None
+            }
+        };
         let mirror = Mirror::read(&mut ebpf)?;
         let mut filter = Self {
             ebpf,
@@ -190,6 +203,7 @@ impl XdpFilter {
             lists,
             generations,
             tables: Arc::default(),
+            kernel_log,
             mirror,
             pin_dir: pin_dir.map(Path::to_owned),
             link: None,
@@ -221,6 +235,12 @@ impl XdpFilter {
             "XDP rule tables published"
         );
         Ok(published)
+    }
+
+    /// The program's diagnostic records (aya-log), to be read by a task: see
+    /// [`KernelLog::run`]. `None` after the first call.
+    pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        self.kernel_log.take()
     }
 
     /// The live generation of the rule tables and how many were published.

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use aya::{maps::MapInfo, programs::links::PinnedLink};
-use protobalance_common::{Counter, MAP_COUNTERS, PINNED_MAPS};
+use protobalance_common::PINNED_MAPS;
 
 use super::XdpError;
 
@@ -16,27 +16,56 @@ pub(super) fn prepare_pin_dir(dir: &Path) -> Result<(), XdpError> {
     if !is_bpffs(dir) {
         return Err(XdpError::NotBpffs(dir.to_owned()));
     }
-    retire_outgrown_counters(dir)
+    retire_incompatible_pins(dir, super::XDP_OBJECT)
 }
 
-/// A counter map pinned by an older version has fewer slots than [`Counter::COUNT`]: the
-/// loader would reuse it as it is (aya does not compare definitions), the new counters
-/// would never count and reading them would fail. Unpin it so a fresh one is created; the
-/// counts restart from zero, which Prometheus reads as an ordinary counter reset. A program
-/// still attached through a pinned link keeps its own reference to the old map.
-fn retire_outgrown_counters(dir: &Path) -> Result<(), XdpError> {
-    let path = dir.join(MAP_COUNTERS);
-    let Ok(info) = MapInfo::from_pin(&path) else {
-        return Ok(());
-    };
-    if info.max_entries() >= Counter::COUNT {
+/// A map pinned by an older version may have another layout than this object's (a counter
+/// array with fewer slots, a port set that was a hash and is now a bitmap, a bucket that
+/// grew a field): the loader would reuse it as it is (aya does not compare definitions) and
+/// the program would misread it, or fail to load. Such pins are removed so fresh maps are
+/// created: counts restart from zero (Prometheus reads a counter reset), buckets and
+/// penalties are forgotten, lists are rewritten from the config anyway. A program still
+/// attached through a pinned link keeps its own reference to the old maps until the new
+/// program replaces it.
+fn retire_incompatible_pins(dir: &Path, object: &[u8]) -> Result<(), XdpError> {
+    if object.is_empty() {
         return Ok(());
     }
-    tracing::warn!(
-        path = %path.display(), slots = info.max_entries(), want = Counter::COUNT,
-        "pinned XDP counters come from an older version; replacing them (counts restart at 0)"
-    );
-    std::fs::remove_file(&path).map_err(|source| XdpError::Io { path, source })
+    let parsed = aya_obj::Object::parse(object)
+        .map_err(|e| XdpError::Log(format!("parsing the XDP object: {e}")))?;
+    for name in PINNED_MAPS {
+        let path = dir.join(name);
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let Some(want) = parsed.maps.get(name) else {
+            continue;
+        };
+        let pinned = (
+            info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        );
+        let wanted = (
+            want.map_type(),
+            want.key_size(),
+            want.value_size(),
+            want.max_entries(),
+            want.map_flags(),
+        );
+        if pinned == wanted {
+            continue;
+        }
+        tracing::warn!(
+            path = %path.display(), ?pinned, ?wanted,
+            "a pinned XDP map comes from another version with another layout \
+             (type, key, value, entries, flags); replacing it (its contents start afresh)"
+        );
+        std::fs::remove_file(&path).map_err(|source| XdpError::Io { path, source })?;
+    }
+    Ok(())
 }
 
 #[allow(
@@ -87,8 +116,8 @@ pub fn unload_pinned(pin_dir: &Path, iface: &str, remove_maps: bool) -> Result<b
 
 #[cfg(test)]
 mod tests {
-    use aya::maps::{MapData, PerCpuArray};
-    use protobalance_common::CounterValue;
+    use aya::maps::{HashMap, MapData, PerCpuArray};
+    use protobalance_common::{Counter, CounterValue, MAP_COUNTERS, MAP_SYN_PORTS, SYN_PORT_WORDS};
 
     use super::*;
     use crate::filter::xdp::XdpFilter;
@@ -103,10 +132,10 @@ mod tests {
     }
 
     #[test]
-    fn counters_pinned_by_an_older_version_are_replaced() {
+    fn maps_pinned_by_an_older_version_are_replaced() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIP counters_pinned_by_an_older_version_are_replaced: not root");
+            eprintln!("SKIP maps_pinned_by_an_older_version_are_replaced: not root");
             return;
         }
         let dir = PinDir(std::path::PathBuf::from(format!(
@@ -117,12 +146,32 @@ mod tests {
         // What the first release pinned: six counter slots.
         let old = PerCpuArray::<MapData, CounterValue>::create(6, 0).expect("old counters");
         old.pin(dir.0.join(MAP_COUNTERS)).expect("pin old counters");
+        // What releases before the port bitmap pinned: a hash of ports.
+        let ports = HashMap::<MapData, u16, u8>::create(64, 0).expect("old ports");
+        ports.pin(dir.0.join(MAP_SYN_PORTS)).expect("pin old ports");
 
         let filter = XdpFilter::load(Some(&dir.0)).expect("load over old pins");
         let counters = filter.counters().expect("every counter readable");
         assert_eq!(counters.len(), Counter::ALL.len());
         let info = MapInfo::from_pin(dir.0.join(MAP_COUNTERS)).expect("new pin");
         assert_eq!(info.max_entries(), Counter::COUNT);
+        let ports = MapInfo::from_pin(dir.0.join(MAP_SYN_PORTS)).expect("ports pin");
+        assert_eq!(
+            (ports.max_entries(), ports.value_size()),
+            (SYN_PORT_WORDS, 8),
+            "the port bitmap replaced the old hash"
+        );
+        filter
+            .set_syn_limit(
+                crate::filter::xdp::SynLimit {
+                    rate_per_second: 5,
+                    burst: 5,
+                    penalty: std::time::Duration::from_secs(1),
+                },
+                &[25, 587],
+            )
+            .expect("the limiter works on the new maps");
+        assert_eq!(filter.syn_limiter().ports().expect("ports"), [25, 587]);
         drop(filter);
         // A current pin is reused as it is.
         let id = info.id();
