@@ -496,7 +496,19 @@ async fn proxy_context(
             "submission suspensions restored from the directory"
         );
     }
+    let scanner = match &validated.scan {
+        Some(s) => {
+            tracing::info!(
+                rspamd = ?s.rspamd, clamd = ?s.clamd.as_ref().map(ToString::to_string),
+                timeout_ms = s.timeout.as_millis() as u64,
+                "inbound mail is scanned before delivery"
+            );
+            Some(Arc::new(crate::scan::Scanner::new(s, registry)?))
+        }
+        None => None,
+    };
     Ok(ProxyContext {
+        scanner,
         sessions: Arc::new(crate::smtp::reuse::SessionPool::new(
             config.limits.backend_idle_sessions,
             Some(registry),

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod pop3;
 pub mod proxy;
 pub mod reload;
+pub mod scan;
 pub mod secret;
 pub mod smtp;
 pub mod tls;

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod postfix;
 pub mod postfix_config;
 pub mod process;
+pub mod scanners;
 pub mod test_dir;
 
 pub use dns::{DnsServer, require_dnsmasq};
@@ -27,3 +28,4 @@ pub use net::{free_port, free_ports, wait_for_port};
 pub use netns::{NetNs, TestSubnet, Veth, require_root};
 pub use postfix::{PostfixBackend, PostfixOptions, require_postfix};
 pub use process::{ChildGuard, python};
+pub use scanners::{ClamdServer, EICAR, RspamdServer, require_scanner};

@@ -41,6 +41,10 @@ const APT_PACKAGES: &[&str] = &[
     "libxml2-utils",
     // dnsmasq (the binary only, no service): the DNS server of the DNSBL tests.
     "dnsmasq-base",
+    // The content scanners of the [scan] tests (their services are not started: the tests
+    // run their own instances, clamd with its own tiny signature database).
+    "rspamd",
+    "clamav-daemon",
 ];
 
 pub fn run() -> Result<()> {

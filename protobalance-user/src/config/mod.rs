@@ -10,6 +10,7 @@ mod cluster;
 mod dnsbl;
 mod listeners;
 mod reputation;
+mod scan;
 
 pub use api::{ApiAccess, ApiConfig, ApiTokenConfig};
 pub use cluster::{
@@ -20,6 +21,7 @@ pub use listeners::{
     CertificateConfig, LimitsConfig, ListenerConfig, Protocol, SubmissionConfig, TlsMode,
 };
 pub use reputation::{ReputationConfig, Weights};
+pub use scan::{ScanConfig, ScanSettings};
 
 use std::{
     net::SocketAddr,
@@ -68,6 +70,8 @@ pub struct Config {
     pub reputation: ReputationConfig,
     #[serde(default)]
     pub dnsbl: DnsblConfig,
+    #[serde(default)]
+    pub scan: ScanConfig,
 }
 
 /// How the edge presents itself: one name and banner for the whole cluster.
@@ -405,6 +409,8 @@ pub struct Validated {
     pub reputation_allow: Vec<Cidr>,
     /// `[[dnsbl.site]]`, checked.
     pub dnsbl_sites: Vec<DnsblSite>,
+    /// `[scan]`, checked; `None` when no scanner is configured.
+    pub scan: Option<ScanSettings>,
 }
 
 impl Config {
@@ -461,6 +467,7 @@ impl Config {
         self.api.validate(base).map_err(to_error)?;
         let reputation_allow = self.reputation.validate().map_err(to_error)?;
         let dnsbl_sites = self.dnsbl.validate().map_err(to_error)?;
+        let scan = self.scan.validate().map_err(to_error)?;
         if self
             .listeners
             .iter()
@@ -564,6 +571,7 @@ impl Config {
             allowlist: allow,
             reputation_allow,
             dnsbl_sites,
+            scan,
         })
     }
 }

@@ -102,6 +102,12 @@ pub struct Weights {
     pub retry_while_refused: f32,
     #[serde(default = "w_clean", deserialize_with = "super::de_f32")]
     pub clean_session: f32,
+    /// A message with malware (`[scan]` with clamd).
+    #[serde(default = "w_malware", deserialize_with = "super::de_f32")]
+    pub malware: f32,
+    /// A message rspamd judged spam (`[scan]` with rspamd).
+    #[serde(default = "w_spam", deserialize_with = "super::de_f32")]
+    pub spam: f32,
 }
 
 impl Default for Weights {
@@ -181,6 +187,12 @@ const fn w_relay() -> f32 {
 }
 const fn w_clean() -> f32 {
     -3.0
+}
+const fn w_malware() -> f32 {
+    6.0
+}
+const fn w_spam() -> f32 {
+    3.0
 }
 
 impl ReputationConfig {

@@ -60,9 +60,13 @@ pub enum Event {
     CleanSession,
     /// Listed by a DNSBL (or, with a negative weight, a DNSWL).
     Dnsbl,
+    /// Sent a message clamd found malware in.
+    Malware,
+    /// Sent a message rspamd judged spam (refused, or tagged).
+    Spam,
 }
 
-pub const EVENTS: usize = 12;
+pub const EVENTS: usize = 14;
 
 impl Event {
     pub const ALL: [Self; EVENTS] = [
@@ -78,6 +82,8 @@ impl Event {
         Self::RetryWhileRefused,
         Self::CleanSession,
         Self::Dnsbl,
+        Self::Malware,
+        Self::Spam,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -94,6 +100,8 @@ impl Event {
             Self::RetryWhileRefused => "retry_while_refused",
             Self::CleanSession => "clean_session",
             Self::Dnsbl => "dnsbl",
+            Self::Malware => "malware",
+            Self::Spam => "spam",
         }
     }
 
@@ -292,6 +300,8 @@ impl Settings {
             (Event::RetryWhileRefused, w.retry_while_refused),
             (Event::CleanSession, w.clean_session),
             (Event::Dnsbl, 0.0),
+            (Event::Malware, w.malware),
+            (Event::Spam, w.spam),
         ] {
             weights[event as usize] = weight;
         }

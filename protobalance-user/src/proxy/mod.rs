@@ -106,6 +106,8 @@ pub struct ProxyContext {
     pub dnsbl_lookups: prometheus::IntCounterVec,
     /// Idle backend delivery sessions for reuse (`limits.backend_idle_sessions`).
     pub sessions: Arc<crate::smtp::reuse::SessionPool>,
+    /// rspamd/clamd content scanning of inbound mail (`[scan]`), when configured.
+    pub scanner: Option<Arc<crate::scan::Scanner>>,
 }
 
 impl ProxyContext {

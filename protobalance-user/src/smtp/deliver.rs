@@ -355,6 +355,11 @@ impl BackendSession {
     }
 
     /// Recipients the backend accepted so far.
+    /// The recipients the backend accepted in this transaction.
+    pub fn recipients(&self) -> &[String] {
+        &self.accepted
+    }
+
     pub fn accepted(&self) -> usize {
         self.accepted.len()
     }

@@ -98,6 +98,14 @@ impl Transaction {
     }
 
     /// Ends the transaction, handing over its backend for DATA.
+    /// The sender as given in MAIL FROM, without the angle brackets (empty for a bounce).
+    pub fn sender(&self) -> &str {
+        let path = self.envelope.reverse_path.as_str();
+        path.strip_prefix('<')
+            .and_then(|p| p.strip_suffix('>'))
+            .unwrap_or(path)
+    }
+
     pub fn into_binding(self) -> Binding {
         self.binding
     }

@@ -661,8 +661,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 
     async fn data(&mut self) -> Step {
-        let binding = match std::mem::replace(&mut self.phase, Phase::Idle) {
-            Phase::Mail(tx) => tx.into_binding(),
+        let (binding, sender) = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Mail(tx) => {
+                let sender = tx.sender().to_owned();
+                (tx.into_binding(), sender)
+            }
             other => {
                 self.phase = other;
                 return self
@@ -676,6 +679,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Binding::Lost => return self.answer(&backend_lost()).await,
             Binding::Account { accepted } => return self.submit_data(accepted).await,
         };
+        if let Some(scanner) = self.ctx.scanner.clone() {
+            return self.scanned_data(&scanner, backend, sender).await;
+        }
         if let Err(error) = backend.start_data().await {
             tracing::warn!(%error, "backend DATA failed");
             return self.answer(&backend_lost()).await;
@@ -691,6 +697,129 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 self.answer(&answer).await
             }
             Err(end) => Step::End(self.close(end).await),
+        }
+    }
+
+    /// DATA with content scanning (see `crate::scan`): the message is spooled and streamed
+    /// to the scanners as it arrives; the backend gets it, with the scan headers in front,
+    /// only once the verdicts allow it.
+    async fn scanned_data(
+        &mut self,
+        scanner: &crate::scan::Scanner,
+        mut backend: BackendSession,
+        sender: String,
+    ) -> Step {
+        use crate::scan::{Decision, Offence, spool::Spool};
+        let go_on = reply(354, None, "End data with <CR><LF>.<CR><LF>");
+        if !self.client.send(&go_on).await {
+            return Step::End(self.finished());
+        }
+        let envelope = crate::scan::Envelope {
+            client_ip: Some(self.conn.peer.ip()),
+            helo: self.client_info.helo.clone(),
+            mail_from: sender.clone(),
+            recipients: backend.recipients().to_vec(),
+            user: None,
+            queue_id: crate::scan::queue_id(),
+        };
+        let mut job = scanner.start(&envelope);
+        let mut spool = Spool::new(scanner.memory_bytes);
+        let mut spool_error = None;
+        let mut reader = DataReader::new(self.ctx.limits.max_message_octets, BARE_LINE_ENDINGS);
+        let mut out = Vec::with_capacity(2 * READ_CHUNK);
+        let mut refused = false;
+        let verdict = loop {
+            if self.client.buf.is_empty()
+                && let Err(end) = self.client.fill().await
+            {
+                return Step::End(self.close(end).await);
+            }
+            out.clear();
+            let feed = reader.feed(&self.client.buf, &mut out);
+            self.client.buf.advance(feed.consumed);
+            if !refused && !out.is_empty() {
+                if spool_error.is_none()
+                    && let Err(error) = spool.write(&out, &scanner.spool_dir).await
+                {
+                    spool_error = Some(error);
+                }
+                job.feed(&out).await;
+            }
+            match feed.state {
+                DataState::End => break reader.verdict(),
+                DataState::Exceeded | DataState::BareLineEnding => refused = true,
+                DataState::More => {}
+            }
+        };
+        if !matches!(verdict, DataVerdict::Ok { .. }) {
+            backend.quit().await;
+            let answer = self.end_of_data(verdict, None).await;
+            return self.answer(&answer).await;
+        }
+        if let Some(error) = spool_error {
+            tracing::error!(
+                %error, dir = %scanner.spool_dir.display(),
+                "cannot hold a message for scanning (scan.spool_dir); deferred"
+            );
+            backend.quit().await;
+            let answer = reply(
+                451,
+                Some("4.3.0"),
+                "Local error in processing; try again later",
+            );
+            return self.answer(&answer).await;
+        }
+        let outcome = job.finish().await;
+        let policy = scanner.policy_for(backend.recipients().iter().map(String::as_str));
+        let decision = scanner.decide(&outcome, policy);
+        tracing::info!(
+            client = %self.conn.peer.ip(), from = %sender, recipients = backend.accepted(),
+            queue_id = %envelope.queue_id, size = spool.len(), spilled = spool.spilled(),
+            rspamd = ?outcome.rspamd, clamd = ?outcome.clamd, decision = decision.label(),
+            "message scanned"
+        );
+        match decision {
+            Decision::Refuse { reply, event } => {
+                backend.quit().await;
+                if let Some(offence) = event {
+                    let event = match offence {
+                        Offence::Malware => Event::Malware,
+                        Offence::Spam => Event::Spam,
+                    };
+                    self.offences += 1;
+                    let verdict = self.ctx.reputation.report(self.conn.peer.ip(), event);
+                    self.tarpit |= verdict == Judgement::Tarpit;
+                }
+                self.answer(&reply).await
+            }
+            Decision::Defer { reply } => {
+                backend.quit().await;
+                self.answer(&reply).await
+            }
+            Decision::Deliver { headers } => {
+                let backend_name = backend.backend().to_owned();
+                let sent = async {
+                    let spool_error = |e| deliver::DeliverError::Io(backend_name.clone(), e);
+                    backend.start_data().await?;
+                    backend.write(&headers).await?;
+                    spool.rewind().await.map_err(spool_error)?;
+                    let mut chunk = vec![0u8; READ_CHUNK];
+                    loop {
+                        let n = spool.read(&mut chunk).await.map_err(spool_error)?;
+                        if n == 0 {
+                            return Ok::<(), deliver::DeliverError>(());
+                        }
+                        backend.write(&chunk[..n]).await?;
+                    }
+                }
+                .await;
+                if let Err(error) = sent {
+                    tracing::warn!(%error, "backend lost while sending a scanned message");
+                    return self.answer(&backend_lost()).await;
+                }
+                let answer = self.deliver(backend).await;
+                self.answer(&answer).await
+            }
         }
     }
 
