@@ -25,6 +25,7 @@
 //!   and SYN-limited frames with 1 … 1 M blocklist CIDRs, side by side with Debian's
 //!   `xdp-filter`; the time to load each list; a veth flood's drops/s vs an nftables
 //!   netdev-ingress rule (`protobalance-user` bench `xdp`).
+//! * `scan` — inbound SMTP messages/s with `[scan]` (real rspamd and clamd) vs without.
 //! * `directory` — `protobalance directory import` rate (mailboxes/s) for N mailboxes, the
 //!   disk it takes, and the latency of random owner lookups on the resulting SQLite file.
 //!
@@ -47,6 +48,7 @@ mod memory_report;
 mod pop3;
 mod procfs;
 mod protocol;
+mod scan;
 mod smtp;
 mod smtp_bench;
 mod smtp_memory;
@@ -87,6 +89,8 @@ pub enum Target {
     Memory(memory::MemoryArgs),
     /// Directory import rate (mailboxes/s), disk use and owner-lookup latency.
     Directory(directory::DirectoryArgs),
+    /// SMTP messages/s with [scan] (real rspamd + clamd) vs without, same load.
+    Scan(scan::ScanArgs),
     /// XDP ns/packet with 1 … 1 M blocklist CIDRs vs Debian's xdp-filter; veth flood vs nftables.
     Xdp(xdp::XdpArgs),
 }
@@ -129,6 +133,7 @@ pub fn run(target: Option<Target>) -> Result<()> {
         Target::Abuse(args) => abuse::run(&binary, &args),
         Target::Memory(args) => memory::run(&binary, &args),
         Target::Directory(args) => directory::run(&binary, &args),
+        Target::Scan(args) => scan::run(&binary, &args),
         Target::Xdp(_) => unreachable!("handled above"),
     }
 }
@@ -137,7 +142,7 @@ pub fn run(target: Option<Target>) -> Result<()> {
 fn preflight(target: &Target) -> Result<()> {
     let backends = matches!(
         target,
-        Target::Pop3(_) | Target::Imap(_) | Target::Smtp(_) | Target::Abuse(_)
+        Target::Pop3(_) | Target::Imap(_) | Target::Smtp(_) | Target::Abuse(_) | Target::Scan(_)
     );
     if backends && !util::is_root() {
         bail!(

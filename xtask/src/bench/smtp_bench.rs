@@ -300,7 +300,7 @@ impl Bench<'_> {
 /// Recipient lists of `size` mailboxes with one owner each, the owners taking turns (so
 /// consecutive sessions go to different backends). Mailboxes that do not fill a list are
 /// left out.
-fn groups(owners: &Owners, size: usize) -> Vec<(&str, Vec<String>)> {
+pub(super) fn groups(owners: &Owners, size: usize) -> Vec<(&str, Vec<String>)> {
     let mut by_owner: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (user, owner) in owners {
         by_owner.entry(owner).or_default().push(user.clone());
