@@ -196,7 +196,7 @@ fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     let same =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
     let mut changed = Vec::new();
-    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 12] = [
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 13] = [
         ("admin", &old.admin, &new.admin),
         ("shutdown", &old.shutdown, &new.shutdown),
         ("health", &old.health, &new.health),
@@ -209,6 +209,7 @@ fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
         ("server", &old.server, &new.server),
         ("certificate", &old.certificates, &new.certificates),
         ("api", &old.api, &new.api),
+        ("scan", &old.scan, &new.scan),
     ];
     for (name, a, b) in sections {
         if !same(a, b) {

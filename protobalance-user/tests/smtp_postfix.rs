@@ -11,8 +11,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use protobalance_tests::{
-    BackendOptions, DovecotBackend, PostfixBackend, PostfixOptions, loopback_ip, password_for,
-    python, require_postfix,
+    BackendOptions, ClamdServer, DovecotBackend, EICAR, PostfixBackend, PostfixOptions,
+    loopback_ip, password_for, python, require_postfix, require_scanner, scanners::CLAMD,
 };
 use support::{Edge, Listen, USERS, make_certificates, metric_line, owner, start_edge_sections};
 
@@ -615,4 +615,73 @@ fn a_submission_backend_without_auth_is_a_temporary_failure() {
 /// `protobalance ctl <args>` against `edge` with `token`: (exit code, output).
 fn ctl(edge: &Edge, token: &str, args: &[&str]) -> (i32, String) {
     support::cli(edge, token, &[&["ctl"], args].concat())
+}
+
+/// `[scan]` on submission: an authenticated relay client that sends malware has it refused
+/// (it never reaches the user's Postfix) and is suspended from sending; clean mail before
+/// it went through with the scan header.
+#[test]
+fn submitted_malware_is_refused_and_suspends_the_account() {
+    let test = "submitted_malware_is_refused_and_suspends_the_account";
+    if skip("smtp_postfix") || !require_scanner(test, CLAMD, "clamav-daemon") {
+        return;
+    }
+    let clamd = ClamdServer::start().expect("clamd");
+    let cluster = Cluster::start(&format!(
+        "[scan]\nclamd = \"{}\"\ntimeout_ms = 5000\n",
+        clamd.socket().display()
+    ));
+    let user = "user53@example.com";
+    let password = password_for(user).expect("password");
+    let (host, subs) = cluster.addr(SUBMISSIONS);
+    let script = format!(
+        "{TLS_PRELUDE}\
+         eicar = base64.b64encode({EICAR:?}.encode()).decode()\n\
+         bad = ('Subject: invoice\\r\\nMIME-Version: 1.0\\r\\n'\n\
+         \x20   'Content-Type: multipart/mixed; boundary=\"b\"\\r\\n\\r\\n--b\\r\\n'\n\
+         \x20   'Content-Type: application/octet-stream\\r\\n'\n\
+         \x20   'Content-Transfer-Encoding: base64\\r\\n\\r\\n' + eicar + '\\r\\n--b--\\r\\n')\n\
+         s = smtplib.SMTP_SSL('{host}', {subs}, context=ctx, timeout=15)\n\
+         s.ehlo('laptop.example.net')\n\
+         s.login('{user}', '{password}')\n\
+         print('clean', s.sendmail('{user}', ['friend@elsewhere.test'], 'Subject: fine\\r\\n\\r\\nhello\\r\\n'))\n\
+         try:\n\
+         \x20   s.sendmail('{user}', ['friend@elsewhere.test'], bad)\n\
+         \x20   print('malware accepted')\n\
+         except smtplib.SMTPDataError as e:\n\
+         \x20   print('malware', e.smtp_code, e.smtp_error.decode())\n\
+         print('after', s.mail('{user}'))\n"
+    );
+    let out = python(&script).expect("submission script");
+    let has = |needle: &str| assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    has("clean {}");
+    has("malware 550 5.7.1 Message contains malware (Eicar-Test-Signature");
+    has(
+        "after (550, b'5.7.1 Your account is suspended from sending mail (it sent a message with malware)",
+    );
+    metric_line(
+        &cluster.edge,
+        &["protobalance_scan_verdicts_total", "action=\"malware\"} 1"],
+    );
+    metric_line(
+        &cluster.edge,
+        &["protobalance_scan_verdicts_total", "action=\"accept\"} 1"],
+    );
+    let home = owner(&cluster.edge, user);
+    let sink = cluster.backend(&home).sink();
+    let relayed = sink
+        .wait_for_messages(1, DELIVERY_TIMEOUT)
+        .expect("the clean message relayed");
+    assert!(
+        relayed[0]
+            .text()
+            .contains("X-Virus-Scanned: clamd (protobalance); clean"),
+        "{}",
+        relayed[0].text()
+    );
+    // Give a wrongly accepted second message time to arrive: only the clean one may.
+    std::thread::sleep(Duration::from_secs(2));
+    let relayed = sink.messages();
+    assert_eq!(relayed.len(), 1, "the malware never reached Postfix");
+    assert!(relayed[0].text().contains("Subject: fine"));
 }

@@ -314,7 +314,7 @@ impl<T> Feed<T> {
 
     async fn finish(mut self, deadline: Instant) -> Result<T, String> {
         drop(self.tx.take());
-        if let Some(why) = self.failed {
+        if let Some(why) = self.failed.take() {
             return Err(why);
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -326,6 +326,13 @@ impl<T> Feed<T> {
                 Err("no answer in time".to_owned())
             }
         }
+    }
+}
+
+impl<T> Drop for Feed<T> {
+    /// A session that ends mid-message (client gone) stops its scans.
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -91,8 +91,7 @@ pub async fn check(
     let mut request = hyper::Request::post("/checkv2")
         .header(hyper::header::HOST, addr.to_string())
         .header("From", &envelope.mail_from)
-        .header("Queue-Id", &envelope.queue_id)
-        .header("Pass", "all");
+        .header("Queue-Id", &envelope.queue_id);
     if let Some(ip) = envelope.client_ip {
         request = request.header("IP", ip.to_string());
     }

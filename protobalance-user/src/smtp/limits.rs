@@ -84,6 +84,8 @@ pub enum SuspendReason {
     LimitHits,
     /// Placed through the API.
     Operator,
+    /// Sent a message with malware (`[scan]`): an infected relay client.
+    Malware,
 }
 
 impl SuspendReason {
@@ -93,6 +95,7 @@ impl SuspendReason {
             Self::RejectedRecipients => "rejected_recipients",
             Self::LimitHits => "limit_hits",
             Self::Operator => "operator",
+            Self::Malware => "malware",
         }
     }
 
@@ -102,6 +105,7 @@ impl SuspendReason {
             "distinct_recipients" => Self::DistinctRecipients,
             "rejected_recipients" => Self::RejectedRecipients,
             "limit_hits" => Self::LimitHits,
+            "malware" => Self::Malware,
             _ => Self::Operator,
         }
     }
@@ -112,6 +116,7 @@ impl SuspendReason {
             Self::RejectedRecipients => "too many refused recipients",
             Self::LimitHits => "sending limits exceeded again and again",
             Self::Operator => "suspended by the administrator",
+            Self::Malware => "it sent a message with malware",
         }
     }
 }
@@ -407,7 +412,8 @@ impl SubmissionLimits {
         Some(reason)
     }
 
-    fn suspend_by_rule(&self, user: &str, reason: SuspendReason, now: Instant) {
+    /// Suspends `user` for `suspend_seconds`, unless already suspended.
+    pub fn suspend_by_rule(&self, user: &str, reason: SuspendReason, now: Instant) {
         if self.suspension(user, now).is_none() {
             let duration = Duration::from_secs(self.config.suspend_seconds);
             self.suspend(user, reason, duration, now);

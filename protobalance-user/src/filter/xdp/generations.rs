@@ -319,7 +319,10 @@ impl Generations {
         }
         let old_live = (self.state.live & 1) as usize;
         let spare = 1 - old_live;
-        let changes = write(&mut self.generations[spare], self.current.as_ref(), &new)?;
+        // A write that fails half-way leaves a generation holding neither the old tables
+        // nor the new: forget what both hold, so the next publish rewrites from scratch.
+        let known = self.current.take();
+        let changes = write(&mut self.generations[spare], known.as_ref(), &new)?;
         let state = ListGen {
             live: spare as u32,
             flags: new.flags(),
@@ -330,7 +333,7 @@ impl Generations {
         // From here the old live generation is spare, but packets that read the selector
         // before the flip may still be reading it.
         wait_for_readers();
-        write(&mut self.generations[old_live], self.current.as_ref(), &new)?;
+        write(&mut self.generations[old_live], known.as_ref(), &new)?;
         self.current = Some(new);
         Ok(Published {
             serial: state.serial,

@@ -677,7 +677,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Binding::Bound(backend) => *backend,
             Binding::Unbound => return self.answer(&no_recipients()).await,
             Binding::Lost => return self.answer(&backend_lost()).await,
-            Binding::Account { accepted } => return self.submit_data(accepted).await,
+            Binding::Account { accepted } => return self.submit_data(accepted, sender).await,
         };
         if let Some(scanner) = self.ctx.scanner.clone() {
             return self.scanned_data(&scanner, backend, sender).await;
@@ -709,75 +709,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         mut backend: BackendSession,
         sender: String,
     ) -> Step {
-        use crate::scan::{Decision, Offence, spool::Spool};
-        let go_on = reply(354, None, "End data with <CR><LF>.<CR><LF>");
-        if !self.client.send(&go_on).await {
-            return Step::End(self.finished());
-        }
+        use crate::scan::{Decision, Offence};
         let envelope = crate::scan::Envelope {
             client_ip: Some(self.conn.peer.ip()),
             helo: self.client_info.helo.clone(),
-            mail_from: sender.clone(),
+            mail_from: sender,
             recipients: backend.recipients().to_vec(),
             user: None,
             queue_id: crate::scan::queue_id(),
         };
-        let mut job = scanner.start(&envelope);
-        let mut spool = Spool::new(scanner.memory_bytes);
-        let mut spool_error = None;
-        let mut reader = DataReader::new(self.ctx.limits.max_message_octets, BARE_LINE_ENDINGS);
-        let mut out = Vec::with_capacity(2 * READ_CHUNK);
-        let mut refused = false;
-        let verdict = loop {
-            if self.client.buf.is_empty()
-                && let Err(end) = self.client.fill().await
-            {
-                return Step::End(self.close(end).await);
+        let (mut spool, outcome) = match self.receive_scanned(scanner, &envelope).await {
+            Scanned::Message(held) => *held,
+            Scanned::Refused(verdict) => {
+                backend.quit().await;
+                let answer = self.end_of_data(verdict, None).await;
+                return self.answer(&answer).await;
             }
-            out.clear();
-            let feed = reader.feed(&self.client.buf, &mut out);
-            self.client.buf.advance(feed.consumed);
-            if !refused && !out.is_empty() {
-                if spool_error.is_none()
-                    && let Err(error) = spool.write(&out, &scanner.spool_dir).await
-                {
-                    spool_error = Some(error);
-                }
-                job.feed(&out).await;
+            Scanned::Failed(answer) => {
+                backend.quit().await;
+                return self.answer(&answer).await;
             }
-            match feed.state {
-                DataState::End => break reader.verdict(),
-                DataState::Exceeded | DataState::BareLineEnding => refused = true,
-                DataState::More => {}
-            }
+            Scanned::Ended(step) => return step,
         };
-        if !matches!(verdict, DataVerdict::Ok { .. }) {
-            backend.quit().await;
-            let answer = self.end_of_data(verdict, None).await;
-            return self.answer(&answer).await;
-        }
-        if let Some(error) = spool_error {
-            tracing::error!(
-                %error, dir = %scanner.spool_dir.display(),
-                "cannot hold a message for scanning (scan.spool_dir); deferred"
-            );
-            backend.quit().await;
-            let answer = reply(
-                451,
-                Some("4.3.0"),
-                "Local error in processing; try again later",
-            );
-            return self.answer(&answer).await;
-        }
-        let outcome = job.finish().await;
         let policy = scanner.policy_for(backend.recipients().iter().map(String::as_str));
         let decision = scanner.decide(&outcome, policy);
-        tracing::info!(
-            client = %self.conn.peer.ip(), from = %sender, recipients = backend.accepted(),
-            queue_id = %envelope.queue_id, size = spool.len(), spilled = spool.spilled(),
-            rspamd = ?outcome.rspamd, clamd = ?outcome.clamd, decision = decision.label(),
-            "message scanned"
-        );
+        log_scan(&envelope, &spool, &outcome, &decision);
         match decision {
             Decision::Refuse { reply, event } => {
                 backend.quit().await;
@@ -797,23 +753,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 self.answer(&reply).await
             }
             Decision::Deliver { headers } => {
-                let backend_name = backend.backend().to_owned();
-                let sent = async {
-                    let spool_error = |e| deliver::DeliverError::Io(backend_name.clone(), e);
-                    backend.start_data().await?;
-                    backend.write(&headers).await?;
-                    spool.rewind().await.map_err(spool_error)?;
-                    let mut chunk = vec![0u8; READ_CHUNK];
-                    loop {
-                        let n = spool.read(&mut chunk).await.map_err(spool_error)?;
-                        if n == 0 {
-                            return Ok::<(), deliver::DeliverError>(());
-                        }
-                        backend.write(&chunk[..n]).await?;
-                    }
-                }
-                .await;
-                if let Err(error) = sent {
+                if let Err(error) = send_spooled(&mut backend, &headers, &mut spool).await {
                     tracing::warn!(%error, "backend lost while sending a scanned message");
                     return self.answer(&backend_lost()).await;
                 }
@@ -821,6 +761,63 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 self.answer(&answer).await
             }
         }
+    }
+
+    /// Answers 354 and reads the message into a spool while the scanners read it too, then
+    /// waits for their verdicts.
+    async fn receive_scanned(
+        &mut self,
+        scanner: &crate::scan::Scanner,
+        envelope: &crate::scan::Envelope,
+    ) -> Scanned {
+        let go_on = reply(354, None, "End data with <CR><LF>.<CR><LF>");
+        if !self.client.send(&go_on).await {
+            return Scanned::Ended(Step::End(self.finished()));
+        }
+        let mut job = scanner.start(envelope);
+        let mut spool = crate::scan::spool::Spool::new(scanner.memory_bytes);
+        let mut spool_error = None;
+        let mut reader = DataReader::new(self.ctx.limits.max_message_octets, BARE_LINE_ENDINGS);
+        let mut out = Vec::with_capacity(2 * READ_CHUNK);
+        let mut refused = false;
+        let verdict = loop {
+            if self.client.buf.is_empty()
+                && let Err(end) = self.client.fill().await
+            {
+                return Scanned::Ended(Step::End(self.close(end).await));
+            }
+            out.clear();
+            let feed = reader.feed(&self.client.buf, &mut out);
+            self.client.buf.advance(feed.consumed);
+            if !refused && !out.is_empty() {
+                if spool_error.is_none()
+                    && let Err(error) = spool.write(&out, &scanner.spool_dir).await
+                {
+                    spool_error = Some(error);
+                }
+                job.feed(&out).await;
+            }
+            match feed.state {
+                DataState::End => break reader.verdict(),
+                DataState::Exceeded | DataState::BareLineEnding => refused = true,
+                DataState::More => {}
+            }
+        };
+        if !matches!(verdict, DataVerdict::Ok { .. }) {
+            return Scanned::Refused(verdict);
+        }
+        if let Some(error) = spool_error {
+            tracing::error!(
+                %error, dir = %scanner.spool_dir.display(),
+                "cannot hold a message for scanning (scan.spool_dir); deferred"
+            );
+            return Scanned::Failed(reply(
+                451,
+                Some("4.3.0"),
+                "Local error in processing; try again later",
+            ));
+        }
+        Scanned::Message(Box::new((spool, job.finish().await)))
     }
 
     /// Forwards the message as it arrives until its end; the backend is dropped from
@@ -904,6 +901,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Verdict::TryAgain => reply(451, Some("4.3.0"), "Delivery failed; try again later"),
             Verdict::Refused(refusal) => deliver::relay(&refusal),
         }
+    }
+}
+
+/// What [`Session::receive_scanned`] got.
+enum Scanned {
+    /// The whole message, held, and the scanners' verdicts (boxed: the other variants
+    /// are small).
+    Message(Box<(crate::scan::spool::Spool, crate::scan::Outcome)>),
+    /// Too big, or a bare line ending: refused whatever the scanners say.
+    Refused(DataVerdict),
+    /// The message could not be held: this answer.
+    Failed(Vec<u8>),
+    /// The client went away.
+    Ended(Step),
+}
+
+/// DATA to `backend`: the scan headers, then the held message (the caller ends the data).
+async fn send_spooled(
+    backend: &mut BackendSession,
+    headers: &[u8],
+    spool: &mut crate::scan::spool::Spool,
+) -> Result<(), deliver::DeliverError> {
+    let name = backend.backend().to_owned();
+    let spool_error = |e| deliver::DeliverError::Io(name.clone(), e);
+    backend.start_data().await?;
+    backend.write(headers).await?;
+    spool.rewind().await.map_err(spool_error)?;
+    let mut chunk = vec![0u8; READ_CHUNK];
+    loop {
+        let n = spool.read(&mut chunk).await.map_err(spool_error)?;
+        if n == 0 {
+            return Ok(());
+        }
+        backend.write(&chunk[..n]).await?;
+    }
+}
+
+/// One line per scanned message; a warning when a scanner failed.
+fn log_scan(
+    envelope: &crate::scan::Envelope,
+    spool: &crate::scan::spool::Spool,
+    outcome: &crate::scan::Outcome,
+    decision: &crate::scan::Decision,
+) {
+    let failed = matches!(outcome.rspamd, Some(Err(_))) || matches!(outcome.clamd, Some(Err(_)));
+    macro_rules! scanned {
+        ($level:ident, $what:literal) => {
+            tracing::$level!(
+                client = ?envelope.client_ip, user = ?envelope.user, from = %envelope.mail_from,
+                recipients = envelope.recipients.len(), queue_id = %envelope.queue_id,
+                size = spool.len(), spilled = spool.spilled(), rspamd = ?outcome.rspamd,
+                clamd = ?outcome.clamd, decision = decision.label(), $what
+            )
+        };
+    }
+    if failed {
+        scanned!(
+            warn,
+            "message scanned, but a scanner failed (scan.on_failure applied)"
+        );
+    } else {
+        scanned!(info, "message scanned");
     }
 }
 

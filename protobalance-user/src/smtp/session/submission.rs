@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Phase, ReadEnd, Session, Step, refused_data};
+use super::{Phase, ReadEnd, Scanned, Session, Step, log_scan, refused_data, send_spooled};
 use crate::{
     backend::Service,
     config::Protocol,
@@ -544,7 +544,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
 
     /// DATA on the user's backend: streamed like inbound mail; the backend's one reply
     /// decides, and an accepted message is charged to the user's hourly allowance.
-    pub(super) async fn submit_data(&mut self, accepted: usize) -> Step {
+    pub(super) async fn submit_data(&mut self, accepted: usize, sender: String) -> Step {
         if accepted == 0 {
             self.reset_backend().await;
             return self
@@ -565,6 +565,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             return self.answer(&backend_lost()).await;
         };
         let mut slot = account.backend.take();
+        if let Some(scanner) = self.ctx.scanner.clone() {
+            let Some(backend) = slot else {
+                return self.answer(&backend_lost()).await;
+            };
+            return self
+                .submit_scanned(&scanner, backend, user, sender, accepted)
+                .await;
+        }
         let started = match slot.as_mut() {
             Some(backend) => backend.start_data().await,
             None => return self.answer(&backend_lost()).await,
@@ -581,11 +589,94 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Ok(verdict) => verdict,
             Err(end) => return Step::End(self.close(end).await),
         };
-        let (DataVerdict::Ok { .. }, Some(mut backend)) = (&verdict, slot) else {
+        let (DataVerdict::Ok { .. }, Some(backend)) = (&verdict, slot) else {
             // Refused or lost: the backend connection was dropped mid-message (it discards
             // it); the next MAIL opens a fresh one.
             return self.answer(&refused_data(&verdict)).await;
         };
+        self.end_submission(backend, &user, accepted).await
+    }
+
+    /// Submission with content scanning (`[scan]`, the default policy: the recipients are
+    /// elsewhere). Malware suspends the account from sending (`suspend_seconds`, reason
+    /// `malware`): a relay client that sends it is infected.
+    async fn submit_scanned(
+        &mut self,
+        scanner: &crate::scan::Scanner,
+        mut backend: crate::smtp::deliver::BackendSession,
+        user: String,
+        sender: String,
+        accepted: usize,
+    ) -> Step {
+        use crate::scan::{Decision, Offence};
+        let envelope = crate::scan::Envelope {
+            client_ip: Some(self.conn.peer.ip()),
+            helo: self.client_info.helo.clone(),
+            mail_from: sender,
+            recipients: backend.recipients().to_vec(),
+            user: Some(user.clone()),
+            queue_id: crate::scan::queue_id(),
+        };
+        // On every early way out the backend is dropped mid-transaction (it discards the
+        // message); the next MAIL opens a fresh one.
+        let (mut spool, outcome) = match self.receive_scanned(scanner, &envelope).await {
+            Scanned::Message(held) => *held,
+            Scanned::Refused(verdict) => return self.answer(&refused_data(&verdict)).await,
+            Scanned::Failed(answer) => return self.answer(&answer).await,
+            Scanned::Ended(step) => return step,
+        };
+        let decision = scanner.decide(&outcome, scanner.default_policy);
+        log_scan(&envelope, &spool, &outcome, &decision);
+        let refusal = match decision {
+            Decision::Deliver { headers } => {
+                if let Err(error) = send_spooled(&mut backend, &headers, &mut spool).await {
+                    tracing::warn!(%error, "submission backend lost while sending a scanned message");
+                    return self.answer(&backend_lost()).await;
+                }
+                return self.end_submission(backend, &user, accepted).await;
+            }
+            Decision::Refuse { reply, event } => {
+                match event {
+                    Some(Offence::Malware) => {
+                        self.ctx.submission_limits.suspend_by_rule(
+                            &user,
+                            crate::smtp::limits::SuspendReason::Malware,
+                            Instant::now(),
+                        );
+                        tracing::warn!(
+                            %user, client = %self.conn.peer.ip(),
+                            "account suspended from sending: it submitted malware"
+                        );
+                    }
+                    Some(Offence::Spam) => {
+                        let _ = self
+                            .ctx
+                            .reputation
+                            .report(self.conn.peer.ip(), crate::filter::reputation::Event::Spam);
+                    }
+                    None => {}
+                }
+                self.offences += 1;
+                reply
+            }
+            Decision::Defer { reply } => reply,
+        };
+        // The backend transaction is abandoned; its session stays for the next MAIL.
+        if backend.reset().await.is_ok()
+            && let Some(account) = self.account.as_mut()
+        {
+            account.backend = Some(backend);
+        }
+        self.answer(&refusal).await
+    }
+
+    /// The end of a submitted message's DATA at the user's backend, and the answer.
+    async fn end_submission(
+        &mut self,
+        mut backend: crate::smtp::deliver::BackendSession,
+        user: &str,
+        accepted: usize,
+    ) -> Step {
         let answer = match backend.end_data().await {
             Ok(replies) => {
                 let home = self.account.as_ref().map_or("", |a| a.home.as_str());
@@ -593,7 +684,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     Some(r) if r.is_positive() => {
                         self.ctx
                             .submission_limits
-                            .record(&user, accepted, Instant::now());
+                            .record(user, accepted, Instant::now());
                         self.delivered += 1;
                         tracing::info!(%user, backend = %home, recipients = accepted, "message submitted");
                         reply(250, Some("2.0.0"), "Message accepted for delivery")
