@@ -379,4 +379,20 @@ fn spam_is_refused_or_tagged_per_policy_and_clean_mail_gets_the_spam_headers() {
         "protobalance_scan_seconds_count{scanner=\"rspamd\"}",
     );
     assert_eq!(latency, 2, "each scan timed");
+
+    // rspamd gone: deferred at once (connection refused), not a hang, not a loss.
+    let mut rspamd = rspamd;
+    rspamd.stop();
+    let before = delivered(&cluster, &user);
+    let (code, out, seconds) = send(&refusing, &user, &lunch);
+    assert_eq!(code, 451, "rspamd down: deferred: {out}");
+    assert!(seconds < 5.0, "within the timeout: {seconds} s");
+    assert_eq!(delivered(&cluster, &user), before, "nothing stored");
+    assert_eq!(
+        sample(
+            &refusing,
+            "protobalance_scan_errors_total{scanner=\"rspamd\"}"
+        ),
+        1
+    );
 }
