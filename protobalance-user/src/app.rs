@@ -73,6 +73,8 @@ pub struct App {
     api: Option<crate::api::ApiState>,
     /// The config file, re-read on SIGHUP (`None`: no reload, e.g. in tests).
     config_path: Option<std::path::PathBuf>,
+    /// The listening sockets by their configured address, for a live upgrade (SIGUSR2).
+    listen_fds: Vec<(std::net::SocketAddr, std::os::fd::RawFd)>,
 }
 
 impl App {
@@ -80,18 +82,21 @@ impl App {
         let registry = Registry::new();
         metrics::register_build_info(&registry)?;
         let addr = validated.config.admin.listen;
-        let admin = TcpListener::bind(addr)
+        let admin = crate::upgrade::bind(addr)
             .await
             .map_err(|source| AppError::BindAdmin { addr, source })?;
+        let mut listen_fds = vec![(addr, std::os::fd::AsRawFd::as_raw_fd(&admin))];
         let have_certs = !validated.config.certificates.is_empty();
         let mut mail = Vec::new();
         for listener in &validated.config.listeners {
             let addr = listener.listen;
-            let bound = TcpListener::bind(addr)
+            let bound = crate::upgrade::bind(addr)
                 .await
                 .map_err(|source| AppError::BindListener { addr, source })?;
+            listen_fds.push((addr, std::os::fd::AsRawFd::as_raw_fd(&bound)));
             mail.push((listener.protocol, listener.tls_mode(have_certs), bound));
         }
+        crate::upgrade::close_unused();
         let config = &validated.config;
         let directory = if mail.is_empty() && config.api.tokens.is_empty() {
             None
@@ -180,6 +185,7 @@ impl App {
             api,
             blocklist,
             config_path: None,
+            listen_fds,
         })
     }
 
@@ -192,6 +198,12 @@ impl App {
 
     pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
         self.admin.local_addr()
+    }
+
+    /// The listening sockets (admin and mail) by configured address: what a live upgrade
+    /// hands to the new process (`crate::upgrade`).
+    pub fn listen_fds(&self) -> Vec<(std::net::SocketAddr, std::os::fd::RawFd)> {
+        self.listen_fds.clone()
     }
 
     /// Serves until `shutdown` is cancelled, then waits up to the grace period for tasks.
@@ -269,6 +281,7 @@ impl App {
             }
         }
         tracing::info!("protobalance running");
+        crate::upgrade::notify_ready();
         shutdown.cancelled().await;
         tracker.close();
         let grace = self.validated.config.shutdown.grace();

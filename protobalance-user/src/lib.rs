@@ -25,3 +25,4 @@ pub mod scan;
 pub mod secret;
 pub mod smtp;
 pub mod tls;
+pub mod upgrade;

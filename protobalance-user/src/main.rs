@@ -295,9 +295,20 @@ fn parse_ban_target(text: &str) -> anyhow::Result<BanTarget> {
 
 async fn run(validated: protobalance::config::Validated, path: PathBuf) -> anyhow::Result<()> {
     raise_fd_limit();
+    let exe = protobalance::upgrade::current_exe();
     let app = App::start(validated).await?.reload_from(path);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    match exe {
+        Some(exe) => {
+            tokio::spawn(protobalance::upgrade::on_signal(
+                exe,
+                app.listen_fds(),
+                shutdown.clone(),
+            ));
+        }
+        None => tracing::warn!("cannot tell this binary's path: no live upgrade on SIGUSR2"),
+    }
     app.serve(shutdown).await;
     Ok(())
 }

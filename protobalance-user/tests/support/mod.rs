@@ -166,6 +166,11 @@ impl Edge {
         wait_healthy(self.admin);
     }
 
+    /// protobalance's process id.
+    pub fn pid(&self) -> u32 {
+        self._guard.id()
+    }
+
     /// protobalance's resident memory, from /proc.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self._guard.id()))

@@ -1,0 +1,131 @@
+//! Live upgrade: SIGUSR2 makes protobalance start its binary again with its listening
+//! sockets handed over; the new process serves on them, the old one drains and exits. A
+//! client loop connecting to the POP3 listener the whole time must never be refused, and
+//! afterwards the new process serves logins and the admin listener.
+
+use std::time::{Duration, Instant};
+
+use protobalance_tests::{DovecotCluster, password_for, process, python, user_name};
+
+mod support;
+
+use support::{Listen, metrics, start_edge};
+
+/// Kills a process by pid when dropped (the successor is not our child).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        process::signal(self.0, "KILL");
+    }
+}
+
+/// protobalance processes whose command line names `config`.
+fn processes_running(config: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    running(*pid)
+                        && process::comm(*pid).as_deref() == Some("protobalance")
+                        && std::fs::read(format!("/proc/{pid}/cmdline"))
+                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(config))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Alive and not a zombie.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = stat.get(stat.rfind(')')? + 2..)?.to_owned();
+            rest.chars().next()
+        })
+        .is_some_and(|state| state != 'Z')
+}
+
+#[test]
+fn sigusr2_replaces_the_process_without_refusing_a_connection() {
+    let test = "sigusr2_replaces_the_process_without_refusing_a_connection";
+    if support::skip(test) {
+        return;
+    }
+    let cluster = DovecotCluster::start(1, 20).expect("cluster");
+    let edge = start_edge(&cluster, &[Listen("pop3", None)], "");
+    let old = edge.pid();
+    let pop3 = edge.listeners[0];
+    let probe = format!(
+        "import socket, time\nok = failed = 0\nerrors = []\nend = time.time() + 6\n\
+         while time.time() < end:\n\
+         \x20   try:\n\
+         \x20       s = socket.create_connection(('{}', {}), timeout=5)\n\
+         \x20       greeting = s.makefile('rb').readline()\n\
+         \x20       s.sendall(b'QUIT\\r\\n'); s.close()\n\
+         \x20       if greeting.startswith(b'+OK'):\n\
+         \x20           ok += 1\n\
+         \x20       else:\n\
+         \x20           failed += 1; errors.append(repr(greeting))\n\
+         \x20   except Exception as e:\n\
+         \x20       failed += 1; errors.append(repr(e))\n\
+         \x20   time.sleep(0.005)\n\
+         print(ok, failed, errors[:3])\n",
+        pop3.ip(),
+        pop3.port()
+    );
+    let (result, successor) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| python(&probe).expect("prober"));
+        std::thread::sleep(Duration::from_secs(1));
+        process::signal(old, "USR2");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Not looked for among the old process's children: with no session to drain it
+        // exits at once, and the successor is re-parented.
+        let config = edge.dir.path().join("pb.toml").display().to_string();
+        let successor = loop {
+            if let Some(pid) = processes_running(&config).into_iter().find(|p| *p != old) {
+                break KillOnDrop(pid);
+            }
+            assert!(Instant::now() < deadline, "no successor process appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while running(old) {
+            assert!(
+                Instant::now() < deadline,
+                "the old process did not exit after its successor was ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (prober.join().expect("prober thread"), successor)
+    });
+    assert!(running(successor.0), "the successor serves");
+    let mut fields = result.splitn(3, ' ');
+    let ok: u32 = fields
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("ok count");
+    let failed: u32 = fields
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("failed count");
+    assert_eq!(
+        failed, 0,
+        "connections refused or broken during the upgrade: {result}"
+    );
+    assert!(ok > 200, "the prober ran through the upgrade: {result}");
+
+    // The successor serves logins on the same port, and the admin listener.
+    let user = user_name(2);
+    let password = password_for(&user).expect("password");
+    let out = python(&format!(
+        "import poplib\np = poplib.POP3('{}', {}, timeout=10)\np.user('{user}')\n\
+         print(p.pass_('{password}'))\np.quit()\n",
+        pop3.ip(),
+        pop3.port()
+    ))
+    .expect("poplib");
+    assert!(out.contains("+OK"), "{out}");
+    assert!(metrics(&edge).contains("protobalance_build_info"));
+}
