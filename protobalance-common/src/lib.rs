@@ -110,7 +110,7 @@ pub const BLOCKLIST_MAX_ENTRIES: u32 = 2_097_152;
 //   byte has [`DIR_HAS_EXACT`];
 // * `PB_V4_LONG_g` — LPM trie of /25–/31 entries -> class, only when [`DIR_HAS_LONG`].
 // IPv6: `PB_V6_EXACT_g` (hash of /128 entries) then `PB_V6_PREFIX_g` (LPM trie of the
-// rest), each skipped while empty ([`ListGen::flags`]).
+// rest), each skipped while empty (flags in [`ListGen::live`]).
 
 /// Name of the generation selector: an array with one [`ListGen`] at index 0.
 pub const MAP_LIST_GEN: &str = "PB_LIST_GEN";
@@ -126,10 +126,11 @@ pub const DIR_SLOTS_PER_VALUE: usize = 64;
 pub const DIR_ENTRIES: u32 = (1 << 24) / DIR_SLOTS_PER_VALUE as u32;
 /// One `PB_V4_DIR_g` value.
 pub type DirValue = [u8; DIR_SLOTS_PER_VALUE];
-/// Capacity of the exact-match hashes (allocated as entries are added).
-pub const EXACT_MAX_ENTRIES: u32 = 2_097_152;
-/// Capacity of `PB_V4_LONG_g` and `PB_V6_PREFIX_g`.
-pub const PREFIX_MAX_ENTRIES: u32 = 1_048_576;
+/// Capacity of the exact-match hashes (allocated as entries are added): room for every
+/// blocklist and allowlist entry, so whatever the tries accept also compiles.
+pub const EXACT_MAX_ENTRIES: u32 = BLOCKLIST_MAX_ENTRIES + ALLOWLIST_MAX_ENTRIES;
+/// Capacity of `PB_V4_LONG_g` and `PB_V6_PREFIX_g` (likewise).
+pub const PREFIX_MAX_ENTRIES: u32 = BLOCKLIST_MAX_ENTRIES + ALLOWLIST_MAX_ENTRIES;
 
 /// A DIR byte's class bits.
 pub const DIR_CLASS_MASK: u8 = 0x3f;
@@ -152,19 +153,23 @@ pub const fn class_of_list(list_id: u32) -> u8 {
     id as u8 + 1
 }
 
-/// [`ListGen::flags`]: `PB_V6_EXACT_g` of the live generation has entries.
-pub const GEN_V6_EXACT: u32 = 1;
-/// [`ListGen::flags`]: `PB_V6_PREFIX_g` of the live generation has entries.
-pub const GEN_V6_PREFIX: u32 = 2;
+/// [`ListGen::live`] bit: the generation (0 or 1) whose maps are live.
+pub const GEN_NUMBER: u32 = 1;
+/// [`ListGen::live`] bit: `PB_V6_EXACT_g` of the live generation has entries.
+pub const GEN_V6_EXACT: u32 = 2;
+/// [`ListGen::live`] bit: `PB_V6_PREFIX_g` of the live generation has entries.
+pub const GEN_V6_PREFIX: u32 = 4;
 
 /// Which generation the program reads; user space flips it after filling the other one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListGen {
-    /// 0 or 1: the live generation's maps.
+    /// The live generation ([`GEN_NUMBER`]) and what its IPv6 maps hold
+    /// ([`GEN_V6_EXACT`], [`GEN_V6_PREFIX`]), in one word: the program reads it with a
+    /// single load, so a packet never pairs one generation with the other's flags.
     pub live: u32,
-    /// [`GEN_V6_EXACT`] | [`GEN_V6_PREFIX`] for the live generation.
-    pub flags: u32,
+    /// Unused (zero).
+    pub reserved: u32,
     /// Counts generations published since the maps were created (the metric).
     pub serial: u64,
 }

@@ -31,8 +31,8 @@ use aya_log_ebpf::warn;
 use protobalance_common::{
     ALLOWLIST_MAX_ENTRIES, BAN_ALL, BANS_MAX_ENTRIES, BLOCKLIST_MAX_ENTRIES, BanEntry, BlockEntry,
     CLASS_ALLOW, CLASS_NONE, Counter, CounterValue, DIR_CLASS_MASK, DIR_ENTRIES, DIR_HAS_EXACT,
-    DIR_HAS_LONG, DIR_SLOTS_PER_VALUE, DirValue, EXACT_MAX_ENTRIES, GEN_V6_EXACT, GEN_V6_PREFIX,
-    LISTS_MAX, ListGen, ListName, PREFIX_MAX_ENTRIES,
+    DIR_HAS_LONG, DIR_SLOTS_PER_VALUE, DirValue, EXACT_MAX_ENTRIES, GEN_NUMBER, GEN_V6_EXACT,
+    GEN_V6_PREFIX, LISTS_MAX, ListGen, ListName, PREFIX_MAX_ENTRIES,
 };
 
 use crate::{
@@ -190,13 +190,15 @@ fn classify(ctx: &XdpContext) -> (Counter, u32) {
 /// live generation: `CLASS_NONE`, `CLASS_ALLOW` or a list's class.
 #[inline(always)]
 fn rule_class(source: &Source) -> u8 {
-    let Some(generation) = PB_LIST_GEN.get(0) else {
+    let Some(generation) = PB_LIST_GEN.get_ptr(0) else {
         return CLASS_NONE;
     };
-    let generation = *generation;
+    // One aligned 32-bit load: the generation and its flags come from the same write.
+    // SAFETY: a successful array lookup's pointer; the field is a plain u32.
+    let word = unsafe { core::ptr::read_volatile(&raw const (*generation).live) };
     match source {
-        Source::V4(addr) => v4_class(generation.live, addr),
-        Source::V6(addr) => v6_class(&generation, addr),
+        Source::V4(addr) => v4_class(word & GEN_NUMBER, addr),
+        Source::V6(addr) => v6_class(word, addr),
     }
 }
 
@@ -243,9 +245,9 @@ fn v4_class(live: u32, addr: &[u8; 4]) -> u8 {
 
 /// The /128 hash, then the trie of every shorter prefix; each skipped while empty.
 #[inline(always)]
-fn v6_class(generation: &ListGen, addr: &[u8; 16]) -> u8 {
-    let live = generation.live;
-    if generation.flags & GEN_V6_EXACT != 0 {
+fn v6_class(word: u32, addr: &[u8; 16]) -> u8 {
+    let live = word & GEN_NUMBER;
+    if word & GEN_V6_EXACT != 0 {
         let hit = if live == 0 {
             PB_V6_EXACT_0.get_ptr(addr)
         } else {
@@ -256,7 +258,7 @@ fn v6_class(generation: &ListGen, addr: &[u8; 16]) -> u8 {
             return unsafe { *class } as u8;
         }
     }
-    if generation.flags & GEN_V6_PREFIX != 0 {
+    if word & GEN_V6_PREFIX != 0 {
         let key = Key::new(128, *addr);
         let hit = if live == 0 {
             PB_V6_PREFIX_0.get(&key)

@@ -163,7 +163,27 @@ fn malware_is_refused_and_clean_mail_arrives_scanned() {
     );
     assert_eq!(
         sample(&edge, "protobalance_scan_verdicts_total{action=\"accept\"}"),
-        1
+        1,
+        "the clean message so far"
+    );
+    // Scan headers the sender wrote are dropped: only the edge's own may say "clean".
+    let forged = "X-Virus-Scanned: forged; clean\r\nX-Spam-Flag: NO\r\n\tcontinued\r\n\
+                  Subject: forged\r\n\r\nbody\r\n";
+    let (code, out, _) = send(&edge, &user, forged);
+    assert_eq!(code, 250, "{out}");
+    let stored_forged = stored(&cluster, &user)
+        .into_iter()
+        .find(|m| m.contains("Subject: forged"))
+        .expect("stored");
+    assert!(!stored_forged.contains("forged; clean"), "{stored_forged}");
+    assert!(
+        !stored_forged.contains("X-Spam-Flag") && !stored_forged.contains("continued"),
+        "{stored_forged}"
+    );
+    assert_eq!(
+        stored_forged.matches("X-Virus-Scanned:").count(),
+        1,
+        "{stored_forged}"
     );
     // A message with a dot-stuffed line arrives as sent.
     let (code, out, _) = send(
@@ -279,6 +299,14 @@ fn a_30_mb_message_is_scanned_with_bounded_memory() {
         messages[0].matches(line.trim_end()).count(),
         30_000_000 / line.len(),
         "the whole message arrived"
+    );
+    // Bigger than clamd's share (scan.clamd_max_bytes, 25 MiB by default): the header says
+    // how much of it was virus-scanned.
+    assert!(
+        messages[0]
+            .contains("X-Virus-Scanned: clamd (protobalance); clean in the first 26214400 bytes"),
+        "{}",
+        &messages[0][..600]
     );
     assert!(
         after.saturating_sub(before) < 24 * 1024,

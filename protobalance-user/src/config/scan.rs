@@ -17,6 +17,11 @@ pub struct ScanConfig {
     /// clamd: a socket path (`/run/clamav/clamd.ctl`) or `host:port`.
     #[serde(default)]
     pub clamd: Option<String>,
+    /// clamd gets at most this much of a message: set it to clamd's `StreamMaxLength`
+    /// (Debian's default: 25 MiB). The rest of a bigger message is not virus-scanned, and
+    /// its `X-Virus-Scanned` header says so.
+    #[serde(default = "default_clamd_max")]
+    pub clamd_max_bytes: u64,
     /// How long after the end of a message the verdicts may take (and how long a scanner
     /// may hold up the transfer); past it, `on_failure` applies.
     #[serde(default = "default_timeout")]
@@ -29,8 +34,8 @@ pub struct ScanConfig {
     pub spool_dir: Option<PathBuf>,
     #[serde(flatten)]
     pub policy: PolicyConfig,
-    /// Per-domain policies (`[[scan.domain]]`); a message to several domains gets the
-    /// strictest of theirs.
+    /// Per-domain policies (`[[scan.domain]]`); a message to several domains gets the most
+    /// severe outcome of their policies.
     #[serde(default, rename = "domain")]
     pub domains: Vec<DomainPolicyConfig>,
 }
@@ -73,6 +78,9 @@ const fn default_timeout() -> u64 {
 const fn default_memory() -> usize {
     1 << 20
 }
+const fn default_clamd_max() -> u64 {
+    25 << 20
+}
 
 impl PolicyConfig {
     /// This policy, with what it leaves unset taken from `base`.
@@ -91,6 +99,7 @@ impl PolicyConfig {
 pub struct ScanSettings {
     pub rspamd: Option<SocketAddr>,
     pub clamd: Option<ClamdAddr>,
+    pub clamd_max_bytes: u64,
     pub timeout: Duration,
     pub memory_bytes: usize,
     pub spool_dir: PathBuf,
@@ -117,6 +126,12 @@ impl ScanConfig {
             return Err(Problem::new(
                 "scan.memory_bytes",
                 format!("{} is not in 4096..=1073741824", self.memory_bytes),
+            ));
+        }
+        if self.clamd_max_bytes < 1 << 20 {
+            return Err(Problem::new(
+                "scan.clamd_max_bytes",
+                format!("{} is below 1 MiB (1048576)", self.clamd_max_bytes),
             ));
         }
         let clamd = self
@@ -174,6 +189,7 @@ impl ScanConfig {
         Ok(Some(ScanSettings {
             rspamd: self.rspamd,
             clamd,
+            clamd_max_bytes: self.clamd_max_bytes,
             timeout: Duration::from_millis(self.timeout_ms),
             memory_bytes: self.memory_bytes,
             spool_dir,

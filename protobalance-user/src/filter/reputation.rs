@@ -62,7 +62,7 @@ pub enum Event {
     Dnsbl,
     /// Sent a message clamd found malware in.
     Malware,
-    /// Sent a message rspamd judged spam (refused, or tagged).
+    /// Sent a message refused as spam (rspamd, `[scan]`).
     Spam,
 }
 

@@ -87,6 +87,12 @@ impl Instream {
     pub async fn finish(mut self) -> std::io::Result<ClamdVerdict> {
         self.stream.write_all(&0u32.to_be_bytes()).await?;
         self.stream.flush().await?;
+        self.answer().await
+    }
+
+    /// Reads clamd's answer line (also after a write failed: clamd answers, e.g. `INSTREAM
+    /// size limit exceeded. ERROR`, and closes when a stream passes its StreamMaxLength).
+    pub async fn answer(mut self) -> std::io::Result<ClamdVerdict> {
         let mut answer = Vec::new();
         let mut byte = [0u8; 1];
         loop {

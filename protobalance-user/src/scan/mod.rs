@@ -66,36 +66,13 @@ pub struct Policy {
     pub on_failure: FailureAction,
 }
 
-impl Policy {
-    /// The stricter of two: the lower thresholds, reject over tag, tempfail over accept.
-    fn stricter(self, other: Policy) -> Policy {
-        let min = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        Policy {
-            reject_score: min(self.reject_score, other.reject_score),
-            tag_score: min(self.tag_score, other.tag_score),
-            spam: if self.spam == SpamAction::Reject || other.spam == SpamAction::Reject {
-                SpamAction::Reject
-            } else {
-                SpamAction::Tag
-            },
-            on_failure: if self.on_failure == FailureAction::Tempfail
-                || other.on_failure == FailureAction::Tempfail
-            {
-                FailureAction::Tempfail
-            } else {
-                FailureAction::Accept
-            },
-        }
-    }
-}
-
 /// The scanners and the policy, from `[scan]`.
 pub struct Scanner {
     pub rspamd: Option<SocketAddr>,
     pub clamd: Option<ClamdAddr>,
+    /// clamd gets at most this much of a message (its `StreamMaxLength`); the rest of a
+    /// bigger one is not virus-scanned, which the header says.
+    pub clamd_max_bytes: u64,
     pub timeout: Duration,
     pub memory_bytes: usize,
     pub spool_dir: PathBuf,
@@ -156,6 +133,8 @@ impl ScanMetrics {
 pub struct Outcome {
     pub rspamd: Option<Result<RspamdVerdict, String>>,
     pub clamd: Option<Result<ClamdVerdict, String>>,
+    /// clamd saw only the first this many bytes (the message was bigger than its limit).
+    pub clamd_partial: Option<u64>,
 }
 
 /// What happens to the message.
@@ -213,6 +192,7 @@ impl Scanner {
         Ok(Self {
             rspamd: settings.rspamd,
             clamd: settings.clamd.clone(),
+            clamd_max_bytes: settings.clamd_max_bytes,
             timeout: settings.timeout,
             memory_bytes: settings.memory_bytes,
             spool_dir: settings.spool_dir.clone(),
@@ -222,17 +202,24 @@ impl Scanner {
         })
     }
 
-    /// The strictest policy among the recipients' domains.
-    pub fn policy_for<'r>(&self, recipients: impl IntoIterator<Item = &'r str>) -> Policy {
-        let mut policies = recipients.into_iter().map(|rcpt| {
+    /// The policies of the recipients' domains, each once.
+    fn policies_for<'r>(&self, recipients: impl IntoIterator<Item = &'r str>) -> Vec<Policy> {
+        let mut out: Vec<Policy> = Vec::new();
+        for rcpt in recipients {
             let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d).to_lowercase();
-            self.domains
+            let policy = self
+                .domains
                 .get(&domain)
                 .copied()
-                .unwrap_or(self.default_policy)
-        });
-        let first = policies.next().unwrap_or(self.default_policy);
-        policies.fold(first, Policy::stricter)
+                .unwrap_or(self.default_policy);
+            if !out.contains(&policy) {
+                out.push(policy);
+            }
+        }
+        if out.is_empty() {
+            out.push(self.default_policy);
+        }
+        out
     }
 
     /// Starts both scans; feed the message with [`Job::feed`].
@@ -240,6 +227,9 @@ impl Scanner {
         let mut job = Job {
             rspamd: None,
             clamd: None,
+            clamd_left: self.clamd_max_bytes,
+            clamd_partial: None,
+            sent: 0,
             unstuffer: spool::Unstuffer::default(),
             scratch: Vec::new(),
             timeout: self.timeout,
@@ -258,10 +248,13 @@ impl Scanner {
                     .await
                     .map_err(|e| format!("connect {addr}: {e}"))?;
                 while let Some(chunk) = rx.recv().await {
-                    stream
-                        .send(&chunk)
-                        .await
-                        .map_err(|e| format!("sending: {e}"))?;
+                    if let Err(error) = stream.send(&chunk).await {
+                        // clamd may have answered before closing (size limit): say what.
+                        return Err(match stream.answer().await {
+                            Err(answer) => answer.to_string(),
+                            Ok(_) => format!("sending: {error}"),
+                        });
+                    }
                 }
                 stream.finish().await.map_err(|e| e.to_string())
             });
@@ -270,9 +263,21 @@ impl Scanner {
         job
     }
 
-    /// The decision for `outcome` under `policy`, counted in the metrics.
-    pub fn decide(&self, outcome: &Outcome, policy: Policy) -> Decision {
-        let (decision, action) = decide(outcome, policy);
+    /// The decision for `outcome` under the policy of each recipient's domain: the most
+    /// severe of them (refuse, then defer, then deliver — tagged if any policy tags), so
+    /// every recipient gets at least the protection its own domain asked for. Counted in
+    /// the metrics.
+    pub fn decide<'r>(
+        &self,
+        outcome: &Outcome,
+        recipients: impl IntoIterator<Item = &'r str>,
+    ) -> Decision {
+        let (decision, action) = self
+            .policies_for(recipients)
+            .into_iter()
+            .map(|policy| decide(outcome, policy))
+            .max_by_key(|(decision, action)| severity(decision, action))
+            .unwrap_or_else(|| decide(outcome, self.default_policy));
         self.metrics.verdicts.with_label_values(&[action]).inc();
         decision
     }
@@ -287,6 +292,9 @@ struct Feed<T> {
     task: JoinHandle<Result<T, String>>,
     /// Why feeding stopped early (the scanner closed or stalled).
     failed: Option<String>,
+    /// Time the transfer waited for this scanner so far: all of it counts against the
+    /// timeout, so a scanner cannot hold a message up for a timeout per chunk.
+    stalled: Duration,
 }
 
 impl<T> Feed<T> {
@@ -295,17 +303,30 @@ impl<T> Feed<T> {
             tx: Some(tx),
             task,
             failed: None,
+            stalled: Duration::ZERO,
         }
+    }
+
+    /// Ends the stream early (the scanner judges what it got).
+    fn close(&mut self) {
+        self.tx = None;
     }
 
     async fn send(&mut self, chunk: &Bytes, timeout: Duration) {
         let Some(tx) = &self.tx else { return };
-        match tokio::time::timeout(timeout, tx.send(chunk.clone())).await {
+        let started = Instant::now();
+        let budget = timeout.saturating_sub(self.stalled);
+        let sent = tokio::time::timeout(budget, tx.send(chunk.clone())).await;
+        self.stalled += started.elapsed();
+        match sent {
             Ok(Ok(())) => {}
             // The task ended (it failed): its error comes out of the join.
             Ok(Err(_)) => self.tx = None,
             Err(_) => {
-                self.failed = Some(format!("stalled for {} ms", timeout.as_millis()));
+                self.failed = Some(format!(
+                    "held the transfer up for {} ms in all",
+                    timeout.as_millis()
+                ));
                 self.tx = None;
                 self.task.abort();
             }
@@ -340,6 +361,11 @@ impl<T> Drop for Feed<T> {
 pub struct Job {
     rspamd: Option<Feed<RspamdVerdict>>,
     clamd: Option<Feed<ClamdVerdict>>,
+    /// Bytes clamd may still be sent.
+    clamd_left: u64,
+    clamd_partial: Option<u64>,
+    /// Bytes of the message so far (unstuffed).
+    sent: u64,
     unstuffer: spool::Unstuffer,
     scratch: Vec<u8>,
     timeout: Duration,
@@ -355,11 +381,23 @@ impl Job {
             return;
         }
         let chunk = Bytes::copy_from_slice(&self.scratch);
+        self.sent += chunk.len() as u64;
         if let Some(feed) = self.rspamd.as_mut() {
             feed.send(&chunk, self.timeout).await;
         }
-        if let Some(feed) = self.clamd.as_mut() {
-            feed.send(&chunk, self.timeout).await;
+        if let Some(feed) = self.clamd.as_mut()
+            && self.clamd_partial.is_none()
+        {
+            let take = (chunk.len() as u64).min(self.clamd_left) as usize;
+            if take > 0 {
+                feed.send(&chunk.slice(..take), self.timeout).await;
+                self.clamd_left -= take as u64;
+            }
+            if take < chunk.len() {
+                // Past clamd's limit: it scans what it got (the stream ends at finish).
+                self.clamd_partial = Some(self.sent - (chunk.len() - take) as u64);
+                feed.close();
+            }
         }
     }
 
@@ -397,8 +435,13 @@ impl Job {
                 None => None,
             }
         };
+        let clamd_partial = self.clamd_partial;
         let (rspamd, clamd) = tokio::join!(rspamd, clamd);
-        Outcome { rspamd, clamd }
+        Outcome {
+            rspamd,
+            clamd,
+            clamd_partial,
+        }
     }
 }
 
@@ -417,9 +460,16 @@ fn decide(outcome: &Outcome, policy: Policy) -> (Decision, &'static str) {
                 "malware",
             );
         }
-        Some(Ok(ClamdVerdict::Clean)) => {
-            headers.extend_from_slice(b"X-Virus-Scanned: clamd (protobalance); clean\r\n");
-        }
+        Some(Ok(ClamdVerdict::Clean)) => match outcome.clamd_partial {
+            None => headers.extend_from_slice(b"X-Virus-Scanned: clamd (protobalance); clean\r\n"),
+            Some(bytes) => headers.extend_from_slice(
+                format!(
+                    "X-Virus-Scanned: clamd (protobalance); clean in the first {bytes} bytes \
+                     (scan.clamd_max_bytes), the rest not scanned\r\n"
+                )
+                .as_bytes(),
+            ),
+        },
         Some(Err(why)) => unscanned.push(format!("clamd: {}", printable(why))),
         None => {}
     }
@@ -499,6 +549,16 @@ fn decide(outcome: &Outcome, policy: Policy) -> (Decision, &'static str) {
     (Decision::Deliver { headers }, action)
 }
 
+/// Orders decisions: refuse > defer > deliver tagged > deliver.
+fn severity(decision: &Decision, action: &str) -> u8 {
+    match decision {
+        Decision::Refuse { .. } => 3,
+        Decision::Defer { .. } => 2,
+        Decision::Deliver { .. } if action == "tag" || action == "unscanned" => 1,
+        Decision::Deliver { .. } => 0,
+    }
+}
+
 /// Text safe for a header or reply line: printable ASCII, at most 200 characters.
 fn printable(text: &str) -> String {
     text.chars()
@@ -546,6 +606,7 @@ mod tests {
         let infected = Outcome {
             rspamd: Some(Err("down".into())),
             clamd: Some(Ok(ClamdVerdict::Infected("Eicar\r\nX".into()))),
+            clamd_partial: None,
         };
         let (d, action) = decide(&infected, POLICY);
         assert_eq!((code(&d), action), (550, "malware"));
@@ -556,6 +617,7 @@ mod tests {
         let gtube = Outcome {
             rspamd: rspamd(0.0, "reject"),
             clamd: Some(Ok(ClamdVerdict::Clean)),
+            clamd_partial: None,
         };
         assert_eq!(decide(&gtube, POLICY).1, "reject");
         let tag = Policy {
@@ -579,7 +641,8 @@ mod tests {
             decide(
                 &Outcome {
                     rspamd: rspamd(12.0, "add header"),
-                    clamd: None
+                    clamd: None,
+                    clamd_partial: None
                 },
                 scored
             )
@@ -590,7 +653,8 @@ mod tests {
             decide(
                 &Outcome {
                     rspamd: rspamd(7.0, "add header"),
-                    clamd: None
+                    clamd: None,
+                    clamd_partial: None
                 },
                 scored
             )
@@ -601,7 +665,8 @@ mod tests {
             decide(
                 &Outcome {
                     rspamd: rspamd(1.0, "no action"),
-                    clamd: None
+                    clamd: None,
+                    clamd_partial: None
                 },
                 scored
             )
@@ -612,7 +677,8 @@ mod tests {
             decide(
                 &Outcome {
                     rspamd: rspamd(5.0, "soft reject"),
-                    clamd: None
+                    clamd: None,
+                    clamd_partial: None
                 },
                 POLICY
             )
@@ -626,6 +692,7 @@ mod tests {
         let failed = Outcome {
             rspamd: rspamd(1.0, "no action"),
             clamd: Some(Err("no answer in time".into())),
+            clamd_partial: None,
         };
         let (d, action) = decide(&failed, POLICY);
         assert_eq!((code(&d), action), (451, "tempfail"));
@@ -645,20 +712,66 @@ mod tests {
     }
 
     #[test]
-    fn the_strictest_domain_policy_wins() {
-        let lax = Policy {
-            reject_score: Some(20.0),
+    fn each_domain_gets_at_least_its_own_protection() {
+        let tags_at_5 = Policy {
+            reject_score: Some(5.0),
             tag_score: None,
             spam: SpamAction::Tag,
             on_failure: FailureAction::Accept,
         };
-        let strict = Policy {
-            reject_score: Some(8.0),
-            tag_score: Some(3.0),
-            spam: SpamAction::Reject,
-            on_failure: FailureAction::Tempfail,
+        let lax = Policy {
+            reject_score: Some(20.0),
+            ..POLICY
         };
-        assert_eq!(lax.stricter(strict), strict);
-        assert_eq!(strict.stricter(lax), strict);
+        let registry = Registry::new();
+        let scanner = Scanner {
+            rspamd: None,
+            clamd: None,
+            clamd_max_bytes: 1 << 20,
+            timeout: Duration::from_secs(1),
+            memory_bytes: 4096,
+            spool_dir: std::env::temp_dir(),
+            default_policy: POLICY,
+            domains: HashMap::from([
+                ("tag.example".to_owned(), tags_at_5),
+                ("lax.example".to_owned(), lax),
+            ]),
+            metrics: ScanMetrics::new(&registry).expect("metrics"),
+        };
+        let code_for = |outcome: &Outcome, rcpts: &[&str]| {
+            code(&scanner.decide(outcome, rcpts.iter().copied()))
+        };
+        // Score 6: the default domain delivers, tag.example tags: neither rejects.
+        let six = Outcome {
+            rspamd: rspamd(6.0, "no action"),
+            clamd: None,
+            clamd_partial: None,
+        };
+        assert_eq!(code_for(&six, &["a@example.com", "b@tag.example"]), 250);
+        let Decision::Deliver { headers } =
+            scanner.decide(&six, ["a@example.com", "b@tag.example"])
+        else {
+            panic!("delivered")
+        };
+        assert!(
+            String::from_utf8_lossy(&headers).contains("X-Spam-Flag: YES"),
+            "tagged for tag.example"
+        );
+        // rspamd says reject at 16: the default domain refuses even if lax.example would not.
+        let sixteen = Outcome {
+            rspamd: rspamd(16.0, "reject"),
+            clamd: None,
+            clamd_partial: None,
+        };
+        assert_eq!(code_for(&sixteen, &["a@lax.example"]), 250);
+        assert_eq!(code_for(&sixteen, &["a@lax.example", "b@example.com"]), 550);
+        // A failed scanner: tempfail for the default domain beats accept for tag.example.
+        let failed = Outcome {
+            rspamd: Some(Err("down".into())),
+            clamd: None,
+            clamd_partial: None,
+        };
+        assert_eq!(code_for(&failed, &["b@tag.example"]), 250);
+        assert_eq!(code_for(&failed, &["b@tag.example", "a@example.com"]), 451);
     }
 }

@@ -116,9 +116,122 @@ impl Unstuffer {
     }
 }
 
+/// Header fields the edge writes after scanning: removed from the message as it arrives,
+/// so a sender cannot pass off its own `X-Virus-Scanned: … clean` as ours.
+const SCAN_HEADERS: [&str; 5] = [
+    "x-spam-score",
+    "x-spam-status",
+    "x-spam-flag",
+    "x-virus-scanned",
+    "x-scan-warning",
+];
+
+/// A header line longer than this is passed on as it is (memory stays bounded; such a line
+/// is not one of ours anyway).
+const MAX_HEADER_LINE: usize = 64 * 1024;
+
+/// Removes [`SCAN_HEADERS`] fields (with their continuation lines) from the header section
+/// of a CRLF-line stream cut anywhere; the body passes untouched.
+#[derive(Debug)]
+pub struct HeaderFilter {
+    in_headers: bool,
+    dropping: bool,
+    /// Inside an over-long line that is being passed on as it is, up to its end.
+    passing: bool,
+    line: Vec<u8>,
+}
+
+impl Default for HeaderFilter {
+    fn default() -> Self {
+        Self {
+            in_headers: true,
+            dropping: false,
+            passing: false,
+            line: Vec::new(),
+        }
+    }
+}
+
+impl HeaderFilter {
+    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        while self.in_headers && !input.is_empty() {
+            let (piece, rest, complete) = match input.iter().position(|b| *b == b'\n') {
+                Some(end) => (&input[..=end], &input[end + 1..], true),
+                None => (input, &[][..], false),
+            };
+            input = rest;
+            if self.passing {
+                out.extend_from_slice(piece);
+                self.passing = !complete;
+                continue;
+            }
+            self.line.extend_from_slice(piece);
+            if !complete {
+                if self.line.len() > MAX_HEADER_LINE {
+                    // Too long to be ours: passed on as it is, up to its end.
+                    out.append(&mut self.line);
+                    self.dropping = false;
+                    self.passing = true;
+                }
+                continue;
+            }
+            let line = std::mem::take(&mut self.line);
+            if line == b"\r\n" {
+                self.in_headers = false;
+                out.extend_from_slice(&line);
+                continue;
+            }
+            if !matches!(line.first(), Some(b' ' | b'\t')) {
+                let name = line
+                    .iter()
+                    .position(|b| *b == b':')
+                    .map(|colon| &line[..colon]);
+                self.dropping = name.is_some_and(|name| {
+                    SCAN_HEADERS
+                        .iter()
+                        .any(|h| name.trim_ascii().eq_ignore_ascii_case(h.as_bytes()))
+                });
+            }
+            if !self.dropping {
+                out.extend_from_slice(&line);
+            }
+        }
+        out.extend_from_slice(input);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forged_scan_headers_are_removed_from_the_headers_only() {
+        let wire = b"Subject: hi\r\nX-Virus-Scanned: clamd (protobalance); clean\r\n\
+                     x-spam-status: No,\r\n\tscore=-100\r\nX-Spam-Other: kept\r\n\r\n\
+                     X-Virus-Scanned: in the body stays\r\n";
+        for cut in 0..wire.len() {
+            let mut filter = HeaderFilter::default();
+            let mut out = Vec::new();
+            filter.feed(&wire[..cut], &mut out);
+            filter.feed(&wire[cut..], &mut out);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                "Subject: hi\r\nX-Spam-Other: kept\r\n\r\nX-Virus-Scanned: in the body stays\r\n",
+                "cut at {cut}"
+            );
+        }
+        let mut filter = HeaderFilter::default();
+        let mut out = Vec::new();
+        let long = vec![b'a'; MAX_HEADER_LINE + 10];
+        filter.feed(&long, &mut out);
+        filter.feed(b"\r\nX-Spam-Flag: YES\r\nSubject: x\r\n", &mut out);
+        assert_eq!(
+            out.len(),
+            long.len() + 2 + 12,
+            "long line passed, forged header still removed"
+        );
+        assert!(out.ends_with(b"\r\nSubject: x\r\n"));
+    }
 
     #[test]
     fn unstuffs_across_chunks() {

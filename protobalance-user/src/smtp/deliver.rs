@@ -354,12 +354,12 @@ impl BackendSession {
         Ok((mail, Some(rcpt)))
     }
 
-    /// Recipients the backend accepted so far.
     /// The recipients the backend accepted in this transaction.
     pub fn recipients(&self) -> &[String] {
         &self.accepted
     }
 
+    /// Recipients the backend accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.len()
     }
@@ -443,6 +443,13 @@ impl BackendSession {
         self.accepted.clear();
         self.send(b"RSET\r\n").await?;
         self.expect("RSET", 250).await
+    }
+
+    /// NOOP: keeps an open transaction from the backend's idle timeout (a held message can
+    /// take minutes to arrive).
+    pub async fn noop(&mut self) -> Result<(), DeliverError> {
+        self.send(b"NOOP\r\n").await?;
+        self.expect("NOOP", 250).await
     }
 
     /// QUIT, without waiting long for the answer.

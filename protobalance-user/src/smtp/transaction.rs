@@ -97,7 +97,6 @@ impl Transaction {
         }
     }
 
-    /// Ends the transaction, handing over its backend for DATA.
     /// The sender as given in MAIL FROM, without the angle brackets (empty for a bounce).
     pub fn sender(&self) -> &str {
         let path = self.envelope.reverse_path.as_str();
@@ -106,6 +105,7 @@ impl Transaction {
             .unwrap_or(path)
     }
 
+    /// Ends the transaction, handing over its backend for DATA.
     pub fn into_binding(self) -> Binding {
         self.binding
     }

@@ -46,8 +46,8 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use protobalance_common::{
     CLASS_ALLOW, DIR_CLASS_MASK, DIR_ENTRIES, DIR_HAS_EXACT, DIR_HAS_LONG, DIR_SLOTS_PER_VALUE,
-    GEN_V6_EXACT, GEN_V6_PREFIX, ListGen, MAP_LIST_GEN, MAP_V4_DIR, MAP_V4_EXACT, MAP_V4_LONG,
-    MAP_V6_EXACT, MAP_V6_PREFIX, class_of_list,
+    GEN_NUMBER, GEN_V6_EXACT, GEN_V6_PREFIX, ListGen, MAP_LIST_GEN, MAP_V4_DIR, MAP_V4_EXACT,
+    MAP_V4_LONG, MAP_V6_EXACT, MAP_V6_PREFIX, class_of_list,
 };
 
 use super::XdpError;
@@ -317,15 +317,15 @@ impl Generations {
                 took: started.elapsed(),
             });
         }
-        let old_live = (self.state.live & 1) as usize;
+        let old_live = (self.state.live & GEN_NUMBER) as usize;
         let spare = 1 - old_live;
         // A write that fails half-way leaves a generation holding neither the old tables
         // nor the new: forget what both hold, so the next publish rewrites from scratch.
         let known = self.current.take();
         let changes = write(&mut self.generations[spare], known.as_ref(), &new)?;
         let state = ListGen {
-            live: spare as u32,
-            flags: new.flags(),
+            live: spare as u32 | new.flags(),
+            reserved: 0,
             serial: self.state.serial + 1,
         };
         self.selector.set(0, state, 0)?;
@@ -333,8 +333,16 @@ impl Generations {
         // From here the old live generation is spare, but packets that read the selector
         // before the flip may still be reading it.
         wait_for_readers();
-        write(&mut self.generations[old_live], known.as_ref(), &new)?;
-        self.current = Some(new);
+        // The new tables are live whatever happens now: a failure here only leaves the
+        // spare generation to be rewritten from scratch next time (`current` stays None).
+        match write(&mut self.generations[old_live], known.as_ref(), &new) {
+            Ok(_) => self.current = Some(new),
+            Err(error) => tracing::error!(
+                %error,
+                "XDP rule tables: the new generation is live, but bringing the spare one up \
+                 to date failed; the next change rewrites it"
+            ),
+        }
         Ok(Published {
             serial: state.serial,
             changes,

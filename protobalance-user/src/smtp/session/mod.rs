@@ -718,21 +718,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             user: None,
             queue_id: crate::scan::queue_id(),
         };
-        let (mut spool, outcome) = match self.receive_scanned(scanner, &envelope).await {
-            Scanned::Message(held) => *held,
-            Scanned::Refused(verdict) => {
-                backend.quit().await;
-                let answer = self.end_of_data(verdict, None).await;
-                return self.answer(&answer).await;
-            }
-            Scanned::Failed(answer) => {
-                backend.quit().await;
-                return self.answer(&answer).await;
-            }
-            Scanned::Ended(step) => return step,
-        };
-        let policy = scanner.policy_for(backend.recipients().iter().map(String::as_str));
-        let decision = scanner.decide(&outcome, policy);
+        let (mut spool, outcome) =
+            match self.receive_scanned(scanner, &envelope, &mut backend).await {
+                Scanned::Message(held) => *held,
+                Scanned::Refused(verdict) => {
+                    backend.quit().await;
+                    let answer = self.end_of_data(verdict, None).await;
+                    return self.answer(&answer).await;
+                }
+                Scanned::Failed(answer) => {
+                    backend.quit().await;
+                    return self.answer(&answer).await;
+                }
+                Scanned::Ended(step) => return step,
+            };
+        let decision = scanner.decide(&outcome, backend.recipients().iter().map(String::as_str));
         log_scan(&envelope, &spool, &outcome, &decision);
         match decision {
             Decision::Refuse { reply, event } => {
@@ -769,6 +769,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         &mut self,
         scanner: &crate::scan::Scanner,
         envelope: &crate::scan::Envelope,
+        backend: &mut BackendSession,
     ) -> Scanned {
         let go_on = reply(354, None, "End data with <CR><LF>.<CR><LF>");
         if !self.client.send(&go_on).await {
@@ -779,23 +780,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let mut spool_error = None;
         let mut reader = DataReader::new(self.ctx.limits.max_message_octets, BARE_LINE_ENDINGS);
         let mut out = Vec::with_capacity(2 * READ_CHUNK);
+        // Scan headers the sender wrote itself are dropped: only ours may say "clean".
+        let mut headers = crate::scan::spool::HeaderFilter::default();
+        let mut filtered = Vec::with_capacity(2 * READ_CHUNK);
         let mut refused = false;
+        let mut backend_seen = std::time::Instant::now();
+        let mut backend_ok = true;
         let verdict = loop {
             if self.client.buf.is_empty()
                 && let Err(end) = self.client.fill().await
             {
                 return Scanned::Ended(Step::End(self.close(end).await));
             }
+            // The backend waits with an open transaction while the message arrives: keep
+            // it from its idle timeout (Postfix and Dovecot: 5 minutes).
+            if backend_ok && backend_seen.elapsed() >= BACKEND_KEEPALIVE {
+                backend_seen = std::time::Instant::now();
+                if let Err(error) = backend.noop().await {
+                    tracing::warn!(%error, "backend lost while a scanned message arrived");
+                    backend_ok = false;
+                }
+            }
             out.clear();
             let feed = reader.feed(&self.client.buf, &mut out);
             self.client.buf.advance(feed.consumed);
             if !refused && !out.is_empty() {
+                filtered.clear();
+                headers.feed(&out, &mut filtered);
                 if spool_error.is_none()
-                    && let Err(error) = spool.write(&out, &scanner.spool_dir).await
+                    && let Err(error) = spool.write(&filtered, &scanner.spool_dir).await
                 {
                     spool_error = Some(error);
                 }
-                job.feed(&out).await;
+                job.feed(&filtered).await;
             }
             match feed.state {
                 DataState::End => break reader.verdict(),
@@ -903,6 +920,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
     }
 }
+
+/// How often a backend waiting for a held (scanned) message hears a NOOP.
+const BACKEND_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// What [`Session::receive_scanned`] got.
 enum Scanned {

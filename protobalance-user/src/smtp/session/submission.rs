@@ -619,13 +619,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         };
         // On every early way out the backend is dropped mid-transaction (it discards the
         // message); the next MAIL opens a fresh one.
-        let (mut spool, outcome) = match self.receive_scanned(scanner, &envelope).await {
-            Scanned::Message(held) => *held,
-            Scanned::Refused(verdict) => return self.answer(&refused_data(&verdict)).await,
-            Scanned::Failed(answer) => return self.answer(&answer).await,
-            Scanned::Ended(step) => return step,
-        };
-        let decision = scanner.decide(&outcome, scanner.default_policy);
+        let (mut spool, outcome) =
+            match self.receive_scanned(scanner, &envelope, &mut backend).await {
+                Scanned::Message(held) => *held,
+                Scanned::Refused(verdict) => return self.answer(&refused_data(&verdict)).await,
+                Scanned::Failed(answer) => return self.answer(&answer).await,
+                Scanned::Ended(step) => return step,
+            };
+        // The recipients are elsewhere: the default policy.
+        let decision = scanner.decide(&outcome, std::iter::empty());
         log_scan(&envelope, &spool, &outcome, &decision);
         let refusal = match decision {
             Decision::Deliver { headers } => {
@@ -648,13 +650,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                             "account suspended from sending: it submitted malware"
                         );
                     }
-                    Some(Offence::Spam) => {
-                        let _ = self
-                            .ctx
-                            .reputation
-                            .report(self.conn.peer.ip(), crate::filter::reputation::Event::Spam);
-                    }
-                    None => {}
+                    // Not held against the address: many users may share it (NAT); the
+                    // account's own limits deal with a spamming user.
+                    Some(Offence::Spam) | None => {}
                 }
                 self.offences += 1;
                 reply
