@@ -164,6 +164,21 @@ pub fn kernel_lists(lists: BTreeMap<String, Vec<BlockRecord>>) -> Vec<NamedList>
         .collect()
 }
 
+/// Reads and discards a request body (at most `limit` bytes, for at most 30 s).
+async fn drain(mut body: Incoming, limit: u64) {
+    use http_body_util::BodyExt as _;
+    let mut seen = 0u64;
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > limit {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 fn manager(state: &ApiState) -> Result<&BlocklistManager, ApiError> {
     state.blocklist.as_deref().ok_or_else(|| {
         ApiError::conflict(
@@ -316,9 +331,21 @@ pub async fn replace(
     name: &str,
     body: Incoming,
 ) -> Result<ApiResponse, ApiError> {
-    let manager = manager(state)?;
-    let name = list_name(name)?;
-    refuse_config(manager, name)?;
+    let checked = manager(state).and_then(|manager| {
+        let name = list_name(name)?;
+        refuse_config(manager, name)?;
+        Ok((manager, name))
+    });
+    let (manager, name) = match checked {
+        Ok(checked) => checked,
+        Err(error) => {
+            // The client is still streaming a list that may be a million lines long: read
+            // it to the end first, or closing on unread data resets the connection and the
+            // client sees a broken pipe instead of this answer.
+            drain(body, state.max_import_octets).await;
+            return Err(error);
+        }
+    };
     let mut parser = Parser::new(super::xml::BodyReader::new(body, state.max_import_octets));
     let root = parser.root("list").await?;
     root.only(&["name"])?;
