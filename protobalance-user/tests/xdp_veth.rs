@@ -659,6 +659,27 @@ fn api_blocklists_drop_in_the_kernel_persist_and_expire() {
         !net.connects(client, v4),
         "an API blocklist entry drops the next connection"
     );
+    // A big upload refused on its first entry: the answer reaches the client, not a
+    // connection reset mid-upload, and the list is unchanged. (curl gets the answer here
+    // even without the edge reading the rest; a client that aborts on a failed write, like
+    // ctl's, needs it: see `BodyReader::drain`.)
+    let upload = tempfile::NamedTempFile::new().expect("upload file");
+    let mut big =
+        String::from("<list xmlns=\"urn:protobalance:api:1\"><entry cidr=\"not-a-cidr\"/>");
+    for i in 0..60_000u32 {
+        big.push_str(&format!(
+            "<entry cidr=\"10.{}.{}.{}/32\"/>",
+            i >> 16,
+            (i >> 8) & 255,
+            i & 255
+        ));
+    }
+    big.push_str("</list>");
+    std::fs::write(upload.path(), &big).expect("write upload");
+    let at = format!("@{}", upload.path().display());
+    let (status, body) = call(proxy.admin, "PUT", "blocklist/crm", Some(&at));
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("invalid_cidr"), "{body}");
     let (status, body) = call(proxy.admin, "GET", "blocklist", None);
     assert_eq!(status, 200, "{body}");
     assert!(

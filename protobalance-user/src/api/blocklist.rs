@@ -347,6 +347,34 @@ pub async fn replace(
         }
     };
     let mut parser = Parser::new(super::xml::BodyReader::new(body, state.max_import_octets));
+    let records = match read_list(&mut parser, name).await {
+        Ok(records) => records,
+        Err(error) => {
+            // As above: the rest of a refused upload is read before the answer goes out.
+            parser.into_source().drain().await;
+            return Err(error);
+        }
+    };
+    manager
+        .directory
+        .store()
+        .replace_block_list(name, &records)
+        .await?;
+    manager.apply().await?;
+    tracing::info!(list = %name, entries = records.len(), "blocklist replaced by API");
+    let entries = records.len().to_string();
+    let w = Writer::document(
+        "list",
+        &[("name", name), ("managed-by", "api"), ("entries", &entries)],
+    );
+    Ok(xml_response(StatusCode::OK, w.finish()))
+}
+
+/// The `<list>` document of `PUT /blocklist/{list}`, entry by entry.
+async fn read_list(
+    parser: &mut Parser<super::xml::BodyReader>,
+    name: &str,
+) -> Result<Vec<BlockRecord>, ApiError> {
     let root = parser.root("list").await?;
     root.only(&["name"])?;
     let mut records = Vec::new();
@@ -379,19 +407,7 @@ pub async fn replace(
         }
     }
     parser.finish().await?;
-    manager
-        .directory
-        .store()
-        .replace_block_list(name, &records)
-        .await?;
-    manager.apply().await?;
-    tracing::info!(list = %name, entries = records.len(), "blocklist replaced by API");
-    let entries = records.len().to_string();
-    let w = Writer::document(
-        "list",
-        &[("name", name), ("managed-by", "api"), ("entries", &entries)],
-    );
-    Ok(xml_response(StatusCode::OK, w.finish()))
+    Ok(records)
 }
 
 /// `DELETE /blocklist/{list}/{cidr}` (the `/` of the CIDR as `%2F`), or the whole list.

@@ -143,6 +143,11 @@ impl<R: AsyncRead + Unpin> Parser<R> {
         }
     }
 
+    /// The byte source, e.g. to read what the parser left of a refused body.
+    pub fn into_source(self) -> R {
+        self.reader.into_inner().into_inner()
+    }
+
     /// The next element, close or the end of the document.
     pub async fn next(&mut self) -> Result<Item, XmlError> {
         if let Some(name) = self.pending_close.take() {
@@ -437,6 +442,22 @@ impl BodyReader {
             bound: StreamBound::new(limit, MAX_TAG),
             pending: Bytes::new(),
         }
+    }
+
+    /// Reads and discards the rest of the body (within the byte limit, for at most 30 s):
+    /// after a refusal, so the client, still sending, gets the answer rather than a reset.
+    pub async fn drain(mut self) {
+        use http_body_util::BodyExt as _;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while let Some(Ok(frame)) = self.body.frame().await {
+                if let Some(data) = frame.data_ref()
+                    && self.bound.check(data).is_err()
+                {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     fn check(&mut self, chunk: &[u8]) -> io::Result<()> {
