@@ -58,8 +58,8 @@ pub const LIST_NAME_LEN: usize = 64;
 /// A list name: UTF-8, NUL-padded; all zeros = no list has this id.
 pub type ListName = [u8; LIST_NAME_LEN];
 
-/// Every map the loader pins under `xdp.pin_dir` (and `filter unload` removes).
-pub const PINNED_MAPS: [&str; 25] = [
+/// The compiled rule tables of both generations and their selector (see [`MAP_LIST_GEN`]).
+pub const GENERATION_MAPS: [&str; 11] = [
     MAP_LIST_GEN,
     MAP_V4_DIR[0],
     MAP_V4_DIR[1],
@@ -71,21 +71,47 @@ pub const PINNED_MAPS: [&str; 25] = [
     MAP_V6_EXACT[1],
     MAP_V6_PREFIX[0],
     MAP_V6_PREFIX[1],
-    MAP_BLOCK_V4,
-    MAP_BLOCK_V6,
-    MAP_ALLOW_V4,
-    MAP_ALLOW_V6,
-    MAP_BANS_V4,
-    MAP_BANS_V6,
-    MAP_BANS_V6_64,
-    MAP_COUNTERS,
-    MAP_SYN_LIMIT_CONFIG,
-    MAP_SYN_PORTS,
-    MAP_SYN_BUCKETS,
-    MAP_SYN_PENALTY,
-    MAP_LIST_HITS,
-    MAP_LIST_NAMES,
 ];
+
+/// `a` then `b`, as one array of `N` (= A + B, checked at compile time) names.
+pub const fn concat_names<const A: usize, const B: usize, const N: usize>(
+    a: [&'static str; A],
+    b: [&'static str; B],
+) -> [&'static str; N] {
+    assert!(A + B == N, "N must be A + B");
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < A {
+        out[i] = a[i];
+        i += 1;
+    }
+    while i < N {
+        out[i] = b[i - A];
+        i += 1;
+    }
+    out
+}
+
+/// Every map the loader pins under `xdp.pin_dir` (and `filter unload` removes).
+pub const PINNED_MAPS: [&str; 25] = concat_names(
+    GENERATION_MAPS,
+    [
+        MAP_BLOCK_V4,
+        MAP_BLOCK_V6,
+        MAP_ALLOW_V4,
+        MAP_ALLOW_V6,
+        MAP_BANS_V4,
+        MAP_BANS_V6,
+        MAP_BANS_V6_64,
+        MAP_COUNTERS,
+        MAP_SYN_LIMIT_CONFIG,
+        MAP_SYN_PORTS,
+        MAP_SYN_BUCKETS,
+        MAP_SYN_PENALTY,
+        MAP_LIST_HITS,
+        MAP_LIST_NAMES,
+    ],
+);
 
 /// Name of the XDP program inside the object file.
 pub const PROG_XDP: &str = "protobalance";

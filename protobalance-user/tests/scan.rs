@@ -106,6 +106,14 @@ fn stored(cluster: &DovecotCluster, user: &str) -> Vec<String> {
     out
 }
 
+/// The stored message of `user` that contains `needle` (panics when there is none).
+fn stored_with(cluster: &DovecotCluster, user: &str, needle: &str) -> String {
+    stored(cluster, user)
+        .into_iter()
+        .find(|m| m.contains(needle))
+        .unwrap_or_else(|| panic!("no stored message of {user} contains {needle:?}"))
+}
+
 fn clamd_section(clamd: &ClamdServer, extra: &str) -> String {
     clamd_section_with(clamd, 2000, extra)
 }
@@ -171,10 +179,7 @@ fn malware_is_refused_and_clean_mail_arrives_scanned() {
                   Subject: forged\r\n\r\nbody\r\n";
     let (code, out, _) = send(&edge, &user, forged);
     assert_eq!(code, 250, "{out}");
-    let stored_forged = stored(&cluster, &user)
-        .into_iter()
-        .find(|m| m.contains("Subject: forged"))
-        .expect("stored");
+    let stored_forged = stored_with(&cluster, &user, "Subject: forged");
     assert!(!stored_forged.contains("forged; clean"), "{stored_forged}");
     assert!(
         !stored_forged.contains("X-Spam-Flag") && !stored_forged.contains("continued"),
@@ -228,10 +233,7 @@ fn a_scanner_that_is_down_or_silent_defers_or_tags_within_the_timeout() {
     assert!(seconds < 3.0, "answered within the timeout: {seconds} s");
     let (code, out, _) = send(&accept, &user, "Subject: c\r\n\r\ndown, accepted\r\n");
     assert_eq!(code, 250, "{out}");
-    let tagged = stored(&cluster, &user)
-        .into_iter()
-        .find(|m| m.contains("down, accepted"))
-        .expect("delivered");
+    let tagged = stored_with(&cluster, &user, "down, accepted");
     assert!(
         tagged.contains("X-Scan-Warning: not scanned (clamd: connect "),
         "{tagged}"
@@ -385,10 +387,7 @@ fn spam_is_refused_or_tagged_per_policy_and_clean_mail_gets_the_spam_headers() {
 
     let (code, out, _) = send(&tagging, &user, &gtube);
     assert_eq!(code, 250, "GTUBE tagged under spam = \"tag\": {out}");
-    let tagged = stored(&cluster, &user)
-        .into_iter()
-        .find(|m| m.contains("Subject: offer"))
-        .expect("tagged spam stored");
+    let tagged = stored_with(&cluster, &user, "Subject: offer");
     assert!(tagged.contains("\nX-Spam-Flag: YES\n"), "{tagged}");
     assert!(tagged.contains("\nX-Spam-Status: Yes, score="), "{tagged}");
     assert_eq!(

@@ -21,12 +21,7 @@ pub mod clamd;
 pub mod rspamd;
 pub mod spool;
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
@@ -68,17 +63,7 @@ pub struct Policy {
 
 /// The scanners and the policy, from `[scan]`.
 pub struct Scanner {
-    pub rspamd: Option<SocketAddr>,
-    pub clamd: Option<ClamdAddr>,
-    /// clamd gets at most this much of a message (its `StreamMaxLength`); the rest of a
-    /// bigger one is not virus-scanned, which the header says.
-    pub clamd_max_bytes: u64,
-    pub timeout: Duration,
-    pub memory_bytes: usize,
-    pub spool_dir: PathBuf,
-    pub default_policy: Policy,
-    /// Lower-case domain → policy.
-    pub domains: HashMap<String, Policy>,
+    pub settings: crate::config::ScanSettings,
     metrics: ScanMetrics,
 }
 
@@ -190,14 +175,7 @@ impl Scanner {
         registry: &Registry,
     ) -> prometheus::Result<Self> {
         Ok(Self {
-            rspamd: settings.rspamd,
-            clamd: settings.clamd.clone(),
-            clamd_max_bytes: settings.clamd_max_bytes,
-            timeout: settings.timeout,
-            memory_bytes: settings.memory_bytes,
-            spool_dir: settings.spool_dir.clone(),
-            default_policy: settings.default_policy,
-            domains: settings.domains.clone(),
+            settings: settings.clone(),
             metrics: ScanMetrics::new(registry)?,
         })
     }
@@ -208,16 +186,17 @@ impl Scanner {
         for rcpt in recipients {
             let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d).to_lowercase();
             let policy = self
+                .settings
                 .domains
                 .get(&domain)
                 .copied()
-                .unwrap_or(self.default_policy);
+                .unwrap_or(self.settings.default_policy);
             if !out.contains(&policy) {
                 out.push(policy);
             }
         }
         if out.is_empty() {
-            out.push(self.default_policy);
+            out.push(self.settings.default_policy);
         }
         out
     }
@@ -227,21 +206,21 @@ impl Scanner {
         let mut job = Job {
             rspamd: None,
             clamd: None,
-            clamd_left: self.clamd_max_bytes,
+            clamd_left: self.settings.clamd_max_bytes,
             clamd_partial: None,
             sent: 0,
             unstuffer: spool::Unstuffer::default(),
             scratch: Vec::new(),
-            timeout: self.timeout,
+            timeout: self.settings.timeout,
             metrics: self.metrics.clone(),
         };
-        if let Some(addr) = self.rspamd {
+        if let Some(addr) = self.settings.rspamd {
             let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
             let envelope = envelope.clone();
             let task = tokio::spawn(async move { rspamd::check(addr, &envelope, rx).await });
             job.rspamd = Some(Feed::new(tx, task));
         }
-        if let Some(addr) = self.clamd.clone() {
+        if let Some(addr) = self.settings.clamd.clone() {
             let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
             let task = tokio::spawn(async move {
                 let mut stream = clamd::Instream::open(&addr)
@@ -277,7 +256,7 @@ impl Scanner {
             .into_iter()
             .map(|policy| decide(outcome, policy))
             .max_by_key(|(decision, action)| severity(decision, action))
-            .unwrap_or_else(|| decide(outcome, self.default_policy));
+            .unwrap_or_else(|| decide(outcome, self.settings.default_policy));
         self.metrics.verdicts.with_label_values(&[action]).inc();
         decision
     }
@@ -575,6 +554,8 @@ fn printable(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     const POLICY: Policy = Policy {
@@ -725,17 +706,19 @@ mod tests {
         };
         let registry = Registry::new();
         let scanner = Scanner {
-            rspamd: None,
-            clamd: None,
-            clamd_max_bytes: 1 << 20,
-            timeout: Duration::from_secs(1),
-            memory_bytes: 4096,
-            spool_dir: std::env::temp_dir(),
-            default_policy: POLICY,
-            domains: HashMap::from([
-                ("tag.example".to_owned(), tags_at_5),
-                ("lax.example".to_owned(), lax),
-            ]),
+            settings: crate::config::ScanSettings {
+                rspamd: None,
+                clamd: None,
+                clamd_max_bytes: 1 << 20,
+                timeout: Duration::from_secs(1),
+                memory_bytes: 4096,
+                spool_dir: std::env::temp_dir(),
+                default_policy: POLICY,
+                domains: HashMap::from([
+                    ("tag.example".to_owned(), tags_at_5),
+                    ("lax.example".to_owned(), lax),
+                ]),
+            },
             metrics: ScanMetrics::new(&registry).expect("metrics"),
         };
         let code_for = |outcome: &Outcome, rcpts: &[&str]| {

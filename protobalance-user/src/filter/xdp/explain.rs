@@ -28,11 +28,11 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use protobalance_common::{
-    BAN_SYN_ONLY, BanEntry, BlockEntry, Counter, CounterValue, LISTS_MAX, ListName, MAP_ALLOW_V4,
-    MAP_ALLOW_V6, MAP_BANS_V4, MAP_BANS_V6, MAP_BANS_V6_64, MAP_BLOCK_V4, MAP_BLOCK_V6,
-    MAP_COUNTERS, MAP_LIST_GEN, MAP_LIST_NAMES, MAP_SYN_BUCKETS, MAP_SYN_LIMIT_CONFIG,
-    MAP_SYN_PENALTY, MAP_SYN_PORTS, MAP_V4_DIR, MAP_V4_EXACT, MAP_V4_LONG, MAP_V6_EXACT,
-    MAP_V6_PREFIX, PINNED_MAPS, PROG_XDP, SYN_TOKEN, SynBucket, SynLimitConfig, SynSourceKey,
+    BAN_SYN_ONLY, BanEntry, BlockEntry, Counter, CounterValue, GENERATION_MAPS, LISTS_MAX,
+    ListName, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANS_V4, MAP_BANS_V6, MAP_BANS_V6_64, MAP_BLOCK_V4,
+    MAP_BLOCK_V6, MAP_COUNTERS, MAP_LIST_NAMES, MAP_SYN_BUCKETS, MAP_SYN_LIMIT_CONFIG,
+    MAP_SYN_PENALTY, MAP_SYN_PORTS, PINNED_MAPS, PROG_XDP, SYN_TOKEN, SynBucket, SynLimitConfig,
+    SynSourceKey, concat_names,
 };
 
 use super::{
@@ -43,24 +43,16 @@ use super::{
 use crate::filter::cidr::Cidr;
 
 /// Maps the probe shares with the live program: the program only reads them.
-const SHARED_MAPS: [&str; 16] = [
-    MAP_LIST_GEN,
-    MAP_V4_DIR[0],
-    MAP_V4_DIR[1],
-    MAP_V4_EXACT[0],
-    MAP_V4_EXACT[1],
-    MAP_V4_LONG[0],
-    MAP_V4_LONG[1],
-    MAP_V6_EXACT[0],
-    MAP_V6_EXACT[1],
-    MAP_V6_PREFIX[0],
-    MAP_V6_PREFIX[1],
-    MAP_BANS_V4,
-    MAP_BANS_V6,
-    MAP_BANS_V6_64,
-    MAP_SYN_LIMIT_CONFIG,
-    MAP_SYN_PORTS,
-];
+const SHARED_MAPS: [&str; 16] = concat_names(
+    GENERATION_MAPS,
+    [
+        MAP_BANS_V4,
+        MAP_BANS_V6,
+        MAP_BANS_V6_64,
+        MAP_SYN_LIMIT_CONFIG,
+        MAP_SYN_PORTS,
+    ],
+);
 
 /// The probe's private buckets and penalties hold one source; keep them small.
 const PROBE_STATE_ENTRIES: u32 = 16;

@@ -710,14 +710,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         sender: String,
     ) -> Step {
         use crate::scan::{Decision, Offence};
-        let envelope = crate::scan::Envelope {
-            client_ip: Some(self.conn.peer.ip()),
-            helo: self.client_info.helo.clone(),
-            mail_from: sender,
-            recipients: backend.recipients().to_vec(),
-            user: None,
-            queue_id: crate::scan::queue_id(),
-        };
+        let envelope = self.scan_envelope(sender, &backend, None);
         let (mut spool, outcome) =
             match self.receive_scanned(scanner, &envelope, &mut backend).await {
                 Scanned::Message(held) => *held,
@@ -763,6 +756,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
     }
 
+    /// What rspamd is told about the message (and our log line says).
+    fn scan_envelope(
+        &self,
+        sender: String,
+        backend: &BackendSession,
+        user: Option<String>,
+    ) -> crate::scan::Envelope {
+        crate::scan::Envelope {
+            client_ip: Some(self.conn.peer.ip()),
+            helo: self.client_info.helo.clone(),
+            mail_from: sender,
+            recipients: backend.recipients().to_vec(),
+            user,
+            queue_id: crate::scan::queue_id(),
+        }
+    }
+
     /// Answers 354 and reads the message into a spool while the scanners read it too, then
     /// waits for their verdicts.
     async fn receive_scanned(
@@ -776,7 +786,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             return Scanned::Ended(Step::End(self.finished()));
         }
         let mut job = scanner.start(envelope);
-        let mut spool = crate::scan::spool::Spool::new(scanner.memory_bytes);
+        let mut spool = crate::scan::spool::Spool::new(scanner.settings.memory_bytes);
         let mut spool_error = None;
         let mut reader = DataReader::new(self.ctx.limits.max_message_octets, BARE_LINE_ENDINGS);
         let mut out = Vec::with_capacity(2 * READ_CHUNK);
@@ -808,7 +818,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 filtered.clear();
                 headers.feed(&out, &mut filtered);
                 if spool_error.is_none()
-                    && let Err(error) = spool.write(&filtered, &scanner.spool_dir).await
+                    && let Err(error) = spool.write(&filtered, &scanner.settings.spool_dir).await
                 {
                     spool_error = Some(error);
                 }
@@ -825,7 +835,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
         if let Some(error) = spool_error {
             tracing::error!(
-                %error, dir = %scanner.spool_dir.display(),
+                %error, dir = %scanner.settings.spool_dir.display(),
                 "cannot hold a message for scanning (scan.spool_dir); deferred"
             );
             return Scanned::Failed(reply(

@@ -609,14 +609,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         accepted: usize,
     ) -> Step {
         use crate::scan::{Decision, Offence};
-        let envelope = crate::scan::Envelope {
-            client_ip: Some(self.conn.peer.ip()),
-            helo: self.client_info.helo.clone(),
-            mail_from: sender,
-            recipients: backend.recipients().to_vec(),
-            user: Some(user.clone()),
-            queue_id: crate::scan::queue_id(),
-        };
+        let envelope = self.scan_envelope(sender, &backend, Some(user.clone()));
         // On every early way out the backend is dropped mid-transaction (it discards the
         // message); the next MAIL opens a fresh one.
         let (mut spool, outcome) =
