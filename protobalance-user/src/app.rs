@@ -13,8 +13,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState},
     backend::BackendPool,
+    config::StoreKind,
     config::{Config, Protocol, TlsMode, Validated, XdpConfig},
-    directory::{Directory, DirectoryError, MailboxDirectory as _, sqlite::SqliteDirectory},
+    directory::{
+        Directory, DirectoryError, MailboxDirectory as _, Store, postgres::PostgresDirectory,
+        sqlite::SqliteDirectory,
+    },
     filter::{
         reputation::{Reputation, ReputationMetrics},
         xdp::{Attached, SynLimit, XdpError, XdpFilter},
@@ -394,13 +398,21 @@ fn register_xdp_metrics(
 /// — active/draining/down — is the directory's, changed at run time); domains get their
 /// policy. Backends in the directory but not in the config are reported, not deleted:
 /// their mailboxes would be stranded.
-pub async fn open_directory(config: &Config) -> Result<SqliteDirectory, DirectoryError> {
-    let path = &config.directory.path;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| DirectoryError::Store(format!("creating {}: {e}", parent.display())))?;
-    }
-    let store = SqliteDirectory::open(path)?;
+pub async fn open_directory(config: &Config) -> Result<Store, DirectoryError> {
+    let store = match (config.directory.store, &config.directory.postgres) {
+        (StoreKind::Postgres, Some(pg)) => {
+            Store::Postgres(PostgresDirectory::connect(&pg.settings()).await?)
+        }
+        _ => {
+            let path = &config.directory.path;
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    DirectoryError::Store(format!("creating {}: {e}", parent.display()))
+                })?;
+            }
+            Store::Sqlite(SqliteDirectory::open(path)?)
+        }
+    };
     for backend in &config.backends {
         store
             .upsert_backend(&backend.name, backend.capacity)
@@ -434,13 +446,20 @@ pub async fn open_directory(config: &Config) -> Result<SqliteDirectory, Director
 async fn shared_directory(
     config: &Config,
     registry: &Registry,
-) -> Result<Arc<Directory<SqliteDirectory>>, AppError> {
+) -> Result<Arc<Directory<Store>>, AppError> {
     let store = open_directory(config).await?;
+    let settings = match &store {
+        Store::Postgres(pg) => Some(pg.settings().clone()),
+        Store::Sqlite(_) => None,
+    };
     let directory = Arc::new(Directory::new(
         store,
         config.directory.normalizer(),
         config.directory.cache_entries,
     ));
+    if let Some(settings) = settings {
+        crate::directory::postgres::listen(&directory, settings);
+    }
     registry.register(Box::new(metrics::DirectoryCollector::new(Arc::clone(
         &directory,
     ))?))?;
@@ -451,7 +470,7 @@ async fn shared_directory(
 /// a name in both is the config file's).
 async fn all_backends(
     config: &Config,
-    directory: &Directory<SqliteDirectory>,
+    directory: &Directory<Store>,
 ) -> Result<Vec<crate::config::BackendConfig>, AppError> {
     let mut backends = config.backends.clone();
     for (name, spec) in directory.store().backend_specs().await? {
@@ -471,7 +490,7 @@ async fn all_backends(
 
 async fn proxy_context(
     validated: &Validated,
-    directory: Arc<Directory<SqliteDirectory>>,
+    directory: Arc<Directory<Store>>,
     registry: &Registry,
 ) -> Result<ProxyContext, AppError> {
     let config = &validated.config;

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use protobalance::{
     app::open_directory,
     config::Config,
-    directory::{MailboxDirectory as _, import, sqlite::SqliteDirectory},
+    directory::{MailboxDirectory as _, Store, import, sqlite::SqliteDirectory},
 };
 
 use crate::DirectoryCommand;
@@ -20,7 +20,15 @@ pub fn run(command: DirectoryCommand) -> anyhow::Result<()> {
         match command {
             DirectoryCommand::Import { config, file } => {
                 let config = Config::load(&config)?.config;
-                let store = open_directory(&config).await?;
+                let store = match open_directory(&config).await? {
+                    Store::Sqlite(store) => store,
+                    Store::Postgres(_) => anyhow::bail!(
+                        "`directory import` writes the SQLite directory; with \
+                         directory.store = \"postgres\" import through a running node: \
+                         `protobalance ctl mailbox import {}`",
+                        file.display()
+                    ),
+                };
                 import_file(&store, &config, &file)
             }
             DirectoryCommand::Lookup { config, login } => {

@@ -8,7 +8,7 @@ use prometheus::{
 };
 
 use crate::{
-    directory::{Directory, sqlite::SqliteDirectory},
+    directory::{Directory, Store},
     filter::xdp::{BanMaps, CounterHandle, SynLimiter},
 };
 
@@ -226,7 +226,7 @@ impl XdpCollector {
 
 /// Directory cache hits and misses, read from the directory's counters at scrape time.
 pub struct DirectoryCollector {
-    directory: std::sync::Arc<Directory<SqliteDirectory>>,
+    directory: std::sync::Arc<Directory<Store>>,
     template: IntCounterVec,
 }
 
@@ -241,7 +241,7 @@ fn lookups_vec() -> prometheus::Result<IntCounterVec> {
 }
 
 impl DirectoryCollector {
-    pub fn new(directory: std::sync::Arc<Directory<SqliteDirectory>>) -> prometheus::Result<Self> {
+    pub fn new(directory: std::sync::Arc<Directory<Store>>) -> prometheus::Result<Self> {
         Ok(Self {
             directory,
             template: lookups_vec()?,
@@ -266,7 +266,25 @@ impl Collector for DirectoryCollector {
         lookups
             .with_label_values(&["miss"])
             .inc_by(stats.misses.load(Relaxed));
-        lookups.collect()
+        let mut families = lookups.collect();
+        if let Store::Postgres(_) = self.directory.store() {
+            if let Ok(heard) = prometheus::IntCounter::new(
+                "protobalance_directory_changes_heard_total",
+                "Cached owners dropped because a node changed them (PostgreSQL notifications)",
+            ) {
+                heard.inc_by(stats.notifications.load(Relaxed));
+                families.extend(heard.collect());
+            }
+            if let Ok(coherent) = prometheus::IntGauge::new(
+                "protobalance_directory_cache_coherent",
+                "1 while this node hears the shared directory's changes; 0 while it does not \
+                 (cached owners then expire after directory.postgres.stale_cache_seconds)",
+            ) {
+                coherent.set(i64::from(stats.listening.load(Relaxed)));
+                families.extend(coherent.collect());
+            }
+        }
+        families
     }
 }
 

@@ -1,6 +1,6 @@
 //! End-to-end test harness for protobalance: real Dovecot backends ([`dovecot`]), real
 //! Postfix MTAs in front of them ([`postfix`]) with a [`mail_sink`] for everything else,
-//! a DNS server for DNSBL tests ([`dns`]), network namespaces and veth pairs ([`netns`]), and helpers to drive real clients
+//! a DNS server for DNSBL tests ([`dns`]), PostgreSQL for the shared directory ([`postgres`]), network namespaces and veth pairs ([`netns`]), and helpers to drive real clients
 //! ([`process::python`]) and wait for sockets ([`net`]). A normal library so both the
 //! integration tests and `cargo xtask run` (a demo cluster) can use it.
 //!
@@ -16,6 +16,7 @@ pub mod net;
 pub mod netns;
 pub mod postfix;
 pub mod postfix_config;
+pub mod postgres;
 pub mod process;
 pub mod scanners;
 pub mod test_dir;
@@ -27,5 +28,6 @@ pub use mail_sink::{MailSink, SinkMessage};
 pub use net::{free_port, free_ports, wait_for_port};
 pub use netns::{NetNs, TestSubnet, Veth, require_root};
 pub use postfix::{PostfixBackend, PostfixOptions, require_postfix};
+pub use postgres::{PostgresServer, require_postgres};
 pub use process::{ChildGuard, python};
 pub use scanners::{ClamdServer, EICAR, RspamdServer, require_scanner};

@@ -251,7 +251,10 @@ fn relay_all_to_retries_quickly_until_the_target_answers() -> Result<()> {
     let relayed = match target.wait_for_messages(1, DELIVERY_TIMEOUT) {
         Ok(relayed) => relayed,
         Err(err) => {
-            eprintln!("{err:#}; flushing the queue once:\n{}", postfix.log_tail(40));
+            eprintln!(
+                "{err:#}; flushing the queue once:\n{}",
+                postfix.log_tail(40)
+            );
             postfix.flush()?;
             target.wait_for_messages(1, Duration::from_secs(40))?
         }

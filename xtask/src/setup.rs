@@ -45,6 +45,9 @@ const APT_PACKAGES: &[&str] = &[
     // run their own instances, clamd with its own tiny signature database).
     "rspamd",
     "clamav-daemon",
+    // The shared directory of multi-node edges: the tests start their own throw-away
+    // clusters with this server's initdb/postgres (the package's own cluster is not used).
+    "postgresql",
 ];
 
 pub fn run() -> Result<()> {

@@ -24,7 +24,7 @@ use super::{
     xml_response,
 };
 use crate::{
-    directory::{BlockRecord, Directory, MailboxDirectory as _, sqlite::SqliteDirectory},
+    directory::{BlockRecord, Directory, MailboxDirectory as _, Store},
     filter::{blocklist::NamedList, cidr::Cidr, xdp::XdpFilter},
 };
 
@@ -36,7 +36,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// The kernel filter and the stored API lists, kept in step.
 pub struct BlocklistManager {
-    directory: Arc<Directory<SqliteDirectory>>,
+    directory: Arc<Directory<Store>>,
     filter: Arc<Mutex<XdpFilter>>,
     /// The config file's lists, first the inline one: they head every rewrite. Replaced
     /// when the config is reloaded.
@@ -53,7 +53,7 @@ fn now() -> i64 {
 
 impl BlocklistManager {
     pub fn new(
-        directory: Arc<Directory<SqliteDirectory>>,
+        directory: Arc<Directory<Store>>,
         filter: Arc<Mutex<XdpFilter>>,
         config_lists: Vec<NamedList>,
     ) -> Self {
@@ -138,7 +138,7 @@ impl BlocklistManager {
 
 /// The unexpired entries added through the API, by list name.
 pub async fn stored_lists(
-    directory: &Directory<SqliteDirectory>,
+    directory: &Directory<Store>,
 ) -> Result<BTreeMap<String, Vec<BlockRecord>>, crate::directory::DirectoryError> {
     let now = now();
     let mut lists: BTreeMap<String, Vec<BlockRecord>> = BTreeMap::new();

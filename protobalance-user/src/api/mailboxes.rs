@@ -12,7 +12,6 @@ use super::{
 };
 use crate::directory::{
     BackendState, Mailbox, MailboxDirectory as _, MailboxFilter, import::ImportEntry,
-    import::import_entries,
 };
 
 const PAGE_DEFAULT: usize = 100;
@@ -365,7 +364,7 @@ async fn flush(
         return Ok(());
     }
     let entries = std::mem::take(batch);
-    let results = import_entries(state.directory.store(), entries).await?;
+    let results = state.directory.store().import_entries(entries).await?;
     for result in results {
         report.record(Outcome {
             address: result.mailbox.as_str().to_owned(),

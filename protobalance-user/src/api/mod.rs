@@ -31,7 +31,7 @@ use prometheus::Registry;
 use crate::{
     backend::BackendPool,
     config::{ApiAccess, Config},
-    directory::{Directory, DirectoryError, sqlite::SqliteDirectory},
+    directory::{Directory, DirectoryError, Store},
     secret::Secret,
 };
 use xml::{Writer, XmlError};
@@ -49,7 +49,7 @@ pub struct Token {
 /// What the API serves from.
 pub struct ApiState {
     pub tokens: Vec<Token>,
-    pub directory: Arc<Directory<SqliteDirectory>>,
+    pub directory: Arc<Directory<Store>>,
     /// The backend pool (health), when mail listeners run.
     pub pool: Option<Arc<BackendPool>>,
     /// Backend and domain names the config file defines: their config-owned settings are
@@ -75,7 +75,7 @@ impl ApiState {
     /// The API's state for `config`: tokens read from their files.
     pub fn new(
         config: &Config,
-        directory: Arc<Directory<SqliteDirectory>>,
+        directory: Arc<Directory<Store>>,
         pool: Option<Arc<BackendPool>>,
         bans: Option<Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>>,
         blocklist: Option<Arc<blocklist::BlocklistManager>>,

@@ -32,6 +32,63 @@ pub struct DirectoryConfig {
     /// Dovecot-style master logins `user*master`; empty (default) disables.
     #[serde(default)]
     pub master_separator: String,
+    /// `sqlite` (one node, `path`) or `postgres` (nodes sharing `[directory.postgres]`).
+    #[serde(default)]
+    pub store: StoreKind,
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sqlite,
+    Postgres,
+}
+
+/// `[directory.postgres]`: the database the nodes of one edge share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// libpq connection string (`host=/run/postgresql dbname=protobalance user=…`) or a
+    /// `postgresql://` URL.
+    pub url: String,
+    /// A file whose first line is the password (keeps it out of the config file).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Deadline of every directory call.
+    #[serde(default = "default_pg_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How long cached owners are still served once change notifications cannot be heard.
+    #[serde(default = "default_stale_cache_seconds")]
+    pub stale_cache_seconds: u64,
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+fn default_pg_timeout_ms() -> u64 {
+    2000
+}
+
+fn default_stale_cache_seconds() -> u64 {
+    30
+}
+
+impl PostgresConfig {
+    pub fn settings(&self) -> crate::directory::postgres::PostgresSettings {
+        crate::directory::postgres::PostgresSettings {
+            url: self.url.clone(),
+            password_file: self.password_file.clone(),
+            pool_size: self.pool_size,
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            stale_cache: std::time::Duration::from_secs(self.stale_cache_seconds),
+        }
+    }
 }
 
 impl Default for DirectoryConfig {
@@ -42,6 +99,8 @@ impl Default for DirectoryConfig {
             local_part_case: LocalCase::default(),
             tag_separator: default_tag_separator(),
             master_separator: String::new(),
+            store: StoreKind::default(),
+            postgres: None,
         }
     }
 }
@@ -201,6 +260,49 @@ impl DirectoryConfig {
         }
         if self.path.is_relative() {
             self.path = base.join(&self.path);
+        }
+        match (self.store, &mut self.postgres) {
+            (StoreKind::Postgres, None) => {
+                return Err(Problem::new(
+                    "directory.store",
+                    "`postgres` needs a [directory.postgres] section with `url`".into(),
+                ));
+            }
+            (StoreKind::Sqlite, Some(_)) => {
+                return Err(Problem::new(
+                    "directory.postgres",
+                    "is set but directory.store is `sqlite`: set store = \"postgres\" or remove the section".into(),
+                ));
+            }
+            (StoreKind::Postgres, Some(pg)) => {
+                if let Err(e) = pg.url.parse::<tokio_postgres::Config>() {
+                    return Err(Problem::new("directory.postgres.url", e.to_string()));
+                }
+                if !(1..=1024).contains(&pg.pool_size) {
+                    return Err(Problem::new(
+                        "directory.postgres.pool_size",
+                        format!("{} must be 1..=1024", pg.pool_size),
+                    ));
+                }
+                if !(50..=60_000).contains(&pg.timeout_ms) {
+                    return Err(Problem::new(
+                        "directory.postgres.timeout_ms",
+                        format!("{} must be 50..=60000", pg.timeout_ms),
+                    ));
+                }
+                if pg.stale_cache_seconds > 3600 {
+                    return Err(Problem::new(
+                        "directory.postgres.stale_cache_seconds",
+                        format!("{} must be at most 3600", pg.stale_cache_seconds),
+                    ));
+                }
+                if let Some(path) = &mut pg.password_file
+                    && path.is_relative()
+                {
+                    *path = base.join(&*path);
+                }
+            }
+            (StoreKind::Sqlite, None) => {}
         }
         Ok(())
     }

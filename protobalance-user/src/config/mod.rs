@@ -14,7 +14,8 @@ mod scan;
 
 pub use api::{ApiAccess, ApiConfig, ApiTokenConfig};
 pub use cluster::{
-    BackendConfig, Delivery, DirectoryConfig, DomainConfig, HealthConfig, validate_backend,
+    BackendConfig, Delivery, DirectoryConfig, DomainConfig, HealthConfig, PostgresConfig,
+    StoreKind, validate_backend,
 };
 pub use dnsbl::{DnsblConfig, Site as DnsblSite, SiteConfig as DnsblSiteConfig};
 pub use listeners::{

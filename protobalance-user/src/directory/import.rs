@@ -47,7 +47,7 @@ pub enum ImportError {
 
 /// A backend's load for the in-memory apportioning heap. Ordered so the heap's top is the
 /// backend with the lowest mailboxes/capacity, then the smallest name.
-struct Load {
+pub(super) struct Load {
     id: i64,
     name: String,
     capacity: u64,
@@ -188,7 +188,8 @@ pub struct EntryResult {
 
 /// Imports one batch of entries in one transaction, apportioning unpinned ones exactly as
 /// [`import`] does, and reports each entry instead of failing the batch for one bad line.
-pub async fn import_entries(
+/// Stores call this through [`MailboxDirectory::import_entries`](super::MailboxDirectory).
+pub(super) async fn import_entries(
     dir: &SqliteDirectory,
     entries: Vec<ImportEntry>,
 ) -> Result<Vec<EntryResult>, DirectoryError> {
@@ -209,75 +210,26 @@ fn import_entries_blocking(
     let db = |e: rusqlite::Error| DirectoryError::Store(e.to_string());
     let mut conn = dir.lock();
     let tx = conn.transaction().map_err(db)?;
-    let (mut heap, ids) = loads(&tx).map_err(to_dir)?;
-    let names: HashMap<i64, String> = ids.iter().map(|(n, id)| (*id, n.clone())).collect();
-    let active: std::collections::HashSet<i64> = heap.iter().map(|l| l.id).collect();
-    let mut results = Vec::with_capacity(entries.len());
-    let mut added: HashMap<i64, u64> = HashMap::new();
-    {
-        let mut find = tx
+    let (heap, ids) = loads(&tx).map_err(to_dir)?;
+    let mut planner = Planner::new(heap, ids);
+    let (results, added) = {
+        let find = tx
             .prepare("SELECT backend_id FROM mailboxes WHERE address = ?1")
             .map_err(db)?;
         let mut insert = tx
             .prepare("INSERT INTO mailboxes (address, backend_id) VALUES (?1, ?2)")
             .map_err(db)?;
-        for entry in entries {
-            let result = |outcome, backend: Option<&i64>, message: Option<String>| EntryResult {
-                mailbox: entry.mailbox.clone(),
-                outcome,
-                backend: backend.and_then(|id| names.get(id).cloned()),
-                message,
-            };
-            let pinned = match entry.backend.as_deref() {
-                None => None,
-                Some(name) => match ids.get(name) {
-                    None => {
-                        let message = format!("no backend `{name}`");
-                        results.push(result(EntryOutcome::UnknownBackend, None, Some(message)));
-                        continue;
-                    }
-                    Some(id) => Some(*id),
-                },
-            };
-            let existing: Option<i64> = find
-                .query_row([entry.mailbox.as_str()], |r| r.get(0))
-                .optional()
-                .map_err(db)?;
-            match (existing, pinned) {
-                (Some(have), Some(want)) if have != want => {
-                    let message = "exists on another backend; moving is a separate operation";
-                    results.push(result(
-                        EntryOutcome::Conflict,
-                        Some(&have),
-                        Some(message.into()),
-                    ));
-                }
-                (Some(have), _) => results.push(result(EntryOutcome::Exists, Some(&have), None)),
-                (None, Some(want)) if !active.contains(&want) => {
-                    let message = "the backend is draining or down: it takes no new mailboxes";
-                    results.push(result(
-                        EntryOutcome::BackendNotActive,
-                        Some(&want),
-                        Some(message.into()),
-                    ));
-                }
-                (None, want) => {
-                    let id = match want {
-                        Some(id) => {
-                            bump(&mut heap, id);
-                            id
-                        }
-                        None => take_lowest(&mut heap).map_err(to_dir)?,
-                    };
-                    insert
-                        .execute(params![entry.mailbox.as_str(), id])
-                        .map_err(db)?;
-                    *added.entry(id).or_default() += 1;
-                    results.push(result(EntryOutcome::Added, Some(&id), None));
-                }
-            }
-        }
-    }
+        let mut find = find;
+        planner.plan(
+            entries,
+            |address| {
+                find.query_row([address], |r| r.get(0))
+                    .optional()
+                    .map_err(db)
+            },
+            |address, id| insert.execute(params![address, id]).map(drop).map_err(db),
+        )?
+    };
     for (id, count) in &added {
         tx.execute(
             "UPDATE backends SET mailboxes = mailboxes + ?2 WHERE id = ?1",
@@ -289,11 +241,110 @@ fn import_entries_blocking(
     Ok(results)
 }
 
+/// The apportioning of one import batch, apart from any store: which entries are added to
+/// which backend, which exist, conflict or name a backend that cannot take them.
+pub(super) struct Planner {
+    heap: BinaryHeap<Load>,
+    ids: BackendIds,
+    names: HashMap<i64, String>,
+    active: std::collections::HashSet<i64>,
+}
+
+/// New mailboxes per backend id, for the counter updates.
+pub(super) type Added = HashMap<i64, u64>;
+
+impl Planner {
+    pub(super) fn new(heap: BinaryHeap<Load>, ids: BackendIds) -> Self {
+        let names = ids.iter().map(|(n, id)| (*id, n.clone())).collect();
+        let active = heap.iter().map(|l| l.id).collect();
+        Self {
+            heap,
+            ids,
+            names,
+            active,
+        }
+    }
+
+    /// Plans `entries`: `find(address)` is the stored owner id, `insert(address, id)`
+    /// writes (or queues) a new row. An address twice in the batch is added once.
+    pub(super) fn plan(
+        &mut self,
+        entries: Vec<ImportEntry>,
+        mut find: impl FnMut(&str) -> Result<Option<i64>, DirectoryError>,
+        mut insert: impl FnMut(&str, i64) -> Result<(), DirectoryError>,
+    ) -> Result<(Vec<EntryResult>, Added), DirectoryError> {
+        let mut results = Vec::with_capacity(entries.len());
+        let mut added = Added::new();
+        let mut planned: HashMap<String, i64> = HashMap::new();
+        for entry in entries {
+            let names = &self.names;
+            let result = |outcome, backend: Option<&i64>, message: Option<String>| EntryResult {
+                mailbox: entry.mailbox.clone(),
+                outcome,
+                backend: backend.and_then(|id| names.get(id).cloned()),
+                message,
+            };
+            let pinned = match entry.backend.as_deref() {
+                None => None,
+                Some(name) => match self.ids.get(name) {
+                    None => {
+                        let message = format!("no backend `{name}`");
+                        results.push(result(EntryOutcome::UnknownBackend, None, Some(message)));
+                        continue;
+                    }
+                    Some(id) => Some(*id),
+                },
+            };
+            let address = entry.mailbox.as_str();
+            let existing = match planned.get(address) {
+                Some(id) => Some(*id),
+                None => find(address)?,
+            };
+            match (existing, pinned) {
+                (Some(have), Some(want)) if have != want => {
+                    let message = "exists on another backend; moving is a separate operation";
+                    results.push(result(
+                        EntryOutcome::Conflict,
+                        Some(&have),
+                        Some(message.into()),
+                    ));
+                }
+                (Some(have), _) => results.push(result(EntryOutcome::Exists, Some(&have), None)),
+                (None, Some(want)) if !self.active.contains(&want) => {
+                    let message = "the backend is draining or down: it takes no new mailboxes";
+                    results.push(result(
+                        EntryOutcome::BackendNotActive,
+                        Some(&want),
+                        Some(message.into()),
+                    ));
+                }
+                (None, want) => {
+                    let id = match want {
+                        Some(id) => {
+                            bump(&mut self.heap, id);
+                            id
+                        }
+                        None => take_lowest(&mut self.heap).map_err(|e| match e {
+                            ImportError::Directory(e) => e,
+                            other => DirectoryError::Store(other.to_string()),
+                        })?,
+                    };
+                    insert(address, id)?;
+                    planned.insert(address.to_owned(), id);
+                    *added.entry(id).or_default() += 1;
+                    results.push(result(EntryOutcome::Added, Some(&id), None));
+                }
+            }
+        }
+        Ok((results, added))
+    }
+}
+
 fn store(e: rusqlite::Error) -> ImportError {
     ImportError::Directory(DirectoryError::Store(e.to_string()))
 }
 
-type BackendIds = HashMap<String, i64>;
+pub(super) type BackendIds = HashMap<String, i64>;
 
 /// Active backends with capacity, as a heap; and every backend's name → id (an explicit
 /// backend in the file may also be a draining one: the operator asked for it).
@@ -301,36 +352,50 @@ fn loads(tx: &rusqlite::Transaction<'_>) -> Result<(BinaryHeap<Load>, BackendIds
     let mut stmt = tx
         .prepare("SELECT id, name, capacity, state, mailboxes FROM backends")
         .map_err(store)?;
-    let mut heap = BinaryHeap::new();
-    let mut ids = HashMap::new();
     let rows = stmt
         .query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-            ))
+            Ok(BackendRow {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                capacity: r.get(2)?,
+                state: r.get(3)?,
+                mailboxes: r.get(4)?,
+            })
         })
         .map_err(store)?;
+    let rows = rows.collect::<Result<Vec<_>, _>>().map_err(store)?;
+    Ok(heap_of(rows))
+}
+
+/// One `backends` row as the apportioning reads it.
+pub(super) struct BackendRow {
+    pub id: i64,
+    pub name: String,
+    pub capacity: i64,
+    pub state: String,
+    pub mailboxes: i64,
+}
+
+/// The apportioning heap (active backends with capacity) and every backend's name → id.
+pub(super) fn heap_of(rows: Vec<BackendRow>) -> (BinaryHeap<Load>, BackendIds) {
+    let mut heap = BinaryHeap::new();
+    let mut ids = HashMap::new();
     for row in rows {
-        let (id, name, capacity, state, mailboxes) = row.map_err(store)?;
         let (capacity, mailboxes) = (
-            capacity.max(0).unsigned_abs(),
-            mailboxes.max(0).unsigned_abs(),
+            row.capacity.max(0).unsigned_abs(),
+            row.mailboxes.max(0).unsigned_abs(),
         );
-        if state == "active" && capacity > 0 {
+        if row.state == "active" && capacity > 0 {
             heap.push(Load {
-                id,
-                name: name.clone(),
+                id: row.id,
+                name: row.name.clone(),
                 capacity,
                 mailboxes,
             });
         }
-        ids.insert(name, id);
+        ids.insert(row.name, row.id);
     }
-    Ok((heap, ids))
+    (heap, ids)
 }
 
 fn take_lowest(heap: &mut BinaryHeap<Load>) -> Result<i64, ImportError> {

@@ -2,7 +2,8 @@
 //! mail on unshared storage), normalized before every lookup, cached in process.
 //!
 //! * [`MailboxDirectory`] — the store interface. [`sqlite::SqliteDirectory`] is the embedded
-//!   default; a PostgreSQL store for multi-node edges implements the same trait.
+//!   default; [`postgres::PostgresDirectory`] is shared by the nodes of a multi-node edge;
+//!   [`Store`] is the one a running edge chose.
 //! * [`Directory`] — what sessions use: normalization + LRU cache + domain policy on top of
 //!   a store. `route(login)` answers "which backend", auto-provisioning where the domain's
 //!   policy says so.
@@ -10,6 +11,7 @@
 
 pub mod import;
 pub mod normalize;
+pub mod postgres;
 pub mod sqlite;
 
 use std::{
@@ -17,8 +19,9 @@ use std::{
     num::NonZeroUsize,
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use lru::LruCache;
@@ -300,6 +303,79 @@ pub trait MailboxDirectory: Send + Sync + 'static {
     fn backend_specs(
         &self,
     ) -> impl Future<Output = Result<Vec<(String, String)>, DirectoryError>> + Send;
+
+    /// Imports one batch in one transaction, apportioning unpinned entries as `assign`
+    /// would one by one, and reports each entry (see [`import::EntryResult`]).
+    fn import_entries(
+        &self,
+        entries: Vec<import::ImportEntry>,
+    ) -> impl Future<Output = Result<Vec<import::EntryResult>, DirectoryError>> + Send;
+}
+
+/// The store a running edge uses, chosen by `[directory] store`.
+#[derive(Clone)]
+pub enum Store {
+    /// One node: the embedded SQLite file.
+    Sqlite(sqlite::SqliteDirectory),
+    /// Several nodes sharing one PostgreSQL database.
+    Postgres(postgres::PostgresDirectory),
+}
+
+impl Store {
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// `impl MailboxDirectory for Store`: each method forwarded to the chosen store.
+macro_rules! forward {
+    ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        impl MailboxDirectory for Store {
+            $(
+                async fn $name(&self $(, $arg: $ty)*) -> Result<$ret, DirectoryError> {
+                    match self {
+                        Self::Sqlite(s) => s.$name($($arg),*).await,
+                        Self::Postgres(p) => p.$name($($arg),*).await,
+                    }
+                }
+            )*
+        }
+    };
+}
+
+forward! {
+    fn owner_of(&self, mailbox: &Mailbox) -> Option<String>;
+    fn assign(&self, mailbox: &Mailbox) -> String;
+    fn candidate(&self) -> String;
+    fn assign_to(&self, mailbox: &Mailbox, backend: &str) -> String;
+    fn domain_policy(&self, domain: &str) -> Option<DomainPolicy>;
+    fn upsert_backend(&self, name: &str, capacity: u32) -> ();
+    fn set_backend_state(&self, name: &str, state: BackendState) -> ();
+    fn upsert_domain(&self, domain: &str, policy: DomainPolicy) -> ();
+    fn backends(&self) -> Vec<BackendRecord>;
+    fn list_mailboxes(&self, filter: &MailboxFilter, after: Option<&Mailbox>, limit: usize)
+        -> Vec<(Mailbox, String)>;
+    fn delete_mailbox(&self, mailbox: &Mailbox) -> bool;
+    fn domains(&self) -> Vec<DomainRecord>;
+    fn delete_domain(&self, domain: &str) -> ();
+    fn remove_backend(&self, name: &str) -> ();
+    fn reassign(&self, mailbox: &Mailbox, backend: &str) -> Option<String>;
+    fn mailbox_count(&self) -> u64;
+    fn add_backend(&self, name: &str, capacity: u32, spec: &str) -> ();
+    fn update_backend_spec(&self, name: &str, capacity: u32, spec: &str) -> ();
+    fn blocklist(&self) -> Vec<BlockRecord>;
+    fn put_block(&self, entry: &BlockRecord) -> ();
+    fn remove_block(&self, list: &str, cidr: &str) -> bool;
+    fn replace_block_list(&self, list: &str, entries: &[BlockRecord]) -> ();
+    fn remove_expired_blocks(&self, now: i64) -> Vec<BlockRecord>;
+    fn suspensions(&self) -> Vec<SuspensionRecord>;
+    fn put_suspension(&self, record: &SuspensionRecord) -> ();
+    fn remove_suspension(&self, account: &str) -> bool;
+    fn backend_specs(&self) -> Vec<(String, String)>;
+    fn import_entries(&self, entries: Vec<import::ImportEntry>) -> Vec<import::EntryResult>;
 }
 
 /// An account suspended from sending, as stored (times in Unix seconds).
@@ -358,14 +434,22 @@ pub struct Directory<S> {
     /// from the store only if no invalidation happened since it started reading: otherwise
     /// a lookup racing a `reassign` could put the old owner back after the invalidation.
     generation: AtomicU64,
+    /// Until when (ms after `epoch`) cached owners may be served; `u64::MAX` while the
+    /// cache is known coherent (one node, or a shared store whose changes are heard).
+    lease_until: AtomicU64,
+    epoch: Instant,
     stats: CacheStats,
 }
 
-/// Cache counters for the hit-ratio metric.
+/// Cache counters for the metrics.
 #[derive(Default)]
 pub struct CacheStats {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
+    /// Owners dropped because another node changed them (PostgreSQL notifications).
+    pub notifications: AtomicU64,
+    /// Whether change notifications are being heard (shared stores only).
+    pub listening: AtomicBool,
 }
 
 impl<S: MailboxDirectory> Directory<S> {
@@ -375,8 +459,34 @@ impl<S: MailboxDirectory> Directory<S> {
             normalizer,
             cache: Mutex::new(LruCache::new(cache_entries)),
             generation: AtomicU64::new(0),
+            lease_until: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
             stats: CacheStats::default(),
         }
+    }
+
+    /// `None`: the cache is coherent (every change is heard) and serves without limit.
+    /// `Some(grace)`: changes may be missed from now on; what is cached is served for at
+    /// most `grace` more, nothing new is cached, and after `grace` every lookup asks the
+    /// store. An existing deadline is never extended.
+    pub fn cache_lease(&self, grace: Option<Duration>) {
+        match grace {
+            None => self.lease_until.store(u64::MAX, Ordering::Release),
+            Some(grace) => {
+                let until = self.now_ms().saturating_add(grace.as_millis() as u64);
+                self.lease_until.fetch_min(until, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Whether cached owners are served now.
+    pub fn cache_usable(&self) -> bool {
+        let until = self.lease_until.load(Ordering::Acquire);
+        until == u64::MAX || self.now_ms() < until
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     pub fn store(&self) -> &S {
@@ -513,14 +623,20 @@ impl<S: MailboxDirectory> Directory<S> {
     /// Caches an owner read from the store, unless an invalidation ran since `generation`.
     fn remember(&self, mailbox: &Mailbox, owner: String, generation: u64) {
         let mut cache = self.lock();
-        if self.generation.load(Ordering::Acquire) == generation {
+        // Nothing new is cached while changes may go unheard.
+        let coherent = self.lease_until.load(Ordering::Acquire) == u64::MAX;
+        if coherent && self.generation.load(Ordering::Acquire) == generation {
             cache.put(mailbox.clone(), owner);
         }
     }
 
     fn cached(&self, mailbox: &Mailbox) -> Option<String> {
         use Ordering::Relaxed;
-        let hit = self.lock().get(mailbox).cloned();
+        let hit = if self.cache_usable() {
+            self.lock().get(mailbox).cloned()
+        } else {
+            None
+        };
         let counter = if hit.is_some() {
             &self.stats.hits
         } else {

@@ -503,4 +503,11 @@ impl MailboxDirectory for SqliteDirectory {
         self.blocking(|conn| Self::mailbox_count_blocking(conn))
             .await
     }
+
+    async fn import_entries(
+        &self,
+        entries: Vec<super::import::ImportEntry>,
+    ) -> Result<Vec<super::import::EntryResult>, DirectoryError> {
+        super::import::import_entries(self, entries).await
+    }
 }

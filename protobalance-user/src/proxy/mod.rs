@@ -14,7 +14,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, 
 use crate::{
     backend::BackendPool,
     config::{LimitsConfig, Protocol},
-    directory::{Directory, sqlite::SqliteDirectory},
+    directory::{Directory, Store},
 };
 
 /// One accepted connection's addresses and what it may do.
@@ -83,7 +83,7 @@ pub fn account_key(ctx: &ProxyContext, login: &str) -> String {
 }
 
 pub struct ProxyContext {
-    pub directory: Arc<Directory<SqliteDirectory>>,
+    pub directory: Arc<Directory<Store>>,
     pub pool: Arc<BackendPool>,
     pub limits: LimitsConfig,
     pub banner: String,

@@ -25,9 +25,7 @@ use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::{
     config::SubmissionConfig,
-    directory::{
-        Directory, DirectoryError, MailboxDirectory as _, SuspensionRecord, sqlite::SqliteDirectory,
-    },
+    directory::{Directory, DirectoryError, MailboxDirectory as _, Store, SuspensionRecord},
 };
 
 /// Users whose usage is remembered; the least recently active beyond this start afresh.
@@ -174,7 +172,7 @@ pub struct SubmissionLimits {
     limited: IntCounterVec,
     suspensions: Option<(IntCounterVec, IntGauge)>,
     /// Where suspensions are kept across restarts.
-    store: Option<std::sync::Arc<Directory<SqliteDirectory>>>,
+    store: Option<std::sync::Arc<Directory<Store>>>,
 }
 
 /// Unix seconds of `at` (an `Instant` near now).
@@ -234,7 +232,7 @@ impl SubmissionLimits {
 
     /// Keeps suspensions in `store` from now on.
     #[must_use]
-    pub fn with_store(mut self, store: std::sync::Arc<Directory<SqliteDirectory>>) -> Self {
+    pub fn with_store(mut self, store: std::sync::Arc<Directory<Store>>) -> Self {
         self.store = Some(store);
         self
     }

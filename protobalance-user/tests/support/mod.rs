@@ -13,7 +13,7 @@ use std::{
 use protobalance::{
     app::open_directory,
     config::Config,
-    directory::{MailboxDirectory as _, Normalizer, import::import},
+    directory::{MailboxDirectory as _, Normalizer, import::ImportEntry},
 };
 use protobalance_tests::{
     ChildGuard, DovecotBackend, DovecotCluster, free_port, python, require_root,
@@ -102,9 +102,15 @@ pub fn start_edge_on(
     } else {
         "[[domain]]\nname = \"example.com\"\nunknown_mailbox = \"reject\"\n"
     };
+    // A test that brings [directory.postgres] shares that database (see start_node).
+    let store = if extra.contains("[directory.postgres]") {
+        "store = \"postgres\"\n"
+    } else {
+        ""
+    };
     let mut text = format!(
         "[admin]\nlisten = \"{admin}\"\n[shutdown]\ngrace_seconds = 1\n[directory]\npath = \"dir.db\"\n\
-         {limits}{reputation}\
+         {store}{limits}{reputation}\
          [health]\ninterval_seconds = 1\ntimeout_seconds = 1\nfall = 1\nrise = 1\n\
          {domain}{extra}\n"
     );
@@ -184,22 +190,32 @@ impl Edge {
     }
 }
 
-/// Imports user1..USERS (apportioned by capacity: 100 each over three equal backends).
+/// Imports user1..USERS (apportioned by capacity: 100 each over three equal backends),
+/// unless the directory has mailboxes already (a second node on a shared directory).
 fn provision(config: &Config) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let store = runtime.block_on(open_directory(config)).expect("directory");
-    let list: String = (1..=USERS)
-        .map(|i| format!("user{i}@example.com\n"))
+    if runtime.block_on(store.mailbox_count()).expect("count") > 0 {
+        return;
+    }
+    let normalizer = Normalizer::default();
+    let entries = (1..=USERS)
+        .map(|i| ImportEntry {
+            mailbox: normalizer
+                .normalize(&format!("user{i}@example.com"))
+                .expect("address")
+                .mailbox,
+            backend: None,
+        })
         .collect();
-    let report = import(
-        &store,
-        &Normalizer::default(),
-        std::io::Cursor::new(list),
-        1000,
-        |_| (),
-    )
-    .expect("import");
-    assert_eq!(report.added, USERS as u64);
+    let results = runtime
+        .block_on(store.import_entries(entries))
+        .expect("import");
+    let added = results
+        .iter()
+        .filter(|r| r.outcome == protobalance::directory::import::EntryOutcome::Added)
+        .count();
+    assert_eq!(added, USERS);
     let counts: Vec<u64> = runtime
         .block_on(store.backends())
         .expect("backends")

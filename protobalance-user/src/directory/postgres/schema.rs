@@ -1,0 +1,129 @@
+//! The PostgreSQL directory's layout and its versioned migrations. [`prepare`] runs on every
+//! start: under a transaction-scoped advisory lock (two nodes starting at once take turns),
+//! it applies the migrations the database has not seen, in order, each recorded in
+//! `protobalance_schema`, and refuses a database written by a newer protobalance.
+//!
+//! Versions so far:
+//! 1. `backends`, `domains`, `mailboxes (address → backend_id, domain)` with the same meaning
+//!    as the SQLite layout; `blocklist`, `suspensions`; the `protobalance_mailbox` change
+//!    notification (the address whose owner changed or that was deleted), which keeps every
+//!    node's owner cache coherent.
+//!
+//! Addresses use the "C" collation: keyset paging compares bytes, as SQLite does, whatever
+//! locale the cluster was created with.
+
+use deadpool_postgres::tokio_postgres::Client;
+
+use super::pg_err;
+use crate::directory::DirectoryError;
+
+/// The channel a node LISTENs on; the payload is the address.
+pub const MAILBOX_CHANNEL: &str = "protobalance_mailbox";
+
+/// Any fixed number shared by every node: the advisory lock key for migrations.
+const MIGRATION_LOCK: i64 = 0x7062_6d69_6772; // "pbmigr"
+
+const V1: &str = r#"
+CREATE TABLE backends (
+    id        bigserial PRIMARY KEY,
+    name      text NOT NULL UNIQUE,
+    capacity  bigint NOT NULL CHECK (capacity >= 0),
+    state     text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'draining', 'down')),
+    mailboxes bigint NOT NULL DEFAULT 0,
+    spec      text
+);
+CREATE TABLE domains (
+    name   text COLLATE "C" PRIMARY KEY,
+    policy text NOT NULL CHECK (policy IN ('reject', 'auto-provision'))
+);
+CREATE TABLE mailboxes (
+    address    text COLLATE "C" PRIMARY KEY,
+    backend_id bigint NOT NULL REFERENCES backends (id),
+    domain     text COLLATE "C" GENERATED ALWAYS AS (substring(address from '[^@]*$')) STORED
+);
+CREATE INDEX mailboxes_by_domain ON mailboxes (domain, address);
+CREATE INDEX mailboxes_by_backend ON mailboxes (backend_id, address);
+CREATE TABLE blocklist (
+    list       text NOT NULL,
+    cidr       text NOT NULL,
+    reason     text NOT NULL DEFAULT '',
+    expires_at bigint,
+    PRIMARY KEY (list, cidr)
+);
+CREATE TABLE suspensions (
+    account text PRIMARY KEY,
+    reason  text NOT NULL,
+    since   bigint NOT NULL,
+    until   bigint NOT NULL
+);
+CREATE FUNCTION protobalance_mailbox_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' OR OLD.backend_id IS DISTINCT FROM NEW.backend_id THEN
+        PERFORM pg_notify('protobalance_mailbox', OLD.address);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER mailboxes_changed AFTER UPDATE OR DELETE ON mailboxes
+    FOR EACH ROW EXECUTE FUNCTION protobalance_mailbox_changed();
+"#;
+
+/// `(version, what it adds, SQL)`, oldest first. Append only: a released migration never
+/// changes, a new layout is a new entry.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "mailbox directory, blocklist, suspensions, change notifications",
+    V1,
+)];
+
+/// The newest layout this binary knows.
+pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// Creates or upgrades the schema in one transaction; returns the migrations applied.
+pub(super) async fn prepare(client: &mut Client) -> Result<Vec<i32>, DirectoryError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg_err)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS protobalance_schema (
+             version     integer PRIMARY KEY,
+             description text NOT NULL,
+             applied_at  timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(pg_err)?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM protobalance_schema",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    if current > LATEST {
+        return Err(DirectoryError::Store(format!(
+            "the PostgreSQL directory has schema version {current}, newer than this \
+             protobalance knows ({LATEST}): upgrade protobalance on this node"
+        )));
+    }
+    let mut applied = Vec::new();
+    for &(version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql).await.map_err(|e| {
+            DirectoryError::Store(format!(
+                "PostgreSQL directory migration {version} ({description}): {}",
+                pg_err(e)
+            ))
+        })?;
+        tx.execute(
+            "INSERT INTO protobalance_schema (version, description) VALUES ($1, $2)",
+            &[&version, &description],
+        )
+        .await
+        .map_err(pg_err)?;
+        applied.push(version);
+    }
+    tx.commit().await.map_err(pg_err)?;
+    Ok(applied)
+}
