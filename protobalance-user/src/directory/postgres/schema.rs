@@ -85,6 +85,10 @@ pub(super) async fn prepare(client: &mut Client) -> Result<Vec<i32>, DirectoryEr
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(pg_err)?;
+    // "relation already exists, skipping" on every start is not news.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(pg_err)?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS protobalance_schema (
              version     integer PRIMARY KEY,
