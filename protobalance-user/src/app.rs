@@ -79,6 +79,8 @@ pub struct App {
     config_path: Option<std::path::PathBuf>,
     /// The listening sockets by their configured address, for a live upgrade (SIGUSR2).
     listen_fds: Vec<(std::net::SocketAddr, std::os::fd::RawFd)>,
+    /// Bans shared with the other nodes (PostgreSQL directory).
+    shared_bans: Option<Arc<crate::filter::shared_bans::SharedBans>>,
 }
 
 impl App {
@@ -141,6 +143,16 @@ impl App {
         if let (Some(proxy), Some((_, filter))) = (&proxy, &xdp) {
             proxy.reputation.set_kernel(lock(filter).ban_handle());
         }
+        let shared_bans = directory.as_ref().and_then(|directory| {
+            crate::filter::shared_bans::SharedBans::new(
+                directory,
+                xdp.as_ref().map(|(_, filter)| lock(filter).ban_handle()),
+                node_name(&admin),
+            )
+        });
+        if let (Some(proxy), Some(shared)) = (&proxy, &shared_bans) {
+            proxy.reputation.set_shared(Arc::clone(shared));
+        }
         let blocklist = match (&directory, &xdp) {
             (Some(directory), Some((_, filter))) => {
                 Some(Arc::new(crate::api::blocklist::BlocklistManager::new(
@@ -163,6 +175,7 @@ impl App {
                 )
                 .map_err(AppError::Api)?
                 .with_proxy(proxy.clone())
+                .with_shared_bans(shared_bans.clone())
                 .with_filter(xdp.as_ref().map(|(_, filter)| Arc::clone(filter))),
             ),
             None => None,
@@ -188,6 +201,7 @@ impl App {
             proxy,
             api,
             blocklist,
+            shared_bans,
             config_path: None,
             listen_fds,
         })
@@ -215,6 +229,9 @@ impl App {
         let tracker = TaskTracker::new();
         if let Some(blocklist) = &self.blocklist {
             tracker.spawn(Arc::clone(blocklist).sweep(shutdown.clone()));
+        }
+        if let Some(shared) = &self.shared_bans {
+            tracker.spawn(Arc::clone(shared).run(shutdown.clone()));
         }
         if let Some((_, filter)) = &self.xdp {
             let mut filter = lock(filter);
@@ -565,4 +582,15 @@ async fn proxy_context(
         tls: crate::tls::acceptor(&config.certificates)
             .map_err(|e| AppError::Tls(e.to_string()))?,
     })
+}
+
+/// This node's name in shared records: the host name and the admin listener.
+fn node_name(admin: &TcpListener) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    match admin.local_addr() {
+        Ok(addr) => format!("{host}/{addr}"),
+        Err(_) => host,
+    }
 }

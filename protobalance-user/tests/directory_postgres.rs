@@ -15,7 +15,7 @@ use protobalance::directory::{
     BackendState, BlockRecord, Directory, DirectoryError, DomainPolicy, Mailbox,
     MailboxDirectory as _, MailboxFilter, Normalizer, Route, Store, SuspensionRecord,
     import::{EntryOutcome, ImportEntry},
-    postgres::{self, PostgresDirectory, PostgresSettings},
+    postgres::{self, BanRecord, PostgresDirectory, PostgresSettings},
 };
 use protobalance_tests::{PostgresServer, require_postgres};
 
@@ -369,6 +369,47 @@ fn postgres_blocklist_suspensions_and_imports_follow_the_store_contract() {
         assert!(store.remove_suspension("b@example.com").await.expect("rm"));
         assert!(!store.remove_suspension("b@example.com").await.expect("rm"));
 
+        // Shared bans: replaced by target, read unexpired (all or by target), swept.
+        let ban = |target: &str, expires_ms| BanRecord {
+            target: target.into(),
+            mode: "all".into(),
+            reason: 103,
+            expires_ms,
+            node: "node-a".into(),
+        };
+        store
+            .put_ban(&ban("198.51.100.7", 5_000))
+            .await
+            .expect("ban");
+        store
+            .put_ban(&ban("198.51.100.7", 9_000))
+            .await
+            .expect("ban again");
+        store
+            .put_ban(&ban("2001:db8:1:2::/64", 2_000))
+            .await
+            .expect("ban /64");
+        assert_eq!(
+            store.bans(None, 1_000).await.expect("bans"),
+            vec![ban("198.51.100.7", 9_000), ban("2001:db8:1:2::/64", 2_000)]
+        );
+        assert_eq!(
+            store.bans(None, 2_000).await.expect("bans"),
+            vec![ban("198.51.100.7", 9_000)],
+            "ended bans are not read"
+        );
+        assert_eq!(
+            store
+                .bans(Some(&["2001:db8:1:2::/64".to_owned()]), 1_000)
+                .await
+                .expect("bans"),
+            vec![ban("2001:db8:1:2::/64", 2_000)]
+        );
+        assert_eq!(store.remove_expired_bans(2_000).await.expect("sweep"), 1);
+        assert!(store.remove_ban("198.51.100.7").await.expect("lift"));
+        assert!(!store.remove_ban("198.51.100.7").await.expect("lift again"));
+        assert!(store.bans(None, 0).await.expect("bans").is_empty());
+
         // Imports: apportioned like single assignments, every entry reported.
         store.upsert_backend("one", 1).await.expect("backend");
         store.upsert_backend("two", 1).await.expect("backend");
@@ -441,11 +482,49 @@ fn postgres_schema_is_versioned_and_a_newer_one_is_refused() {
         a.expect("node a");
         b.expect("node b");
     });
-    assert_eq!(
-        pg.psql("SELECT string_agg(version::text, ',') FROM protobalance_schema")
-            .expect("psql"),
-        postgres::schema::LATEST.to_string()
-    );
+    let every_version = (1..=postgres::schema::LATEST)
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let versions =
+        "SELECT string_agg(version::text, ',' ORDER BY version) FROM protobalance_schema";
+    assert_eq!(pg.psql(versions).expect("psql"), every_version);
+
+    // A database left at version 1 (what the first release wrote) with mailboxes in it is
+    // brought to the latest version on the next start, its data kept.
+    pg.psql(
+        "INSERT INTO backends (name, capacity) VALUES ('one', 1); \
+         INSERT INTO mailboxes (address, backend_id) SELECT 'kept@example.com', id FROM backends; \
+         UPDATE backends SET mailboxes = 1; \
+         DROP TABLE bans; DROP FUNCTION protobalance_ban_changed(); \
+         DROP TRIGGER blocklist_changed ON blocklist; DROP FUNCTION protobalance_blocklist_changed(); \
+         DELETE FROM protobalance_schema WHERE version > 1",
+    )
+    .expect("back to version 1");
+    rt.block_on(async {
+        let store = PostgresDirectory::connect(&settings(&pg))
+            .await
+            .expect("upgrade from version 1");
+        assert_eq!(
+            store
+                .owner_of(&mailbox("kept@example.com"))
+                .await
+                .expect("owner"),
+            Some("one".to_owned())
+        );
+        store
+            .put_ban(&BanRecord {
+                target: "198.51.100.9".into(),
+                mode: "all".into(),
+                reason: 0,
+                expires_ms: i64::MAX,
+                node: "n".into(),
+            })
+            .await
+            .expect("the version 2 table is there");
+    });
+    assert_eq!(pg.psql(versions).expect("psql"), every_version);
+
     pg.psql("INSERT INTO protobalance_schema (version, description) VALUES (999, 'future')")
         .expect("psql");
     let err = rt
@@ -600,8 +679,10 @@ fn while_postgres_is_down_cached_owners_serve_for_a_bounded_time_only() {
         Some("one")
     );
 
-    pg.stop().expect("stop postgres");
+    // The listener may notice while the server is still shutting down: the bound is
+    // counted from the moment the shutdown began.
     let stopped = Instant::now();
+    pg.stop().expect("stop postgres");
     // The listener notices within its heartbeat plus the deadline.
     let deadline = Instant::now() + Duration::from_secs(5);
     while b.cache_stats().listening.load(Ordering::Relaxed) {

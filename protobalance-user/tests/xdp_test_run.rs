@@ -328,6 +328,16 @@ fn bans_drop_while_unexpired_by_address_and_ipv6_64() {
         "after unban"
     );
     assert_eq!(filter.bans().list().expect("bans").len(), 2);
+    // Lifting a ban that is not there (lifted already, here or by another node) is not
+    // an error, for addresses and /64s alike.
+    filter
+        .bans()
+        .unban(BanTarget::Address(ip("198.51.100.7")))
+        .expect("lifting an absent ban");
+    filter
+        .bans()
+        .unban(BanTarget::Ipv6Net64("2001:db8:9::".parse().expect("v6")))
+        .expect("lifting an absent /64 ban");
 }
 
 /// An address ban that does not cover the packet (expired, or SYN-only for a non-SYN) must

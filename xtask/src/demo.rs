@@ -22,8 +22,11 @@ use crate::util::{self, step};
 
 const DEMO_IFACE: &str = "pb-demo0";
 const ADMIN: &str = "127.0.0.1:9925";
+/// Node 2's admin listener (`--nodes 2`).
+const ADMIN2: &str = "127.0.0.1:9926";
+const DEMO_TOKEN: &str = "demo-token-not-secret-0123456789abcdef";
 
-pub fn run(binary: &Path, users: usize) -> Result<()> {
+pub fn run(binary: &Path, users: usize, nodes: u8) -> Result<()> {
     if !util::is_root() {
         bail!(
             "the demo attaches XDP and creates a network namespace: run `cargo xtask run` as root"
@@ -44,8 +47,29 @@ pub fn run(binary: &Path, users: usize) -> Result<()> {
     };
     let cluster = DovecotCluster::start_with(&ips, &options)
         .context("starting the demo backends (are ports 24/110/143 on 127.0.1.1-3 free?)")?;
-    let config = util::workspace_root().join("examples/demo.toml");
-    provision(binary, &config, users)?;
+    let example = util::workspace_root().join("examples/demo.toml");
+    let dir = util::workspace_root().join("target/demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    // Two nodes share a PostgreSQL directory; node 1's config is the example's with the
+    // store switched, node 2's the same on other ports and without the kernel filter (one
+    // XDP program per interface).
+    let postgres =
+        if nodes == 2 {
+            step("starting PostgreSQL for the shared directory (a throw-away cluster in /tmp)");
+            Some(protobalance_tests::PostgresServer::start().context(
+                "starting PostgreSQL (cargo xtask setup installs the postgresql package)",
+            )?)
+        } else {
+            None
+        };
+    let config = match &postgres {
+        None => {
+            provision(binary, &example, &dir, users)?;
+            example
+        }
+        Some(pg) => write_node_configs(&example, &dir, &pg.url())?,
+    };
     step(
         "creating the demo network: veth pb-demo0 (198.51.100.1) <-> namespace (198.51.100.2, .66)",
     );
@@ -69,8 +93,25 @@ pub fn run(binary: &Path, users: usize) -> Result<()> {
         Command::new(binary).arg("run").arg("--config").arg(&config),
         "protobalance",
     )?;
-    wait_healthy(&mut protobalance)?;
+    wait_healthy(&mut protobalance, ADMIN)?;
+    let mut second = None;
+    if postgres.is_some() {
+        provision_by_api(binary, &dir, users)?;
+        step("starting node 2 (same directory): POP3 :2110, IMAP :2143, SMTP :2025, admin :9926");
+        let mut node2 = ChildGuard::spawn(
+            Command::new(binary)
+                .arg("run")
+                .arg("--config")
+                .arg(dir.join("node2.toml")),
+            "protobalance node 2",
+        )?;
+        wait_healthy(&mut node2, ADMIN2)?;
+        second = Some(node2);
+    }
     print_guide(binary, &config, &cluster, &ns);
+    if second.is_some() {
+        print_two_nodes_guide(binary);
+    }
     loop {
         if stop_rx.recv_timeout(Duration::from_millis(500)).is_ok() {
             println!("\nstopping the demo cluster ...");
@@ -85,6 +126,11 @@ pub fn run(binary: &Path, users: usize) -> Result<()> {
     // a stop from elsewhere. Drain, then the guards remove everything else.
     protobalance_tests::process::signal(protobalance.id(), "TERM");
     let _ = protobalance.wait_timeout(Duration::from_secs(10))?;
+    if let Some(mut node2) = second {
+        protobalance_tests::process::signal(node2.id(), "TERM");
+        let _ = node2.wait_timeout(Duration::from_secs(10))?;
+    }
+    drop(postgres);
     drop(veth);
     drop(ns);
     drop(cluster);
@@ -92,8 +138,8 @@ pub fn run(binary: &Path, users: usize) -> Result<()> {
     Ok(())
 }
 
-fn wait_healthy(protobalance: &mut ChildGuard) -> Result<()> {
-    let admin: SocketAddr = ADMIN.parse()?;
+fn wait_healthy(protobalance: &mut ChildGuard, admin_addr: &str) -> Result<()> {
+    let admin: SocketAddr = admin_addr.parse()?;
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if let Some(status) = protobalance.wait_timeout(Duration::ZERO)? {
@@ -104,19 +150,70 @@ fn wait_healthy(protobalance: &mut ChildGuard) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    bail!("protobalance did not open its admin listener {ADMIN} within 15 s")
+    bail!("protobalance did not open its admin listener {admin_addr} within 15 s")
 }
 
-/// A fresh directory with every demo user apportioned by capacity (1:1:2).
-fn provision(binary: &Path, config: &Path, users: usize) -> Result<()> {
-    let dir = util::workspace_root().join("target/demo");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+/// The two nodes' configs (`node1.toml`, `node2.toml` in `dir`) on the PostgreSQL at
+/// `url`; returns node 1's.
+fn write_node_configs(example: &Path, dir: &Path, url: &str) -> Result<std::path::PathBuf> {
+    let text = std::fs::read_to_string(example)
+        .with_context(|| format!("reading {}", example.display()))?;
+    let examples = example.parent().context("examples dir")?;
+    let node1 = text
+        .replace("[directory]\n", "[directory]\nstore = \"postgres\"\n")
+        .replace(
+            "\"demo-blocklist.txt\"",
+            &format!("\"{}\"", examples.join("demo-blocklist.txt").display()),
+        )
+        + &format!("\n[directory.postgres]\nurl = \"{url}\"\n");
+    let xdp_start = node1
+        .find("[xdp]")
+        .context("demo.toml has an [xdp] section")?;
+    let xdp_end = node1[xdp_start..]
+        .find("\n# The XML management API")
+        .map_or(node1.len(), |i| xdp_start + i);
+    let node2 = format!("{}{}", &node1[..xdp_start], &node1[xdp_end..])
+        .replace("127.0.0.1:1110", "127.0.0.1:2110")
+        .replace("127.0.0.1:1143", "127.0.0.1:2143")
+        .replace("127.0.0.1:1025", "127.0.0.1:2025")
+        .replace(ADMIN, ADMIN2);
+    std::fs::write(dir.join("node1.toml"), node1)?;
+    std::fs::write(dir.join("node2.toml"), node2)?;
+    Ok(dir.join("node1.toml"))
+}
+
+/// Every demo user into the shared directory through node 1's API (`ctl mailbox import`).
+fn provision_by_api(binary: &Path, dir: &Path, users: usize) -> Result<()> {
+    let list = users_file(dir, users)?;
+    step(&format!(
+        "provisioning {users} mailboxes through node 1: protobalance ctl mailbox import"
+    ));
+    util::run(
+        Command::new(binary)
+            .args([
+                "ctl",
+                "mailbox",
+                "import",
+                "--url",
+                &format!("http://{ADMIN}"),
+            ])
+            .arg(&list)
+            .env("PROTOBALANCE_TOKEN", DEMO_TOKEN),
+    )
+}
+
+fn users_file(dir: &Path, users: usize) -> Result<std::path::PathBuf> {
     let list = dir.join("users.csv");
     let lines: String = (1..=users)
         .map(|i| format!("user{i}@example.com\n"))
         .collect();
     std::fs::write(&list, lines)?;
+    Ok(list)
+}
+
+/// A fresh directory with every demo user apportioned by capacity (1:1:2).
+fn provision(binary: &Path, config: &Path, dir: &Path, users: usize) -> Result<()> {
+    let list = users_file(dir, users)?;
     step(&format!(
         "provisioning {users} mailboxes: protobalance directory import"
     ));
@@ -184,6 +281,19 @@ Kernel filter (XDP on {DEMO_IFACE}; 198.51.100.66 is blocklisted):
   metrics:  curl -s http://{ADMIN}/metrics | grep -E 'protobalance_(xdp|sessions|logins|backend_up)'
 
 Ctrl-C stops protobalance and the backends and removes the demo network.
+"#
+    );
+}
+
+fn print_two_nodes_guide(binary: &Path) {
+    let bin = binary.display();
+    println!(
+        r#"Two nodes share one PostgreSQL directory (target/demo/node1.toml, node2.toml):
+  node 2:   POP3 127.0.0.1:2110, IMAP :2143, SMTP :2025, admin {ADMIN2} (no kernel filter)
+  try:      swaks --server 127.0.0.1:2025 --to user1@example.com --from demo@example.net
+            then read it through node 1 (POP3 :1110): both nodes route user1 to its owner
+            PROTOBALANCE_TOKEN={DEMO_TOKEN} {bin} ctl mailbox rm user2@example.com --url http://{ADMIN}
+            curl -s http://{ADMIN2}/metrics | grep protobalance_directory_   # node 2 heard it
 "#
     );
 }

@@ -57,6 +57,10 @@ enum Command {
         /// Test users per backend's passwd-file.
         #[arg(long, default_value_t = 3000)]
         users: usize,
+        /// Edge nodes: 1 (SQLite directory) or 2 (sharing a PostgreSQL directory the demo
+        /// starts; node 2 listens on 2110/2143/2025, admin 9926).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        nodes: u8,
     },
     /// Run the whole test suite (installs prerequisites first).
     Test {
@@ -114,9 +118,9 @@ fn main() -> Result<()> {
                 &pin_dir,
             ]))
         }
-        Command::Run { users } => {
+        Command::Run { users, nodes } => {
             let binary = build()?;
-            demo::run(&binary, users)
+            demo::run(&binary, users, nodes)
         }
         Command::Test { args } => test(&args),
         Command::Bench { target } => bench::run(target),

@@ -111,6 +111,9 @@ pub async fn create(state: &ApiState, body: Incoming) -> Result<ApiResponse, Api
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .ban(target, Duration::from_secs(ttl), mode, reason)
         .map_err(xdp_error)?;
+    if let Some(shared) = &state.shared_bans {
+        shared.publish(target, Duration::from_secs(ttl), mode, reason);
+    }
     tracing::info!(%target, ttl, mode = mode_name(mode), reason, "ban placed by API");
     let target = target.to_string();
     let (reason, ttl) = (reason.to_string(), ttl.to_string());
@@ -141,6 +144,9 @@ pub async fn delete(state: &ApiState, text: &str) -> Result<ApiResponse, ApiErro
         return Err(ApiError::not_found(format!("no ban of {target}")));
     }
     maps.unban(target).map_err(xdp_error)?;
+    if let Some(shared) = &state.shared_bans {
+        shared.lift(target);
+    }
     tracing::info!(%target, "ban lifted by API");
     Ok(no_content())
 }

@@ -107,12 +107,20 @@ impl BlocklistManager {
         Ok(())
     }
 
-    /// Removes expired entries every few seconds until `shutdown`.
+    /// Removes expired entries every few seconds, and applies changes other nodes made to
+    /// a shared store as they are announced, until `shutdown`.
     pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(SWEEP_EVERY);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = self.directory.blocklist_changed().notified() => {
+                    // Another node changed the shared lists (PostgreSQL directory).
+                    if let Err(error) = self.apply().await {
+                        tracing::warn!(?error, "applying blocklist changes made on another node");
+                    }
+                    continue;
+                }
                 _ = ticker.tick() => {}
             }
             match self.directory.store().remove_expired_blocks(now()).await {

@@ -59,6 +59,8 @@ pub struct ApiState {
     pub registry: Registry,
     /// The kernel filter's ban maps, when the filter is loaded.
     pub bans: Option<Arc<std::sync::Mutex<crate::filter::xdp::BanMaps>>>,
+    /// Bans placed or lifted here reach the other nodes (PostgreSQL directory).
+    pub shared_bans: Option<Arc<crate::filter::shared_bans::SharedBans>>,
     /// The blocklists (config and API), when the filter is loaded.
     pub blocklist: Option<Arc<blocklist::BlocklistManager>>,
     /// The proxy (reputation engine, submission limits), when mail listeners run.
@@ -101,6 +103,7 @@ impl ApiState {
             config_domains: config.domains.iter().map(|d| d.name.clone()).collect(),
             registry,
             bans,
+            shared_bans: None,
             blocklist,
             proxy: None,
             filter: None,
@@ -130,6 +133,15 @@ impl ApiState {
     #[must_use]
     pub fn with_proxy(mut self, proxy: Option<Arc<crate::proxy::ProxyContext>>) -> Self {
         self.proxy = proxy;
+        self
+    }
+
+    #[must_use]
+    pub fn with_shared_bans(
+        mut self,
+        shared: Option<Arc<crate::filter::shared_bans::SharedBans>>,
+    ) -> Self {
+        self.shared_bans = shared;
         self
     }
 }

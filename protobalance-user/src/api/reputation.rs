@@ -184,6 +184,9 @@ pub async fn delete(state: &ApiState, text: &str) -> Result<ApiResponse, ApiErro
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for ban in maps.covering(ip).map_err(kernel_error)? {
             maps.unban(ban.target).map_err(kernel_error)?;
+            if let Some(shared) = &state.shared_bans {
+                shared.lift(ban.target);
+            }
             lifted += 1;
         }
     }

@@ -439,6 +439,67 @@ pub struct Directory<S> {
     lease_until: AtomicU64,
     epoch: Instant,
     stats: CacheStats,
+    /// Woken when another node (or anything) changed the stored blocklist.
+    blocklist_changed: tokio::sync::Notify,
+    ban_changes: BanChanges,
+}
+
+/// Targets whose shared ban changed, announced by the store and taken by the node's ban
+/// applier. Bounded: past [`BanChanges::MAX`] the queue is dropped and a full resync asked
+/// for instead, so a flood of bans cannot grow memory.
+#[derive(Default)]
+pub struct BanChanges {
+    queue: Mutex<(Vec<String>, bool)>,
+    wake: tokio::sync::Notify,
+}
+
+impl BanChanges {
+    pub const MAX: usize = 10_000;
+
+    pub fn push(&self, target: &str) {
+        {
+            let mut q = self
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if q.0.len() < Self::MAX {
+                q.0.push(target.to_owned());
+            } else {
+                q.0.clear();
+                q.1 = true;
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Every ban must be read again (after missed notifications).
+    pub fn resync(&self) {
+        {
+            let mut q = self
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            q.0.clear();
+            q.1 = true;
+        }
+        self.wake.notify_one();
+    }
+
+    /// Waits for changes, then takes them: `(targets, resync_all)`.
+    pub async fn next(&self) -> (Vec<String>, bool) {
+        loop {
+            {
+                let mut q = self
+                    .queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if q.1 || !q.0.is_empty() {
+                    return std::mem::take(&mut *q);
+                }
+            }
+            self.wake.notified().await;
+        }
+    }
 }
 
 /// Cache counters for the metrics.
@@ -462,7 +523,19 @@ impl<S: MailboxDirectory> Directory<S> {
             lease_until: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
             stats: CacheStats::default(),
+            blocklist_changed: tokio::sync::Notify::new(),
+            ban_changes: BanChanges::default(),
         }
+    }
+
+    /// Shared bans changed in the store (PostgreSQL).
+    pub fn ban_changes(&self) -> &BanChanges {
+        &self.ban_changes
+    }
+
+    /// Woken (one permit kept) when the stored blocklist changed, on a shared store.
+    pub fn blocklist_changed(&self) -> &tokio::sync::Notify {
+        &self.blocklist_changed
     }
 
     /// `None`: the cache is coherent (every change is heard) and serves without limit.

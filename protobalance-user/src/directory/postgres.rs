@@ -804,6 +804,89 @@ impl MailboxDirectory for PostgresDirectory {
     }
 }
 
+/// A ban as the nodes share it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BanRecord {
+    /// `198.51.100.7`, `2001:db8::1` or `2001:db8:1:2::/64`.
+    pub target: String,
+    /// `all` or `new-connections`.
+    pub mode: String,
+    pub reason: u32,
+    /// When it ends, Unix milliseconds (every node computes its own remaining time).
+    pub expires_ms: i64,
+    /// The node that placed it (its hostname), for the operator.
+    pub node: String,
+}
+
+impl PostgresDirectory {
+    /// Adds or replaces the ban of `record.target`.
+    pub async fn put_ban(&self, record: &BanRecord) -> Result<(), DirectoryError> {
+        self.execute(
+            "INSERT INTO bans (target, mode, reason, expires_ms, node) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (target) DO UPDATE SET mode = excluded.mode, reason = excluded.reason, \
+             expires_ms = excluded.expires_ms, node = excluded.node",
+            &[
+                &record.target,
+                &record.mode,
+                &i64::from(record.reason),
+                &record.expires_ms,
+                &record.node,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Removes the ban of `target`; false when there was none.
+    pub async fn remove_ban(&self, target: &str) -> Result<bool, DirectoryError> {
+        self.execute("DELETE FROM bans WHERE target = $1", &[&target])
+            .await
+            .map(|n| n > 0)
+    }
+
+    /// The bans unexpired at `now_ms`: all of them, or those of `targets`.
+    pub async fn bans(
+        &self,
+        targets: Option<&[String]>,
+        now_ms: i64,
+    ) -> Result<Vec<BanRecord>, DirectoryError> {
+        let rows = match targets {
+            None => {
+                self.rows(
+                    "SELECT target, mode, reason, expires_ms, node FROM bans \
+                     WHERE expires_ms > $1 ORDER BY target",
+                    &[&now_ms],
+                )
+                .await?
+            }
+            Some(targets) => {
+                self.rows(
+                    "SELECT target, mode, reason, expires_ms, node FROM bans \
+                     WHERE expires_ms > $1 AND target = ANY($2) ORDER BY target",
+                    &[&now_ms, &targets],
+                )
+                .await?
+            }
+        };
+        Ok(rows
+            .iter()
+            .map(|r| BanRecord {
+                target: r.get(0),
+                mode: r.get(1),
+                reason: u32::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                expires_ms: r.get(3),
+                node: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Deletes the bans ended at `now_ms`; how many.
+    pub async fn remove_expired_bans(&self, now_ms: i64) -> Result<u64, DirectoryError> {
+        self.execute("DELETE FROM bans WHERE expires_ms <= $1", &[&now_ms])
+            .await
+    }
+}
+
 fn block_row(r: &tokio_postgres::Row) -> BlockRecord {
     BlockRecord {
         list: r.get(0),
@@ -880,7 +963,12 @@ async fn listen_once(
         }
     });
     let _abort = AbortOnDrop(pump.abort_handle());
-    let command = format!("LISTEN {}", schema::MAILBOX_CHANNEL);
+    let command = format!(
+        "LISTEN {}; LISTEN {}; LISTEN {}",
+        schema::MAILBOX_CHANNEL,
+        schema::BLOCKLIST_CHANNEL,
+        schema::BAN_CHANNEL
+    );
     tokio::time::timeout(settings.timeout, client.batch_execute(&command))
         .await
         .map_err(|_| DirectoryError::Store("PostgreSQL: LISTEN timed out".into()))?
@@ -892,6 +980,9 @@ async fn listen_once(
         // Changes made while nobody listened were not heard: forget everything.
         directory.invalidate_all();
         directory.cache_lease(None);
+        // Blocklist and ban changes may have been missed as well.
+        directory.blocklist_changed().notify_one();
+        directory.ban_changes().resync();
         directory
             .cache_stats()
             .listening
@@ -913,9 +1004,18 @@ async fn listen_once(
                 let Some(directory) = weak.upgrade() else {
                     return Ok(());
                 };
-                if let AsyncMessage::Notification(n) = message {
-                    directory.invalidate(&Mailbox::from_store(n.payload().to_owned()));
-                    directory.cache_stats().notifications.fetch_add(1, Ordering::Relaxed);
+                match message {
+                    AsyncMessage::Notification(n) if n.channel() == schema::BLOCKLIST_CHANNEL => {
+                        directory.blocklist_changed().notify_one();
+                    }
+                    AsyncMessage::Notification(n) if n.channel() == schema::BAN_CHANNEL => {
+                        directory.ban_changes().push(n.payload());
+                    }
+                    AsyncMessage::Notification(n) => {
+                        directory.invalidate(&Mailbox::from_store(n.payload().to_owned()));
+                        directory.cache_stats().notifications.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
                 }
             }
             _ = heartbeat.tick() => {

@@ -353,6 +353,8 @@ pub struct Reputation {
     hasher: std::collections::hash_map::RandomState,
     epoch: Instant,
     kernel: OnceLock<Arc<Mutex<BanMaps>>>,
+    /// The other nodes of a multi-node edge, told about every ban.
+    shared: OnceLock<Arc<crate::filter::shared_bans::SharedBans>>,
     accounts: AccountGuard,
     metrics: Option<ReputationMetrics>,
 }
@@ -378,6 +380,7 @@ impl Reputation {
             hasher: std::collections::hash_map::RandomState::new(),
             epoch: Instant::now(),
             kernel: OnceLock::new(),
+            shared: OnceLock::new(),
             accounts,
             metrics,
         }
@@ -441,6 +444,11 @@ impl Reputation {
     /// From now on bans also go into the kernel's ban maps.
     pub fn set_kernel(&self, maps: Arc<Mutex<BanMaps>>) {
         let _ = self.kernel.set(maps);
+    }
+
+    /// From now on bans are also shared with the other nodes (PostgreSQL directory).
+    pub fn set_shared(&self, shared: Arc<crate::filter::shared_bans::SharedBans>) {
+        let _ = self.shared.set(shared);
     }
 
     fn now(&self) -> u32 {
@@ -612,6 +620,9 @@ impl Reputation {
             }
             None => "proxy",
         };
+        if let Some(shared) = self.shared.get() {
+            shared.publish(target, ttl, BanMode::All, event.ban_reason());
+        }
         tracing::warn!(
             client = %subject,
             seconds = ttl.as_secs(),

@@ -8,6 +8,9 @@
 //!    as the SQLite layout; `blocklist`, `suspensions`; the `protobalance_mailbox` change
 //!    notification (the address whose owner changed or that was deleted), which keeps every
 //!    node's owner cache coherent.
+//! 2. The `protobalance_blocklist` notification: blocklist entries added, replaced, removed
+//!    or expired on one node reach every node's kernel filter. `bans` with the
+//!    `protobalance_ban` notification: a ban placed on one node is enforced by every node.
 //!
 //! Addresses use the "C" collation: keyset paging compares bytes, as SQLite does, whatever
 //! locale the cluster was created with.
@@ -17,8 +20,12 @@ use deadpool_postgres::tokio_postgres::Client;
 use super::pg_err;
 use crate::directory::DirectoryError;
 
-/// The channel a node LISTENs on; the payload is the address.
+/// The channel of owner changes; the payload is the address.
 pub const MAILBOX_CHANNEL: &str = "protobalance_mailbox";
+/// The channel of blocklist changes (no payload: the lists are read again).
+pub const BLOCKLIST_CHANNEL: &str = "protobalance_blocklist";
+/// The channel of ban changes; the payload is the target (`198.51.100.7`, `2001:db8::/64`).
+pub const BAN_CHANNEL: &str = "protobalance_ban";
 
 /// Any fixed number shared by every node: the advisory lock key for migrations.
 const MIGRATION_LOCK: i64 = 0x7062_6d69_6772; // "pbmigr"
@@ -68,13 +75,51 @@ CREATE TRIGGER mailboxes_changed AFTER UPDATE OR DELETE ON mailboxes
     FOR EACH ROW EXECUTE FUNCTION protobalance_mailbox_changed();
 "#;
 
+/// Version 2: a change to the blocklist (any statement) notifies `protobalance_blocklist`,
+/// and every node rewrites its kernel lists from the table. `bans`: the timed kernel bans
+/// placed on any node (API, reputation engine), with their end in Unix milliseconds; a
+/// change to a row notifies `protobalance_ban` with the target.
+const V2: &str = r#"
+CREATE TABLE bans (
+    target     text PRIMARY KEY,
+    mode       text NOT NULL CHECK (mode IN ('all', 'new-connections')),
+    reason     bigint NOT NULL,
+    expires_ms bigint NOT NULL,
+    node       text NOT NULL
+);
+CREATE INDEX bans_by_expiry ON bans (expires_ms);
+CREATE FUNCTION protobalance_ban_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('protobalance_ban', OLD.target);
+    ELSE
+        PERFORM pg_notify('protobalance_ban', NEW.target);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER bans_changed AFTER INSERT OR UPDATE OR DELETE ON bans
+    FOR EACH ROW EXECUTE FUNCTION protobalance_ban_changed();
+CREATE FUNCTION protobalance_blocklist_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('protobalance_blocklist', '');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER blocklist_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON blocklist
+    FOR EACH STATEMENT EXECUTE FUNCTION protobalance_blocklist_changed();
+"#;
+
 /// `(version, what it adds, SQL)`, oldest first. Append only: a released migration never
 /// changes, a new layout is a new entry.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "mailbox directory, blocklist, suspensions, change notifications",
-    V1,
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "mailbox directory, blocklist, suspensions, change notifications",
+        V1,
+    ),
+    (2, "blocklist change notifications, shared bans", V2),
+];
 
 /// The newest layout this binary knows.
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;

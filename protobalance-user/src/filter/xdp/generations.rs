@@ -43,7 +43,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use protobalance_common::{
     CLASS_ALLOW, DIR_CLASS_MASK, DIR_ENTRIES, DIR_HAS_EXACT, DIR_HAS_LONG, DIR_SLOTS_PER_VALUE,
     GEN_NUMBER, GEN_V6_EXACT, GEN_V6_PREFIX, ListGen, MAP_LIST_GEN, MAP_V4_DIR, MAP_V4_EXACT,
@@ -382,13 +382,6 @@ fn write(g: &mut Generation, old: Option<&Compiled>, new: &Compiled) -> Result<u
     Ok(changes)
 }
 
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), XdpError> {
-    match result {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(other) => Err(other.into()),
-    }
-}
-
 fn sync_map<K: aya::Pod + Eq + std::hash::Hash>(
     old: Option<&HashMap<K, u8>>,
     new: &HashMap<K, u8>,
@@ -399,14 +392,14 @@ fn sync_map<K: aya::Pod + Eq + std::hash::Hash>(
     match old {
         Some(old) => {
             for k in old.keys().filter(|k| !new.contains_key(k)) {
-                ignore_missing(map.remove(&key(k)))?;
+                super::ignore_absent(map.remove(&key(k)))?;
                 changes += 1;
             }
         }
         None => {
             let stale: Vec<K> = map.keys().collect::<Result<_, _>>()?;
             for k in &stale {
-                ignore_missing(map.remove(k))?;
+                super::ignore_absent(map.remove(k))?;
             }
             changes += stale.len();
         }
@@ -430,14 +423,14 @@ fn sync_trie<const N: usize>(
     match old {
         Some(old) => {
             for k in old.keys().filter(|k| !new.contains_key(k)) {
-                ignore_missing(trie.remove(&key(k)))?;
+                super::ignore_absent(trie.remove(&key(k)))?;
                 changes += 1;
             }
         }
         None => {
             let stale: Vec<Key<[u8; N]>> = trie.keys().collect::<Result<_, _>>()?;
             for k in &stale {
-                ignore_missing(trie.remove(k))?;
+                super::ignore_absent(trie.remove(k))?;
             }
             changes += stale.len();
         }

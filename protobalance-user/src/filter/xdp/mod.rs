@@ -368,10 +368,7 @@ impl XdpFilter {
             IpAddr::V4(addr) => trie_v4(&mut self.ebpf)?.remove(&Key::new(len, addr.octets())),
             IpAddr::V6(addr) => trie_v6(&mut self.ebpf)?.remove(&Key::new(len, addr.octets())),
         };
-        match result {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(other) => Err(other.into()),
-        }
+        ignore_absent(result)
     }
 
     /// Makes list `list_id` hold exactly `wanted`: inserts first, then removes entries of
@@ -651,4 +648,14 @@ fn trie_v6(ebpf: &mut Ebpf) -> Result<LpmTrie<&mut MapData, [u8; 16], BlockEntry
         .map_mut(MAP_BLOCK_V6)
         .ok_or(XdpError::Missing(MAP_BLOCK_V6))?;
     Ok(LpmTrie::try_from(map)?)
+}
+
+/// A map delete whose key was not there is not an error: aya reports it as `KeyNotFound`
+/// from some calls and as the syscall's `ENOENT` from `bpf_map_delete_elem`.
+pub(crate) fn ignore_absent(result: Result<(), MapError>) -> Result<(), XdpError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(other) => Err(other.into()),
+    }
 }

@@ -132,10 +132,7 @@ impl XdpFilter {
                 IpAddr::V4(a) => allow_v4(&mut self.ebpf)?.remove(&Key::new(len, a.octets())),
                 IpAddr::V6(a) => allow_v6(&mut self.ebpf)?.remove(&Key::new(len, a.octets())),
             };
-            match removed {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(other) => return Err(other.into()),
-            }
+            super::ignore_absent(removed)?;
         }
         self.publish()?;
         Ok(stale.len())
@@ -224,10 +221,7 @@ impl BanMaps {
             BanTarget::Address(IpAddr::V6(a)) => self.v6.remove(&a.octets()),
             BanTarget::Ipv6Net64(a) => self.v6_64.remove(&net64(a)),
         };
-        match result {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(other) => Err(other.into()),
-        }
+        super::ignore_absent(result)
     }
 
     /// Every ban in the kernel, expired ones included (remaining zero).

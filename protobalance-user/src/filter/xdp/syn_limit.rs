@@ -190,7 +190,7 @@ impl SynLimiter {
 
     /// Takes `source` out of the penalty map; an absent source is not an error.
     pub fn pardon(&mut self, source: SynSource) -> Result<(), XdpError> {
-        ignore_absent(self.penalty.remove(&source.key()))?;
+        super::ignore_absent(self.penalty.remove(&source.key()))?;
         self.set_bucket_penalty(source, 0)
     }
 
@@ -253,7 +253,7 @@ impl SynLimiter {
 
     /// Removes `source`'s bucket, as an LRU eviction would; its next SYN starts a full one.
     pub fn forget_bucket(&mut self, source: SynSource) -> Result<(), XdpError> {
-        ignore_absent(self.buckets.remove(&source.key()))
+        super::ignore_absent(self.buckets.remove(&source.key()))
     }
 
     /// Removes expired penalties; returns how many were removed and how many are left.
@@ -275,13 +275,6 @@ fn absent_is_none<T>(result: Result<T, MapError>) -> Result<Option<T>, XdpError>
     match result {
         Ok(value) => Ok(Some(value)),
         Err(MapError::KeyNotFound) => Ok(None),
-        Err(other) => Err(other.into()),
-    }
-}
-
-fn ignore_absent(result: Result<(), MapError>) -> Result<(), XdpError> {
-    match result {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(other) => Err(other.into()),
     }
 }
