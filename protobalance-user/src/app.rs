@@ -14,7 +14,7 @@ use crate::{
     admin::{self, AdminState},
     backend::BackendPool,
     config::StoreKind,
-    config::{Config, Protocol, TlsMode, Validated, XdpConfig},
+    config::{Config, Validated, XdpConfig},
     directory::{
         Directory, DirectoryError, MailboxDirectory as _, Store, postgres::PostgresDirectory,
         sqlite::SqliteDirectory,
@@ -24,7 +24,11 @@ use crate::{
         xdp::{Attached, SynLimit, XdpError, XdpFilter},
     },
     metrics,
-    proxy::{ProxyContext, ProxyMetrics, admission::Admission, listener},
+    proxy::{
+        ProxyContext, ProxyMetrics,
+        admission::Admission,
+        listeners::{ListenFds, ListenerKey, MailListeners},
+    },
 };
 
 /// List id of the inline `xdp.blocklist`; each of `xdp.blocklist_files` gets its own.
@@ -69,7 +73,7 @@ pub struct App {
     xdp: Option<(String, Arc<std::sync::Mutex<XdpFilter>>)>,
     /// The API's blocklists and their expiry sweeper, with the filter and a directory.
     blocklist: Option<Arc<crate::api::blocklist::BlocklistManager>>,
-    mail: Vec<(Protocol, TlsMode, TcpListener)>,
+    mail: Vec<(ListenerKey, TcpListener)>,
     proxy: Option<Arc<ProxyContext>>,
     /// `admin.tls`: the admin listener's TLS acceptor.
     admin_tls: Option<crate::tls::TlsAcceptor>,
@@ -78,7 +82,11 @@ pub struct App {
     /// The config file, re-read on SIGHUP (`None`: no reload, e.g. in tests).
     config_path: Option<std::path::PathBuf>,
     /// The listening sockets by their configured address, for a live upgrade (SIGUSR2).
-    listen_fds: Vec<(std::net::SocketAddr, std::os::fd::RawFd)>,
+    listen_fds: ListenFds,
+    /// The admin listener's socket (never changed by a reload).
+    admin_fd: (SocketAddr, std::os::fd::RawFd),
+    /// The certificates behind the TLS acceptor, replaced by a reload.
+    certificates: Option<crate::tls::Certificates>,
     /// Bans shared with the other nodes (PostgreSQL directory).
     shared_bans: Option<Arc<crate::filter::shared_bans::SharedBans>>,
 }
@@ -91,7 +99,8 @@ impl App {
         let admin = crate::upgrade::bind(addr)
             .await
             .map_err(|source| AppError::BindAdmin { addr, source })?;
-        let mut listen_fds = vec![(addr, std::os::fd::AsRawFd::as_raw_fd(&admin))];
+        let admin_fd = (addr, std::os::fd::AsRawFd::as_raw_fd(&admin));
+        let mut listen_fds = vec![admin_fd];
         let have_certs = !validated.config.certificates.is_empty();
         let mut mail = Vec::new();
         for listener in &validated.config.listeners {
@@ -100,7 +109,12 @@ impl App {
                 .await
                 .map_err(|source| AppError::BindListener { addr, source })?;
             listen_fds.push((addr, std::os::fd::AsRawFd::as_raw_fd(&bound)));
-            mail.push((listener.protocol, listener.tls_mode(have_certs), bound));
+            let key = ListenerKey {
+                addr,
+                protocol: listener.protocol,
+                tls: listener.tls_mode(have_certs),
+            };
+            mail.push((key, bound));
         }
         crate::upgrade::close_unused();
         let config = &validated.config;
@@ -109,9 +123,13 @@ impl App {
         } else {
             Some(shared_directory(config, &registry).await?)
         };
+        // One acceptor (and one set of certificates, replaced by a reload) for the mail
+        // listeners and the admin listener.
+        let tls = crate::tls::reloadable_acceptor(&config.certificates)
+            .map_err(|e| AppError::Tls(e.to_string()))?;
         let proxy = match &directory {
             Some(directory) if !mail.is_empty() => Some(Arc::new(
-                proxy_context(&validated, Arc::clone(directory), &registry).await?,
+                proxy_context(&validated, Arc::clone(directory), tls.clone(), &registry).await?,
             )),
             _ => None,
         };
@@ -181,11 +199,10 @@ impl App {
             None => None,
         };
         let admin_tls = if validated.config.admin.tls {
-            let acceptor = crate::tls::acceptor(&validated.config.certificates)
-                .map_err(|e| AppError::Tls(e.to_string()))?;
             // Never fall back to plaintext when TLS was asked for.
             Some(
-                acceptor
+                tls.as_ref()
+                    .map(|(acceptor, _)| acceptor.clone())
                     .ok_or_else(|| AppError::Tls("admin.tls without a [[certificate]]".into()))?,
             )
         } else {
@@ -203,7 +220,9 @@ impl App {
             blocklist,
             shared_bans,
             config_path: None,
-            listen_fds,
+            listen_fds: Arc::new(std::sync::Mutex::new(listen_fds)),
+            admin_fd,
+            certificates: tls.map(|(_, certificates)| certificates),
         })
     }
 
@@ -220,8 +239,8 @@ impl App {
 
     /// The listening sockets (admin and mail) by configured address: what a live upgrade
     /// hands to the new process (`crate::upgrade`).
-    pub fn listen_fds(&self) -> Vec<(std::net::SocketAddr, std::os::fd::RawFd)> {
-        self.listen_fds.clone()
+    pub fn listen_fds(&self) -> ListenFds {
+        Arc::clone(&self.listen_fds)
     }
 
     /// Serves until `shutdown` is cancelled, then waits up to the grace period for tasks.
@@ -250,14 +269,34 @@ impl App {
                 Err(error) => tracing::error!(%error, "ban metrics"),
             }
         }
+        let mut listeners = None;
+        if let Some(ctx) = &self.proxy {
+            tracker.spawn(Arc::clone(&ctx.pool).run_health_checks(shutdown.clone()));
+            tracker.spawn(Arc::clone(&ctx.sessions).sweep(shutdown.clone()));
+            let mail = Arc::new(MailListeners::new(
+                Arc::clone(ctx),
+                tracker.clone(),
+                shutdown.clone(),
+                Arc::clone(&self.listen_fds),
+                Some(self.admin_fd),
+            ));
+            for (key, listener) in self.mail {
+                mail.start(key, listener).await;
+            }
+            listeners = Some(mail);
+        }
         let mut api = self.api;
         if let Some(path) = self.config_path.clone() {
             let reloader = crate::reload::Reloader::new(
                 path,
                 self.validated.clone(),
-                self.xdp.as_ref().map(|(_, filter)| Arc::clone(filter)),
-                self.blocklist.clone(),
-                self.proxy.clone(),
+                crate::reload::Parts {
+                    filter: self.xdp.as_ref().map(|(_, filter)| Arc::clone(filter)),
+                    blocklist: self.blocklist.clone(),
+                    proxy: self.proxy.clone(),
+                    listeners,
+                    certificates: self.certificates.clone(),
+                },
                 &self.registry,
             );
             match reloader {
@@ -283,24 +322,6 @@ impl App {
             shutdown.clone(),
             tracker.clone(),
         ));
-        if let Some(ctx) = &self.proxy {
-            tracker.spawn(Arc::clone(&ctx.pool).run_health_checks(shutdown.clone()));
-            tracker.spawn(Arc::clone(&ctx.sessions).sweep(shutdown.clone()));
-            for (protocol, tls, listener) in self.mail {
-                if let Ok(addr) = listener.local_addr() {
-                    tracing::info!(%addr, protocol = protocol.as_str(), ?tls, "mail listener ready");
-                }
-                let serve = listener::serve(
-                    listener,
-                    protocol,
-                    tls,
-                    Arc::clone(ctx),
-                    shutdown.clone(),
-                    tracker.clone(),
-                );
-                tracker.spawn(serve);
-            }
-        }
         tracing::info!("protobalance running");
         crate::upgrade::notify_ready();
         shutdown.cancelled().await;
@@ -324,10 +345,10 @@ impl App {
 
 /// The ports the SYN limiter watches: `xdp.syn_limited_ports`, or else the ports the mail
 /// listeners are bound to (their real ports, also for a configured port 0), deduplicated.
-fn syn_limited_ports(cfg: &XdpConfig, mail: &[(Protocol, TlsMode, TcpListener)]) -> Vec<u16> {
+fn syn_limited_ports(cfg: &XdpConfig, mail: &[(ListenerKey, TcpListener)]) -> Vec<u16> {
     let mut ports: Vec<u16> = if cfg.syn_limited_ports.is_empty() {
         mail.iter()
-            .filter_map(|(_, _, listener)| listener.local_addr().ok())
+            .filter_map(|(_, listener)| listener.local_addr().ok())
             .map(|addr| addr.port())
             .collect()
     } else {
@@ -508,6 +529,7 @@ async fn all_backends(
 async fn proxy_context(
     validated: &Validated,
     directory: Arc<Directory<Store>>,
+    tls: Option<(crate::tls::TlsAcceptor, crate::tls::Certificates)>,
     registry: &Registry,
 ) -> Result<ProxyContext, AppError> {
     let config = &validated.config;
@@ -572,15 +594,15 @@ async fn proxy_context(
             config.limits.backend_connect_timeout(),
             registry,
         )?),
-        limits: config.limits.clone(),
+        limits: std::sync::RwLock::new(Arc::new(config.limits.clone())),
         banner: config.server.banner.clone(),
         hostname: config.server.hostname.clone(),
         postmaster: config.postmaster(),
         submission_limits,
         metrics: ProxyMetrics::new(registry)?,
         admission: Admission::new(config.limits.max_sessions_per_ip),
-        tls: crate::tls::acceptor(&config.certificates)
-            .map_err(|e| AppError::Tls(e.to_string()))?,
+        certificates: tls.as_ref().map(|(_, certificates)| certificates.clone()),
+        tls: tls.map(|(acceptor, _)| acceptor),
     })
 }
 

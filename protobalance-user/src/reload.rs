@@ -8,10 +8,20 @@
 //!   live atomically as a new generation of the kernel's rule tables;
 //! * `[reputation]`: weights, thresholds, delays, ban lengths, account rules and `allow`
 //!   (scores and bans so far stay; what sizes or keys the records waits for a restart);
-//! * `[dnsbl]`: the lists are rebuilt (new resolver, empty cache) for the next connections.
+//! * `[dnsbl]`: the lists are rebuilt (new resolver, empty cache) for the next connections;
+//! * `[[listener]]`: unchanged listeners keep their sockets (no connection is refused),
+//!   removed ones stop accepting (their sessions go on), new ones open
+//!   ([`crate::proxy::listeners`]);
+//! * `[[certificate]]`: loaded and served from the next handshake on;
+//! * `[limits]`: for sessions from now on (the per-address cap at once);
+//! * `[[backend]]` and `[[domain]]`: new backends join the pool and the directory (new
+//!   mailboxes flow to them by capacity), changed ones are updated, and a backend removed
+//!   from the file leaves — refused while it still owns mailboxes; domain policies apply;
+//! * the SYN limiter's rate, burst, penalty and ports.
 //!
-//! Everything else (listeners, backends, certificates, limits) takes effect at the
-//! next restart; a reload says so when those sections changed.
+//! What the running process cannot change in place (`[admin]`, `[directory]`, `[api]`,
+//! `[scan]`, `[submission]`, `[server]`, `[health]`, `[shutdown]`, the XDP interface and
+//! mode) takes effect at the next restart; a reload says so when those changed.
 
 use std::{
     path::PathBuf,
@@ -24,30 +34,36 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     api::blocklist::BlocklistManager,
     config::{Config, Validated},
+    directory::MailboxDirectory as _,
     filter::xdp::XdpFilter,
+    proxy::listeners::{Changed, MailListeners},
 };
 
 pub struct Reloader {
     path: PathBuf,
-    /// What the running process was started with, to name the sections a reload cannot
-    /// change.
-    started: Validated,
-    filter: Option<Arc<Mutex<XdpFilter>>>,
-    blocklist: Option<Arc<BlocklistManager>>,
-    /// The proxy (reputation engine), when mail listeners run.
-    proxy: Option<Arc<crate::proxy::ProxyContext>>,
+    /// The config in force (what started, then each applied reload), to tell what changed.
+    current: Mutex<Validated>,
+    parts: Parts,
     reloads: IntCounterVec,
     /// One reload at a time (SIGHUP and API).
     reloading: tokio::sync::Mutex<()>,
+}
+
+/// What a reload changes in the running process.
+pub struct Parts {
+    pub filter: Option<Arc<Mutex<XdpFilter>>>,
+    pub blocklist: Option<Arc<BlocklistManager>>,
+    /// The proxy (reputation engine, pool, limits), when mail listeners run.
+    pub proxy: Option<Arc<crate::proxy::ProxyContext>>,
+    pub listeners: Option<Arc<MailListeners>>,
+    pub certificates: Option<crate::tls::Certificates>,
 }
 
 impl Reloader {
     pub fn new(
         path: PathBuf,
         started: Validated,
-        filter: Option<Arc<Mutex<XdpFilter>>>,
-        blocklist: Option<Arc<BlocklistManager>>,
-        proxy: Option<Arc<crate::proxy::ProxyContext>>,
+        parts: Parts,
         registry: &Registry,
     ) -> prometheus::Result<Self> {
         let reloads = IntCounterVec::new(
@@ -60,10 +76,8 @@ impl Reloader {
         registry.register(Box::new(reloads.clone()))?;
         Ok(Self {
             path,
-            started,
-            filter,
-            blocklist,
-            proxy,
+            current: Mutex::new(started),
+            parts,
             reloads,
             reloading: tokio::sync::Mutex::new(()),
         })
@@ -113,13 +127,81 @@ impl Reloader {
             .await
             .map_err(|e| Refused::Failed(format!("reading the config: {e}")))?
             .map_err(|e| Refused::Invalid(e.to_string()))?;
-        let (old, cfg) = (&self.started.config, &new.config);
+        let started = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let (old, cfg) = (&started.config, &new.config);
         if old.xdp.interface != cfg.xdp.interface || old.xdp.pin_dir != cfg.xdp.pin_dir {
             return Err(Refused::Invalid(
                 "xdp.interface or xdp.pin_dir changed: that needs a restart".into(),
             ));
         }
-        if let Some(filter) = &self.filter {
+        let mut later = Vec::new();
+        // Checked before anything changes: what cannot apply refuses the whole reload.
+        self.check_cluster(old, cfg).await?;
+        if let Some(listeners) = &self.parts.listeners {
+            // A listener's default TLS mode follows the certificates this process serves
+            // (gaining or losing all of them waits for a restart).
+            let changed = listeners
+                .reconcile(&cfg.listeners, self.parts.certificates.is_some())
+                .await
+                .map_err(Refused::Failed)?;
+            if changed != Changed::default() {
+                tracing::info!(opened = ?changed.opened, closed = ?changed.closed, "config reloaded: mail listeners changed");
+            }
+        } else if format!("{:?}", old.listeners) != format!("{:?}", cfg.listeners) {
+            later.push("listener");
+        }
+        match (&self.parts.certificates, cfg.certificates.is_empty()) {
+            // Always read again: a renewal rewrites the files under the same names.
+            (Some(certificates), false) => {
+                certificates
+                    .replace(&cfg.certificates)
+                    .map_err(|e| Refused::Invalid(format!("certificate {e}")))?;
+                tracing::info!(
+                    certificates = cfg.certificates.len(),
+                    "config reloaded: certificates read again, served from the next handshake"
+                );
+            }
+            (None, true) => {}
+            _ => later.push("certificate"),
+        }
+        self.apply_cluster(old, cfg).await?;
+        if let Some(proxy) = &self.parts.proxy
+            && format!("{:?}", old.limits) != format!("{:?}", cfg.limits)
+        {
+            proxy.set_limits(cfg.limits.clone());
+            tracing::info!("config reloaded: [limits] in force for new sessions");
+            if old.limits.backend_idle_sessions != cfg.limits.backend_idle_sessions
+                || old.limits.backend_connect_timeout_seconds
+                    != cfg.limits.backend_connect_timeout_seconds
+            {
+                later.push("limits.backend_*");
+            }
+        }
+        let syn_changed = format!("{:?}", syn_settings(old)) != format!("{:?}", syn_settings(cfg))
+            || old
+                .listeners
+                .iter()
+                .map(|l| l.listen)
+                .ne(cfg.listeners.iter().map(|l| l.listen));
+        if let Some(filter) = self.parts.filter.as_ref().filter(|_| syn_changed) {
+            let ports = syn_ports(cfg);
+            let limit = crate::filter::xdp::SynLimit {
+                rate_per_second: cfg.xdp.syn_rate_per_second,
+                burst: cfg.xdp.syn_burst,
+                penalty: std::time::Duration::from_secs(cfg.xdp.syn_penalty_seconds),
+            };
+            filter
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .set_syn_limit(limit, &ports)
+                .map_err(|e| Refused::Failed(format!("SYN limiter: {e}")))?;
+            tracing::info!(rate = limit.rate_per_second, burst = limit.burst, ports = ?ports, "config reloaded: SYN limiter set");
+        }
+        if let Some(filter) = &self.parts.filter {
             let allowed = filter
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -127,7 +209,7 @@ impl Reloader {
                 .map_err(|e| Refused::Failed(format!("kernel allowlist: {e}")))?;
             let lists = cfg.xdp.blocklists.clone();
             let entries: usize = lists.iter().map(|l| l.entries.len()).sum();
-            match &self.blocklist {
+            match &self.parts.blocklist {
                 Some(manager) => manager
                     .set_config_lists(lists)
                     .await
@@ -147,8 +229,8 @@ impl Reloader {
                 "config reloaded: kernel blocklists and allowlist replaced"
             );
         }
-        let mut later = restart_sections(old, cfg);
-        if let Some(proxy) = &self.proxy {
+        later.extend(restart_sections(old, cfg));
+        if let Some(proxy) = &self.parts.proxy {
             proxy
                 .set_dnsbl(&cfg.dnsbl, new.dnsbl_sites.clone())
                 .map_err(|e| Refused::Failed(format!("DNS lists: {e}")))?;
@@ -180,8 +262,96 @@ impl Reloader {
                 "these sections changed and take effect at the next restart"
             );
         }
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
         Ok(later)
     }
+
+    /// Refuses a reload whose backends or domains cannot apply: a backend removed from the
+    /// file that still owns mailboxes.
+    async fn check_cluster(&self, old: &Config, cfg: &Config) -> Result<(), Refused> {
+        let Some(proxy) = &self.parts.proxy else {
+            return Ok(());
+        };
+        let owned = proxy
+            .directory
+            .store()
+            .backends()
+            .await
+            .map_err(|e| Refused::Failed(format!("reading the directory: {e}")))?;
+        for gone in removed_backends(old, cfg) {
+            if let Some(record) = owned.iter().find(|r| r.name == gone && r.mailboxes > 0) {
+                return Err(Refused::Invalid(format!(
+                    "backend `{gone}` was removed from the config but still owns {} mailboxes:                      drain it, move its mailboxes, then remove it",
+                    record.mailboxes
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// New and changed backends join the pool and the directory; removed ones leave;
+    /// domain policies are written.
+    async fn apply_cluster(&self, old: &Config, cfg: &Config) -> Result<(), Refused> {
+        let Some(proxy) = &self.parts.proxy else {
+            return Ok(());
+        };
+        let store = proxy.directory.store();
+        let failed =
+            |what: &str, e: &dyn std::fmt::Display| Refused::Failed(format!("{what}: {e}"));
+        for backend in &cfg.backends {
+            let before = old.backends.iter().find(|b| b.name == backend.name);
+            if before.is_some_and(|b| format!("{b:?}") == format!("{backend:?}")) {
+                continue;
+            }
+            store
+                .upsert_backend(&backend.name, backend.capacity)
+                .await
+                .map_err(|e| failed("directory", &e))?;
+            proxy
+                .pool
+                .add(backend.clone())
+                .map_err(|e| failed(&format!("backend {}", backend.name), &e))?;
+            tracing::info!(backend = %backend.name, capacity = backend.capacity, new = before.is_none(), "config reloaded: backend in the pool");
+        }
+        for gone in removed_backends(old, cfg) {
+            proxy.pool.remove(&gone);
+            match store.remove_backend(&gone).await {
+                Ok(()) | Err(crate::directory::DirectoryError::UnknownBackend(_)) => {}
+                Err(e) => return Err(failed("directory", &e)),
+            }
+            tracing::info!(backend = %gone, "config reloaded: backend removed");
+        }
+        for domain in &cfg.domains {
+            store
+                .upsert_domain(&domain.name, domain.unknown_mailbox)
+                .await
+                .map_err(|e| failed("directory", &e))?;
+        }
+        Ok(())
+    }
+}
+
+fn removed_backends(old: &Config, cfg: &Config) -> Vec<String> {
+    old.backends
+        .iter()
+        .filter(|b| !cfg.backends.iter().any(|n| n.name == b.name))
+        .map(|b| b.name.clone())
+        .collect()
+}
+
+/// The ports the SYN limiter watches after the reload.
+fn syn_ports(cfg: &Config) -> Vec<u16> {
+    let mut ports: Vec<u16> = if cfg.xdp.syn_limited_ports.is_empty() {
+        cfg.listeners.iter().map(|l| l.listen.port()).collect()
+    } else {
+        cfg.xdp.syn_limited_ports.clone()
+    };
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 pub enum Refused {
@@ -196,18 +366,13 @@ fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     let same =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
     let mut changed = Vec::new();
-    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 13] = [
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 8] = [
         ("admin", &old.admin, &new.admin),
         ("shutdown", &old.shutdown, &new.shutdown),
         ("health", &old.health, &new.health),
-        ("listener", &old.listeners, &new.listeners),
-        ("backend", &old.backends, &new.backends),
-        ("domain", &old.domains, &new.domains),
         ("directory", &old.directory, &new.directory),
-        ("limits", &old.limits, &new.limits),
         ("submission", &old.submission, &new.submission),
         ("server", &old.server, &new.server),
-        ("certificate", &old.certificates, &new.certificates),
         ("api", &old.api, &new.api),
         ("scan", &old.scan, &new.scan),
     ];
@@ -216,17 +381,18 @@ fn restart_sections(old: &Config, new: &Config) -> Vec<&'static str> {
             changed.push(name);
         }
     }
-    let syn = |x: &crate::config::XdpConfig| {
-        (
-            x.syn_rate_per_second,
-            x.syn_burst,
-            x.syn_penalty_seconds,
-            x.syn_limited_ports.clone(),
-            x.mode,
-        )
-    };
-    if !same(&syn(&old.xdp), &syn(&new.xdp)) {
-        changed.push("xdp.syn_limiter");
+    if old.xdp.mode != new.xdp.mode {
+        changed.push("xdp.mode");
     }
     changed
+}
+
+/// The SYN limiter's settings, which a reload applies.
+fn syn_settings(cfg: &Config) -> (u32, u32, u64, Vec<u16>) {
+    (
+        cfg.xdp.syn_rate_per_second,
+        cfg.xdp.syn_burst,
+        cfg.xdp.syn_penalty_seconds,
+        cfg.xdp.syn_limited_ports.clone(),
+    )
 }

@@ -112,11 +112,12 @@ pub fn current_exe() -> Option<std::path::PathBuf> {
     std::env::current_exe().ok()
 }
 
-/// On SIGUSR2: starts the new process with `listeners` handed over, waits until it is
-/// ready, then cancels `shutdown` (this process drains and exits).
+/// On SIGUSR2: starts the new process with `listeners` (as they are then: a config reload
+/// may have changed them) handed over, waits until it is ready, then cancels `shutdown`
+/// (this process drains and exits).
 pub async fn on_signal(
     exe: std::path::PathBuf,
-    listeners: Vec<(SocketAddr, RawFd)>,
+    listeners: crate::proxy::listeners::ListenFds,
     shutdown: CancellationToken,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -130,7 +131,11 @@ pub async fn on_signal(
             _ = usr2.recv() => {}
         }
         tracing::info!(binary = %exe.display(), "SIGUSR2: starting the new process");
-        match start_successor(&exe, &listeners).await {
+        let now = listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match start_successor(&exe, &now).await {
             Ok(pid) => {
                 tracing::info!(
                     new_pid = pid,

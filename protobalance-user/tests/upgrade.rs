@@ -9,44 +9,7 @@ use protobalance_tests::{DovecotCluster, password_for, process, python, user_nam
 
 mod support;
 
-use support::{Listen, metrics, start_edge};
-
-/// Kills a process by pid when dropped (the successor is not our child).
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        process::signal(self.0, "KILL");
-    }
-}
-
-/// protobalance processes whose command line names `config`.
-fn processes_running(config: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|pid| {
-                    running(*pid)
-                        && process::comm(*pid).as_deref() == Some("protobalance")
-                        && std::fs::read(format!("/proc/{pid}/cmdline"))
-                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(config))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Alive and not a zombie.
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let rest = stat.get(stat.rfind(')')? + 2..)?.to_owned();
-            rest.chars().next()
-        })
-        .is_some_and(|state| state != 'Z')
-}
+use support::{KillOnDrop, Listen, metrics, processes_running, running, start_edge};
 
 #[test]
 fn sigusr2_replaces_the_process_without_refusing_a_connection() {

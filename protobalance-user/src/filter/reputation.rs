@@ -417,13 +417,14 @@ impl Reputation {
                 "reputation.ipv6_prefix",
                 (config.ipv6_prefix == 64) != self.per_64,
             ),
+            // A disabled engine is built small: its sizes are not the config's.
             (
                 "reputation.max_tracked",
-                config.max_tracked != old.max_tracked,
+                self.enabled && config.max_tracked != old.max_tracked,
             ),
             (
                 "reputation.max_accounts",
-                config.max_accounts != old.max_accounts,
+                self.enabled && config.max_accounts != old.max_accounts,
             ),
         ]
         .into_iter()

@@ -196,9 +196,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     let mut client = Client {
         stream,
         starttls: conn.starttls.clone(),
-        max_line: ctx.limits.max_line_octets,
+        max_line: ctx.limits().max_line_octets,
         buf: BytesMut::with_capacity(codec::MAX_LINE),
-        deadline: Instant::now() + ctx.limits.pre_auth_timeout(),
+        deadline: Instant::now() + ctx.limits().pre_auth_timeout(),
         continued_at: None,
     };
     if !client
@@ -237,7 +237,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
                 }
             }
         }
-        if attempts.failures >= ctx.limits.max_auth_failures {
+        if attempts.failures >= ctx.limits().max_auth_failures {
             client.send(&codec::bye("Too many failed logins")).await;
             return Outcome::AuthFailed;
         }

@@ -123,9 +123,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     let mut client = Client {
         stream,
         buf: BytesMut::with_capacity(codec::MAX_LINE),
-        deadline: Instant::now() + ctx.limits.pre_auth_timeout(),
+        deadline: Instant::now() + ctx.limits().pre_auth_timeout(),
         starttls: conn.starttls.clone(),
-        max_line: ctx.limits.max_line_octets,
+        max_line: ctx.limits().max_line_octets,
     };
     if !client.send(&codec::ok(&ctx.banner)).await {
         return Outcome::ClientQuit;
@@ -195,7 +195,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
             client.send(&codec::err(Some("SYS/TEMP"), text)).await;
             return Outcome::AuthFailed;
         }
-        if failures >= ctx.limits.max_auth_failures {
+        if failures >= ctx.limits().max_auth_failures {
             client
                 .send(&codec::err(Some("AUTH"), "Too many failed logins; closing"))
                 .await;

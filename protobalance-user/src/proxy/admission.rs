@@ -5,12 +5,16 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 #[derive(Clone)]
 pub struct Admission {
-    max_per_ip: u32,
+    /// Changed by a config reload; sessions already open are not cut.
+    max_per_ip: Arc<AtomicU32>,
     open: Arc<Mutex<HashMap<IpAddr, u32>>>,
 }
 
@@ -22,15 +26,20 @@ pub struct Permit {
 impl Admission {
     pub fn new(max_per_ip: u32) -> Self {
         Self {
-            max_per_ip,
+            max_per_ip: Arc::new(AtomicU32::new(max_per_ip)),
             open: Arc::default(),
         }
+    }
+
+    /// A reloaded `limits.max_sessions_per_ip`, for the next admissions.
+    pub fn set_max_per_ip(&self, max_per_ip: u32) {
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
     pub fn try_admit(&self, ip: IpAddr) -> Option<Permit> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let count = open.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip {
+        if *count >= self.max_per_ip.load(Ordering::Relaxed) {
             return None;
         }
         *count += 1;

@@ -86,7 +86,7 @@ async fn session(
     let stream = match (tls, &ctx.tls) {
         (TlsMode::Implicit, Some(acceptor)) => {
             let handshake =
-                tokio::time::timeout(ctx.limits.pre_auth_timeout(), acceptor.accept(stream));
+                tokio::time::timeout(ctx.limits().pre_auth_timeout(), acceptor.accept(stream));
             match handshake.await {
                 Ok(Ok(tls)) => ClientStream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
                 Ok(Err(error)) => {

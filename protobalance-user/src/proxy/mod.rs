@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod client_io;
 pub mod listener;
+pub mod listeners;
 pub mod splice;
 pub mod target;
 
@@ -85,7 +86,10 @@ pub fn account_key(ctx: &ProxyContext, login: &str) -> String {
 pub struct ProxyContext {
     pub directory: Arc<Directory<Store>>,
     pub pool: Arc<BackendPool>,
-    pub limits: LimitsConfig,
+    /// `[limits]`; replaced by a config reload (sessions read it as they need it).
+    pub limits: std::sync::RwLock<Arc<LimitsConfig>>,
+    /// `[[certificate]]`s behind `tls`, replaced by a config reload.
+    pub certificates: Option<crate::tls::Certificates>,
     pub banner: String,
     /// `server.hostname`: the name in SMTP greetings and LHLO/EHLO to backends.
     pub hostname: String,
@@ -111,6 +115,25 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// The limits in force now.
+    pub fn limits(&self) -> Arc<LimitsConfig> {
+        Arc::clone(
+            &self
+                .limits
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// A reloaded `[limits]`: for sessions from now on (and the per-address cap).
+    pub fn set_limits(&self, limits: LimitsConfig) {
+        self.admission.set_max_per_ip(limits.max_sessions_per_ip);
+        *self
+            .limits
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(limits);
+    }
+
     /// The DNS lists in force now.
     pub fn dnsbl(&self) -> Option<Arc<crate::filter::dnsbl::Dnsbl>> {
         self.dnsbl

@@ -89,7 +89,7 @@ pub async fn hand_over<C, B>(
         return;
     }
     ctx.metrics.proxied(protocol, backend, true);
-    splice(client, upstream, ctx.limits.idle_timeout()).await;
+    splice(client, upstream, ctx.limits().idle_timeout()).await;
     ctx.metrics.proxied(protocol, backend, false);
 }
 

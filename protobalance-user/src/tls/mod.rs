@@ -7,7 +7,12 @@
 
 mod stream;
 
-use std::{collections::HashMap, fmt, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    path::Path,
+    sync::{Arc, PoisonError, RwLock},
+};
 
 use rustls::{
     ServerConfig,
@@ -37,25 +42,52 @@ pub enum TlsError {
 /// certificates. The first certificate is the default for clients that send no (or an
 /// unknown) SNI name.
 pub fn acceptor(certificates: &[CertificateConfig]) -> Result<Option<TlsAcceptor>, TlsError> {
+    Ok(reloadable_acceptor(certificates)?.map(|(acceptor, _)| acceptor))
+}
+
+/// [`acceptor`], with the handle that replaces its certificates in place (a config
+/// reload): handshakes from then on get the new ones, sessions already in TLS keep theirs.
+pub fn reloadable_acceptor(
+    certificates: &[CertificateConfig],
+) -> Result<Option<(TlsAcceptor, Certificates)>, TlsError> {
     if certificates.is_empty() {
         return Ok(None);
     }
-    let mut resolver = SniResolver::default();
-    for (index, cert) in certificates.iter().enumerate() {
-        let key = Arc::new(load(index, &cert.cert, &cert.key)?);
-        resolver.default.get_or_insert_with(|| Arc::clone(&key));
-        for name in &cert.names {
-            resolver
-                .by_name
-                .insert(name.to_ascii_lowercase(), Arc::clone(&key));
-        }
-    }
+    let table = Certificates(Arc::new(RwLock::new(Arc::new(SniTable::load(
+        certificates,
+    )?))));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
-    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+        .with_cert_resolver(Arc::new(SniResolver(table.clone())));
+    Ok(Some((TlsAcceptor::from(Arc::new(config)), table)))
+}
+
+/// The certificates an acceptor serves, replaceable while it runs.
+#[derive(Clone)]
+pub struct Certificates(Arc<RwLock<Arc<SniTable>>>);
+
+impl Certificates {
+    /// Loads `certificates` (every file read and checked first) and serves them from the
+    /// next handshake on; on an error the current ones stay.
+    pub fn replace(&self, certificates: &[CertificateConfig]) -> Result<(), TlsError> {
+        let table = Arc::new(SniTable::load(certificates)?);
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = table;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<SniTable> {
+        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Certificates")
+            .field("names", &self.current().by_name.keys())
+            .finish()
+    }
 }
 
 /// A connector for backends whose certificates chain to the CA certificates in `ca_file`.
@@ -98,33 +130,47 @@ fn load(index: usize, cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError>
     Ok(CertifiedKey::new(chain, signing))
 }
 
-/// Picks the certificate by SNI name: exact match, then `*.parent` wildcard, then default.
+/// Certificates by SNI name, and the default.
 #[derive(Default)]
-struct SniResolver {
+struct SniTable {
     by_name: HashMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
 }
 
-impl fmt::Debug for SniResolver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SniResolver")
-            .field("names", &self.by_name.keys())
-            .finish()
+impl SniTable {
+    fn load(certificates: &[CertificateConfig]) -> Result<Self, TlsError> {
+        let mut table = Self::default();
+        for (index, cert) in certificates.iter().enumerate() {
+            let key = Arc::new(load(index, &cert.cert, &cert.key)?);
+            table.default.get_or_insert_with(|| Arc::clone(&key));
+            for name in &cert.names {
+                table
+                    .by_name
+                    .insert(name.to_ascii_lowercase(), Arc::clone(&key));
+            }
+        }
+        Ok(table)
     }
 }
 
+/// Picks the certificate by SNI name: exact match, then `*.parent` wildcard, then default.
+#[derive(Debug)]
+struct SniResolver(Certificates);
+
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let table = self.0.current();
         let Some(name) = hello.server_name().map(str::to_ascii_lowercase) else {
-            return self.default.clone();
+            return table.default.clone();
         };
         let wildcard = name
             .split_once('.')
             .map(|(_, parent)| format!("*.{parent}"));
-        self.by_name
+        table
+            .by_name
             .get(&name)
-            .or_else(|| wildcard.and_then(|w| self.by_name.get(&w)))
-            .or(self.default.as_ref())
+            .or_else(|| wildcard.and_then(|w| table.by_name.get(&w)))
+            .or(table.default.as_ref())
             .cloned()
     }
 }

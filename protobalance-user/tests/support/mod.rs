@@ -495,3 +495,41 @@ pub fn validate_api_xml(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Kills a process by pid when dropped (the successor is not our child).
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        protobalance_tests::process::signal(self.0, "KILL");
+    }
+}
+
+/// protobalance processes whose command line names `config`.
+pub fn processes_running(config: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    running(*pid)
+                        && protobalance_tests::process::comm(*pid).as_deref()
+                            == Some("protobalance")
+                        && std::fs::read(format!("/proc/{pid}/cmdline"))
+                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(config))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Alive and not a zombie.
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = stat.get(stat.rfind(')')? + 2..)?.to_owned();
+            rest.chars().next()
+        })
+        .is_some_and(|state| state != 'Z')
+}

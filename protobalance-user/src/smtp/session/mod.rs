@@ -194,7 +194,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let client = Client {
         stream,
         buf: BytesMut::with_capacity(READ_CHUNK),
-        timeout: ctx.limits.pre_auth_timeout(),
+        timeout: ctx.limits().pre_auth_timeout(),
         starttls: conn.starttls.clone(),
     };
     let mut session = Session {
@@ -590,7 +590,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         if !extended {
             return reply(250, None, &self.ctx.hostname);
         }
-        let size = format!("SIZE {}", self.ctx.limits.max_message_octets);
+        let size = format!("SIZE {}", self.ctx.limits().max_message_octets);
         let mut extensions = vec![
             "PIPELINING",
             &size,
@@ -618,11 +618,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             return reply(530, Some("5.7.0"), "Authentication required");
         }
         let client = self.client_info.clone();
-        let tx = match Transaction::begin(from, params, self.ctx.limits.max_message_octets, client)
-        {
-            Ok(tx) => tx,
-            Err(refusal) => return refusal,
-        };
+        let tx =
+            match Transaction::begin(from, params, self.ctx.limits().max_message_octets, client) {
+                Ok(tx) => tx,
+                Err(refusal) => return refusal,
+            };
         if self.submission() {
             return self.submit_mail(tx).await;
         }
@@ -788,7 +788,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let mut job = scanner.start(envelope);
         let mut spool = crate::scan::spool::Spool::new(scanner.settings.memory_bytes);
         let mut spool_error = None;
-        let mut reader = DataReader::new(self.ctx.limits.max_message_octets, BARE_LINE_ENDINGS);
+        let mut reader = DataReader::new(self.ctx.limits().max_message_octets, BARE_LINE_ENDINGS);
         let mut out = Vec::with_capacity(2 * READ_CHUNK);
         // Scan headers the sender wrote itself are dropped: only ours may say "clean".
         let mut headers = crate::scan::spool::HeaderFilter::default();
@@ -854,7 +854,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         &mut self,
         backend: &mut Option<BackendSession>,
     ) -> Result<DataVerdict, ReadEnd> {
-        let mut reader = DataReader::new(self.ctx.limits.max_message_octets, BARE_LINE_ENDINGS);
+        let mut reader = DataReader::new(self.ctx.limits().max_message_octets, BARE_LINE_ENDINGS);
         let mut out = Vec::with_capacity(2 * READ_CHUNK);
         loop {
             if self.client.buf.is_empty() {

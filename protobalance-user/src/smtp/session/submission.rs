@@ -194,7 +194,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 self.ctx.reputation.login_succeeded(&account, ip);
                 tracing::info!(peer = %self.conn.peer, %user, backend = %home, "submission login");
                 // Logged in: the session may now idle like a proxied one.
-                self.client.timeout = self.ctx.limits.idle_timeout();
+                self.client.timeout = self.ctx.limits().idle_timeout();
                 self.account = Some(Account {
                     key: account.clone(),
                     user,
@@ -291,7 +291,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 ))
                 .await;
         }
-        if self.auth_failures >= self.ctx.limits.max_auth_failures {
+        if self.auth_failures >= self.ctx.limits().max_auth_failures {
             let bye = reply(421, Some("4.7.0"), "Too many failed logins; closing");
             self.client.send(&bye).await;
             return Step::End(crate::proxy::Outcome::AuthFailed);
