@@ -272,6 +272,22 @@ impl App {
         let mut listeners = None;
         if let Some(ctx) = &self.proxy {
             tracker.spawn(Arc::clone(&ctx.pool).run_health_checks(shutdown.clone()));
+            if let Store::Postgres(store) = ctx.directory.store() {
+                let config = &self.validated.config;
+                let applied = store
+                    .backend_specs()
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(name, _)| !config.backends.iter().any(|b| &b.name == name))
+                    .collect();
+                tracker.spawn(crate::backend::follow::follow(
+                    Arc::clone(&ctx.directory),
+                    Arc::clone(&ctx.pool),
+                    applied,
+                    shutdown.clone(),
+                ));
+            }
             tracker.spawn(Arc::clone(&ctx.sessions).sweep(shutdown.clone()));
             let mail = Arc::new(MailListeners::new(
                 Arc::clone(ctx),
@@ -534,6 +550,16 @@ async fn proxy_context(
 ) -> Result<ProxyContext, AppError> {
     let config = &validated.config;
     let backends = all_backends(config, &directory).await?;
+    let pool = Arc::new(BackendPool::new(
+        &backends,
+        config.health,
+        config.limits.backend_connect_timeout(),
+        registry,
+    )?);
+    // Backends an operator took down stay down across restarts.
+    for record in directory.store().backends().await? {
+        pool.set_admin_state(&record.name, record.state);
+    }
     let reputation = if config.reputation.enabled {
         let allow = [
             validated.reputation_allow.as_slice(),
@@ -588,12 +614,7 @@ async fn proxy_context(
         dnsbl_lookups,
         reputation: Arc::new(reputation),
         directory,
-        pool: Arc::new(BackendPool::new(
-            &backends,
-            config.health,
-            config.limits.backend_connect_timeout(),
-            registry,
-        )?),
+        pool,
         limits: std::sync::RwLock::new(Arc::new(config.limits.clone())),
         banner: config.server.banner.clone(),
         hostname: config.server.hostname.clone(),

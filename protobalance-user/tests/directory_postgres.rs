@@ -491,13 +491,15 @@ fn postgres_schema_is_versioned_and_a_newer_one_is_refused() {
     assert_eq!(pg.psql(versions).expect("psql"), every_version);
 
     // A database left at version 1 (what the first release wrote) with mailboxes in it is
-    // brought to the latest version on the next start, its data kept.
+    // brought to the latest version on the next start, its data kept (the objects of the
+    // later versions are dropped here to make one).
     pg.psql(
         "INSERT INTO backends (name, capacity) VALUES ('one', 1); \
          INSERT INTO mailboxes (address, backend_id) SELECT 'kept@example.com', id FROM backends; \
          UPDATE backends SET mailboxes = 1; \
          DROP TABLE bans; DROP FUNCTION protobalance_ban_changed(); \
          DROP TRIGGER blocklist_changed ON blocklist; DROP FUNCTION protobalance_blocklist_changed(); \
+         DROP TRIGGER backends_changed ON backends; DROP FUNCTION protobalance_backend_changed(); \
          DELETE FROM protobalance_schema WHERE version > 1",
     )
     .expect("back to version 1");

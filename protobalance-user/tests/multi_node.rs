@@ -8,7 +8,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use protobalance_tests::{DovecotCluster, PostgresServer, password_for, python, require_postgres};
-use support::{Edge, Listen, USERS, cli, owner, sample, start_edge};
+use support::{
+    Edge, Listen, USERS, backend_section, cli, owner, sample, start_edge, start_edge_sections,
+};
 
 const TOKEN: &str = "multi-node-test-token-0123456789";
 
@@ -109,4 +111,132 @@ fn two_nodes_on_one_postgres_agree_on_every_mailbox() {
     eprintln!("node B refused the deleted mailbox after {refused:?}");
     assert_eq!(sample(&b, "protobalance_directory_cache_coherent"), 1);
     assert!(sample(&b, "protobalance_directory_changes_heard_total") >= 1);
+}
+
+/// POP3 login through `edge` (its second listener): the server's answer to PASS.
+fn pop3_login(edge: &Edge, user: &str) -> String {
+    let pop3 = edge.listeners[1];
+    let pass = password_for(user).expect("password");
+    python(&format!(
+        "import poplib\np = poplib.POP3('{}', {}, timeout=10)\np.user('{user}')\n\
+         try:\n    print(p.pass_('{pass}').decode()); p.quit()\n\
+         except poplib.error_proto as e:\n    print(e.args[0].decode())\n",
+        pop3.ip(),
+        pop3.port()
+    ))
+    .expect("poplib")
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn a_backend_added_or_taken_down_on_one_node_is_so_on_every_node() {
+    let test = "a_backend_added_or_taken_down_on_one_node_is_so_on_every_node";
+    if support::skip(test) || !require_postgres(test) {
+        return;
+    }
+    let pg = PostgresServer::start().expect("postgres");
+    let cluster = DovecotCluster::start(4, USERS + 10).expect("cluster");
+    let sections: Vec<String> = cluster
+        .backends()
+        .iter()
+        .take(3)
+        .map(|b| backend_section(b, ""))
+        .collect();
+    let extra = format!(
+        "[directory.postgres]\nurl = \"{}\"\n\
+         [api]\n[[api.token]]\nname = \"crm\"\ntoken = \"{TOKEN}\"\naccess = \"read-write\"\n",
+        pg.url()
+    );
+    let listeners = [Listen("smtp", None), Listen("pop3", None)];
+    let mut a = start_edge_sections(&sections, &listeners, &extra);
+    let b = start_edge_sections(&sections, &listeners, &extra);
+
+    // backend4 is added through node A's API, with room for every new mailbox.
+    let b4 = &cluster.backends()[3];
+    let (code, text) = cli(
+        &a,
+        TOKEN,
+        &[
+            "ctl",
+            "backend",
+            "add",
+            "backend4",
+            "--address",
+            &b4.ip().to_string(),
+            "--pop3-port",
+            &b4.pop3_port().to_string(),
+            "--imap-port",
+            &b4.imap_port().to_string(),
+            "--lmtp-port",
+            &b4.lmtp_port().to_string(),
+            "--capacity",
+            "100000",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    // Provisioned through node B, delivered through node B: node B must know backend4.
+    let fresh = format!("user{}@example.com", USERS + 2);
+    let (code, text) = cli(&b, TOKEN, &["ctl", "mailbox", "add", &fresh]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(owner(&b, &fresh), "backend4");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let out = send(&b, &fresh, "to-backend4");
+        if out.contains("data 250") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node B cannot deliver to the backend node A added: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(b4.message_count(&fresh).expect("count"), 1);
+    assert!(pop3_login(&b, &fresh).starts_with("+OK"));
+
+    // Taken down on node A: both nodes answer its mailboxes with temporary failures;
+    // brought back: both serve them again.
+    let (code, text) = cli(&a, TOKEN, &["ctl", "backend", "down", "backend4"]);
+    assert_eq!(code, 0, "{text}");
+    for edge in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let answer = pop3_login(edge, &fresh);
+            if answer.contains("[SYS/TEMP]") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still served while down: {answer}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = send(edge, &fresh, "while-down");
+        assert!(
+            !out.contains("data 250") && (out.contains("rcpt 4") || out.contains("data 4")),
+            "a temporary refusal while down: {out}"
+        );
+    }
+    // The state is the directory's: a restarted node starts with backend4 down.
+    a.restart();
+    let answer = pop3_login(&a, &fresh);
+    assert!(
+        answer.contains("[SYS/TEMP]"),
+        "down after a restart: {answer}"
+    );
+    let (code, text) = cli(&a, TOKEN, &["ctl", "backend", "activate", "backend4"]);
+    assert_eq!(code, 0, "{text}");
+    for edge in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !pop3_login(edge, &fresh).starts_with("+OK") {
+            assert!(Instant::now() < deadline, "not served after activate");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(
+        b4.message_count(&fresh).expect("count"),
+        1,
+        "nothing delivered while down"
+    );
 }

@@ -256,6 +256,9 @@ pub async fn update(state: &ApiState, name: &str, body: Incoming) -> Result<ApiR
             )
         })?;
         state.directory.store().set_backend_state(name, new).await?;
+        if let Some(pool) = &state.pool {
+            pool.set_admin_state(name, new);
+        }
         tracing::info!(backend = %name, from = current.state.as_str(), to = new.as_str(), "backend state changed by API");
     }
     let updated = record(state, name).await?;

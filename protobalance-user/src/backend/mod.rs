@@ -3,6 +3,7 @@
 //! milliseconds per session) and have a connect timeout; a circuit breaker per backend and
 //! service (`health`) makes a dead backend cost the client a fast temporary failure.
 
+pub mod follow;
 pub mod health;
 pub mod proxy_protocol;
 
@@ -55,6 +56,8 @@ pub enum ConnectError {
     },
     #[error("backend `{0}` {1} is marked down by its health checks")]
     Down(String, &'static str),
+    #[error("backend `{0}` is down (state set by an operator: `ctl backend activate` ends it)")]
+    AdminDown(String),
     #[error("backend `{0}` is not configured")]
     Unknown(String),
     #[error("backend `{name}` ({addr}): connect timed out after {timeout:?}")]
@@ -95,6 +98,10 @@ struct Members {
 
 pub struct BackendPool {
     members: std::sync::RwLock<Arc<Members>>,
+    /// Backends an operator took down (directory state `down`): every connect to them
+    /// fails at once, so their mailboxes get temporary failures. Kept apart from
+    /// `members`, which a definition change replaces.
+    admin_down: std::sync::RwLock<std::collections::HashSet<String>>,
     health: HealthConfig,
     connect_timeout: Duration,
     metrics: BackendMetrics,
@@ -122,6 +129,7 @@ impl BackendPool {
     ) -> Result<Self, PoolError> {
         let pool = Self {
             members: std::sync::RwLock::new(Arc::new(Members::default())),
+            admin_down: std::sync::RwLock::default(),
             health,
             connect_timeout,
             metrics: BackendMetrics::new(registry)?,
@@ -192,6 +200,30 @@ impl BackendPool {
             keep
         });
         *guard = Arc::new(next);
+    }
+
+    /// Applies a backend's directory state: `down` refuses every connect to it.
+    pub fn set_admin_state(&self, name: &str, state: crate::directory::BackendState) {
+        let mut down = self
+            .admin_down
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = if state == crate::directory::BackendState::Down {
+            down.insert(name.to_owned())
+        } else {
+            down.remove(name)
+        };
+        if changed {
+            tracing::info!(backend = %name, state = state.as_str(), "backend state applied to the pool");
+        }
+    }
+
+    /// Whether an operator took `name` down.
+    pub fn is_admin_down(&self, name: &str) -> bool {
+        self.admin_down
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(name)
     }
 
     /// Whether the pool knows `name`.
@@ -275,6 +307,9 @@ impl BackendPool {
             .breakers
             .get(&(name.to_owned(), service))
             .cloned();
+        if self.is_admin_down(name) {
+            return Err(ConnectError::AdminDown(name.to_owned()));
+        }
         if breaker.as_ref().is_some_and(|b| !b.is_up()) {
             return Err(ConnectError::Down(name.to_owned(), service.as_str()));
         }

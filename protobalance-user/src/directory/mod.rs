@@ -442,6 +442,8 @@ pub struct Directory<S> {
     /// Woken when another node (or anything) changed the stored blocklist.
     blocklist_changed: tokio::sync::Notify,
     ban_changes: BanChanges,
+    /// Woken when a backend was added, removed or changed in a shared store.
+    backends_changed: tokio::sync::Notify,
 }
 
 /// Targets whose shared ban changed, announced by the store and taken by the node's ban
@@ -525,7 +527,13 @@ impl<S: MailboxDirectory> Directory<S> {
             stats: CacheStats::default(),
             blocklist_changed: tokio::sync::Notify::new(),
             ban_changes: BanChanges::default(),
+            backends_changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Woken (one permit kept) when the stored backends changed, on a shared store.
+    pub fn backends_changed(&self) -> &tokio::sync::Notify {
+        &self.backends_changed
     }
 
     /// Shared bans changed in the store (PostgreSQL).

@@ -81,19 +81,23 @@ pub struct PostgresDirectory {
 /// A PostgreSQL error with its SQLSTATE and the server's message (the plain `Display` of a
 /// server error is just "db error").
 pub(super) fn pg_err(e: tokio_postgres::Error) -> DirectoryError {
-    let text = match e.as_db_error() {
+    DirectoryError::Store(pg_text(&e))
+}
+
+/// The text of [`pg_err`].
+pub(super) fn pg_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
         Some(db) => format!("PostgreSQL {}: {}", db.code().code(), db.message()),
         None => {
             let mut text = format!("PostgreSQL: {e}");
-            let mut source = std::error::Error::source(&e);
+            let mut source = std::error::Error::source(e);
             while let Some(inner) = source {
                 text.push_str(&format!(": {inner}"));
                 source = inner.source();
             }
             text
         }
-    };
-    DirectoryError::Store(text)
+    }
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> DirectoryError {
@@ -964,10 +968,11 @@ async fn listen_once(
     });
     let _abort = AbortOnDrop(pump.abort_handle());
     let command = format!(
-        "LISTEN {}; LISTEN {}; LISTEN {}",
+        "LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {}",
         schema::MAILBOX_CHANNEL,
         schema::BLOCKLIST_CHANNEL,
-        schema::BAN_CHANNEL
+        schema::BAN_CHANNEL,
+        schema::BACKEND_CHANNEL
     );
     tokio::time::timeout(settings.timeout, client.batch_execute(&command))
         .await
@@ -983,6 +988,7 @@ async fn listen_once(
         // Blocklist and ban changes may have been missed as well.
         directory.blocklist_changed().notify_one();
         directory.ban_changes().resync();
+        directory.backends_changed().notify_one();
         directory
             .cache_stats()
             .listening
@@ -1010,6 +1016,9 @@ async fn listen_once(
                     }
                     AsyncMessage::Notification(n) if n.channel() == schema::BAN_CHANNEL => {
                         directory.ban_changes().push(n.payload());
+                    }
+                    AsyncMessage::Notification(n) if n.channel() == schema::BACKEND_CHANNEL => {
+                        directory.backends_changed().notify_one();
                     }
                     AsyncMessage::Notification(n) => {
                         directory.invalidate(&Mailbox::from_store(n.payload().to_owned()));

@@ -155,7 +155,8 @@ impl BackendSession {
         client: &ClientInfo,
     ) -> Result<Self, DeliverError> {
         let proxied = ctx.pool.uses_proxy_protocol(backend, service);
-        if !proxied && service != Service::Submission {
+        // A backend taken down gets no pooled session either: the connect below refuses.
+        if !proxied && service != Service::Submission && !ctx.pool.is_admin_down(backend) {
             while let Some(mut session) = ctx.sessions.take(backend, service) {
                 match session.adopt(ctx, conn, client).await {
                     Ok(()) => {

@@ -11,13 +11,15 @@
 //! 2. The `protobalance_blocklist` notification: blocklist entries added, replaced, removed
 //!    or expired on one node reach every node's kernel filter. `bans` with the
 //!    `protobalance_ban` notification: a ban placed on one node is enforced by every node.
+//! 3. The `protobalance_backend` notification: backends added, removed, drained or taken
+//!    down through one node reach every node's pool.
 //!
 //! Addresses use the "C" collation: keyset paging compares bytes, as SQLite does, whatever
 //! locale the cluster was created with.
 
 use deadpool_postgres::tokio_postgres::Client;
 
-use super::pg_err;
+use super::{pg_err, pg_text};
 use crate::directory::DirectoryError;
 
 /// The channel of owner changes; the payload is the address.
@@ -26,6 +28,8 @@ pub const MAILBOX_CHANNEL: &str = "protobalance_mailbox";
 pub const BLOCKLIST_CHANNEL: &str = "protobalance_blocklist";
 /// The channel of ban changes; the payload is the target (`198.51.100.7`, `2001:db8::/64`).
 pub const BAN_CHANNEL: &str = "protobalance_ban";
+/// The channel of backend changes (no payload: the backends are read again).
+pub const BACKEND_CHANNEL: &str = "protobalance_backend";
 
 /// Any fixed number shared by every node: the advisory lock key for migrations.
 const MIGRATION_LOCK: i64 = 0x7062_6d69_6772; // "pbmigr"
@@ -110,6 +114,22 @@ CREATE TRIGGER blocklist_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON
     FOR EACH STATEMENT EXECUTE FUNCTION protobalance_blocklist_changed();
 "#;
 
+/// Version 3: a backend added, removed or changed (definition, capacity, state) notifies
+/// `protobalance_backend`: every node brings its pool up to date (a backend added through
+/// one node's API serves on all of them; a backend taken down is down everywhere). The
+/// mailbox counter is not among the columns: assignments do not notify.
+const V3: &str = r#"
+CREATE FUNCTION protobalance_backend_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('protobalance_backend', '');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER backends_changed
+    AFTER INSERT OR DELETE OR UPDATE OF name, capacity, state, spec ON backends
+    FOR EACH STATEMENT EXECUTE FUNCTION protobalance_backend_changed();
+"#;
+
 /// `(version, what it adds, SQL)`, oldest first. Append only: a released migration never
 /// changes, a new layout is a new entry.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -119,6 +139,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         V1,
     ),
     (2, "blocklist change notifications, shared bans", V2),
+    (3, "backend change notifications", V3),
 ];
 
 /// The newest layout this binary knows.
@@ -162,7 +183,7 @@ pub(super) async fn prepare(client: &mut Client) -> Result<Vec<i32>, DirectoryEr
         tx.batch_execute(sql).await.map_err(|e| {
             DirectoryError::Store(format!(
                 "PostgreSQL directory migration {version} ({description}): {}",
-                pg_err(e)
+                pg_text(&e)
             ))
         })?;
         tx.execute(
