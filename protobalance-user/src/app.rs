@@ -181,6 +181,14 @@ impl App {
             }
             _ => None,
         };
+        let mover = match &proxy {
+            Some(ctx) => Some(Arc::new(crate::moves::Mover::new(
+                Arc::clone(ctx),
+                validated.config.moves.clone(),
+                &registry,
+            )?)),
+            None => None,
+        };
         let api = match directory {
             Some(directory) => Some(
                 crate::api::ApiState::new(
@@ -193,6 +201,7 @@ impl App {
                 )
                 .map_err(AppError::Api)?
                 .with_proxy(proxy.clone())
+                .with_mover(mover)
                 .with_shared_bans(shared_bans.clone())
                 .with_filter(xdp.as_ref().map(|(_, filter)| Arc::clone(filter))),
             ),

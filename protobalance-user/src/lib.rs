@@ -18,6 +18,7 @@ pub mod directory;
 pub mod filter;
 pub mod imap;
 pub mod metrics;
+pub mod moves;
 pub mod pop3;
 pub mod proxy;
 pub mod reload;

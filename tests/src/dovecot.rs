@@ -22,6 +22,11 @@ use crate::test_dir::TestDir;
 
 /// The packaged binary; always run with our own `-c`, never the default /etc/dovecot.
 pub const DOVECOT_BIN: &str = "/usr/sbin/dovecot";
+/// The master user every test backend has (`user@example.com*admin`): what a mailbox move
+/// logs in with.
+pub const MASTER_USER: &str = "admin";
+pub const MASTER_PASSWORD: &str = "master-secret-for-tests";
+
 /// Bound on waiting for all three listeners after spawning the master.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -380,6 +385,11 @@ fn greets(addr: SocketAddr, greeting: &str, haproxy: bool) -> bool {
 /// Writes the passwd-file and creates `mail/`, owned by the unprivileged mail user.
 fn prepare_dir(dir: &Path, owner: MailOwner, users: usize) -> Result<()> {
     write_users_file(&dir.join("users"), users, owner)?;
+    std::fs::write(
+        dir.join("masters"),
+        format!("{MASTER_USER}:{MASTER_PASSWORD}\n"),
+    )
+    .context("writing the master users file")?;
     let mail = dir.join("mail");
     std::fs::create_dir(&mail).with_context(|| format!("creating {}", mail.display()))?;
     chown(&mail, Some(owner.uid), Some(owner.gid))

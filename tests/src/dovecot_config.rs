@@ -190,6 +190,15 @@ auth_mechanisms = plain login
 auth_verbose = yes
 # Tests provoke failures on purpose; the default 2 s delay would only slow them down.
 auth_failure_delay = 0
+# Master users (`user@example.com*admin`, password in {dir}/masters): what a mailbox
+# move logs in with to read the old copy and write the new one.
+auth_master_user_separator = *
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%Lu {dir}/masters
+  master = yes
+  pass = yes
+}}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%Lu {dir}/users

@@ -22,7 +22,9 @@ pub mod scanners;
 pub mod test_dir;
 
 pub use dns::{DnsServer, require_dnsmasq};
-pub use dovecot::{BackendOptions, DovecotBackend, password_for, user_name};
+pub use dovecot::{
+    BackendOptions, DovecotBackend, MASTER_PASSWORD, MASTER_USER, password_for, user_name,
+};
 pub use dovecot_cluster::{DovecotCluster, loopback_ip};
 pub use mail_sink::{MailSink, SinkMessage};
 pub use net::{free_port, free_ports, wait_for_port};

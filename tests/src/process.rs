@@ -127,10 +127,12 @@ pub fn stdout_or_error(what: &str, output: Output) -> Result<String> {
 /// Runs `python3 -c script` and returns its stdout; a non-zero exit is an error that
 /// carries stderr (the Python traceback). Killed after [`PYTHON_TIMEOUT`].
 pub fn python(script: &str) -> Result<String> {
-    let output = output_with_timeout(
-        Command::new("python3").arg("-c").arg(script),
-        PYTHON_TIMEOUT,
-    )?;
+    python_for(script, PYTHON_TIMEOUT)
+}
+
+/// [`python`] for a script that runs longer (a client loop during a long operation).
+pub fn python_for(script: &str, timeout: Duration) -> Result<String> {
+    let output = output_with_timeout(Command::new("python3").arg("-c").arg(script), timeout)?;
     stdout_or_error("python3 script", output)
 }
 

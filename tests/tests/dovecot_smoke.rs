@@ -98,6 +98,17 @@ fn lmtp_delivery_is_read_back_over_pop3_and_imap() -> Result<()> {
 
     assert_eq!(imap_inbox_count(backend2, &user, &password)?, 1);
     assert_eq!(backend2.message_count(&user)?, 1);
+    // The master user reads any mailbox (what a mailbox move logs in with); a wrong
+    // master password is refused.
+    let as_master = format!("{user}*{}", protobalance_tests::MASTER_USER);
+    assert_eq!(
+        imap_inbox_count(backend2, &as_master, protobalance_tests::MASTER_PASSWORD)?,
+        1
+    );
+    ensure!(
+        imap_inbox_count(backend2, &as_master, "wrong").is_err(),
+        "a wrong master password logs in"
+    );
     assert_eq!(
         backend1.message_count(&user)?,
         0,

@@ -178,6 +178,70 @@ pub async fn delete(state: &ApiState, address: &str) -> Result<ApiResponse, ApiE
     Ok(no_content())
 }
 
+/// `POST /mailboxes/{address}/move` with `<move [backend=".."]/>`: copies the mailbox to
+/// `backend` (default: where a new mailbox would go now) and switches it there
+/// (`crate::moves`); answers when done with what was copied and deleted.
+pub async fn move_to(
+    state: &ApiState,
+    address: &str,
+    body: Incoming,
+) -> Result<ApiResponse, ApiError> {
+    let bytes = collect_small(body, state.max_body_octets).await?;
+    let element = Parser::new(&bytes[..]).single("move").await?;
+    element.only(&["backend"])?;
+    let mailbox = mailbox(state, address)?;
+    let mover = state.mover.as_deref().ok_or_else(|| {
+        ApiError::conflict(
+            "moves_not_configured",
+            "this node runs no mail listeners, so it moves no mailboxes",
+        )
+    })?;
+    let to = match element.attr("backend") {
+        Some(name) => name.to_owned(),
+        None => state.directory.store().candidate().await?,
+    };
+    use crate::moves::MoveError;
+    let report = mover
+        .move_mailbox(&mailbox, &to)
+        .await
+        .map_err(|e| match e {
+            MoveError::NotConfigured => ApiError::conflict("moves_not_configured", e.to_string()),
+            MoveError::NoSuchMailbox(_) => ApiError::not_found(e.to_string()),
+            MoveError::AlreadyThere { .. } => ApiError::conflict("already_there", e.to_string()),
+            MoveError::TargetNotEmpty { .. } => {
+                ApiError::conflict("target_not_empty", e.to_string())
+            }
+            MoveError::UnknownBackend(_) => ApiError::invalid("unknown_backend", e.to_string()),
+            MoveError::Directory(d) => ApiError::from(d),
+            other => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "move_failed",
+                format!("{other}; the mailbox stays where the directory says"),
+            ),
+        })?;
+    let numbers = [
+        report.folders.to_string(),
+        report.copied_before.to_string(),
+        report.copied_after.to_string(),
+        report.deleted.to_string(),
+        report.millis.to_string(),
+    ];
+    let w = Writer::document(
+        "move",
+        &[
+            ("mailbox", &report.mailbox),
+            ("from", &report.from),
+            ("to", &report.to),
+            ("folders", &numbers[0]),
+            ("copied-before-switch", &numbers[1]),
+            ("copied-after-switch", &numbers[2]),
+            ("deleted-from-old", &numbers[3]),
+            ("milliseconds", &numbers[4]),
+        ],
+    );
+    Ok(xml_response(StatusCode::OK, w.finish()))
+}
+
 /// One item's outcome in the import report.
 struct Outcome {
     address: String,

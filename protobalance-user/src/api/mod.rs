@@ -69,6 +69,8 @@ pub struct ApiState {
     pub filter: Option<Arc<std::sync::Mutex<crate::filter::xdp::XdpFilter>>>,
     /// `POST reload` (when the server runs from a config file).
     pub reloader: Option<Arc<crate::reload::Reloader>>,
+    /// Mailbox moves (`[moves]`), when mail listeners run.
+    pub mover: Option<Arc<crate::moves::Mover>>,
     pub max_body_octets: u64,
     pub max_import_octets: u64,
 }
@@ -108,6 +110,7 @@ impl ApiState {
             proxy: None,
             filter: None,
             reloader: None,
+            mover: None,
             max_body_octets: config.api.max_body_octets,
             max_import_octets: config.api.max_import_octets,
         })
@@ -115,6 +118,12 @@ impl ApiState {
 }
 
 impl ApiState {
+    #[must_use]
+    pub fn with_mover(mut self, mover: Option<Arc<crate::moves::Mover>>) -> Self {
+        self.mover = mover;
+        self
+    }
+
     #[must_use]
     pub fn with_reloader(mut self, reloader: Arc<crate::reload::Reloader>) -> Self {
         self.reloader = Some(reloader);
@@ -348,6 +357,9 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         }
         (&Method::GET, ["mailboxes", address]) => mailboxes::get(state, address).await,
         (&Method::DELETE, ["mailboxes", address]) => mailboxes::delete(state, address).await,
+        (&Method::POST, ["mailboxes", address, "move"]) => {
+            mailboxes::move_to(state, address, req.into_body()).await
+        }
         (&Method::GET, ["domains"]) => domains::list(state).await,
         (&Method::POST, ["domains"]) => domains::create(state, req.into_body()).await,
         (&Method::PUT, ["domains", name]) => domains::update(state, name, req.into_body()).await,

@@ -9,6 +9,7 @@ mod api;
 mod cluster;
 mod dnsbl;
 mod listeners;
+mod moves;
 mod reputation;
 mod scan;
 
@@ -21,6 +22,7 @@ pub use dnsbl::{DnsblConfig, Site as DnsblSite, SiteConfig as DnsblSiteConfig};
 pub use listeners::{
     CertificateConfig, LimitsConfig, ListenerConfig, Protocol, SubmissionConfig, TlsMode,
 };
+pub use moves::MovesConfig;
 pub use reputation::{ReputationConfig, Weights};
 pub use scan::{ScanConfig, ScanSettings};
 
@@ -73,6 +75,8 @@ pub struct Config {
     pub dnsbl: DnsblConfig,
     #[serde(default)]
     pub scan: ScanConfig,
+    #[serde(default)]
+    pub moves: MovesConfig,
 }
 
 /// How the edge presents itself: one name and banner for the whole cluster.
@@ -469,6 +473,7 @@ impl Config {
         let reputation_allow = self.reputation.validate().map_err(to_error)?;
         let dnsbl_sites = self.dnsbl.validate().map_err(to_error)?;
         let scan = self.scan.validate().map_err(to_error)?;
+        self.moves.validate(base).map_err(to_error)?;
         if self
             .listeners
             .iter()

@@ -32,6 +32,8 @@ pub enum BackendCommand {
     Down { name: String },
     /// Remove NAME once it owns no mailboxes (not one the config file lists).
     Rm { name: String },
+    /// Move every mailbox of NAME to the other backends, by capacity (drain NAME first).
+    Empty { name: String },
 }
 
 /// A backend's definition, as a `[[backend]]` section of the config file has it; what is
@@ -138,6 +140,7 @@ impl Ctl {
                 let doc = self.fetch(Method::PUT, &path, Some(body)).await?;
                 return self.human(|| render::backend_capacity(out, &doc));
             }
+            BackendCommand::Empty { name } => return self.empty(out, &name).await,
             BackendCommand::Rm { name } => {
                 self.call(Method::DELETE, &format!("backends/{}", encode(&name)), None)
                     .await?;

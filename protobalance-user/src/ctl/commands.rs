@@ -211,6 +211,10 @@ impl Ctl {
                     )
                 })
             }
+            MailboxCommand::Move { address, to } => {
+                let doc = self.move_mailbox(&address, to.as_deref()).await?;
+                self.human(|| render::moved(out, &doc))
+            }
             MailboxCommand::Ls {
                 domain,
                 backend,
@@ -241,6 +245,58 @@ impl Ctl {
                 self.import(&options).await
             }
         }
+    }
+
+    /// `POST mailboxes/{address}/move`: the move's report.
+    pub(super) async fn move_mailbox(
+        &self,
+        address: &str,
+        to: Option<&str>,
+    ) -> Result<super::doc::Element, CtlError> {
+        let attributes: Vec<(&str, &str)> = to.map(|b| ("backend", b)).into_iter().collect();
+        let body = Writer::document("move", &attributes).finish();
+        let path = format!("mailboxes/{}/move", encode(address));
+        self.fetch(Method::POST, &path, Some(body)).await
+    }
+
+    /// `backend empty NAME`: moves NAME's mailboxes one by one until it has none.
+    pub(super) async fn empty(&self, out: &mut impl io::Write, name: &str) -> Result<(), CtlError> {
+        let query = format!("limit=100&backend={}", encode(name));
+        let mut moved = 0u64;
+        let show = io::stderr().is_terminal();
+        loop {
+            let page = self
+                .fetch(Method::GET, &format!("mailboxes?{query}"), None)
+                .await?;
+            let addresses: Vec<String> = page
+                .children_named("mailbox")
+                .filter_map(|m| m.attr("address").map(str::to_owned))
+                .collect();
+            if addresses.is_empty() {
+                break;
+            }
+            // Four at a time: a move mostly waits (its settle time, the backends).
+            for batch in addresses.chunks(4) {
+                let one = |i: usize| async move {
+                    match batch.get(i) {
+                        Some(address) => Some((address, self.move_mailbox(address, None).await)),
+                        None => None,
+                    }
+                };
+                let (a, b, c, d) = tokio::join!(one(0), one(1), one(2), one(3));
+                for (address, result) in [a, b, c, d].into_iter().flatten() {
+                    let doc = result?;
+                    moved += 1;
+                    if show {
+                        eprint!("\r  {moved} moved, last {address} -> {}   ", doc.show("to"));
+                    }
+                }
+            }
+        }
+        if show {
+            eprintln!();
+        }
+        self.human(|| writeln!(out, "moved {moved} mailboxes off {name}; it owns none now"))
     }
 
     /// `mailbox ls`: one page, or (`all`) every page by its `next`.

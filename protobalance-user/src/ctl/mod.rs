@@ -132,6 +132,14 @@ enum MailboxCommand {
     Show { address: String },
     /// Remove ADDRESS from the directory (its mail stays on its backend).
     Rm { address: String },
+    /// Move ADDRESS with its mail to another backend (default: where a new mailbox would
+    /// go now): copied over IMAP, switched, the old copy deleted (`[moves]`).
+    Move {
+        address: String,
+        /// The backend to move to.
+        #[arg(long, value_name = "BACKEND")]
+        to: Option<String>,
+    },
     /// List mailboxes in address order: one page, or every page with --all.
     Ls {
         #[arg(long)]

@@ -324,6 +324,24 @@ pub fn reputation(out: &mut impl Write, doc: &Element) -> io::Result<()> {
 }
 
 /// The one-line confirmation of `ban add`.
+/// A finished mailbox move.
+pub fn moved(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    writeln!(
+        out,
+        "moved {} from {} to {}: {} folders, {} messages copied before the switch and {} after, \
+         {} deleted from {} ({} ms)",
+        doc.show("mailbox"),
+        doc.show("from"),
+        doc.show("to"),
+        doc.show("folders"),
+        doc.show("copied-before-switch"),
+        doc.show("copied-after-switch"),
+        doc.show("deleted-from-old"),
+        doc.show("from"),
+        doc.show("milliseconds"),
+    )
+}
+
 pub fn ban_placed(out: &mut impl Write, ban: &Element) -> io::Result<()> {
     let what = match ban.show("mode") {
         "new-connections" => "new connections",

@@ -444,6 +444,91 @@ pub struct Directory<S> {
     ban_changes: BanChanges,
     /// Woken when a backend was added, removed or changed in a shared store.
     backends_changed: tokio::sync::Notify,
+    live: LiveSessions,
+}
+
+/// Per mailbox: (session id, backend, the session's end signal).
+type SessionMap =
+    std::collections::HashMap<Mailbox, Vec<(u64, String, tokio_util::sync::CancellationToken)>>;
+
+/// The POP3/IMAP sessions spliced to a backend now, by mailbox: a mailbox that moves
+/// (or is deleted) has its sessions ended, so no client keeps working on the old copy.
+#[derive(Default)]
+pub struct LiveSessions {
+    by_mailbox: Mutex<SessionMap>,
+    next: AtomicU64,
+}
+
+/// A registered session; unregisters on drop.
+pub struct LiveSession<'a> {
+    sessions: &'a LiveSessions,
+    mailbox: Mailbox,
+    id: u64,
+    token: tokio_util::sync::CancellationToken,
+}
+
+impl LiveSession<'_> {
+    /// Completes when the mailbox moved away from this session's backend.
+    pub async fn ended(&self) {
+        self.token.cancelled().await;
+    }
+}
+
+impl Drop for LiveSession<'_> {
+    fn drop(&mut self) {
+        let mut map = self.sessions.lock();
+        if let Some(list) = map.get_mut(&self.mailbox) {
+            list.retain(|(id, _, _)| *id != self.id);
+            if list.is_empty() {
+                map.remove(&self.mailbox);
+            }
+        }
+    }
+}
+
+impl LiveSessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionMap> {
+        self.by_mailbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn register(&self, mailbox: &Mailbox, backend: &str) -> LiveSession<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = tokio_util::sync::CancellationToken::new();
+        self.lock().entry(mailbox.clone()).or_default().push((
+            id,
+            backend.to_owned(),
+            token.clone(),
+        ));
+        LiveSession {
+            sessions: self,
+            mailbox: mailbox.clone(),
+            id,
+            token,
+        }
+    }
+
+    /// Ends the sessions of `mailbox` on any backend but `keep`; how many.
+    pub fn end(&self, mailbox: &Mailbox, keep: Option<&str>) -> usize {
+        let map = self.lock();
+        let Some(list) = map.get(mailbox) else {
+            return 0;
+        };
+        let mut ended = 0;
+        for (_, backend, token) in list {
+            if Some(backend.as_str()) != keep && !token.is_cancelled() {
+                token.cancel();
+                ended += 1;
+            }
+        }
+        ended
+    }
+
+    /// Sessions of `mailbox` now.
+    pub fn count(&self, mailbox: &Mailbox) -> usize {
+        self.lock().get(mailbox).map_or(0, Vec::len)
+    }
 }
 
 /// Targets whose shared ban changed, announced by the store and taken by the node's ban
@@ -528,6 +613,27 @@ impl<S: MailboxDirectory> Directory<S> {
             blocklist_changed: tokio::sync::Notify::new(),
             ban_changes: BanChanges::default(),
             backends_changed: tokio::sync::Notify::new(),
+            live: LiveSessions::default(),
+        }
+    }
+
+    /// The sessions spliced to backends now, by mailbox.
+    pub fn live_sessions(&self) -> &LiveSessions {
+        &self.live
+    }
+
+    /// Ends the sessions of `mailbox` that are not on its owner.
+    pub async fn end_sessions_off_owner(&self, mailbox: &Mailbox) {
+        if self.live.count(mailbox) == 0 {
+            return;
+        }
+        // Deleted (or unreadable): the sessions stay, as a local delete leaves them.
+        let Ok(Some(owner)) = self.store.owner_of(mailbox).await else {
+            return;
+        };
+        let ended = self.live.end(mailbox, Some(&owner));
+        if ended > 0 {
+            tracing::info!(%mailbox, %owner, sessions = ended, "sessions on a former owner ended");
         }
     }
 
@@ -629,6 +735,9 @@ impl<S: MailboxDirectory> Directory<S> {
         let previous = self.store.reassign(mailbox, backend).await;
         // Invalidate even on error: a failed commit leaves the owner unknown to us.
         self.invalidate(mailbox);
+        if previous.is_ok() {
+            self.live.end(mailbox, Some(backend));
+        }
         previous
     }
 

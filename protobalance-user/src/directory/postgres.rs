@@ -1021,7 +1021,11 @@ async fn listen_once(
                         directory.backends_changed().notify_one();
                     }
                     AsyncMessage::Notification(n) => {
-                        directory.invalidate(&Mailbox::from_store(n.payload().to_owned()));
+                        let mailbox = Mailbox::from_store(n.payload().to_owned());
+                        directory.invalidate(&mailbox);
+                        // Moved or deleted by another node: sessions here on the old
+                        // owner end (those on the new owner are looked up and kept).
+                        directory.end_sessions_off_owner(&mailbox).await;
                         directory.cache_stats().notifications.fetch_add(1, Ordering::Relaxed);
                     }
                     _ => {}

@@ -114,7 +114,7 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
         }) if target::confirm(ctx, &target).await => {
             record(backend, "ok");
             judge.succeeded(ctx);
-            proxy(client, pending, upstream, &lines, backend, ctx).await
+            proxy(client, pending, upstream, &lines, &target, ctx).await
         }
         Ok(Verdict {
             status: Status::Ok, ..
@@ -157,7 +157,7 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     pending: &mut BytesMut,
     mut upstream: Upstream,
     lines: &[u8],
-    backend: &str,
+    target: &target::Target,
     ctx: &ProxyContext,
 ) -> LoginResult {
     let Upstream { stream, buf } = &mut upstream;
@@ -165,7 +165,7 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     splice::hand_over(
         ctx,
         Protocol::Imap,
-        backend,
+        target,
         client,
         pending,
         stream,

@@ -180,7 +180,7 @@ pub async fn finish<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
         Ok(Reply::Ok { text }) if target::confirm(ctx, &target).await => {
             record(backend, "ok");
             judge.succeeded(ctx);
-            proxy(client, pending, upstream, &text, backend, ctx).await
+            proxy(client, pending, upstream, &text, &target, ctx).await
         }
         Ok(Reply::Ok { .. }) => {
             record(backend, "directory_error");
@@ -227,7 +227,7 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     pending: &mut BytesMut,
     mut upstream: Upstream,
     text: &str,
-    backend: &str,
+    target: &target::Target,
     ctx: &ProxyContext,
 ) -> LoginResult {
     let Upstream { stream, buf } = &mut upstream;
@@ -235,7 +235,7 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
     splice::hand_over(
         ctx,
         Protocol::Pop3,
-        backend,
+        target,
         client,
         pending,
         stream,

@@ -67,7 +67,7 @@ impl PlainTcp for tokio::io::DuplexStream {}
 pub async fn hand_over<C, B>(
     ctx: &ProxyContext,
     protocol: Protocol,
-    backend: &str,
+    target: &super::target::Target,
     client: &mut C,
     pending: &mut BytesMut,
     upstream: &mut B,
@@ -88,8 +88,20 @@ pub async fn hand_over<C, B>(
     if !upstream_extra.is_empty() && client.write_all(upstream_extra).await.is_err() {
         return;
     }
+    let backend = target.backend.as_str();
+    // Registered while spliced: a move of the mailbox to another backend ends the session
+    // (the client logs in again and lands on the new owner).
+    let live = ctx
+        .directory
+        .live_sessions()
+        .register(&target.mailbox, backend);
     ctx.metrics.proxied(protocol, backend, true);
-    splice(client, upstream, ctx.limits().idle_timeout()).await;
+    tokio::select! {
+        _ = splice(client, upstream, ctx.limits().idle_timeout()) => {}
+        () = live.ended() => {
+            tracing::info!(mailbox = %target.mailbox, %backend, protocol = protocol.as_str(), "session closed: the mailbox moved to another backend");
+        }
+    }
     ctx.metrics.proxied(protocol, backend, false);
 }
 

@@ -7,6 +7,8 @@ use crate::directory::{DirectoryError, Mailbox, Normalized, Route};
 /// The backend for a login.
 pub struct Target {
     pub backend: String,
+    /// The mailbox the login is for (without a master part).
+    pub mailbox: Mailbox,
     /// The normalized mailbox, plus `<separator><master>` when a master user logged in.
     pub login_name: String,
     /// Set for a mailbox of an auto-provisioning domain that has no owner yet: it is
@@ -23,11 +25,13 @@ pub async fn login_target(
     Ok(match ctx.directory.route_login(login).await? {
         Ok(Route::Owner { mailbox, backend }) => Some(Target {
             backend,
+            mailbox: mailbox.mailbox.clone(),
             login_name: login_name(mailbox, separator),
             unconfirmed: None,
         }),
         Ok(Route::Candidate { mailbox, backend }) => Some(Target {
             backend,
+            mailbox: mailbox.mailbox.clone(),
             unconfirmed: Some(mailbox.mailbox.clone()),
             login_name: login_name(mailbox, separator),
         }),

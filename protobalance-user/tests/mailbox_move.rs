@@ -1,0 +1,517 @@
+//! Moving a mailbox between real Dovecot backends through protobalance (`ctl mailbox move`,
+//! `ctl backend empty`): folders, flags and every message go to the new backend, a sender
+//! that keeps delivering through the edge during the move loses nothing and duplicates
+//! nothing, the old backend keeps none of it, and an IMAP session left open on the old
+//! backend is ended.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use protobalance_tests::{
+    DovecotBackend, DovecotCluster, MASTER_PASSWORD, MASTER_USER, password_for, python,
+};
+
+mod support;
+
+use support::{Edge, Listen, USERS, cli, owner, sample, start_edge};
+
+const TOKEN: &str = "mailbox-move-token-0123456789abcdef";
+
+fn edge(cluster: &DovecotCluster, dir: &std::path::Path, settle_seconds: u32) -> Edge {
+    let password = dir.join("master-password");
+    std::fs::write(&password, format!("{MASTER_PASSWORD}\n")).expect("password file");
+    let extra = format!(
+        "[moves]\nmaster_user = \"{MASTER_USER}\"\nmaster_password_file = \"{}\"\nsettle_seconds = {settle_seconds}\n\
+         [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\naccess = \"read-write\"\n",
+        password.display()
+    );
+    start_edge(
+        cluster,
+        &[Listen("smtp", None), Listen("imap", None)],
+        &extra,
+    )
+}
+
+type Folders = BTreeMap<String, Vec<(String, String)>>;
+
+/// Every message of `user` on `backend` (master login, straight to the backend):
+/// `folder -> [(subject, flags)]`.
+fn contents(backend: &DovecotBackend, user: &str) -> Folders {
+    contents_of(backend, &[user.to_owned()])
+        .remove(user)
+        .unwrap_or_default()
+}
+
+/// [`contents`] of several users, in one client run.
+fn contents_of(backend: &DovecotBackend, users: &[String]) -> BTreeMap<String, Folders> {
+    let out = protobalance_tests::process::python_for(
+        &format!(
+            r#"
+import imaplib, re
+for user in {users:?}:
+    m = imaplib.IMAP4("{ip}", {port}, timeout=20)
+    m.login("%s*{MASTER_USER}" % user, "{MASTER_PASSWORD}")
+    typ, folders = m.list()
+    for line in folders:
+        name = line.decode().rsplit(' ', 1)[1].strip('"')
+        typ, data = m.select('"%s"' % name, readonly=True)
+        if int(data[0]) == 0:
+            print("folder	%s	%s" % (user, name))
+            continue
+        typ, data = m.fetch("1:*", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        for item in data:
+            if isinstance(item, tuple):
+                flags = " ".join(sorted(f for f in re.search(r"FLAGS \(([^)]*)\)", item[0].decode()).group(1).split() if f != "\Recent"))
+                subject = item[1].decode().strip().split(":", 1)[1].strip()
+                print("msg	%s	%s	%s	%s" % (user, name, subject, flags))
+    m.logout()
+"#,
+            ip = backend.ip(),
+            port = backend.imap_port(),
+        ),
+        Duration::from_secs(300),
+    )
+    .expect("reading the mailboxes");
+    let mut all: BTreeMap<String, Folders> = BTreeMap::new();
+    for line in out.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        match fields.as_slice() {
+            ["folder", user, name] => {
+                all.entry((*user).to_owned())
+                    .or_default()
+                    .entry((*name).to_owned())
+                    .or_default();
+            }
+            ["msg", user, name, subject, flags] => all
+                .entry((*user).to_owned())
+                .or_default()
+                .entry((*name).to_owned())
+                .or_default()
+                .push(((*subject).to_owned(), (*flags).to_owned())),
+            _ => {}
+        }
+    }
+    all
+}
+
+fn message_total(folders: &Folders) -> usize {
+    folders.values().map(Vec::len).sum()
+}
+
+#[test]
+fn a_mailbox_moves_with_folders_and_flags_while_mail_keeps_arriving() {
+    let test = "a_mailbox_moves_with_folders_and_flags_while_mail_keeps_arriving";
+    if support::skip(test) {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let edge = edge(&cluster, dir.path(), 2);
+    let user = "user5@example.com";
+    let from = owner(&edge, user);
+    let to = if from == "backend2" {
+        "backend3"
+    } else {
+        "backend2"
+    };
+    let old = cluster
+        .backends()
+        .iter()
+        .find(|b| b.name() == from)
+        .expect("old backend");
+    let new = cluster
+        .backends()
+        .iter()
+        .find(|b| b.name() == to)
+        .expect("new backend");
+
+    // Before: 4 messages in INBOX (one flagged), 2 read ones in a folder "Archive".
+    let pass = password_for(user).expect("password");
+    let (smtp, imap) = (edge.listeners[0], edge.listeners[1]);
+    python(&format!(
+        r#"
+import imaplib, smtplib
+s = smtplib.SMTP("{sh}", {sp}, timeout=10)
+for i in range(4):
+    s.sendmail("a@example.net", ["{user}"], "Subject: before-%d\r\n\r\nbody\r\n" % i)
+s.quit()
+m = imaplib.IMAP4("{ih}", {ip}, timeout=10)
+m.login("{user}", "{pass}")
+m.create("Archive")
+for i in range(2):
+    m.append("Archive", "(\\Seen)", None, ("Subject: archived-%d\r\n\r\nold\r\n" % i).encode())
+m.select("INBOX")
+m.store("1", "+FLAGS", "(\\Flagged)")
+m.logout()
+"#,
+        sh = smtp.ip(),
+        sp = smtp.port(),
+        ih = imap.ip(),
+        ip = imap.port(),
+    ))
+    .expect("populating the mailbox");
+    let before = contents(old, user);
+    assert_eq!(message_total(&before), 6, "{before:?}");
+
+    // During: a sender delivering through the edge, and an IMAP session left open.
+    let stop = dir.path().join("stop");
+    let sender = format!(
+        r#"
+import os, smtplib, time
+sent, failed = [], []
+n = 0
+while not os.path.exists("{stop}"):
+    n += 1
+    try:
+        s = smtplib.SMTP("{sh}", {sp}, timeout=15)
+        refused = s.sendmail("a@example.net", ["{user}"], "Subject: live-%d\r\n\r\nbody\r\n" % n)
+        s.quit()
+        (failed if refused else sent).append("live-%d" % n)
+    except smtplib.SMTPResponseException as e:
+        # A temporary refusal is allowed (the client retries); a permanent one is not.
+        failed.append("live-%d %d" % (n, e.smtp_code)) if e.smtp_code >= 500 else None
+    except Exception as e:
+        failed.append("live-%d %r" % (n, e))
+    time.sleep(0.05)
+print("sent", " ".join(sent))
+print("failed", " | ".join(failed))
+"#,
+        stop = stop.display(),
+        sh = smtp.ip(),
+        sp = smtp.port(),
+    );
+    let watcher = format!(
+        r#"
+import imaplib, time
+m = imaplib.IMAP4("{ih}", {ip}, timeout=10)
+m.login("{user}", "{pass}")
+m.select("INBOX")
+end = time.time() + 30
+state = "open"
+while time.time() < end:
+    try:
+        m.noop()
+    except Exception as e:
+        state = "closed"
+        break
+    time.sleep(0.2)
+print(state)
+"#,
+        ih = imap.ip(),
+        ip = imap.port(),
+    );
+    let (sent, report, watched) = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| python(&sender).expect("sender"));
+        let watcher = scope.spawn(|| python(&watcher).expect("watcher"));
+        std::thread::sleep(Duration::from_millis(800));
+        let started = Instant::now();
+        let (code, report) = cli(&edge, TOKEN, &["ctl", "mailbox", "move", user, "--to", to]);
+        assert_eq!(code, 0, "{report}");
+        eprintln!("{} ({:?})", report.trim(), started.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::write(&stop, "").expect("stop");
+        (
+            sender.join().expect("sender thread"),
+            report,
+            watcher.join().expect("watcher thread"),
+        )
+    });
+    assert!(report.contains(&format!("to {to}")), "{report}");
+    let failed = sent
+        .lines()
+        .find_map(|l| l.strip_prefix("failed"))
+        .unwrap_or_default()
+        .trim();
+    assert!(
+        failed.is_empty(),
+        "deliveries failed during the move: {failed}"
+    );
+    let live: Vec<&str> = sent
+        .lines()
+        .find_map(|l| l.strip_prefix("sent"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert!(live.len() >= 5, "the sender ran during the move: {sent}");
+    assert_eq!(
+        watched.trim(),
+        "closed",
+        "the IMAP session on the old backend was ended"
+    );
+
+    // After: the directory, the new backend has everything once, the old one nothing.
+    assert_eq!(owner(&edge, user), to);
+    let moved = contents(new, user);
+    let left = contents(old, user);
+    assert_eq!(message_total(&left), 0, "left on {from}: {left:?}");
+    let mut subjects: Vec<&str> = moved.values().flatten().map(|(s, _)| s.as_str()).collect();
+    subjects.sort_unstable();
+    let mut want: Vec<String> = (0..4).map(|i| format!("before-{i}")).collect();
+    want.extend((0..2).map(|i| format!("archived-{i}")));
+    want.extend(live.iter().map(|s| (*s).to_owned()));
+    want.sort_unstable();
+    assert_eq!(subjects, want, "every message once, none lost or doubled");
+    let archive = &moved["Archive"];
+    assert_eq!(archive.len(), 2);
+    assert!(
+        archive.iter().all(|(_, flags)| flags.contains("\\Seen")),
+        "{archive:?}"
+    );
+    let flagged: Vec<&String> = moved["INBOX"]
+        .iter()
+        .filter(|(_, flags)| flags.contains("\\Flagged"))
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(flagged, ["before-0"]);
+    assert_eq!(
+        sample(&edge, "protobalance_mailbox_moves_total{result=\"moved\"}"),
+        1
+    );
+
+    // A login through the edge lands on the new backend and sees the mail.
+    let out = python(&format!(
+        "import imaplib\nm = imaplib.IMAP4('{}', {}, timeout=10)\nm.login('{user}', '{pass}')\n\
+         print(m.select('INBOX')[1][0].decode())\nm.logout()\n",
+        imap.ip(),
+        imap.port()
+    ))
+    .expect("login after the move");
+    assert_eq!(out.trim(), (4 + live.len()).to_string());
+}
+
+#[test]
+fn moves_refuse_what_they_cannot_do_and_a_backend_can_be_emptied() {
+    let test = "moves_refuse_what_they_cannot_do_and_a_backend_can_be_emptied";
+    if support::skip(test) {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Empty mailboxes and no traffic: no settle time needed.
+    let edge = edge(&cluster, dir.path(), 0);
+    let user = "user9@example.com";
+    let home = owner(&edge, user);
+    for (args, want) in [
+        (
+            vec!["ctl", "mailbox", "move", user, "--to", &home],
+            "already",
+        ),
+        (
+            vec!["ctl", "mailbox", "move", user, "--to", "nosuch"],
+            "nosuch",
+        ),
+        (
+            vec![
+                "ctl",
+                "mailbox",
+                "move",
+                "ghost@example.com",
+                "--to",
+                "backend1",
+            ],
+            "ghost@example.com",
+        ),
+    ] {
+        let (code, text) = cli(&edge, TOKEN, &args);
+        assert_ne!(code, 0, "{args:?}: {text}");
+        assert!(text.contains(want), "{args:?}: {text}");
+    }
+    assert_eq!(owner(&edge, user), home, "a refused move changes nothing");
+    // Mail for the mailbox on the target already (a failed earlier move, say): refused,
+    // so nothing is doubled.
+    let elsewhere = cluster
+        .backends()
+        .iter()
+        .find(|b| b.name() != home)
+        .expect("another backend");
+    python(&format!(
+        "import smtplib\nl = smtplib.LMTP('{}', {})\nl.sendmail('a@example.net', ['{user}'], 'Subject: stray\\r\\n\\r\\nx\\r\\n')\nl.quit()\n",
+        elsewhere.ip(),
+        elsewhere.lmtp_port()
+    ))
+    .expect("LMTP");
+    let (code, text) = cli(
+        &edge,
+        TOKEN,
+        &["ctl", "mailbox", "move", user, "--to", elsewhere.name()],
+    );
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("target_not_empty") || text.contains("1 messages"),
+        "{text}"
+    );
+    assert_eq!(owner(&edge, user), home);
+
+    // Emptying backend1: drained first, then every mailbox goes to the others.
+    let (code, text) = cli(&edge, TOKEN, &["ctl", "backend", "drain", "backend1"]);
+    assert_eq!(code, 0, "{text}");
+    let on_backend1: Vec<String> = (1..=USERS)
+        .map(|i| format!("user{i}@example.com"))
+        .filter(|u| owner(&edge, u) == "backend1")
+        .take(100)
+        .collect();
+    assert_eq!(on_backend1.len(), USERS / 3);
+    let started = Instant::now();
+    let (code, text) = cli(
+        &edge,
+        TOKEN,
+        &["ctl", "backend", "empty", "backend1", "--timeout", "600"],
+    );
+    assert_eq!(code, 0, "{text}");
+    eprintln!("{} in {:?}", text.trim(), started.elapsed());
+    assert!(on_backend1.iter().all(|u| owner(&edge, u) != "backend1"));
+    let (code, text) = cli(&edge, TOKEN, &["ctl", "backend", "rm", "backend1"]);
+    // A config backend cannot be removed through the API, but it owns nothing now.
+    assert!(text.contains("managed_by_config") || code == 0, "{text}");
+}
+
+/// The issue's test: a whole backend's mailboxes move while a sender keeps delivering to
+/// them and a reader keeps reading them through the edge. Afterwards every message sent is
+/// on the new owner exactly once, the old backend holds none, and no client saw a
+/// permanent error (temporary ones, and a session ended by the move, are allowed: clients
+/// retry).
+#[test]
+fn a_backend_is_emptied_under_load_with_every_message_in_exactly_one_place() {
+    let test = "a_backend_is_emptied_under_load_with_every_message_in_exactly_one_place";
+    if support::skip(test) {
+        return;
+    }
+    // Two backends: the 300 test mailboxes split 150/150; backend1's 150 move.
+    let cluster = DovecotCluster::start(2, USERS).expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let password = dir.path().join("master-password");
+    std::fs::write(&password, format!("{MASTER_PASSWORD}\n")).expect("password file");
+    let extra = format!(
+        "[moves]\nmaster_user = \"{MASTER_USER}\"\nmaster_password_file = \"{}\"\nsettle_seconds = 1\n\
+         [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\naccess = \"read-write\"\n",
+        password.display()
+    );
+    let edge = start_edge(
+        &cluster,
+        &[Listen("smtp", None), Listen("pop3", None)],
+        &extra,
+    );
+    let movers: Vec<String> = (1..=USERS)
+        .map(|i| format!("user{i}@example.com"))
+        .filter(|u| owner(&edge, u) == "backend1")
+        .collect();
+    assert_eq!(movers.len(), USERS / 2);
+    let (smtp, pop3) = (edge.listeners[0], edge.listeners[1]);
+    let stop = dir.path().join("stop");
+    let users_py = format!("{movers:?}");
+    let load = format!(
+        r#"
+import os, poplib, smtplib, threading, time
+users = {users_py}
+stop = "{stop}"
+sent, problems = [], []
+def sender():
+    n = 0
+    while not os.path.exists(stop):
+        n += 1
+        rcpt = users[n % len(users)]
+        try:
+            s = smtplib.SMTP("{sh}", {sp}, timeout=20)
+            refused = s.sendmail("a@example.net", [rcpt], "Subject: m-%d\r\n\r\nbody\r\n" % n)
+            s.quit()
+            if refused:
+                problems.append("refused %r" % (refused,))
+            else:
+                sent.append((rcpt, "m-%d" % n))
+        except smtplib.SMTPResponseException as e:
+            if e.smtp_code >= 500:
+                problems.append("smtp %d %r" % (e.smtp_code, e.smtp_error))
+        except (OSError, smtplib.SMTPServerDisconnected):
+            pass
+def reader():
+    n = 0
+    while not os.path.exists(stop):
+        n += 1
+        user = users[(n * 7) % len(users)]
+        try:
+            p = poplib.POP3("{ph}", {pp}, timeout=20)
+            p.user(user); p.pass_("pass" + user[4:].split("@")[0])
+            count, _ = p.stat()
+            if count:
+                p.top(1, 0)
+            p.quit()
+        except poplib.error_proto as e:
+            text = e.args[0].decode(errors="replace")
+            if "[SYS/TEMP]" not in text and "[IN-USE]" not in text:
+                problems.append("pop3 %s: %s" % (user, text))
+        except (OSError, EOFError):
+            pass
+threads = [threading.Thread(target=sender), threading.Thread(target=reader)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("problems", len(problems))
+for p in problems[:10]: print("problem", p)
+for rcpt, subject in sent: print("sent", rcpt, subject)
+"#,
+        stop = stop.display(),
+        sh = smtp.ip(),
+        sp = smtp.port(),
+        ph = pop3.ip(),
+        pp = pop3.port(),
+    );
+    let output = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            protobalance_tests::process::python_for(&load, Duration::from_secs(600)).expect("load")
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let (code, text) = cli(&edge, TOKEN, &["ctl", "backend", "drain", "backend1"]);
+        assert_eq!(code, 0, "{text}");
+        let started = Instant::now();
+        let (code, text) = cli(
+            &edge,
+            TOKEN,
+            &["ctl", "backend", "empty", "backend1", "--timeout", "900"],
+        );
+        assert_eq!(code, 0, "{text}");
+        eprintln!("{} in {:?} under load", text.trim(), started.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::write(&stop, "").expect("stop");
+        load.join().expect("load thread")
+    });
+    assert!(
+        output.starts_with("problems 0"),
+        "clients saw permanent errors:\n{}",
+        output.lines().take(12).collect::<Vec<_>>().join("\n")
+    );
+    let sent: Vec<(&str, &str)> = output
+        .lines()
+        .filter_map(|l| l.strip_prefix("sent "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    assert!(sent.len() >= 50, "the sender ran: {} messages", sent.len());
+    let (old, new) = (
+        cluster.backend(1).expect("b1"),
+        cluster.backend(2).expect("b2"),
+    );
+    let mut want: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (user, subject) in &sent {
+        want.entry(user).or_default().push(subject);
+    }
+    let (on_old, mut on_new) = (contents_of(old, &movers), contents_of(new, &movers));
+    for user in &movers {
+        assert_eq!(owner(&edge, user), "backend2");
+        let left = on_old.get(user).map_or(0, message_total);
+        assert_eq!(left, 0, "{user} left on backend1");
+        let mut have: Vec<String> = on_new
+            .remove(user)
+            .unwrap_or_default()
+            .into_values()
+            .flatten()
+            .map(|(s, _)| s)
+            .collect();
+        have.sort_unstable();
+        let mut expected: Vec<String> = want
+            .get(user.as_str())
+            .map(|v| v.iter().map(|s| (*s).to_owned()).collect())
+            .unwrap_or_default();
+        expected.sort_unstable();
+        assert_eq!(have, expected, "{user}: every message once on backend2");
+    }
+}
