@@ -344,6 +344,50 @@ fn moves_refuse_what_they_cannot_do_and_a_backend_can_be_emptied() {
     );
     assert_eq!(owner(&edge, user), home);
 
+    // As a job: 202 at once, then watched to its end; both documents valid.
+    let third = cluster
+        .backends()
+        .iter()
+        .find(|b| b.name() != home && b.name() != elsewhere.name())
+        .expect("a third backend");
+    let out = python(&format!(
+        r#"
+import time, urllib.error, urllib.request
+base = "http://{admin}/api/v1/"
+auth = {{"Authorization": "Bearer {TOKEN}", "Content-Type": "application/xml"}}
+req = urllib.request.Request(base + "mailboxes/{user}/move?wait=no", data=b'<move xmlns="urn:protobalance:api:1" backend="{to}"/>', headers=auth, method="POST")
+try:
+    r = urllib.request.urlopen(req, timeout=10)
+except urllib.error.HTTPError as e:
+    raise SystemExit("%d %s" % (e.code, e.read().decode()))
+print(r.status, r.headers["Location"])
+print(r.read().decode().replace("\n", " "))
+path = r.headers["Location"].split("/api/v1/")[1]
+for _ in range(200):
+    with urllib.request.urlopen(urllib.request.Request(base + path, headers=auth), timeout=10) as r:
+        doc = r.read().decode()
+    if 'state="running"' not in doc:
+        break
+    time.sleep(0.1)
+print(doc.replace("\n", " "))
+"#,
+        admin = edge.admin,
+        to = third.name(),
+    ))
+    .expect("move job");
+    let mut lines = out.lines();
+    let status = lines.next().unwrap_or_default();
+    assert!(status.starts_with("202 /api/v1/jobs/"), "{out}");
+    let started = lines.next().unwrap_or_default();
+    let finished = lines.next().unwrap_or_default();
+    support::validate_api_xml(started);
+    support::validate_api_xml(finished);
+    assert!(
+        finished.contains("state=\"done\"") && finished.contains("phase=\"done\""),
+        "{finished}"
+    );
+    assert_eq!(owner(&edge, user), third.name());
+
     // Emptying backend1: drained first, then every mailbox goes to the others.
     let (code, text) = cli(&edge, TOKEN, &["ctl", "backend", "drain", "backend1"]);
     assert_eq!(code, 0, "{text}");
@@ -352,7 +396,8 @@ fn moves_refuse_what_they_cannot_do_and_a_backend_can_be_emptied() {
         .filter(|u| owner(&edge, u) == "backend1")
         .take(100)
         .collect();
-    assert_eq!(on_backend1.len(), USERS / 3);
+    // About a third of the mailboxes (user9 may have moved above).
+    assert!(on_backend1.len() >= USERS / 3 - 1, "{}", on_backend1.len());
     let started = Instant::now();
     let (code, text) = cli(
         &edge,

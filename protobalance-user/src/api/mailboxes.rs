@@ -184,13 +184,15 @@ pub async fn delete(state: &ApiState, address: &str) -> Result<ApiResponse, ApiE
 pub async fn move_to(
     state: &ApiState,
     address: &str,
+    query: &str,
     body: Incoming,
 ) -> Result<ApiResponse, ApiError> {
+    only_params(query, &["wait"])?;
     let bytes = collect_small(body, state.max_body_octets).await?;
     let element = Parser::new(&bytes[..]).single("move").await?;
     element.only(&["backend"])?;
     let mailbox = mailbox(state, address)?;
-    let mover = state.mover.as_deref().ok_or_else(|| {
+    let mover = state.mover.clone().ok_or_else(|| {
         ApiError::conflict(
             "moves_not_configured",
             "this node runs no mail listeners, so it moves no mailboxes",
@@ -200,25 +202,22 @@ pub async fn move_to(
         Some(name) => name.to_owned(),
         None => state.directory.store().candidate().await?,
     };
-    use crate::moves::MoveError;
-    let report = mover
-        .move_mailbox(&mailbox, &to)
+    // A job in its own task: a client that gives up (or times out) does not stop a move
+    // halfway. `?wait=no` answers at once with the job to watch.
+    let job = mover.start(mailbox, to);
+    if query_param(query, "wait")?.as_deref() == Some("no") {
+        let mut response = xml_response(StatusCode::ACCEPTED, super::jobs::job_document(&job));
+        if let Ok(location) =
+            header::HeaderValue::from_str(&format!("{}jobs/{}", super::PREFIX, job.id))
+        {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        return Ok(response);
+    }
+    let report = job
+        .finished()
         .await
-        .map_err(|e| match e {
-            MoveError::NotConfigured => ApiError::conflict("moves_not_configured", e.to_string()),
-            MoveError::NoSuchMailbox(_) => ApiError::not_found(e.to_string()),
-            MoveError::AlreadyThere { .. } => ApiError::conflict("already_there", e.to_string()),
-            MoveError::TargetNotEmpty { .. } => {
-                ApiError::conflict("target_not_empty", e.to_string())
-            }
-            MoveError::UnknownBackend(_) => ApiError::invalid("unknown_backend", e.to_string()),
-            MoveError::Directory(d) => ApiError::from(d),
-            other => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "move_failed",
-                format!("{other}; the mailbox stays where the directory says"),
-            ),
-        })?;
+        .map_err(|e| super::jobs::move_error(&e))?;
     let numbers = [
         report.folders.to_string(),
         report.copied_before.to_string(),

@@ -15,6 +15,7 @@ mod backends;
 mod bans;
 pub mod blocklist;
 mod domains;
+mod jobs;
 mod mailboxes;
 mod reputation;
 mod stats;
@@ -358,8 +359,10 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         (&Method::GET, ["mailboxes", address]) => mailboxes::get(state, address).await,
         (&Method::DELETE, ["mailboxes", address]) => mailboxes::delete(state, address).await,
         (&Method::POST, ["mailboxes", address, "move"]) => {
-            mailboxes::move_to(state, address, req.into_body()).await
+            mailboxes::move_to(state, address, &query, req.into_body()).await
         }
+        (&Method::GET, ["jobs"]) => jobs::list(state),
+        (&Method::GET, ["jobs", id]) => jobs::get(state, id),
         (&Method::GET, ["domains"]) => domains::list(state).await,
         (&Method::POST, ["domains"]) => domains::create(state, req.into_body()).await,
         (&Method::PUT, ["domains", name]) => domains::update(state, name, req.into_body()).await,

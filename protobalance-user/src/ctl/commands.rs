@@ -212,7 +212,7 @@ impl Ctl {
                 })
             }
             MailboxCommand::Move { address, to } => {
-                let doc = self.move_mailbox(&address, to.as_deref()).await?;
+                let doc = self.move_watched(&address, to.as_deref()).await?;
                 self.human(|| render::moved(out, &doc))
             }
             MailboxCommand::Ls {
@@ -257,6 +257,56 @@ impl Ctl {
         let body = Writer::document("move", &attributes).finish();
         let path = format!("mailboxes/{}/move", encode(address));
         self.fetch(Method::POST, &path, Some(body)).await
+    }
+
+    /// `mailbox move`: starts the move as a job and follows it, with a progress line on a
+    /// terminal, to its end; the finished job (its report), or the job's error.
+    async fn move_watched(
+        &self,
+        address: &str,
+        to: Option<&str>,
+    ) -> Result<super::doc::Element, CtlError> {
+        let attributes: Vec<(&str, &str)> = to.map(|b| ("backend", b)).into_iter().collect();
+        let body = Writer::document("move", &attributes).finish();
+        let path = format!("mailboxes/{}/move?wait=no", encode(address));
+        let job = self.fetch(Method::POST, &path, Some(body)).await?;
+        let id = job.show("id").to_owned();
+        let show = io::stderr().is_terminal();
+        loop {
+            let job = self.fetch(Method::GET, &format!("jobs/{id}"), None).await?;
+            if show {
+                let (copied, total) = (job.show("copied"), job.show("total"));
+                let done: f64 = copied.parse().unwrap_or(0.0);
+                let all: f64 = total.parse::<f64>().unwrap_or(0.0).max(done).max(1.0);
+                let filled = ((done / all) * 30.0).round() as usize;
+                eprint!(
+                    "\r  [{}{}] {copied}/{total} messages, {:<10}",
+                    "#".repeat(filled.min(30)),
+                    ".".repeat(30 - filled.min(30)),
+                    job.show("phase")
+                );
+            }
+            match job.show("state") {
+                "running" => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+                "failed" => {
+                    if show {
+                        eprintln!();
+                    }
+                    // The job's error is the one a waiting request would have had.
+                    return Err(CtlError::Api {
+                        status: job.show("status").parse().unwrap_or(502),
+                        code: job.show("error").to_owned(),
+                        message: job.show("message").to_owned(),
+                    });
+                }
+                _ => {
+                    if show {
+                        eprintln!();
+                    }
+                    return Ok(job);
+                }
+            }
+        }
     }
 
     /// `backend empty NAME`: moves NAME's mailboxes one by one until it has none.

@@ -338,7 +338,10 @@ pub fn moved(out: &mut impl Write, doc: &Element) -> io::Result<()> {
         doc.show("copied-after-switch"),
         doc.show("deleted-from-old"),
         doc.show("from"),
-        doc.show("milliseconds"),
+        // The move's own document says milliseconds, its finished job elapsed-ms.
+        doc.attr("milliseconds")
+            .or_else(|| doc.attr("elapsed-ms"))
+            .unwrap_or("?"),
     )
 }
 

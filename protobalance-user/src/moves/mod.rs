@@ -21,6 +21,7 @@
 //! POP3 clients that leave mail on the server may fetch it once more).
 
 pub mod imap;
+pub mod jobs;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -53,6 +54,8 @@ pub enum MoveError {
     NoSuchMailbox(String),
     #[error("{mailbox} is on {backend} already")]
     AlreadyThere { mailbox: String, backend: String },
+    #[error("{0} is being moved already")]
+    Busy(String),
     #[error("no backend `{0}` in the pool")]
     UnknownBackend(String),
     #[error("backend `{backend}`: {source}")]
@@ -95,6 +98,9 @@ pub struct MoveReport {
 pub struct Mover {
     ctx: Arc<ProxyContext>,
     config: MovesConfig,
+    /// Mailboxes being moved now: a second move of one of them is refused.
+    moving: std::sync::Mutex<std::collections::HashSet<Mailbox>>,
+    jobs: jobs::Jobs,
     moves: IntCounterVec,
     messages: IntCounterVec,
 }
@@ -131,6 +137,8 @@ impl Mover {
         Ok(Self {
             ctx,
             config,
+            moving: std::sync::Mutex::default(),
+            jobs: jobs::Jobs::default(),
             moves,
             messages,
         })
@@ -138,7 +146,21 @@ impl Mover {
 
     /// Moves `mailbox` to backend `to` (see the module comment).
     pub async fn move_mailbox(&self, mailbox: &Mailbox, to: &str) -> Result<MoveReport, MoveError> {
-        let result = self.run(mailbox, to).await;
+        self.move_mailbox_with(mailbox, to, &jobs::MoveProgress::default())
+            .await
+    }
+
+    /// [`move_mailbox`](Self::move_mailbox), telling `progress` how it goes.
+    pub async fn move_mailbox_with(
+        &self,
+        mailbox: &Mailbox,
+        to: &str,
+        progress: &jobs::MoveProgress,
+    ) -> Result<MoveReport, MoveError> {
+        let result = match self.claim(mailbox) {
+            Some(_claim) => self.run(mailbox, to, progress).await,
+            None => Err(MoveError::Busy(mailbox.to_string())),
+        };
         let label = match &result {
             Ok(report) => {
                 tracing::info!(
@@ -154,6 +176,7 @@ impl Mover {
                 | MoveError::NoSuchMailbox(_)
                 | MoveError::AlreadyThere { .. }
                 | MoveError::TargetNotEmpty { .. }
+                | MoveError::Busy(_)
                 | MoveError::UnknownBackend(_)),
             ) => {
                 tracing::info!(%mailbox, %to, %error, "mailbox move refused");
@@ -168,7 +191,24 @@ impl Mover {
         result
     }
 
-    async fn run(&self, mailbox: &Mailbox, to: &str) -> Result<MoveReport, MoveError> {
+    /// Marks `mailbox` as being moved until the claim drops; `None` when it is already.
+    fn claim(&self, mailbox: &Mailbox) -> Option<Claim<'_>> {
+        let mut moving = self
+            .moving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        moving.insert(mailbox.clone()).then(|| Claim {
+            mover: self,
+            mailbox: mailbox.clone(),
+        })
+    }
+
+    async fn run(
+        &self,
+        mailbox: &Mailbox,
+        to: &str,
+        progress: &jobs::MoveProgress,
+    ) -> Result<MoveReport, MoveError> {
         if !self.config.enabled() {
             return Err(MoveError::NotConfigured);
         }
@@ -189,6 +229,7 @@ impl Mover {
             return Err(MoveError::UnknownBackend(to.to_owned()));
         }
         let password = Secret::new(self.config.password().map_err(MoveError::Password)?);
+        progress.set_phase("connecting");
         let mut old = self.login(&from, mailbox, &password).await?;
         let mut new = self.login(to, mailbox, &password).await?;
         let imap = |backend: &str| {
@@ -205,6 +246,11 @@ impl Mover {
             });
         }
         let mut folders: BTreeMap<String, Folder> = BTreeMap::new();
+        let total = message_count(&mut old).await.map_err(imap(&from))?;
+        progress
+            .total
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+        progress.set_phase("copying");
         let mut report = MoveReport {
             mailbox: mailbox.to_string(),
             from: from.clone(),
@@ -212,17 +258,19 @@ impl Mover {
             ..MoveReport::default()
         };
         // 1. Copy while mail still arrives at the old backend.
-        report.copied_before = copy_pass(&mut old, &mut new, &mut folders)
+        report.copied_before = copy_pass(&mut old, &mut new, &mut folders, progress)
             .await
             .map_err(|(side, e)| imap(if side == Side::Old { &from } else { to })(e))?;
         // 2. Switch.
+        progress.set_phase("switching");
         directory.reassign(mailbox, to).await?;
         let switched = Instant::now();
+        progress.set_phase("settling");
         // 3. Settle: what was routed to the old backend before the switch arrives there.
         let settle = Duration::from_secs(self.config.settle_seconds);
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let copied = copy_pass(&mut old, &mut new, &mut folders)
+            let copied = copy_pass(&mut old, &mut new, &mut folders, progress)
                 .await
                 .map_err(|(side, e)| imap(if side == Side::Old { &from } else { to })(e))?;
             report.copied_after += copied;
@@ -232,6 +280,7 @@ impl Mover {
         }
         // 4. Delete what was copied from the old backend.
         if self.config.delete_old {
+            progress.set_phase("deleting");
             for (name, folder) in &folders {
                 if folder.copied.is_empty() {
                     continue;
@@ -293,6 +342,21 @@ impl Mover {
     }
 }
 
+struct Claim<'a> {
+    mover: &'a Mover,
+    mailbox: Mailbox,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.mover
+            .moving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.mailbox);
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
     Old,
@@ -304,6 +368,7 @@ async fn copy_pass(
     old: &mut ImapClient,
     new: &mut ImapClient,
     folders: &mut BTreeMap<String, Folder>,
+    progress: &jobs::MoveProgress,
 ) -> Result<u64, (Side, ImapError)> {
     let o = |e| (Side::Old, e);
     let n = |e| (Side::New, e);
@@ -367,6 +432,9 @@ async fn copy_pass(
                 .map_err(n)?;
                 folder.copied.insert(message.uid);
                 copied += 1;
+                progress
+                    .copied
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
