@@ -317,11 +317,19 @@ impl Reloader {
             tracing::info!(backend = %backend.name, capacity = backend.capacity, new = before.is_none(), "config reloaded: backend in the pool");
         }
         for gone in removed_backends(old, cfg) {
-            proxy.pool.remove(&gone);
+            // The directory first: it refuses while the backend owns mailboxes (one may
+            // have been assigned since the check), and then the backend keeps serving.
             match store.remove_backend(&gone).await {
                 Ok(()) | Err(crate::directory::DirectoryError::UnknownBackend(_)) => {}
+                Err(crate::directory::DirectoryError::BackendInUse { mailboxes, .. }) => {
+                    return Err(Refused::Invalid(format!(
+                        "backend `{gone}` was removed from the config but owns {mailboxes} \
+                         mailboxes now: drain it, move its mailboxes, then remove it"
+                    )));
+                }
                 Err(e) => return Err(failed("directory", &e)),
             }
+            proxy.pool.remove(&gone);
             tracing::info!(backend = %gone, "config reloaded: backend removed");
         }
         for domain in &cfg.domains {

@@ -157,6 +157,31 @@ fn two_nodes_share_one_postgres_directory_with_exact_counters() {
             a.reassign(&pinned, "nosuch").await,
             Err(DirectoryError::UnknownBackend(_))
         ));
+        // A conditional move happens only from the owner it names.
+        assert!(
+            !b.reassign_from(&pinned, "beta", "alpha")
+                .await
+                .expect("not from beta")
+        );
+        assert_eq!(
+            a.owner_of(&pinned).await.expect("owner").as_deref(),
+            Some("gamma")
+        );
+        assert!(
+            b.reassign_from(&pinned, "gamma", "alpha")
+                .await
+                .expect("from gamma")
+        );
+        assert!(
+            a.reassign_from(&pinned, "alpha", "gamma")
+                .await
+                .expect("back")
+        );
+        assert!(
+            !a.reassign_from(&mailbox("ghost@example.com"), "gamma", "alpha")
+                .await
+                .expect("no such mailbox")
+        );
         assert_counters_exact(&pg);
 
         // Keyset paging, by backend and by domain, in byte order.

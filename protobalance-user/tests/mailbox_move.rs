@@ -18,6 +18,8 @@ mod support;
 use support::{Edge, Listen, USERS, cli, owner, sample, start_edge};
 
 const TOKEN: &str = "mailbox-move-token-0123456789abcdef";
+/// Messages that make the first copy pass of the moving mailbox take a while.
+const BULK: usize = 300;
 
 fn edge(cluster: &DovecotCluster, dir: &std::path::Path, settle_seconds: u32) -> Edge {
     let password = dir.join("master-password");
@@ -145,15 +147,21 @@ for i in range(2):
 m.select("INBOX")
 m.store("1", "+FLAGS", "(\\Flagged)")
 m.logout()
+l = smtplib.LMTP("{lh}", {lp})
+for i in range({BULK}):
+    l.sendmail("a@example.net", ["{user}"], "Subject: bulk-%d\r\n\r\nbody\r\n" % i)
+l.quit()
 "#,
         sh = smtp.ip(),
         sp = smtp.port(),
         ih = imap.ip(),
         ip = imap.port(),
+        lh = old.ip(),
+        lp = old.lmtp_port(),
     ))
     .expect("populating the mailbox");
     let before = contents(old, user);
-    assert_eq!(message_total(&before), 6, "{before:?}");
+    assert_eq!(message_total(&before), 6 + BULK, "{before:?}");
 
     // During: a sender delivering through the edge, and an IMAP session left open.
     let stop = dir.path().join("stop");
@@ -182,12 +190,24 @@ print("failed", " | ".join(failed))
         sh = smtp.ip(),
         sp = smtp.port(),
     );
+    // The watcher, once told, changes the old copy while it is being copied (the bulk
+    // messages make the first pass long): answers before-2, deletes before-3.
+    let go = dir.path().join("go");
     let watcher = format!(
         r#"
-import imaplib, time
+import imaplib, os, time
 m = imaplib.IMAP4("{ih}", {ip}, timeout=10)
 m.login("{user}", "{pass}")
 m.select("INBOX")
+while not os.path.exists("{go}"):
+    time.sleep(0.01)
+try:
+    m.store("3", "+FLAGS", "(\\Answered)")
+    m.store("4", "+FLAGS", "(\\Deleted)")
+    m.expunge()
+    print("changed")
+except Exception as e:
+    print("early %r" % (e,))
 end = time.time() + 30
 state = "open"
 while time.time() < end:
@@ -201,13 +221,18 @@ print(state)
 "#,
         ih = imap.ip(),
         ip = imap.port(),
+        go = go.display(),
     );
     let (sent, report, watched) = std::thread::scope(|scope| {
         let sender = scope.spawn(|| python(&sender).expect("sender"));
         let watcher = scope.spawn(|| python(&watcher).expect("watcher"));
         std::thread::sleep(Duration::from_millis(800));
         let started = Instant::now();
-        let (code, report) = cli(&edge, TOKEN, &["ctl", "mailbox", "move", user, "--to", to]);
+        let mover =
+            scope.spawn(|| cli(&edge, TOKEN, &["ctl", "mailbox", "move", user, "--to", to]));
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(&go, "").expect("go");
+        let (code, report) = mover.join().expect("move thread");
         assert_eq!(code, 0, "{report}");
         eprintln!("{} ({:?})", report.trim(), started.elapsed());
         std::thread::sleep(Duration::from_millis(500));
@@ -235,10 +260,15 @@ print(state)
         .split_whitespace()
         .collect();
     assert!(live.len() >= 5, "the sender ran during the move: {sent}");
+    let changed = watched.lines().next() == Some("changed");
+    eprintln!(
+        "client changes during the copy: {}",
+        watched.lines().next().unwrap_or_default()
+    );
     assert_eq!(
-        watched.trim(),
-        "closed",
-        "the IMAP session on the old backend was ended"
+        watched.lines().last(),
+        Some("closed"),
+        "the IMAP session on the old backend was ended: {watched}"
     );
 
     // After: the directory, the new backend has everything once, the old one nothing.
@@ -248,7 +278,10 @@ print(state)
     assert_eq!(message_total(&left), 0, "left on {from}: {left:?}");
     let mut subjects: Vec<&str> = moved.values().flatten().map(|(s, _)| s.as_str()).collect();
     subjects.sort_unstable();
-    let mut want: Vec<String> = (0..4).map(|i| format!("before-{i}")).collect();
+    // What the client did on the old copy during the move holds on the new one.
+    let kept_before = if changed { 3 } else { 4 };
+    let mut want: Vec<String> = (0..kept_before).map(|i| format!("before-{i}")).collect();
+    want.extend((0..BULK).map(|i| format!("bulk-{i}")));
     want.extend((0..2).map(|i| format!("archived-{i}")));
     want.extend(live.iter().map(|s| (*s).to_owned()));
     want.sort_unstable();
@@ -265,6 +298,18 @@ print(state)
         .map(|(s, _)| s)
         .collect();
     assert_eq!(flagged, ["before-0"]);
+    if changed {
+        let answered: Vec<&String> = moved["INBOX"]
+            .iter()
+            .filter(|(_, flags)| flags.contains("\\Answered"))
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(
+            answered,
+            ["before-2"],
+            "a flag set during the copy is carried over"
+        );
+    }
     assert_eq!(
         sample(&edge, "protobalance_mailbox_moves_total{result=\"moved\"}"),
         1
@@ -278,7 +323,7 @@ print(state)
         imap.port()
     ))
     .expect("login after the move");
-    assert_eq!(out.trim(), (4 + live.len()).to_string());
+    assert_eq!(out.trim(), (kept_before + BULK + live.len()).to_string());
 }
 
 #[test]

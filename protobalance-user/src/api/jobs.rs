@@ -13,6 +13,7 @@ pub fn move_error(e: &MoveError) -> ApiError {
         MoveError::NoSuchMailbox(_) => ApiError::not_found(e.to_string()),
         MoveError::AlreadyThere { .. } => ApiError::conflict("already_there", e.to_string()),
         MoveError::Busy(_) => ApiError::conflict("move_in_progress", e.to_string()),
+        MoveError::OwnerChanged { .. } => ApiError::conflict("owner_changed", e.to_string()),
         MoveError::TargetNotEmpty { .. } => ApiError::conflict("target_not_empty", e.to_string()),
         MoveError::UnknownBackend(_) | MoveError::Directory(DirectoryError::UnknownBackend(_)) => {
             ApiError::invalid("unknown_backend", e.to_string())
@@ -50,6 +51,8 @@ pub fn job_attributes(job: &Job) -> Vec<(&'static str, String)> {
                 ("copied-before-switch", report.copied_before.to_string()),
                 ("copied-after-switch", report.copied_after.to_string()),
                 ("deleted-from-old", report.deleted.to_string()),
+                ("expunged-on-new", report.expunged_on_new.to_string()),
+                ("flags-synced", report.flags_synced.to_string()),
             ]);
             "done"
         }

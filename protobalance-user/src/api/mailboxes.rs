@@ -224,6 +224,8 @@ pub async fn move_to(
         report.copied_after.to_string(),
         report.deleted.to_string(),
         report.millis.to_string(),
+        report.expunged_on_new.to_string(),
+        report.flags_synced.to_string(),
     ];
     let w = Writer::document(
         "move",
@@ -235,6 +237,8 @@ pub async fn move_to(
             ("copied-before-switch", &numbers[1]),
             ("copied-after-switch", &numbers[2]),
             ("deleted-from-old", &numbers[3]),
+            ("expunged-on-new", &numbers[5]),
+            ("flags-synced", &numbers[6]),
             ("milliseconds", &numbers[4]),
         ],
     );

@@ -329,7 +329,8 @@ pub fn moved(out: &mut impl Write, doc: &Element) -> io::Result<()> {
     writeln!(
         out,
         "moved {} from {} to {}: {} folders, {} messages copied before the switch and {} after, \
-         {} deleted from {} ({} ms)",
+         {} deleted from {}, {} deletions and {} flag changes made during the copy carried over \
+         ({} ms)",
         doc.show("mailbox"),
         doc.show("from"),
         doc.show("to"),
@@ -338,6 +339,8 @@ pub fn moved(out: &mut impl Write, doc: &Element) -> io::Result<()> {
         doc.show("copied-after-switch"),
         doc.show("deleted-from-old"),
         doc.show("from"),
+        doc.show("expunged-on-new"),
+        doc.show("flags-synced"),
         // The move's own document says milliseconds, its finished job elapsed-ms.
         doc.attr("milliseconds")
             .or_else(|| doc.attr("elapsed-ms"))

@@ -233,6 +233,15 @@ pub trait MailboxDirectory: Send + Sync + 'static {
         backend: &str,
     ) -> impl Future<Output = Result<Option<String>, DirectoryError>> + Send;
 
+    /// Moves `mailbox` from `from` to `to` only if `from` still owns it (one transaction);
+    /// false (and nothing changed) otherwise: deleted, or moved by someone else meanwhile.
+    fn reassign_from(
+        &self,
+        mailbox: &Mailbox,
+        from: &str,
+        to: &str,
+    ) -> impl Future<Output = Result<bool, DirectoryError>> + Send;
+
     /// Number of mailboxes in all.
     fn mailbox_count(&self) -> impl Future<Output = Result<u64, DirectoryError>> + Send;
 
@@ -363,6 +372,7 @@ forward! {
     fn delete_domain(&self, domain: &str) -> ();
     fn remove_backend(&self, name: &str) -> ();
     fn reassign(&self, mailbox: &Mailbox, backend: &str) -> Option<String>;
+    fn reassign_from(&self, mailbox: &Mailbox, from: &str, to: &str) -> bool;
     fn mailbox_count(&self) -> u64;
     fn add_backend(&self, name: &str, capacity: u32, spec: &str) -> ();
     fn update_backend_spec(&self, name: &str, capacity: u32, spec: &str) -> ();
@@ -739,6 +749,22 @@ impl<S: MailboxDirectory> Directory<S> {
             self.live.end(mailbox, Some(backend));
         }
         previous
+    }
+
+    /// [`MailboxDirectory::reassign_from`], dropping the cached owner and ending the
+    /// sessions on other backends when it moved.
+    pub async fn reassign_from(
+        &self,
+        mailbox: &Mailbox,
+        from: &str,
+        to: &str,
+    ) -> Result<bool, DirectoryError> {
+        let moved = self.store.reassign_from(mailbox, from, to).await;
+        self.invalidate(mailbox);
+        if matches!(moved, Ok(true)) {
+            self.live.end(mailbox, Some(to));
+        }
+        moved
     }
 
     async fn resolve(

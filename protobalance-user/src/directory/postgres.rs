@@ -544,6 +544,53 @@ impl MailboxDirectory for PostgresDirectory {
         .await
     }
 
+    async fn reassign_from(
+        &self,
+        mailbox: &Mailbox,
+        from: &str,
+        to: &str,
+    ) -> Result<bool, DirectoryError> {
+        let address = mailbox.as_str();
+        self.timed(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(pg_err)?;
+            let ids = tx
+                .query(
+                    "SELECT name, id FROM backends WHERE name = $1 OR name = $2",
+                    &[&from, &to],
+                )
+                .await
+                .map_err(pg_err)?;
+            let find = |name: &str| {
+                ids.iter()
+                    .find(|r| r.get::<_, &str>(0) == name)
+                    .map(|r| r.get::<_, i64>(1))
+                    .ok_or_else(|| DirectoryError::UnknownBackend(name.to_owned()))
+            };
+            let (from_id, to_id) = (find(from)?, find(to)?);
+            let changed = tx
+                .execute(
+                    "UPDATE mailboxes SET backend_id = $3 WHERE address = $1 AND backend_id = $2",
+                    &[&address, &from_id, &to_id],
+                )
+                .await
+                .map_err(pg_err)?;
+            if changed == 0 || from_id == to_id {
+                return Ok(changed > 0);
+            }
+            tx.execute(
+                "UPDATE backends SET mailboxes = mailboxes + \
+                 CASE WHEN id = $2 THEN 1 ELSE -1 END WHERE id IN ($1, $2)",
+                &[&from_id, &to_id],
+            )
+            .await
+            .map_err(pg_err)?;
+            tx.commit().await.map_err(pg_err)?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn mailbox_count(&self) -> Result<u64, DirectoryError> {
         let rows = self
             .rows(

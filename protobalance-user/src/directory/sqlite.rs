@@ -296,6 +296,17 @@ impl MailboxDirectory for SqliteDirectory {
             .await
     }
 
+    async fn reassign_from(
+        &self,
+        mailbox: &Mailbox,
+        from: &str,
+        to: &str,
+    ) -> Result<bool, DirectoryError> {
+        let (address, from, to) = (mailbox.as_str().to_owned(), from.to_owned(), to.to_owned());
+        self.blocking(move |conn| Self::reassign_from_blocking(conn, &address, &from, &to))
+            .await
+    }
+
     async fn add_backend(
         &self,
         name: &str,

@@ -101,6 +101,18 @@ impl ImapClient {
         command: &str,
         literals: &[&[u8]],
     ) -> Result<Vec<Untagged>, ImapError> {
+        self.run_tagged(command, literals)
+            .await
+            .map(|(untagged, _)| untagged)
+    }
+
+    /// [`run`](Self::run), also returning the text of the tagged OK (its response code,
+    /// e.g. `[APPENDUID 7 42]`).
+    pub async fn run_tagged(
+        &mut self,
+        command: &str,
+        literals: &[&[u8]],
+    ) -> Result<(Vec<Untagged>, String), ImapError> {
         self.tag += 1;
         let tag = format!("m{}", self.tag);
         let shown = command
@@ -131,7 +143,7 @@ impl ImapClient {
             if let Some(rest) = line.strip_prefix(tag.as_bytes()) {
                 let answer = String::from_utf8_lossy(rest).trim().to_owned();
                 if answer.starts_with("OK") {
-                    return Ok(untagged);
+                    return Ok((untagged, answer));
                 }
                 return Err(ImapError::Refused {
                     command: shown,
@@ -222,7 +234,7 @@ fn literal_size(line: &str) -> Option<(&str, usize)> {
 pub fn list_entry(response: &Untagged) -> Option<(String, Option<char>)> {
     let text = response.text.strip_prefix("* LIST ")?;
     let close = text.find(')')?;
-    let flags = &text[1..close];
+    let flags = text.get(1..close)?;
     if flags
         .split_whitespace()
         .any(|f| f.eq_ignore_ascii_case("\\Noselect") || f.eq_ignore_ascii_case("\\NonExistent"))
@@ -300,6 +312,26 @@ fn after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.find(key).map(|i| &text[i + key.len()..])
 }
 
+/// `RFC822.SIZE` of a FETCH response.
+pub fn message_size(response: &Untagged) -> Option<u64> {
+    after(&response.text, "RFC822.SIZE ")?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The new message's UID from an APPEND's `OK [APPENDUID <validity> <uid>]` (UIDPLUS).
+pub fn append_uid(tagged: &str) -> Option<u32> {
+    after(tagged, "[APPENDUID ")?
+        .split(']')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// `UIDVALIDITY` from the untagged responses of SELECT/EXAMINE.
 pub fn uid_validity(responses: &[Untagged]) -> Option<u32> {
     responses.iter().find_map(|r| {
@@ -363,6 +395,9 @@ mod tests {
             Some(("Flat".into(), None))
         );
         assert_eq!(list_entry(&untagged("* 3 EXISTS", &[])), None);
+        // Malformed: no panic, just not a folder.
+        assert_eq!(list_entry(&untagged("* LIST )(", &[])), None);
+        assert_eq!(list_entry(&untagged("* LIST (", &[])), None);
     }
 
     #[test]
@@ -382,6 +417,15 @@ mod tests {
         let flags_only = fetched(&untagged("* 1 FETCH (UID 3 FLAGS ())", &[])).expect("fetch");
         assert!(flags_only.flags.is_empty() && flags_only.body.is_none());
         assert!(fetched(&untagged("* 4 EXISTS", &[])).is_none());
+    }
+
+    #[test]
+    fn appended_uids_are_read_from_appenduid() {
+        assert_eq!(
+            append_uid("OK [APPENDUID 1700000000 42] Append completed."),
+            Some(42)
+        );
+        assert_eq!(append_uid("OK Append completed."), None);
     }
 
     #[test]

@@ -116,10 +116,18 @@ impl Mover {
         }
         let (mover, running) = (Arc::clone(self), Arc::clone(&job));
         tokio::spawn(async move {
-            let result = mover
-                .move_mailbox_with(&mailbox, &to, &running.progress)
-                .await
-                .map_err(Arc::new);
+            // The move in a task of its own: a panic in it ends as a failed job, never as
+            // a job that runs forever.
+            let watched = Arc::clone(&running);
+            let inner = tokio::spawn(async move {
+                mover
+                    .move_mailbox_with(&mailbox, &to, &watched.progress)
+                    .await
+            });
+            let result = match inner.await {
+                Ok(result) => result.map_err(Arc::new),
+                Err(e) => Err(Arc::new(MoveError::Internal(e.to_string()))),
+            };
             running
                 .progress
                 .set_phase(if result.is_ok() { "done" } else { "failed" });

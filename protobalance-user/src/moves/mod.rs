@@ -11,7 +11,9 @@
 //!    client keeps changing the old copy.
 //! 3. **Settle**: passes copy what still reaches the old backend (a delivery routed just
 //!    before the switch) until one finds nothing new and `settle_seconds` have passed
-//!    since the switch.
+//!    since the switch. Then what clients changed on the old copy while it was copied is
+//!    carried over: a copy whose original was expunged is expunged, changed flags are set
+//!    (the copies' new UIDs come from APPENDUID, RFC 4315).
 //! 4. **Delete** from the old backend exactly the messages that were copied (`UID STORE
 //!    \Deleted` + `UID EXPUNGE`), when `delete_old` is set. A message that reached the old
 //!    backend after the last pass stays there rather than being lost.
@@ -32,7 +34,7 @@ use std::{
 
 use prometheus::{IntCounterVec, Opts, Registry};
 
-use self::imap::{ImapClient, ImapError, fetched, list_entry, quote, uid_validity};
+use self::imap::{ImapClient, ImapError, append_uid, fetched, list_entry, quote, uid_validity};
 use crate::{
     backend::Service,
     config::MovesConfig,
@@ -43,8 +45,9 @@ use crate::{
 
 /// Deadline of one IMAP exchange (a large message's FETCH or APPEND included).
 const IMAP_TIMEOUT: Duration = Duration::from_secs(120);
-/// Messages fetched per UID FETCH during a pass.
+/// Messages fetched per UID FETCH during a pass, and the most bytes of them held at once.
 const FETCH_BATCH: usize = 50;
+const BATCH_BYTES: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
@@ -56,6 +59,17 @@ pub enum MoveError {
     AlreadyThere { mailbox: String, backend: String },
     #[error("{0} is being moved already")]
     Busy(String),
+    #[error("the move stopped unexpectedly: {0}")]
+    Internal(String),
+    #[error(
+        "{mailbox} is no longer on {from} (deleted or moved meanwhile): not switched, nothing \
+         deleted; the copies made on {to} stay there"
+    )]
+    OwnerChanged {
+        mailbox: String,
+        from: String,
+        to: String,
+    },
     #[error("no backend `{0}` in the pool")]
     UnknownBackend(String),
     #[error("backend `{backend}`: {source}")]
@@ -92,6 +106,10 @@ pub struct MoveReport {
     pub copied_after: u64,
     /// Messages deleted from the old backend.
     pub deleted: u64,
+    /// Copies removed from the new backend because a client deleted the original on the
+    /// old one during the copy; copies whose flags were brought up to date.
+    pub expunged_on_new: u64,
+    pub flags_synced: u64,
     pub millis: u64,
 }
 
@@ -105,11 +123,13 @@ pub struct Mover {
     messages: IntCounterVec,
 }
 
-/// A folder's copy state: the UIDVALIDITY seen and the UIDs copied.
+/// A folder's copy state: the UIDVALIDITY seen, the UIDs copied, and for each copy its
+/// UID on the new backend and the flags it was copied with.
 #[derive(Default)]
 struct Folder {
     validity: Option<u32>,
     copied: BTreeSet<u32>,
+    copies: BTreeMap<u32, (u32, Vec<String>)>,
 }
 
 impl Mover {
@@ -177,6 +197,7 @@ impl Mover {
                 | MoveError::AlreadyThere { .. }
                 | MoveError::TargetNotEmpty { .. }
                 | MoveError::Busy(_)
+                | MoveError::OwnerChanged { .. }
                 | MoveError::UnknownBackend(_)),
             ) => {
                 tracing::info!(%mailbox, %to, %error, "mailbox move refused");
@@ -263,7 +284,13 @@ impl Mover {
             .map_err(|(side, e)| imap(if side == Side::Old { &from } else { to })(e))?;
         // 2. Switch.
         progress.set_phase("switching");
-        directory.reassign(mailbox, to).await?;
+        if !directory.reassign_from(mailbox, &from, to).await? {
+            return Err(MoveError::OwnerChanged {
+                mailbox: mailbox.to_string(),
+                from: from.clone(),
+                to: to.to_owned(),
+            });
+        }
         let switched = Instant::now();
         progress.set_phase("settling");
         // 3. Settle: what was routed to the old backend before the switch arrives there.
@@ -278,6 +305,16 @@ impl Mover {
                 break;
             }
         }
+        // What clients changed on the old copy while it was copied (they could until the
+        // switch ended their sessions) is carried over: deletions and flags.
+        progress.set_phase("reconciling");
+        for (name, folder) in &folders {
+            let (expunged, flagged) = reconcile(&mut old, &mut new, name, folder)
+                .await
+                .map_err(|(side, e)| imap(if side == Side::Old { &from } else { to })(e))?;
+            report.expunged_on_new += expunged;
+            report.flags_synced += flagged;
+        }
         // 4. Delete what was copied from the old backend.
         if self.config.delete_old {
             progress.set_phase("deleting");
@@ -285,10 +322,12 @@ impl Mover {
                 if folder.copied.is_empty() {
                     continue;
                 }
-                report.deleted += delete_copied(&mut old, name, &folder.copied)
+                report.deleted += delete_copied(&mut old, name, folder)
                     .await
                     .map_err(imap(&from))?;
             }
+            // Those a client expunged during the copy were not there to delete.
+            report.deleted = report.deleted.saturating_sub(report.expunged_on_new);
         }
         report.folders = folders.len();
         old.logout().await;
@@ -397,18 +436,18 @@ async fn copy_pass(
         if folder.validity.is_some() && folder.validity != validity {
             // The folder was recreated on the old backend: its UIDs are new.
             folder.copied.clear();
+            folder.copies.clear();
         }
         folder.validity = validity;
-        let uids: Vec<u32> = old
-            .run("UID FETCH 1:* (UID)", &[])
+        let sizes: Vec<(u32, u64)> = old
+            .run("UID FETCH 1:* (UID RFC822.SIZE)", &[])
             .await
             .map_err(o)?
             .iter()
-            .filter_map(fetched)
-            .map(|f| f.uid)
-            .filter(|uid| !folder.copied.contains(uid))
+            .filter_map(|r| Some((fetched(r)?.uid, imap::message_size(r).unwrap_or(0))))
+            .filter(|(uid, _)| !folder.copied.contains(uid))
             .collect();
-        for batch in uids.chunks(FETCH_BATCH) {
+        for batch in batches(&sizes) {
             let set = uid_set(batch.iter().copied());
             let messages = old
                 .run(
@@ -424,12 +463,18 @@ async fn copy_pass(
                     .internal_date
                     .map(|d| format!(" {}", quote(&d)))
                     .unwrap_or_default();
-                new.run(
-                    &format!("APPEND {} ({flags}){date} {{{}}}", quote(&name), body.len()),
-                    &[&body],
-                )
-                .await
-                .map_err(n)?;
+                let (_, done) = new
+                    .run_tagged(
+                        &format!("APPEND {} ({flags}){date} {{{}}}", quote(&name), body.len()),
+                        &[&body],
+                    )
+                    .await
+                    .map_err(n)?;
+                if let Some(uid) = append_uid(&done) {
+                    folder
+                        .copies
+                        .insert(message.uid, (uid, message.flags.clone()));
+                }
                 folder.copied.insert(message.uid);
                 copied += 1;
                 progress
@@ -439,6 +484,97 @@ async fn copy_pass(
         }
     }
     Ok(copied)
+}
+
+/// Brings the copies in `name` up to date with their originals: a copy whose original is
+/// gone (a client expunged it before the switch) is expunged on the new backend; a copy
+/// whose original's flags changed since the copy gets those flags. Copies without a known
+/// new UID (a server without UIDPLUS) are left as they are.
+async fn reconcile(
+    old: &mut ImapClient,
+    new: &mut ImapClient,
+    name: &str,
+    folder: &Folder,
+) -> Result<(u64, u64), (Side, ImapError)> {
+    let o = |e| (Side::Old, e);
+    let n = |e| (Side::New, e);
+    if folder.copies.is_empty() {
+        return Ok((0, 0));
+    }
+    old.run(&format!("EXAMINE {}", quote(name)), &[])
+        .await
+        .map_err(o)?;
+    let now: BTreeMap<u32, Vec<String>> = old
+        .run("UID FETCH 1:* (UID FLAGS)", &[])
+        .await
+        .map_err(o)?
+        .iter()
+        .filter_map(fetched)
+        .map(|f| (f.uid, f.flags))
+        .collect();
+    let mut gone = Vec::new();
+    let mut changed = Vec::new();
+    for (old_uid, (new_uid, copied_flags)) in &folder.copies {
+        match now.get(old_uid) {
+            None => gone.push(*new_uid),
+            Some(flags) if !same_flags(flags, copied_flags) => {
+                let lower = |f: &[String]| -> BTreeSet<String> {
+                    f.iter().map(|x| x.to_ascii_lowercase()).collect()
+                };
+                let (was, is) = (lower(copied_flags), lower(flags));
+                let added: Vec<&String> = flags
+                    .iter()
+                    .filter(|f| !was.contains(&f.to_ascii_lowercase()))
+                    .collect();
+                let removed: Vec<&String> = copied_flags
+                    .iter()
+                    .filter(|f| !is.contains(&f.to_ascii_lowercase()))
+                    .collect();
+                changed.push((*new_uid, join(&added), join(&removed)));
+            }
+            Some(_) => {}
+        }
+    }
+    old.run("UNSELECT", &[]).await.map_err(o)?;
+    if gone.is_empty() && changed.is_empty() {
+        return Ok((0, 0));
+    }
+    new.run(&format!("SELECT {}", quote(name)), &[])
+        .await
+        .map_err(n)?;
+    // Applied as differences: what a client set on the new copy since the switch stays.
+    for (uid, added, removed) in &changed {
+        if !added.is_empty() {
+            new.run(&format!("UID STORE {uid} +FLAGS.SILENT ({added})"), &[])
+                .await
+                .map_err(n)?;
+        }
+        if !removed.is_empty() {
+            new.run(&format!("UID STORE {uid} -FLAGS.SILENT ({removed})"), &[])
+                .await
+                .map_err(n)?;
+        }
+    }
+    gone.sort_unstable();
+    for chunk in gone.chunks(UID_CHUNK) {
+        let set = uid_set(chunk.iter().copied());
+        new.run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"), &[])
+            .await
+            .map_err(n)?;
+        new.run(&format!("UID EXPUNGE {set}"), &[])
+            .await
+            .map_err(n)?;
+    }
+    // UNSELECT, not CLOSE: CLOSE would expunge every message a user marked deleted on
+    // the live copy.
+    new.run("UNSELECT", &[]).await.map_err(n)?;
+    Ok((gone.len() as u64, changed.len() as u64))
+}
+
+fn same_flags(a: &[String], b: &[String]) -> bool {
+    let set =
+        |f: &[String]| -> BTreeSet<String> { f.iter().map(|x| x.to_ascii_lowercase()).collect() };
+    set(a) == set(b)
 }
 
 /// Messages in every folder of the logged-in mailbox.
@@ -467,17 +603,60 @@ async fn message_count(client: &mut ImapClient) -> Result<u64, ImapError> {
 /// Flags and expunges exactly `uids` in `folder`; how many.
 async fn delete_copied(
     old: &mut ImapClient,
-    folder: &str,
-    uids: &BTreeSet<u32>,
+    name: &str,
+    folder: &Folder,
 ) -> Result<u64, ImapError> {
-    old.run(&format!("SELECT {}", quote(folder)), &[]).await?;
-    let set = uid_set(uids.iter().copied());
-    old.run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"), &[])
-        .await?;
-    // UID EXPUNGE (UIDPLUS): only these, never a message someone else marked deleted.
-    old.run(&format!("UID EXPUNGE {set}"), &[]).await?;
-    old.run("CLOSE", &[]).await?;
+    let selected = old.run(&format!("SELECT {}", quote(name)), &[]).await?;
+    if uid_validity(&selected) != folder.validity {
+        // Recreated since the copy: these UIDs name other messages now. Leave it.
+        tracing::warn!(folder = %name, "folder recreated on the old backend during the move: its copy is not deleted");
+        old.run("UNSELECT", &[]).await?;
+        return Ok(0);
+    }
+    let uids: Vec<u32> = folder.copied.iter().copied().collect();
+    for chunk in uids.chunks(UID_CHUNK) {
+        let set = uid_set(chunk.iter().copied());
+        old.run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"), &[])
+            .await?;
+        // UID EXPUNGE (UIDPLUS): only these, never a message someone else marked deleted
+        // (and UNSELECT below rather than CLOSE, for the same reason).
+        old.run(&format!("UID EXPUNGE {set}"), &[]).await?;
+    }
+    old.run("UNSELECT", &[]).await?;
     Ok(uids.len() as u64)
+}
+
+/// UIDs per STORE/EXPUNGE command: keeps a set with gaps far below line limits (Dovecot:
+/// 64 KiB).
+const UID_CHUNK: usize = 500;
+
+/// The UIDs to fetch, in batches of at most [`BATCH_BYTES`] of messages (and at most
+/// [`FETCH_BATCH`] messages); a message larger than that is a batch alone.
+fn batches(sizes: &[(u32, u64)]) -> Vec<Vec<u32>> {
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    let mut bytes = 0u64;
+    for &(uid, size) in sizes {
+        let full = out
+            .last()
+            .is_none_or(|b| b.len() >= FETCH_BATCH || bytes + size > BATCH_BYTES);
+        if full {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(last) = out.last_mut() {
+            last.push(uid);
+        }
+    }
+    out
+}
+
+fn join(flags: &[&String]) -> String {
+    flags
+        .iter()
+        .map(|f| f.as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `1:3,7,9:10` for sorted UIDs.
@@ -513,6 +692,23 @@ fn uid_set(uids: impl IntoIterator<Item = u32>) -> String {
 #[cfg(test)]
 mod tests {
     use super::uid_set;
+
+    #[test]
+    fn batches_hold_a_bounded_number_of_bytes() {
+        use super::batches;
+        let mb = 1024 * 1024;
+        assert_eq!(
+            batches(&[(1, 10 * mb), (2, 10 * mb), (3, 40 * mb), (4, 1)]),
+            vec![vec![1], vec![2], vec![3], vec![4]]
+        );
+        assert_eq!(batches(&[(1, 1), (2, 1)]), vec![vec![1, 2]]);
+        let many: Vec<(u32, u64)> = (1..=120).map(|u| (u, 100)).collect();
+        assert_eq!(
+            batches(&many).iter().map(Vec::len).collect::<Vec<_>>(),
+            [50, 50, 20]
+        );
+        assert!(batches(&[]).is_empty());
+    }
 
     #[test]
     fn uid_sets_compress_runs() {

@@ -205,6 +205,35 @@ impl SqliteDirectory {
         Ok(Some(previous))
     }
 
+    pub(super) fn reassign_from_blocking(
+        conn: &mut Connection,
+        address: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<bool, DirectoryError> {
+        let tx = immediate(conn)?;
+        let (to_id, _) = Self::backend_by_name(&tx, to)?;
+        let (from_id, _) = Self::backend_by_name(&tx, from)?;
+        let changed = tx
+            .execute(
+                "UPDATE mailboxes SET backend_id = ?3 WHERE address = ?1 AND backend_id = ?2",
+                rusqlite::params![address, from_id, to_id],
+            )
+            .map_err(store_err)?;
+        if changed == 0 || from_id == to_id {
+            return Ok(changed > 0);
+        }
+        for (id, delta) in [(from_id, -1), (to_id, 1)] {
+            tx.execute(
+                "UPDATE backends SET mailboxes = mailboxes + ?2 WHERE id = ?1",
+                [id, delta],
+            )
+            .map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)?;
+        Ok(true)
+    }
+
     /// The sum of the per-backend counters, which every write keeps exact: O(backends),
     /// where `count(*)` would read a whole index (millions of rows) on every call.
     pub(super) fn mailbox_count_blocking(conn: &Connection) -> Result<u64, DirectoryError> {

@@ -301,6 +301,26 @@ async fn reassign_moves_the_count_and_the_cached_owner() {
         dir.reassign(&a, "nope").await,
         Err(DirectoryError::UnknownBackend(b)) if b == "nope"
     ));
+    // The conditional move of a mailbox move: only from the owner it names.
+    let owner = dir.store().owner_of(&a).await.expect("owner").expect("a");
+    let other = if owner == "b1" { "b2" } else { "b1" };
+    assert!(
+        !dir.reassign_from(&a, other, owner.as_str())
+            .await
+            .expect("not from other")
+    );
+    assert!(
+        dir.reassign_from(&a, &owner, other)
+            .await
+            .expect("from owner")
+    );
+    assert!(dir.reassign_from(&a, other, &owner).await.expect("back"));
+    assert!(
+        !dir.reassign_from(&mb("ghost@example.com"), "b1", "b2")
+            .await
+            .expect("absent")
+    );
+    assert_counters_exact(dir.store()).await;
     assert_eq!(
         dir.reassign(&mb("ghost@example.com"), "b2")
             .await
