@@ -539,6 +539,11 @@ impl LiveSessions {
     pub fn count(&self, mailbox: &Mailbox) -> usize {
         self.lock().get(mailbox).map_or(0, Vec::len)
     }
+
+    /// The mailboxes with sessions now.
+    pub fn mailboxes(&self) -> Vec<Mailbox> {
+        self.lock().keys().cloned().collect()
+    }
 }
 
 /// Targets whose shared ban changed, announced by the store and taken by the node's ban
@@ -630,6 +635,25 @@ impl<S: MailboxDirectory> Directory<S> {
     /// The sessions spliced to backends now, by mailbox.
     pub fn live_sessions(&self) -> &LiveSessions {
         &self.live
+    }
+
+    /// The owner of `mailbox`: the cached one while the cache may be served, else the
+    /// store's. No lookup is counted.
+    pub async fn owner_now(&self, mailbox: &Mailbox) -> Result<Option<String>, DirectoryError> {
+        if self.cache_usable()
+            && let Some(owner) = self.lock().peek(mailbox).cloned()
+        {
+            return Ok(Some(owner));
+        }
+        self.store.owner_of(mailbox).await
+    }
+
+    /// [`end_sessions_off_owner`](Self::end_sessions_off_owner) for every mailbox with
+    /// sessions: after changes may have gone unheard.
+    pub async fn end_all_sessions_off_owner(&self) {
+        for mailbox in self.live.mailboxes() {
+            self.end_sessions_off_owner(&mailbox).await;
+        }
     }
 
     /// Ends the sessions of `mailbox` that are not on its owner.

@@ -1032,7 +1032,9 @@ async fn listen_once(
         // Changes made while nobody listened were not heard: forget everything.
         directory.invalidate_all();
         directory.cache_lease(None);
-        // Blocklist and ban changes may have been missed as well.
+        // Moves may have been missed: sessions on a former owner end. Blocklist, ban
+        // and backend changes may have been missed as well.
+        directory.end_all_sessions_off_owner().await;
         directory.blocklist_changed().notify_one();
         directory.ban_changes().resync();
         directory.backends_changed().notify_one();

@@ -49,6 +49,9 @@ pub struct SharedBans {
     /// This node's kernel bans; `None` without a loaded filter (it still publishes).
     maps: Option<Arc<Mutex<BanMaps>>>,
     node: String,
+    /// Targets this node banned because the table said so: a resync lifts those the
+    /// table no longer has (bans placed only here, e.g. offline, are left alone).
+    applied: Mutex<std::collections::HashSet<String>>,
 }
 
 impl SharedBans {
@@ -64,6 +67,7 @@ impl SharedBans {
                 directory: Arc::clone(directory),
                 maps,
                 node,
+                applied: Mutex::default(),
             })),
             Store::Sqlite(_) => None,
         }
@@ -134,6 +138,7 @@ impl SharedBans {
         let now = now_ms();
         let records = self.store.bans((!all).then_some(targets), now).await?;
         let mut maps = maps.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut from_table = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
         let mut applied = 0usize;
         for record in &records {
             let Ok(target) = BanTarget::parse(&record.target) else {
@@ -148,17 +153,31 @@ impl SharedBans {
             let left =
                 Duration::from_millis(record.expires_ms.saturating_sub(now).max(0).unsigned_abs());
             match maps.ban(target, left, mode, record.reason) {
-                Ok(()) => applied += 1,
+                Ok(()) => {
+                    applied += 1;
+                    from_table.insert(record.target.clone());
+                }
                 Err(error) => tracing::error!(%target, %error, "shared ban: kernel ban map failed"),
             }
         }
-        // A target announced but not (or no longer) stored: lifted or ended everywhere.
+        // A target announced but not (or no longer) stored: lifted or ended everywhere. On
+        // a resync: every target the table gave us that it no longer has.
         let mut lifted = 0usize;
-        if !all {
-            for text in targets {
+        let stale: Vec<String> = if all {
+            from_table
+                .iter()
+                .filter(|t| !records.iter().any(|r| &r.target == *t))
+                .cloned()
+                .collect()
+        } else {
+            targets.to_vec()
+        };
+        {
+            for text in &stale {
                 if records.iter().any(|r| &r.target == text) {
                     continue;
                 }
+                from_table.remove(text);
                 if let Ok(target) = BanTarget::parse(text) {
                     match maps.unban(target) {
                         Ok(()) => lifted += 1,

@@ -95,6 +95,14 @@ pub async fn hand_over<C, B>(
         .directory
         .live_sessions()
         .register(&target.mailbox, backend);
+    // A move that switched the mailbox while this login was under way ended the sessions
+    // registered then; one registered after that sees the new owner here.
+    if let Ok(Some(owner)) = ctx.directory.owner_now(&target.mailbox).await
+        && owner != backend
+    {
+        tracing::info!(mailbox = %target.mailbox, %backend, %owner, protocol = protocol.as_str(), "session closed: the mailbox moved during the login");
+        return;
+    }
     ctx.metrics.proxied(protocol, backend, true);
     tokio::select! {
         _ = splice(client, upstream, ctx.limits().idle_timeout()) => {}
