@@ -15,9 +15,7 @@ use protobalance_tests::{DovecotCluster, free_port, process, python};
 
 mod support;
 
-use support::{
-    KillOnDrop, Listen, USERS, delivered, processes_running, running, sample, start_edge,
-};
+use support::{Listen, USERS, delivered, running, sample, start_edge, upgrade_in_place};
 
 const RELOADS: u64 = 10;
 
@@ -141,7 +139,6 @@ fn ten_reloads_and_a_restart_under_load_fail_no_session_and_lose_no_mail() {
     let stop = edge.dir.path().join("stop-load");
     let script = load_script(smtp, pop3, &stop);
     let old = edge.pid();
-    let config = path.display().to_string();
     let (output, successor) = std::thread::scope(|scope| {
         let load = scope.spawn(|| python(&script).expect("load script"));
         std::thread::sleep(Duration::from_millis(500));
@@ -158,19 +155,7 @@ fn ten_reloads_and_a_restart_under_load_fail_no_session_and_lose_no_mail() {
             std::thread::sleep(Duration::from_millis(200));
         }
         // And a restart: the binary replaced in place (SIGUSR2), sockets handed over.
-        process::signal(old, "USR2");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let successor = loop {
-            if let Some(pid) = processes_running(&config).into_iter().find(|p| *p != old) {
-                break KillOnDrop(pid);
-            }
-            assert!(Instant::now() < deadline, "no successor process appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        while running(old) {
-            assert!(Instant::now() < deadline, "the old process did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let successor = upgrade_in_place(&edge, old);
         std::thread::sleep(Duration::from_secs(1));
         std::fs::write(&stop, "").expect("stop the load");
         (load.join().expect("load thread"), successor)

@@ -3,13 +3,13 @@
 //! client loop connecting to the POP3 listener the whole time must never be refused, and
 //! afterwards the new process serves logins and the admin listener.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use protobalance_tests::{DovecotCluster, password_for, process, python, user_name};
+use protobalance_tests::{DovecotCluster, password_for, python, user_name};
 
 mod support;
 
-use support::{KillOnDrop, Listen, metrics, processes_running, running, start_edge};
+use support::{Listen, metrics, running, start_edge, upgrade_in_place};
 
 #[test]
 fn sigusr2_replaces_the_process_without_refusing_a_connection() {
@@ -42,25 +42,7 @@ fn sigusr2_replaces_the_process_without_refusing_a_connection() {
     let (result, successor) = std::thread::scope(|scope| {
         let prober = scope.spawn(|| python(&probe).expect("prober"));
         std::thread::sleep(Duration::from_secs(1));
-        process::signal(old, "USR2");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        // Not looked for among the old process's children: with no session to drain it
-        // exits at once, and the successor is re-parented.
-        let config = edge.dir.path().join("pb.toml").display().to_string();
-        let successor = loop {
-            if let Some(pid) = processes_running(&config).into_iter().find(|p| *p != old) {
-                break KillOnDrop(pid);
-            }
-            assert!(Instant::now() < deadline, "no successor process appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        while running(old) {
-            assert!(
-                Instant::now() < deadline,
-                "the old process did not exit after its successor was ready"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let successor = upgrade_in_place(&edge, old);
         (prober.join().expect("prober thread"), successor)
     });
     assert!(running(successor.0), "the successor serves");

@@ -5,7 +5,7 @@
 
 use std::{
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -210,10 +210,6 @@ impl PostgresServer {
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
         self.run()
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 

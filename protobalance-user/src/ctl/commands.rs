@@ -247,15 +247,17 @@ impl Ctl {
         }
     }
 
-    /// `POST mailboxes/{address}/move`: the move's report.
+    /// `POST mailboxes/{address}/move`: the move's report, or (`wait` false) its job.
     pub(super) async fn move_mailbox(
         &self,
         address: &str,
         to: Option<&str>,
+        wait: bool,
     ) -> Result<super::doc::Element, CtlError> {
         let attributes: Vec<(&str, &str)> = to.map(|b| ("backend", b)).into_iter().collect();
         let body = Writer::document("move", &attributes).finish();
-        let path = format!("mailboxes/{}/move", encode(address));
+        let query = if wait { "" } else { "?wait=no" };
+        let path = format!("mailboxes/{}/move{query}", encode(address));
         self.fetch(Method::POST, &path, Some(body)).await
     }
 
@@ -266,10 +268,7 @@ impl Ctl {
         address: &str,
         to: Option<&str>,
     ) -> Result<super::doc::Element, CtlError> {
-        let attributes: Vec<(&str, &str)> = to.map(|b| ("backend", b)).into_iter().collect();
-        let body = Writer::document("move", &attributes).finish();
-        let path = format!("mailboxes/{}/move?wait=no", encode(address));
-        let job = self.fetch(Method::POST, &path, Some(body)).await?;
+        let job = self.move_mailbox(address, to, false).await?;
         let id = job.show("id").to_owned();
         let show = io::stderr().is_terminal();
         loop {
@@ -329,7 +328,9 @@ impl Ctl {
             for batch in addresses.chunks(4) {
                 let one = |i: usize| async move {
                     match batch.get(i) {
-                        Some(address) => Some((address, self.move_mailbox(address, None).await)),
+                        Some(address) => {
+                            Some((address, self.move_mailbox(address, None, true).await))
+                        }
                         None => None,
                     }
                 };

@@ -995,12 +995,14 @@ async fn listen_once(
         .await
         .map_err(|_| DirectoryError::Store("PostgreSQL: connect timed out".into()))?
         .map_err(pg_err)?;
-    let (tx, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    // Bounded: while the loop below is busy, the pump stops reading the connection (the
+    // server holds the notifications) instead of queueing them here without limit.
+    let (tx, mut notifications) = tokio::sync::mpsc::channel(1024);
     let mut pump = tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(message)) => {
-                    if tx.send(message).is_err() {
+                    if tx.send(message).await.is_err() {
                         return Ok(());
                     }
                 }

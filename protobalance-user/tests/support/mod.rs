@@ -496,6 +496,31 @@ pub fn validate_api_xml(text: &str) {
     );
 }
 
+/// Live upgrade of `edge` (SIGUSR2): waits for the successor to appear and the old process
+/// (`old`) to exit, both within 30 s; the successor, killed when dropped.
+pub fn upgrade_in_place(edge: &Edge, old: u32) -> KillOnDrop {
+    protobalance_tests::process::signal(old, "USR2");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Not looked for among the old process's children: with no session to drain it exits
+    // at once, and the successor is re-parented.
+    let config = edge.dir.path().join("pb.toml").display().to_string();
+    let successor = loop {
+        if let Some(pid) = processes_running(&config).into_iter().find(|p| *p != old) {
+            break KillOnDrop(pid);
+        }
+        assert!(Instant::now() < deadline, "no successor process appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    while running(old) {
+        assert!(
+            Instant::now() < deadline,
+            "the old process did not exit after its successor was ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    successor
+}
+
 /// Kills a process by pid when dropped (the successor is not our child).
 pub struct KillOnDrop(pub u32);
 
