@@ -79,6 +79,8 @@ pub struct App {
     admin_tls: Option<crate::tls::TlsAcceptor>,
     /// The XML API's state, when the config has API tokens or mail listeners.
     api: Option<crate::api::ApiState>,
+    /// Mailbox moves; it also finishes the recorded moves whose run stopped.
+    mover: Option<Arc<crate::moves::Mover>>,
     /// The config file, re-read on SIGHUP (`None`: no reload, e.g. in tests).
     config_path: Option<std::path::PathBuf>,
     /// The listening sockets by their configured address, for a live upgrade (SIGUSR2).
@@ -185,6 +187,7 @@ impl App {
             Some(ctx) => Some(Arc::new(crate::moves::Mover::new(
                 Arc::clone(ctx),
                 validated.config.moves.clone(),
+                node_name(&admin),
                 &registry,
             )?)),
             None => None,
@@ -201,7 +204,7 @@ impl App {
                 )
                 .map_err(AppError::Api)?
                 .with_proxy(proxy.clone())
-                .with_mover(mover)
+                .with_mover(mover.clone())
                 .with_shared_bans(shared_bans.clone())
                 .with_filter(xdp.as_ref().map(|(_, filter)| Arc::clone(filter))),
             ),
@@ -226,6 +229,7 @@ impl App {
             mail,
             proxy,
             api,
+            mover,
             blocklist,
             shared_bans,
             config_path: None,
@@ -260,6 +264,9 @@ impl App {
         }
         if let Some(shared) = &self.shared_bans {
             tracker.spawn(Arc::clone(shared).run(shutdown.clone()));
+        }
+        if let Some(mover) = &self.mover {
+            tracker.spawn(Arc::clone(mover).resume_stalled(shutdown.clone()));
         }
         if let Some((_, filter)) = &self.xdp {
             let mut filter = lock(filter);

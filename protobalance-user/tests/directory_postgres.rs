@@ -303,6 +303,20 @@ fn two_nodes_share_one_postgres_directory_with_exact_counters() {
 }
 
 #[test]
+fn postgres_move_records_follow_the_store_contract() {
+    if !require_postgres("postgres_move_records_follow_the_store_contract") {
+        return;
+    }
+    let pg = PostgresServer::start().expect("postgres");
+    runtime().block_on(async {
+        let store = PostgresDirectory::connect(&settings(&pg))
+            .await
+            .expect("connect");
+        protobalance::directory::contract::move_records(&store).await;
+    });
+}
+
+#[test]
 fn postgres_blocklist_suspensions_and_imports_follow_the_store_contract() {
     if !require_postgres("postgres_blocklist_suspensions_and_imports_follow_the_store_contract") {
         return;
@@ -525,6 +539,7 @@ fn postgres_schema_is_versioned_and_a_newer_one_is_refused() {
          DROP TABLE bans; DROP FUNCTION protobalance_ban_changed(); \
          DROP TRIGGER blocklist_changed ON blocklist; DROP FUNCTION protobalance_blocklist_changed(); \
          DROP TRIGGER backends_changed ON backends; DROP FUNCTION protobalance_backend_changed(); \
+         DROP TABLE move_copies; DROP TABLE moves; \
          DELETE FROM protobalance_schema WHERE version > 1",
     )
     .expect("back to version 1");

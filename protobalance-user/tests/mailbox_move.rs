@@ -22,10 +22,20 @@ const TOKEN: &str = "mailbox-move-token-0123456789abcdef";
 const BULK: usize = 300;
 
 fn edge(cluster: &DovecotCluster, dir: &std::path::Path, settle_seconds: u32) -> Edge {
+    edge_with(cluster, dir, settle_seconds, "")
+}
+
+/// [`edge`] with more `[moves]` keys.
+fn edge_with(
+    cluster: &DovecotCluster,
+    dir: &std::path::Path,
+    settle_seconds: u32,
+    moves: &str,
+) -> Edge {
     let password = dir.join("master-password");
     std::fs::write(&password, format!("{MASTER_PASSWORD}\n")).expect("password file");
     let extra = format!(
-        "[moves]\nmaster_user = \"{MASTER_USER}\"\nmaster_password_file = \"{}\"\nsettle_seconds = {settle_seconds}\n\
+        "[moves]\nmaster_user = \"{MASTER_USER}\"\nmaster_password_file = \"{}\"\nsettle_seconds = {settle_seconds}\n{moves}\n\
          [api]\n[[api.token]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\naccess = \"read-write\"\n",
         password.display()
     );
@@ -324,6 +334,240 @@ print(state)
     ))
     .expect("login after the move");
     assert_eq!(out.trim(), (kept_before + BULK + live.len()).to_string());
+}
+
+/// Starts moving `user` to `to` through the API (`?wait=no`) and follows the job until
+/// `ready` (a Python condition on `doc`, the job's XML) holds; then runs `then` (Python)
+/// and returns what the script printed.
+fn move_until(edge: &Edge, user: &str, to: &str, ready: &str, then: &str) -> String {
+    python(&format!(
+        r#"
+import re, smtplib, time, urllib.error, urllib.request
+base = "http://{admin}/api/v1/"
+auth = {{"Authorization": "Bearer {TOKEN}", "Content-Type": "application/xml"}}
+req = urllib.request.Request(base + "mailboxes/{user}/move?wait=no", data=b'<move xmlns="urn:protobalance:api:1" backend="{to}"/>', headers=auth, method="POST")
+r = urllib.request.urlopen(req, timeout=10)
+path = r.headers["Location"].split("/api/v1/")[1]
+end = time.time() + 120
+while time.time() < end:
+    with urllib.request.urlopen(urllib.request.Request(base + path, headers=auth), timeout=10) as r:
+        doc = r.read().decode()
+    if {ready}:
+        break
+    if 'state="running"' not in doc:
+        raise SystemExit("the move ended before the test could stop it: " + doc)
+    time.sleep(0.02)
+else:
+    raise SystemExit("the move never reached the point to stop it: " + doc)
+{then}
+print(doc.replace("\n", " "))
+"#,
+        admin = edge.admin,
+    ))
+    .expect("following the move")
+}
+
+/// Waits until `user`'s move to `to` finished on `edge` (a resumed job is done and the
+/// old backend is empty), up to `timeout`.
+fn wait_moved(edge: &Edge, user: &str, to: &str, old: &DovecotBackend, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let jobs = support::get_with_token(edge.admin, "/api/v1/jobs", TOKEN).unwrap_or_default();
+        let done = jobs
+            .split("<job ")
+            .any(|l| l.contains(&format!("mailbox=\"{user}\"")) && l.contains("state=\"done\""));
+        if done && owner(edge, user) == to && message_total(&contents(old, user)) == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stopped move of {user} was not finished: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A move cut short by the edge's death (SIGKILL) is taken over from the directory's
+/// record once its heartbeat is stale, and finished: killed while copying (the owner has
+/// not changed; a batch may have been appended but not recorded), and killed after the
+/// switch while settling (late mail on the old backend). Either way every message ends on
+/// the new backend exactly once and none stays on the old one.
+#[test]
+fn a_move_cut_short_by_a_crash_is_finished_with_every_message_once() {
+    let test = "a_move_cut_short_by_a_crash_is_finished_with_every_message_once";
+    if support::skip(test) {
+        return;
+    }
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut edge = edge_with(&cluster, dir.path(), 4, "resume_after_seconds = 2");
+    let backend = |name: &str| {
+        cluster
+            .backends()
+            .iter()
+            .find(|b| b.name() == name)
+            .expect("backend")
+    };
+    for (user, stage) in [
+        ("user7@example.com", "copying"),
+        ("user8@example.com", "settling"),
+    ] {
+        let from = owner(&edge, user);
+        let to = if from == "backend1" {
+            "backend2"
+        } else {
+            "backend1"
+        };
+        let (old, new) = (backend(&from), backend(to));
+        python(&format!(
+            r#"
+import smtplib
+l = smtplib.LMTP("{ip}", {port})
+for i in range({BULK}):
+    l.sendmail("a@example.net", ["{user}"], "Subject: bulk-%d\r\n\r\nbody %d\r\n" % (i, i))
+l.quit()
+"#,
+            ip = old.ip(),
+            port = old.lmtp_port(),
+        ))
+        .expect("populating");
+        let mut want: Vec<String> = (0..BULK).map(|i| format!("bulk-{i}")).collect();
+        if stage == "copying" {
+            // Stopped in the middle of the first pass, before the switch.
+            let doc = move_until(
+                &edge,
+                user,
+                to,
+                r#"int(re.search(r'copied="(\d+)"', doc).group(1)) >= 60"#,
+                "",
+            );
+            assert!(doc.contains("phase=\"copying\""), "{doc}");
+        } else {
+            // Stopped after the switch, with mail that reached the old backend late.
+            move_until(
+                &edge,
+                user,
+                to,
+                "'phase=\"settling\"' in doc",
+                &format!(
+                    "l = smtplib.LMTP(\"{}\", {})\nfor i in range(5):\n    \
+                     l.sendmail(\"a@example.net\", [\"{user}\"], \"Subject: late-%d\\r\\n\\r\\nlate\\r\\n\" % i)\n\
+                     l.quit()",
+                    old.ip(),
+                    old.lmtp_port()
+                ),
+            );
+            want.extend((0..5).map(|i| format!("late-{i}")));
+            assert_eq!(owner(&edge, user), to, "switched before the stop");
+        }
+        // SIGKILL, and a new process on the same directory.
+        edge.restart();
+        let started = Instant::now();
+        wait_moved(&edge, user, to, old, Duration::from_secs(90));
+        eprintln!(
+            "{user}: stopped while {stage}, finished {:?} after the restart",
+            started.elapsed()
+        );
+        let moved = contents(new, user);
+        let mut subjects: Vec<&str> = moved.values().flatten().map(|(s, _)| s.as_str()).collect();
+        subjects.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(subjects, want, "{user}: every message once on {to}");
+        assert_eq!(
+            sample(
+                &edge,
+                "protobalance_mailbox_moves_total{result=\"resumed\"}"
+            ),
+            1,
+            "the restarted edge resumed the move"
+        );
+    }
+}
+
+/// Two nodes on one PostgreSQL directory: a mailbox being moved by node A cannot be moved
+/// by node B at the same time (409), and when node A dies in the middle of the move,
+/// node B takes it over from the shared record and finishes it.
+#[test]
+fn a_move_is_one_nodes_at_a_time_and_another_node_finishes_it_when_that_node_dies() {
+    let test = "a_move_is_one_nodes_at_a_time_and_another_node_finishes_it_when_that_node_dies";
+    if support::skip(test) || !protobalance_tests::require_postgres(test) {
+        return;
+    }
+    let pg = protobalance_tests::PostgresServer::start().expect("postgres");
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = format!(
+        "resume_after_seconds = 2\n[directory.postgres]\nurl = \"{}\"",
+        pg.url()
+    );
+    let a = edge_with(&cluster, dir.path(), 6, &shared);
+    let b = edge_with(&cluster, dir.path(), 6, &shared);
+    let user = "user11@example.com";
+    let from = owner(&a, user);
+    let to = if from == "backend1" {
+        "backend2"
+    } else {
+        "backend1"
+    };
+    let backend = |name: &str| {
+        cluster
+            .backends()
+            .iter()
+            .find(|b| b.name() == name)
+            .expect("backend")
+    };
+    let (old, new) = (backend(&from), backend(to));
+    python(&format!(
+        r#"
+import smtplib
+l = smtplib.LMTP("{ip}", {port})
+for i in range(100):
+    l.sendmail("a@example.net", ["{user}"], "Subject: bulk-%d\r\n\r\nbody\r\n" % i)
+l.quit()
+"#,
+        ip = old.ip(),
+        port = old.lmtp_port(),
+    ))
+    .expect("populating");
+    let out = move_until(
+        &a,
+        user,
+        to,
+        "'phase=\"settling\"' in doc",
+        &format!(
+            r#"
+try:
+    urllib.request.urlopen(urllib.request.Request("http://{b}/api/v1/mailboxes/{user}/move", data=b'<move xmlns="urn:protobalance:api:1" backend="backend3"/>', headers=auth, method="POST"), timeout=30)
+    print("node B accepted a second move")
+except urllib.error.HTTPError as e:
+    print("node B refused", e.code, e.read().decode().replace("\n", " "))
+"#,
+            b = b.admin,
+        ),
+    );
+    assert!(
+        out.contains("node B refused 409") && out.contains("move_in_progress"),
+        "{out}"
+    );
+    // Node A dies after the switch; node B finishes the move.
+    drop(a);
+    let started = Instant::now();
+    wait_moved(&b, user, to, old, Duration::from_secs(60));
+    eprintln!(
+        "node B finished node A's move {:?} after A died",
+        started.elapsed()
+    );
+    let moved = contents(new, user);
+    let mut subjects: Vec<&str> = moved.values().flatten().map(|(s, _)| s.as_str()).collect();
+    subjects.sort_unstable();
+    let mut want: Vec<String> = (0..100).map(|i| format!("bulk-{i}")).collect();
+    want.sort_unstable();
+    assert_eq!(subjects, want, "every message once on {to}");
+    assert_eq!(
+        sample(&b, "protobalance_mailbox_moves_total{result=\"resumed\"}"),
+        1
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM moves").expect("psql"), "0");
 }
 
 #[test]

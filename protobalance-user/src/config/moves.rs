@@ -25,6 +25,11 @@ pub struct MovesConfig {
     /// nothing new and this long has passed since the switch.
     #[serde(default = "default_settle_seconds")]
     pub settle_seconds: u64,
+    /// A move whose run stopped (the node stopped, or a backend failed after the copy
+    /// began) is taken over and finished once its heartbeat is this old — by this node
+    /// or another one sharing the directory.
+    #[serde(default = "default_resume_after_seconds")]
+    pub resume_after_seconds: u64,
 }
 
 fn default_separator() -> String {
@@ -39,6 +44,10 @@ const fn default_settle_seconds() -> u64 {
     3
 }
 
+const fn default_resume_after_seconds() -> u64 {
+    60
+}
+
 impl Default for MovesConfig {
     fn default() -> Self {
         Self {
@@ -47,6 +56,7 @@ impl Default for MovesConfig {
             separator: default_separator(),
             delete_old: true,
             settle_seconds: default_settle_seconds(),
+            resume_after_seconds: default_resume_after_seconds(),
         }
     }
 }
@@ -55,6 +65,11 @@ impl MovesConfig {
     /// Whether moves are configured (a master user and its password).
     pub fn enabled(&self) -> bool {
         !self.master_user.is_empty() && self.master_password_file.is_some()
+    }
+
+    /// How long a move's heartbeat may be silent before another run takes it over.
+    pub fn resume_after(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.resume_after_seconds)
     }
 
     pub(super) fn validate(&mut self, base: &Path) -> Result<(), Problem> {
@@ -89,6 +104,12 @@ impl MovesConfig {
                 format!("{} must be at most 3600", self.settle_seconds),
             ));
         }
+        if !(2..=86_400).contains(&self.resume_after_seconds) {
+            return Err(Problem::new(
+                "moves.resume_after_seconds",
+                format!("{} must be between 2 and 86400", self.resume_after_seconds),
+            ));
+        }
         if let Some(path) = &mut self.master_password_file {
             if path.is_relative() {
                 *path = base.join(&*path);
@@ -120,5 +141,56 @@ impl MovesConfig {
             .next()
             .unwrap_or_default()
             .to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MovesConfig;
+
+    fn problem(config: MovesConfig) -> Option<(String, String)> {
+        let mut config = config;
+        config
+            .validate(std::path::Path::new("/"))
+            .err()
+            .map(|p| (p.key, p.message))
+    }
+
+    #[test]
+    fn bad_moves_settings_name_the_key_and_the_fix() {
+        assert_eq!(problem(MovesConfig::default()), None, "moves off is valid");
+        let (key, message) = problem(MovesConfig {
+            master_user: "admin".into(),
+            ..MovesConfig::default()
+        })
+        .expect("a user without a password file");
+        assert_eq!(key, "moves.master_user");
+        assert!(message.contains("master_password_file"), "{message}");
+        for seconds in [0, 1, 86_401] {
+            let (key, message) = problem(MovesConfig {
+                resume_after_seconds: seconds,
+                ..MovesConfig::default()
+            })
+            .expect("out of range");
+            assert_eq!(key, "moves.resume_after_seconds");
+            assert!(message.contains("between 2 and 86400"), "{message}");
+        }
+        let (key, _) = problem(MovesConfig {
+            separator: "**".into(),
+            ..MovesConfig::default()
+        })
+        .expect("two characters");
+        assert_eq!(key, "moves.separator");
+        let (key, message) = problem(MovesConfig {
+            master_user: "admin".into(),
+            master_password_file: Some("/nonexistent/protobalance-password".into()),
+            ..MovesConfig::default()
+        })
+        .expect("a missing file");
+        assert_eq!(key, "moves.master_password_file");
+        assert!(
+            message.contains("/nonexistent/protobalance-password"),
+            "{message}"
+        );
     }
 }

@@ -9,6 +9,8 @@
 //!   policy says so.
 //! * [`normalize`] — address normalization; [`import`] — bulk import files.
 
+#[doc(hidden)]
+pub mod contract;
 pub mod import;
 pub mod normalize;
 pub mod postgres;
@@ -319,6 +321,77 @@ pub trait MailboxDirectory: Send + Sync + 'static {
         &self,
         entries: Vec<import::ImportEntry>,
     ) -> impl Future<Output = Result<Vec<import::EntryResult>, DirectoryError>> + Send;
+
+    /// Records that `record.holder` moves `record.mailbox` from now on; false (nothing
+    /// written) when a move of that mailbox is recorded already, on any node.
+    fn begin_move(
+        &self,
+        record: &MoveRecord,
+    ) -> impl Future<Output = Result<bool, DirectoryError>> + Send;
+
+    /// Hands the recorded move of `mailbox` to `holder` when its last heartbeat is older
+    /// than `stale_before_ms` (its node stopped); the record as taken, `None` when there
+    /// is none or its holder is alive.
+    fn take_over_move(
+        &self,
+        mailbox: &Mailbox,
+        holder: &str,
+        now_ms: i64,
+        stale_before_ms: i64,
+    ) -> impl Future<Output = Result<Option<MoveRecord>, DirectoryError>> + Send;
+
+    /// The heartbeat of `holder`'s move of `mailbox`, with the messages copied since the
+    /// last one (all in one transaction); `forget` first drops what was recorded for
+    /// that folder (recreated on the old backend: its UIDs are new). False when the move
+    /// is no longer `holder`'s (taken over, or ended): the caller stops.
+    fn move_progress(
+        &self,
+        mailbox: &Mailbox,
+        holder: &str,
+        now_ms: i64,
+        forget: Option<&str>,
+        copies: &[MoveCopy],
+    ) -> impl Future<Output = Result<bool, DirectoryError>> + Send;
+
+    /// Ends `holder`'s move of `mailbox`: its record and copies are dropped.
+    fn end_move(
+        &self,
+        mailbox: &Mailbox,
+        holder: &str,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    /// Every recorded move.
+    fn moves(&self) -> impl Future<Output = Result<Vec<MoveRecord>, DirectoryError>> + Send;
+
+    /// What the recorded move of `mailbox` copied.
+    fn move_copies(
+        &self,
+        mailbox: &Mailbox,
+    ) -> impl Future<Output = Result<Vec<MoveCopy>, DirectoryError>> + Send;
+}
+
+/// A mailbox move in progress as the store keeps it, so that another run (after the node
+/// stopped, on this node or another) finishes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveRecord {
+    pub mailbox: String,
+    pub from: String,
+    pub to: String,
+    /// The run holding it: the node's name and a token unique to the run.
+    pub holder: String,
+    pub started_ms: i64,
+    pub heartbeat_ms: i64,
+}
+
+/// One message a move copied: its folder, UIDVALIDITY and UID on the old backend, the UID
+/// of the copy on the new one (when the server said, APPENDUID), the flags copied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveCopy {
+    pub folder: String,
+    pub validity: u32,
+    pub old_uid: u32,
+    pub new_uid: Option<u32>,
+    pub flags: String,
 }
 
 /// The store a running edge uses, chosen by `[directory] store`.
@@ -386,6 +459,14 @@ forward! {
     fn remove_suspension(&self, account: &str) -> bool;
     fn backend_specs(&self) -> Vec<(String, String)>;
     fn import_entries(&self, entries: Vec<import::ImportEntry>) -> Vec<import::EntryResult>;
+    fn begin_move(&self, record: &MoveRecord) -> bool;
+    fn take_over_move(&self, mailbox: &Mailbox, holder: &str, now_ms: i64, stale_before_ms: i64)
+        -> Option<MoveRecord>;
+    fn move_progress(&self, mailbox: &Mailbox, holder: &str, now_ms: i64, forget: Option<&str>,
+        copies: &[MoveCopy]) -> bool;
+    fn end_move(&self, mailbox: &Mailbox, holder: &str) -> ();
+    fn moves(&self) -> Vec<MoveRecord>;
+    fn move_copies(&self, mailbox: &Mailbox) -> Vec<MoveCopy>;
 }
 
 /// An account suspended from sending, as stored (times in Unix seconds).

@@ -27,7 +27,8 @@ use deadpool_postgres::{
 
 use super::{
     BackendRecord, BackendState, BlockRecord, Directory, DirectoryError, DomainPolicy,
-    DomainRecord, Mailbox, MailboxDirectory, MailboxFilter, Store, SuspensionRecord,
+    DomainRecord, Mailbox, MailboxDirectory, MailboxFilter, MoveCopy, MoveRecord, Store,
+    SuspensionRecord,
     import::{self, BackendRow, EntryResult, ImportEntry},
 };
 
@@ -261,7 +262,156 @@ impl PostgresDirectory {
     }
 }
 
+const MOVE_COLUMNS: &str = "mailbox, from_backend, to_backend, holder, started_ms, heartbeat_ms";
+
+fn move_row(r: &tokio_postgres::Row) -> MoveRecord {
+    MoveRecord {
+        mailbox: r.get(0),
+        from: r.get(1),
+        to: r.get(2),
+        holder: r.get(3),
+        started_ms: r.get(4),
+        heartbeat_ms: r.get(5),
+    }
+}
+
 impl MailboxDirectory for PostgresDirectory {
+    async fn begin_move(&self, record: &MoveRecord) -> Result<bool, DirectoryError> {
+        self.execute(
+            &format!(
+                "INSERT INTO moves ({MOVE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (mailbox) DO NOTHING"
+            ),
+            &[
+                &record.mailbox,
+                &record.from,
+                &record.to,
+                &record.holder,
+                &record.started_ms,
+                &record.heartbeat_ms,
+            ],
+        )
+        .await
+        .map(|n| n > 0)
+    }
+
+    async fn take_over_move(
+        &self,
+        mailbox: &Mailbox,
+        holder: &str,
+        now_ms: i64,
+        stale_before_ms: i64,
+    ) -> Result<Option<MoveRecord>, DirectoryError> {
+        let rows = self
+            .rows(
+                &format!(
+                    "UPDATE moves SET holder = $2, heartbeat_ms = $3 \
+                     WHERE mailbox = $1 AND heartbeat_ms < $4 RETURNING {MOVE_COLUMNS}"
+                ),
+                &[&mailbox.as_str(), &holder, &now_ms, &stale_before_ms],
+            )
+            .await?;
+        Ok(rows.first().map(move_row))
+    }
+
+    async fn move_progress(
+        &self,
+        mailbox: &Mailbox,
+        holder: &str,
+        now_ms: i64,
+        forget: Option<&str>,
+        copies: &[MoveCopy],
+    ) -> Result<bool, DirectoryError> {
+        let address = mailbox.as_str();
+        self.timed(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(pg_err)?;
+            let ours = tx
+                .execute(
+                    "UPDATE moves SET heartbeat_ms = $3 WHERE mailbox = $1 AND holder = $2",
+                    &[&address, &holder, &now_ms],
+                )
+                .await
+                .map_err(pg_err)?
+                > 0;
+            if !ours {
+                return Ok(false);
+            }
+            if let Some(folder) = forget {
+                tx.execute(
+                    "DELETE FROM move_copies WHERE mailbox = $1 AND folder = $2",
+                    &[&address, &folder],
+                )
+                .await
+                .map_err(pg_err)?;
+            }
+            if !copies.is_empty() {
+                // One statement per batch: the copies as parallel arrays.
+                let folders: Vec<&str> = copies.iter().map(|c| c.folder.as_str()).collect();
+                let validity: Vec<i64> = copies.iter().map(|c| i64::from(c.validity)).collect();
+                let old: Vec<i64> = copies.iter().map(|c| i64::from(c.old_uid)).collect();
+                let new: Vec<Option<i64>> =
+                    copies.iter().map(|c| c.new_uid.map(i64::from)).collect();
+                let flags: Vec<&str> = copies.iter().map(|c| c.flags.as_str()).collect();
+                tx.execute(
+                    "INSERT INTO move_copies (mailbox, folder, validity, old_uid, new_uid, flags) \
+                     SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::bigint[], \
+                     $5::bigint[], $6::text[]) \
+                     ON CONFLICT (mailbox, folder, old_uid) DO UPDATE SET \
+                     validity = excluded.validity, new_uid = excluded.new_uid, \
+                     flags = excluded.flags",
+                    &[&address, &folders, &validity, &old, &new, &flags],
+                )
+                .await
+                .map_err(pg_err)?;
+            }
+            tx.commit().await.map_err(pg_err)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn end_move(&self, mailbox: &Mailbox, holder: &str) -> Result<(), DirectoryError> {
+        self.execute(
+            "DELETE FROM moves WHERE mailbox = $1 AND holder = $2",
+            &[&mailbox.as_str(), &holder],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn moves(&self) -> Result<Vec<MoveRecord>, DirectoryError> {
+        let rows = self
+            .rows(
+                &format!("SELECT {MOVE_COLUMNS} FROM moves ORDER BY started_ms"),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(move_row).collect())
+    }
+
+    async fn move_copies(&self, mailbox: &Mailbox) -> Result<Vec<MoveCopy>, DirectoryError> {
+        let rows = self
+            .rows(
+                "SELECT folder, validity, old_uid, new_uid, flags FROM move_copies \
+                 WHERE mailbox = $1 ORDER BY folder, old_uid",
+                &[&mailbox.as_str()],
+            )
+            .await?;
+        // Stored from u32s: the conversions cannot fail on rows this code wrote.
+        let uid = |v: i64| u32::try_from(v).unwrap_or(0);
+        Ok(rows
+            .iter()
+            .map(|r| MoveCopy {
+                folder: r.get(0),
+                validity: uid(r.get(1)),
+                old_uid: uid(r.get(2)),
+                new_uid: r.get::<_, Option<i64>>(3).map(uid),
+                flags: r.get(4),
+            })
+            .collect())
+    }
+
     async fn owner_of(&self, mailbox: &Mailbox) -> Result<Option<String>, DirectoryError> {
         let rows = self.rows(OWNER, &[&mailbox.as_str()]).await?;
         Ok(rows.first().map(|r| r.get(0)))

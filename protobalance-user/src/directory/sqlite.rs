@@ -17,7 +17,7 @@ use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
 use super::{
     BackendRecord, BackendState, BlockRecord, DirectoryError, DomainPolicy, DomainRecord, Mailbox,
-    MailboxDirectory, MailboxFilter, SuspensionRecord,
+    MailboxDirectory, MailboxFilter, MoveCopy, MoveRecord, SuspensionRecord,
 };
 
 mod manage;
@@ -158,7 +158,168 @@ impl SqliteDirectory {
     }
 }
 
+fn move_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MoveRecord> {
+    Ok(MoveRecord {
+        mailbox: r.get(0)?,
+        from: r.get(1)?,
+        to: r.get(2)?,
+        holder: r.get(3)?,
+        started_ms: r.get(4)?,
+        heartbeat_ms: r.get(5)?,
+    })
+}
+
+const MOVE_COLUMNS: &str = "mailbox, from_backend, to_backend, holder, started_ms, heartbeat_ms";
+
 impl MailboxDirectory for SqliteDirectory {
+    async fn begin_move(&self, record: &MoveRecord) -> Result<bool, DirectoryError> {
+        let record = record.clone();
+        self.blocking(move |conn| {
+            conn.execute(
+                &format!(
+                    "INSERT INTO moves ({MOVE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                     ON CONFLICT (mailbox) DO NOTHING"
+                ),
+                params![
+                    record.mailbox,
+                    record.from,
+                    record.to,
+                    record.holder,
+                    record.started_ms,
+                    record.heartbeat_ms
+                ],
+            )
+            .map(|n| n > 0)
+            .map_err(store_err)
+        })
+        .await
+    }
+
+    async fn take_over_move(
+        &self,
+        mailbox: &Mailbox,
+        holder: &str,
+        now_ms: i64,
+        stale_before_ms: i64,
+    ) -> Result<Option<MoveRecord>, DirectoryError> {
+        let (mailbox, holder) = (mailbox.as_str().to_owned(), holder.to_owned());
+        self.blocking(move |conn| {
+            conn.query_row(
+                &format!(
+                    "UPDATE moves SET holder = ?2, heartbeat_ms = ?3 \
+                     WHERE mailbox = ?1 AND heartbeat_ms < ?4 RETURNING {MOVE_COLUMNS}"
+                ),
+                params![mailbox, holder, now_ms, stale_before_ms],
+                move_row,
+            )
+            .optional()
+            .map_err(store_err)
+        })
+        .await
+    }
+
+    async fn move_progress(
+        &self,
+        mailbox: &Mailbox,
+        holder: &str,
+        now_ms: i64,
+        forget: Option<&str>,
+        copies: &[MoveCopy],
+    ) -> Result<bool, DirectoryError> {
+        let (mailbox, holder) = (mailbox.as_str().to_owned(), holder.to_owned());
+        let (forget, copies) = (forget.map(str::to_owned), copies.to_vec());
+        self.blocking(move |conn| {
+            let tx = conn.transaction().map_err(store_err)?;
+            let ours = tx
+                .execute(
+                    "UPDATE moves SET heartbeat_ms = ?3 WHERE mailbox = ?1 AND holder = ?2",
+                    params![mailbox, holder, now_ms],
+                )
+                .map_err(store_err)?
+                > 0;
+            if !ours {
+                return Ok(false);
+            }
+            if let Some(folder) = forget {
+                tx.execute(
+                    "DELETE FROM move_copies WHERE mailbox = ?1 AND folder = ?2",
+                    params![mailbox, folder],
+                )
+                .map_err(store_err)?;
+            }
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO move_copies \
+                         (mailbox, folder, validity, old_uid, new_uid, flags) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .map_err(store_err)?;
+                for c in &copies {
+                    insert
+                        .execute(params![
+                            mailbox, c.folder, c.validity, c.old_uid, c.new_uid, c.flags
+                        ])
+                        .map_err(store_err)?;
+                }
+            }
+            tx.commit().map_err(store_err)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn end_move(&self, mailbox: &Mailbox, holder: &str) -> Result<(), DirectoryError> {
+        let (mailbox, holder) = (mailbox.as_str().to_owned(), holder.to_owned());
+        self.blocking(move |conn| {
+            conn.execute(
+                "DELETE FROM moves WHERE mailbox = ?1 AND holder = ?2",
+                params![mailbox, holder],
+            )
+            .map(drop)
+            .map_err(store_err)
+        })
+        .await
+    }
+
+    async fn moves(&self) -> Result<Vec<MoveRecord>, DirectoryError> {
+        self.blocking(|conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {MOVE_COLUMNS} FROM moves ORDER BY started_ms"
+                ))
+                .map_err(store_err)?;
+            stmt.query_map([], move_row)
+                .and_then(Iterator::collect)
+                .map_err(store_err)
+        })
+        .await
+    }
+
+    async fn move_copies(&self, mailbox: &Mailbox) -> Result<Vec<MoveCopy>, DirectoryError> {
+        let mailbox = mailbox.as_str().to_owned();
+        self.blocking(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT folder, validity, old_uid, new_uid, flags FROM move_copies \
+                     WHERE mailbox = ?1 ORDER BY folder, old_uid",
+                )
+                .map_err(store_err)?;
+            stmt.query_map([mailbox], |r| {
+                Ok(MoveCopy {
+                    folder: r.get(0)?,
+                    validity: r.get(1)?,
+                    old_uid: r.get(2)?,
+                    new_uid: r.get(3)?,
+                    flags: r.get(4)?,
+                })
+            })
+            .and_then(Iterator::collect)
+            .map_err(store_err)
+        })
+        .await
+    }
+
     async fn owner_of(&self, mailbox: &Mailbox) -> Result<Option<String>, DirectoryError> {
         let address = mailbox.as_str().to_owned();
         self.blocking(move |conn| Self::owner_of_blocking(conn, &address))

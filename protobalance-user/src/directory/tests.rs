@@ -340,3 +340,9 @@ async fn logins_provision_only_when_confirmed() {
 }
 
 mod manage;
+
+#[tokio::test]
+async fn move_records_follow_the_store_contract() {
+    let (store, _dir) = store();
+    super::contract::move_records(&store).await;
+}

@@ -9,11 +9,13 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
+use tokio_util::sync::CancellationToken;
+
 use super::{MoveError, MoveReport, Mover};
-use crate::directory::Mailbox;
+use crate::directory::{Mailbox, MailboxDirectory as _, MoveRecord};
 
 /// Finished and running jobs kept for `GET /jobs`.
 pub const KEEP: usize = 1000;
@@ -95,6 +97,21 @@ impl Jobs {
 impl Mover {
     /// Starts moving `mailbox` to `to` in its own task; the job reports how it goes.
     pub fn start(self: &Arc<Self>, mailbox: Mailbox, to: String) -> Arc<Job> {
+        self.spawn_job(mailbox, to, None)
+    }
+
+    /// Starts finishing `record`, taken over by `holder`, as a job.
+    fn start_resumed(self: &Arc<Self>, mailbox: Mailbox, record: MoveRecord, holder: String) {
+        let to = record.to.clone();
+        self.spawn_job(mailbox, to, Some((record, holder)));
+    }
+
+    fn spawn_job(
+        self: &Arc<Self>,
+        mailbox: Mailbox,
+        to: String,
+        resumed: Option<(MoveRecord, String)>,
+    ) -> Arc<Job> {
         let job = Arc::new(Job {
             id: self.jobs.next.fetch_add(1, Ordering::Relaxed) + 1,
             mailbox: mailbox.to_string(),
@@ -120,9 +137,18 @@ impl Mover {
             // a job that runs forever.
             let watched = Arc::clone(&running);
             let inner = tokio::spawn(async move {
-                mover
-                    .move_mailbox_with(&mailbox, &to, &watched.progress)
-                    .await
+                match resumed {
+                    None => {
+                        mover
+                            .move_mailbox_with(&mailbox, &to, &watched.progress)
+                            .await
+                    }
+                    Some((record, holder)) => {
+                        mover
+                            .resume(&mailbox, &record, &holder, &watched.progress)
+                            .await
+                    }
+                }
             });
             let result = match inner.await {
                 Ok(result) => result.map_err(Arc::new),
@@ -142,5 +168,69 @@ impl Mover {
 
     pub fn jobs(&self) -> &Jobs {
         &self.jobs
+    }
+
+    /// Takes over and finishes the recorded moves whose heartbeat is older than
+    /// `moves.resume_after_seconds` (their node stopped, or their run failed), until
+    /// `shutdown`. Every node sharing the directory runs this; the take-over is one
+    /// conditional update, so one node wins each.
+    pub async fn resume_stalled(self: Arc<Self>, shutdown: CancellationToken) {
+        let after = self.config.resume_after();
+        let every = (after / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let store = self.ctx.directory.store();
+            let records = match store.moves().await {
+                Ok(records) => records,
+                Err(error) => {
+                    tracing::warn!(%error, "recorded mailbox moves not read");
+                    continue;
+                }
+            };
+            let now = super::unix_ms();
+            let stale_before = now - i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+            for record in records
+                .into_iter()
+                .filter(|r| r.heartbeat_ms < stale_before)
+            {
+                if !self.config.enabled() {
+                    if !warned {
+                        tracing::warn!(
+                            mailbox = %record.mailbox,
+                            "a stopped mailbox move is recorded but [moves] is not configured \
+                             here: it is not resumed by this node"
+                        );
+                        warned = true;
+                    }
+                    continue;
+                }
+                let mailbox = Mailbox::from_store(record.mailbox.clone());
+                if self.is_moving(&mailbox) {
+                    continue;
+                }
+                let holder = self.holder();
+                match store
+                    .take_over_move(&mailbox, &holder, now, stale_before)
+                    .await
+                {
+                    Ok(Some(taken)) => {
+                        tracing::warn!(
+                            %mailbox, from = %taken.from, to = %taken.to, was = %record.holder,
+                            "resuming a mailbox move whose run stopped"
+                        );
+                        self.start_resumed(mailbox, taken, holder);
+                    }
+                    // Another node took it first, or its run is alive after all.
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(%mailbox, %error, "stopped mailbox move not taken over");
+                    }
+                }
+            }
+        }
     }
 }

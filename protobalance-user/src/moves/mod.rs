@@ -19,7 +19,15 @@
 //!    backend after the last pass stays there rather than being lost.
 //!
 //! Each message is copied once: a pass skips the UIDs (per folder and UIDVALIDITY) an
-//! earlier pass copied. UIDs on the new backend are new (IMAP clients resynchronise;
+//! earlier pass copied.
+//!
+//! A move is recorded in the directory (`begin_move`), which makes it exclusive across
+//! nodes; the run keeps a heartbeat on the record and writes each batch's copies to it
+//! ([`Journal`]). A run that stops (node killed, backend failure) leaves the record; once
+//! its heartbeat is older than `resume_after_seconds`, [`Mover::resume_stalled`] on any node
+//! takes it over and finishes it: the directory's owner says whether it had switched, the
+//! recorded copies are not made again, and copies appended but not yet recorded are
+//! recognised on the new backend ([`adopt_unrecorded`]). UIDs on the new backend are new (IMAP clients resynchronise;
 //! POP3 clients that leave mail on the server may fetch it once more).
 
 pub mod imap;
@@ -38,7 +46,7 @@ use self::imap::{ImapClient, ImapError, append_uid, fetched, list_entry, quote, 
 use crate::{
     backend::Service,
     config::MovesConfig,
-    directory::{DirectoryError, Mailbox, MailboxDirectory as _},
+    directory::{DirectoryError, Mailbox, MailboxDirectory as _, MoveCopy, MoveRecord, Store},
     proxy::ProxyContext,
     secret::Secret,
 };
@@ -57,7 +65,10 @@ pub enum MoveError {
     NoSuchMailbox(String),
     #[error("{mailbox} is on {backend} already")]
     AlreadyThere { mailbox: String, backend: String },
-    #[error("{0} is being moved already")]
+    #[error(
+        "{0} is being moved already (by this node or another; a move whose run stopped is \
+         finished automatically once moves.resume_after_seconds pass without its heartbeat)"
+    )]
     Busy(String),
     #[error("the move stopped unexpectedly: {0}")]
     Internal(String),
@@ -70,6 +81,11 @@ pub enum MoveError {
         from: String,
         to: String,
     },
+    #[error(
+        "the move of {0} was taken over by another run: this node could not record its \
+         heartbeat for moves.resume_after_seconds"
+    )]
+    TakenOver(String),
     #[error("no backend `{0}` in the pool")]
     UnknownBackend(String),
     #[error("backend `{backend}`: {source}")]
@@ -94,6 +110,23 @@ pub enum MoveError {
     },
 }
 
+impl MoveError {
+    /// The move could not be done as asked and nothing was touched (or what was, the
+    /// error says): its record ends, nothing resumes it.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::NotConfigured
+                | Self::NoSuchMailbox(_)
+                | Self::AlreadyThere { .. }
+                | Self::TargetNotEmpty { .. }
+                | Self::Busy(_)
+                | Self::OwnerChanged { .. }
+                | Self::UnknownBackend(_)
+        )
+    }
+}
+
 /// What a move did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MoveReport {
@@ -116,7 +149,11 @@ pub struct MoveReport {
 pub struct Mover {
     ctx: Arc<ProxyContext>,
     config: MovesConfig,
-    /// Mailboxes being moved now: a second move of one of them is refused.
+    /// This node's name in move records (its runs add a token of their own).
+    node: String,
+    runs: std::sync::atomic::AtomicU64,
+    /// Mailboxes being moved now by this node (the directory's record makes a move
+    /// exclusive across nodes too).
     moving: std::sync::Mutex<std::collections::HashSet<Mailbox>>,
     jobs: jobs::Jobs,
     moves: IntCounterVec,
@@ -132,16 +169,55 @@ struct Folder {
     copies: BTreeMap<u32, (u32, Vec<String>)>,
 }
 
+/// How a run began: asked for now, or taking over a recorded move whose run stopped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Fresh,
+    Resumed,
+}
+
+/// Where a run records what it copied, and its heartbeat: the directory's move record.
+struct Journal<'a> {
+    directory: &'a crate::directory::Directory<Store>,
+    mailbox: &'a Mailbox,
+    holder: &'a str,
+}
+
+impl Journal<'_> {
+    /// Records `copies` (after `forget`ting a recreated folder) with a heartbeat;
+    /// [`MoveError::TakenOver`] when the move is no longer this run's.
+    async fn record(&self, forget: Option<&str>, copies: &[MoveCopy]) -> Result<(), MoveError> {
+        let ours = self
+            .directory
+            .store()
+            .move_progress(self.mailbox, self.holder, unix_ms(), forget, copies)
+            .await?;
+        if ours {
+            Ok(())
+        } else {
+            Err(MoveError::TakenOver(self.mailbox.to_string()))
+        }
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 impl Mover {
     pub fn new(
         ctx: Arc<ProxyContext>,
         config: MovesConfig,
+        node: String,
         registry: &Registry,
     ) -> prometheus::Result<Self> {
         let moves = IntCounterVec::new(
             Opts::new(
                 "protobalance_mailbox_moves_total",
-                "Mailbox moves by result (moved; refused: nothing touched; failed)",
+                "Mailbox moves by result (moved; refused: nothing touched; failed: resumed \
+                 later; resumed: taken over after their run stopped)",
             ),
             &["result"],
         )?;
@@ -157,11 +233,19 @@ impl Mover {
         Ok(Self {
             ctx,
             config,
+            node,
+            runs: std::sync::atomic::AtomicU64::new(0),
             moving: std::sync::Mutex::default(),
             jobs: jobs::Jobs::default(),
             moves,
             messages,
         })
+    }
+
+    /// A name for one run's hold on a move record: unique across nodes and restarts.
+    fn holder(&self) -> String {
+        let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        format!("{}#{}.{}.{run}", self.node, std::process::id(), unix_ms())
     }
 
     /// Moves `mailbox` to backend `to` (see the module comment).
@@ -178,10 +262,36 @@ impl Mover {
         progress: &jobs::MoveProgress,
     ) -> Result<MoveReport, MoveError> {
         let result = match self.claim(mailbox) {
-            Some(_claim) => self.run(mailbox, to, progress).await,
+            Some(_claim) => self.begin(mailbox, to, progress).await,
             None => Err(MoveError::Busy(mailbox.to_string())),
         };
-        let label = match &result {
+        self.count(mailbox, to, &result);
+        result
+    }
+
+    /// Finishes the recorded move `record`, which `holder` took over from a run that
+    /// stopped.
+    async fn resume(
+        &self,
+        mailbox: &Mailbox,
+        record: &MoveRecord,
+        holder: &str,
+        progress: &jobs::MoveProgress,
+    ) -> Result<MoveReport, MoveError> {
+        self.moves.with_label_values(&["resumed"]).inc();
+        let result = match self.claim(mailbox) {
+            Some(_claim) => {
+                self.held(mailbox, record, holder, Start::Resumed, progress)
+                    .await
+            }
+            None => Err(MoveError::Busy(mailbox.to_string())),
+        };
+        self.count(mailbox, &record.to, &result);
+        result
+    }
+
+    fn count(&self, mailbox: &Mailbox, to: &str, result: &Result<MoveReport, MoveError>) {
+        let label = match result {
             Ok(report) => {
                 tracing::info!(
                     %mailbox, from = %report.from, %to, folders = report.folders,
@@ -190,26 +300,27 @@ impl Mover {
                 );
                 "moved"
             }
-            // The request could not be done as asked: nothing was touched.
-            Err(
-                error @ (MoveError::NotConfigured
-                | MoveError::NoSuchMailbox(_)
-                | MoveError::AlreadyThere { .. }
-                | MoveError::TargetNotEmpty { .. }
-                | MoveError::Busy(_)
-                | MoveError::OwnerChanged { .. }
-                | MoveError::UnknownBackend(_)),
-            ) => {
+            Err(error) if error.is_refusal() => {
                 tracing::info!(%mailbox, %to, %error, "mailbox move refused");
                 "refused"
             }
             Err(error) => {
-                tracing::error!(%mailbox, %to, %error, "mailbox move failed");
+                tracing::error!(
+                    %mailbox, %to, %error,
+                    resume_after_s = self.config.resume_after_seconds,
+                    "mailbox move failed: it is resumed once its record is stale"
+                );
                 "failed"
             }
         };
         self.moves.with_label_values(&[label]).inc();
-        result
+    }
+
+    fn is_moving(&self, mailbox: &Mailbox) -> bool {
+        self.moving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(mailbox)
     }
 
     /// Marks `mailbox` as being moved until the claim drops; `None` when it is already.
@@ -224,7 +335,9 @@ impl Mover {
         })
     }
 
-    async fn run(
+    /// Checks a move asked for now and records it in the directory (exclusive across
+    /// nodes), then runs it.
+    async fn begin(
         &self,
         mailbox: &Mailbox,
         to: &str,
@@ -233,10 +346,8 @@ impl Mover {
         if !self.config.enabled() {
             return Err(MoveError::NotConfigured);
         }
-        let started = Instant::now();
-        let directory = &self.ctx.directory;
-        let from = directory
-            .store()
+        let store = self.ctx.directory.store();
+        let from = store
             .owner_of(mailbox)
             .await?
             .ok_or_else(|| MoveError::NoSuchMailbox(mailbox.to_string()))?;
@@ -249,47 +360,162 @@ impl Mover {
         if !self.ctx.pool.contains(to) {
             return Err(MoveError::UnknownBackend(to.to_owned()));
         }
-        let password = Secret::new(self.config.password().map_err(MoveError::Password)?);
-        progress.set_phase("connecting");
-        let mut old = self.login(&from, mailbox, &password).await?;
-        let mut new = self.login(to, mailbox, &password).await?;
-        let imap = |backend: &str| {
-            let backend = backend.to_owned();
-            move |source| MoveError::Imap { backend, source }
+        let holder = self.holder();
+        let now = unix_ms();
+        let record = MoveRecord {
+            mailbox: mailbox.to_string(),
+            from,
+            to: to.to_owned(),
+            holder: holder.clone(),
+            started_ms: now,
+            heartbeat_ms: now,
         };
-        // Copying onto messages already there would double them.
-        let present = message_count(&mut new).await.map_err(imap(to))?;
-        if present > 0 {
-            return Err(MoveError::TargetNotEmpty {
-                backend: to.to_owned(),
+        if !store.begin_move(&record).await? {
+            return Err(MoveError::Busy(mailbox.to_string()));
+        }
+        self.held(mailbox, &record, &holder, Start::Fresh, progress)
+            .await
+    }
+
+    /// Runs a recorded move while `holder` holds it: a heartbeat keeps the record fresh
+    /// (a run that loses it stops); the record ends with the move, or with a refusal that
+    /// touched nothing. After any other failure it stays, and the move is resumed once it
+    /// is stale.
+    async fn held(
+        &self,
+        mailbox: &Mailbox,
+        record: &MoveRecord,
+        holder: &str,
+        start: Start,
+        progress: &jobs::MoveProgress,
+    ) -> Result<MoveReport, MoveError> {
+        let journal = Journal {
+            directory: &self.ctx.directory,
+            mailbox,
+            holder,
+        };
+        let heartbeat = async {
+            let every = (self.config.resume_after() / 4).max(Duration::from_millis(500));
+            loop {
+                tokio::time::sleep(every).await;
+                match journal.record(None, &[]).await {
+                    Ok(()) => {}
+                    Err(MoveError::TakenOver(m)) => return MoveError::TakenOver(m),
+                    // The directory is unreachable: keep moving; the record goes stale
+                    // only if this lasts.
+                    Err(error) => tracing::warn!(%mailbox, %error, "move heartbeat not recorded"),
+                }
+            }
+        };
+        let result = tokio::select! {
+            result = self.run(mailbox, record, start, &journal, progress) => result,
+            lost = heartbeat => Err(lost),
+        };
+        let end = match &result {
+            Ok(_) => true,
+            Err(error) => error.is_refusal(),
+        };
+        if end && let Err(error) = self.ctx.directory.store().end_move(mailbox, holder).await {
+            tracing::error!(
+                %mailbox, %error,
+                "move record not ended: it will be resumed, which finds nothing left to do"
+            );
+        }
+        result
+    }
+
+    async fn run(
+        &self,
+        mailbox: &Mailbox,
+        record: &MoveRecord,
+        start: Start,
+        journal: &Journal<'_>,
+        progress: &jobs::MoveProgress,
+    ) -> Result<MoveReport, MoveError> {
+        if !self.config.enabled() {
+            return Err(MoveError::NotConfigured);
+        }
+        let started = Instant::now();
+        let directory = &self.ctx.directory;
+        let (from, to) = (record.from.as_str(), record.to.as_str());
+        let owner = directory
+            .store()
+            .owner_of(mailbox)
+            .await?
+            .ok_or_else(|| MoveError::NoSuchMailbox(mailbox.to_string()))?;
+        // A resumed move may have switched already; the directory says.
+        let switched_before = owner == to;
+        if owner != from && !switched_before {
+            return Err(MoveError::OwnerChanged {
                 mailbox: mailbox.to_string(),
-                messages: present,
+                from: from.to_owned(),
+                to: to.to_owned(),
             });
         }
+        for backend in [from, to] {
+            if !self.ctx.pool.contains(backend) {
+                return Err(MoveError::UnknownBackend(backend.to_owned()));
+            }
+        }
+        let password = Secret::new(self.config.password().map_err(MoveError::Password)?);
+        progress.set_phase("connecting");
+        let mut old = self.login(from, mailbox, &password).await?;
+        let mut new = self.login(to, mailbox, &password).await?;
+        let sides = Sides { from, to };
         let mut folders: BTreeMap<String, Folder> = BTreeMap::new();
-        let total = message_count(&mut old).await.map_err(imap(&from))?;
+        if start == Start::Fresh {
+            // Copying onto messages already there would double them.
+            let present = message_count(&mut new).await.map_err(sides.on_new())?;
+            if present > 0 {
+                return Err(MoveError::TargetNotEmpty {
+                    backend: to.to_owned(),
+                    mailbox: mailbox.to_string(),
+                    messages: present,
+                });
+            }
+        } else {
+            // What the stopped run copied is not copied again, nor are the copies it made
+            // but had not recorded yet.
+            for copy in directory.store().move_copies(mailbox).await? {
+                let folder = folders.entry(copy.folder).or_default();
+                folder.validity = Some(copy.validity);
+                folder.copied.insert(copy.old_uid);
+                if let Some(new_uid) = copy.new_uid {
+                    let flags = copy.flags.split_whitespace().map(str::to_owned).collect();
+                    folder.copies.insert(copy.old_uid, (new_uid, flags));
+                }
+            }
+            let adopted =
+                adopt_unrecorded(&mut old, &mut new, &mut folders, journal, sides).await?;
+            tracing::info!(
+                %mailbox, recorded = folders.values().map(|f| f.copied.len()).sum::<usize>(),
+                adopted, switched = switched_before, "move resumed from its record"
+            );
+        }
+        let total = message_count(&mut old).await.map_err(sides.on_old())?;
         progress
             .total
             .store(total, std::sync::atomic::Ordering::Relaxed);
         progress.set_phase("copying");
         let mut report = MoveReport {
             mailbox: mailbox.to_string(),
-            from: from.clone(),
+            from: from.to_owned(),
             to: to.to_owned(),
             ..MoveReport::default()
         };
-        // 1. Copy while mail still arrives at the old backend.
-        report.copied_before = copy_pass(&mut old, &mut new, &mut folders, progress)
-            .await
-            .map_err(|(side, e)| imap(if side == Side::Old { &from } else { to })(e))?;
-        // 2. Switch.
-        progress.set_phase("switching");
-        if !directory.reassign_from(mailbox, &from, to).await? {
-            return Err(MoveError::OwnerChanged {
-                mailbox: mailbox.to_string(),
-                from: from.clone(),
-                to: to.to_owned(),
-            });
+        if !switched_before {
+            // 1. Copy while mail still arrives at the old backend.
+            report.copied_before =
+                copy_pass(&mut old, &mut new, &mut folders, journal, sides, progress).await?;
+            // 2. Switch.
+            progress.set_phase("switching");
+            if !directory.reassign_from(mailbox, from, to).await? {
+                return Err(MoveError::OwnerChanged {
+                    mailbox: mailbox.to_string(),
+                    from: from.to_owned(),
+                    to: to.to_owned(),
+                });
+            }
         }
         let switched = Instant::now();
         progress.set_phase("settling");
@@ -297,23 +523,25 @@ impl Mover {
         let settle = Duration::from_secs(self.config.settle_seconds);
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let copied = copy_pass(&mut old, &mut new, &mut folders, progress)
-                .await
-                .map_err(|(side, e)| imap(if side == Side::Old { &from } else { to })(e))?;
+            let copied =
+                copy_pass(&mut old, &mut new, &mut folders, journal, sides, progress).await?;
             report.copied_after += copied;
             if copied == 0 && switched.elapsed() >= settle {
                 break;
             }
         }
         // What clients changed on the old copy while it was copied (they could until the
-        // switch ended their sessions) is carried over: deletions and flags.
-        progress.set_phase("reconciling");
-        for (name, folder) in &folders {
-            let (expunged, flagged) = reconcile(&mut old, &mut new, name, folder)
-                .await
-                .map_err(|(side, e)| imap(if side == Side::Old { &from } else { to })(e))?;
-            report.expunged_on_new += expunged;
-            report.flags_synced += flagged;
+        // switch ended their sessions) is carried over: deletions and flags. Only by the
+        // run that switched: a run resumed after the switch cannot tell a client's
+        // expunge from the stopped run's own deleting.
+        if !switched_before {
+            progress.set_phase("reconciling");
+            for (name, folder) in &folders {
+                let (expunged, flagged) =
+                    reconcile(&mut old, &mut new, name, folder, sides).await?;
+                report.expunged_on_new += expunged;
+                report.flags_synced += flagged;
+            }
         }
         // 4. Delete what was copied from the old backend.
         if self.config.delete_old {
@@ -324,7 +552,7 @@ impl Mover {
                 }
                 report.deleted += delete_copied(&mut old, name, folder)
                     .await
-                    .map_err(imap(&from))?;
+                    .map_err(sides.on_old())?;
             }
             // Those a client expunged during the copy were not there to delete.
             report.deleted = report.deleted.saturating_sub(report.expunged_on_new);
@@ -396,22 +624,166 @@ impl Drop for Claim<'_> {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Old,
-    New,
+/// The two backends of a move, for naming the one whose IMAP exchange failed.
+#[derive(Clone, Copy)]
+struct Sides<'a> {
+    from: &'a str,
+    to: &'a str,
 }
 
-/// Copies every message the old backend has that no earlier pass copied; how many.
+impl Sides<'_> {
+    fn on_old(self) -> impl Fn(ImapError) -> MoveError {
+        let backend = self.from.to_owned();
+        move |source| MoveError::Imap {
+            backend: backend.clone(),
+            source,
+        }
+    }
+
+    fn on_new(self) -> impl Fn(ImapError) -> MoveError {
+        let backend = self.to.to_owned();
+        move |source| MoveError::Imap {
+            backend: backend.clone(),
+            source,
+        }
+    }
+}
+
+/// `(UID, INTERNALDATE, RFC822.SIZE)` of the messages of the selected folder from `first`
+/// on (`first:*` names the last message even when its UID is lower: filtered here).
+async fn envelopes(
+    client: &mut ImapClient,
+    first: u32,
+) -> Result<Vec<(u32, Option<String>, u64)>, ImapError> {
+    Ok(client
+        .run(
+            &format!("UID FETCH {first}:* (UID INTERNALDATE RFC822.SIZE)"),
+            &[],
+        )
+        .await?
+        .iter()
+        .filter_map(|r| {
+            let f = fetched(r)?;
+            Some((f.uid, f.internal_date, imap::message_size(r).unwrap_or(0)))
+        })
+        .filter(|(uid, _, _)| *uid >= first)
+        .collect())
+}
+
+/// The body of message `uid` in the selected folder.
+async fn body_of(client: &mut ImapClient, uid: u32) -> Result<Option<Vec<u8>>, ImapError> {
+    Ok(client
+        .run(&format!("UID FETCH {uid} (UID BODY.PEEK[])"), &[])
+        .await?
+        .iter()
+        .filter_map(fetched)
+        .find(|f| f.uid == uid)
+        .and_then(|f| f.body))
+}
+
+/// A resumed move's copies that the stopped run made but had not recorded (it stopped
+/// between an APPEND and the batch's record): on the new backend they are the messages
+/// after the last recorded copy; one whose internal date, size and bytes equal an
+/// unrecorded original is that original's copy, and is recorded as such instead of being
+/// copied a second time. Returns how many were adopted.
+async fn adopt_unrecorded(
+    old: &mut ImapClient,
+    new: &mut ImapClient,
+    folders: &mut BTreeMap<String, Folder>,
+    journal: &Journal<'_>,
+    sides: Sides<'_>,
+) -> Result<u64, MoveError> {
+    let listed = old
+        .run("LIST \"\" \"*\"", &[])
+        .await
+        .map_err(sides.on_old())?;
+    let names: Vec<String> = listed
+        .iter()
+        .filter_map(list_entry)
+        .map(|(name, _)| name)
+        .collect();
+    let mut adopted = 0;
+    for name in names {
+        let folder = folders.entry(name.clone()).or_default();
+        let after = folder
+            .copies
+            .values()
+            .map(|(uid, _)| *uid)
+            .max()
+            .unwrap_or(0);
+        match new.run(&format!("EXAMINE {}", quote(&name)), &[]).await {
+            Ok(_) => {}
+            // Not created on the new backend yet: nothing there to adopt.
+            Err(ImapError::Refused { .. }) => continue,
+            Err(e) => return Err(sides.on_new()(e)),
+        }
+        let fresh = envelopes(new, after + 1).await.map_err(sides.on_new())?;
+        if fresh.is_empty() {
+            new.run("UNSELECT", &[]).await.map_err(sides.on_new())?;
+            continue;
+        }
+        let selected = old
+            .run(&format!("EXAMINE {}", quote(&name)), &[])
+            .await
+            .map_err(sides.on_old())?;
+        let validity = uid_validity(&selected);
+        if folder.validity.is_some() && folder.validity != validity {
+            // Recreated on the old backend: the copy pass starts this folder over.
+            old.run("UNSELECT", &[]).await.map_err(sides.on_old())?;
+            new.run("UNSELECT", &[]).await.map_err(sides.on_new())?;
+            continue;
+        }
+        folder.validity = validity;
+        let mut originals: Vec<(u32, Option<String>, u64)> = envelopes(old, 1)
+            .await
+            .map_err(sides.on_old())?
+            .into_iter()
+            .filter(|(uid, _, _)| !folder.copied.contains(uid))
+            .collect();
+        let mut found = Vec::new();
+        for (new_uid, date, size) in fresh {
+            let Some(i) = originals
+                .iter()
+                .position(|(_, d, s)| *d == date && *s == size)
+            else {
+                continue;
+            };
+            let old_uid = originals[i].0;
+            let copy = body_of(new, new_uid).await.map_err(sides.on_new())?;
+            let original = body_of(old, old_uid).await.map_err(sides.on_old())?;
+            if copy.is_some() && copy == original {
+                originals.remove(i);
+                folder.copied.insert(old_uid);
+                folder.copies.insert(old_uid, (new_uid, Vec::new()));
+                found.push(MoveCopy {
+                    folder: name.clone(),
+                    validity: validity.unwrap_or(0),
+                    old_uid,
+                    new_uid: Some(new_uid),
+                    flags: String::new(),
+                });
+            }
+        }
+        old.run("UNSELECT", &[]).await.map_err(sides.on_old())?;
+        new.run("UNSELECT", &[]).await.map_err(sides.on_new())?;
+        adopted += found.len() as u64;
+        journal.record(None, &found).await?;
+    }
+    Ok(adopted)
+}
+
+/// Copies every message the old backend has that no earlier pass copied; how many. Each
+/// batch's copies are recorded in the move's journal before the next batch.
 async fn copy_pass(
     old: &mut ImapClient,
     new: &mut ImapClient,
     folders: &mut BTreeMap<String, Folder>,
+    journal: &Journal<'_>,
+    sides: Sides<'_>,
     progress: &jobs::MoveProgress,
-) -> Result<u64, (Side, ImapError)> {
-    let o = |e| (Side::Old, e);
-    let n = |e| (Side::New, e);
-    let listed = old.run("LIST \"\" \"*\"", &[]).await.map_err(o)?;
+) -> Result<u64, MoveError> {
+    let (o, n) = (sides.on_old(), sides.on_new());
+    let listed = old.run("LIST \"\" \"*\"", &[]).await.map_err(&o)?;
     let names: Vec<String> = listed
         .iter()
         .filter_map(list_entry)
@@ -431,18 +803,19 @@ async fn copy_pass(
         let selected = old
             .run(&format!("EXAMINE {}", quote(&name)), &[])
             .await
-            .map_err(o)?;
+            .map_err(&o)?;
         let validity = uid_validity(&selected);
         if folder.validity.is_some() && folder.validity != validity {
             // The folder was recreated on the old backend: its UIDs are new.
             folder.copied.clear();
             folder.copies.clear();
+            journal.record(Some(&name), &[]).await?;
         }
         folder.validity = validity;
         let sizes: Vec<(u32, u64)> = old
             .run("UID FETCH 1:* (UID RFC822.SIZE)", &[])
             .await
-            .map_err(o)?
+            .map_err(&o)?
             .iter()
             .filter_map(|r| Some((fetched(r)?.uid, imap::message_size(r).unwrap_or(0))))
             .filter(|(uid, _)| !folder.copied.contains(uid))
@@ -455,7 +828,8 @@ async fn copy_pass(
                     &[],
                 )
                 .await
-                .map_err(o)?;
+                .map_err(&o)?;
+            let mut recorded = Vec::with_capacity(batch.len());
             for message in messages.iter().filter_map(fetched) {
                 let Some(body) = message.body else { continue };
                 let flags = message.flags.join(" ");
@@ -469,18 +843,27 @@ async fn copy_pass(
                         &[&body],
                     )
                     .await
-                    .map_err(n)?;
-                if let Some(uid) = append_uid(&done) {
+                    .map_err(&n)?;
+                let new_uid = append_uid(&done);
+                if let Some(uid) = new_uid {
                     folder
                         .copies
                         .insert(message.uid, (uid, message.flags.clone()));
                 }
                 folder.copied.insert(message.uid);
+                recorded.push(MoveCopy {
+                    folder: name.clone(),
+                    validity: validity.unwrap_or(0),
+                    old_uid: message.uid,
+                    new_uid,
+                    flags,
+                });
                 copied += 1;
                 progress
                     .copied
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            journal.record(None, &recorded).await?;
         }
     }
     Ok(copied)
@@ -495,19 +878,19 @@ async fn reconcile(
     new: &mut ImapClient,
     name: &str,
     folder: &Folder,
-) -> Result<(u64, u64), (Side, ImapError)> {
-    let o = |e| (Side::Old, e);
-    let n = |e| (Side::New, e);
+    sides: Sides<'_>,
+) -> Result<(u64, u64), MoveError> {
+    let (o, n) = (sides.on_old(), sides.on_new());
     if folder.copies.is_empty() {
         return Ok((0, 0));
     }
     old.run(&format!("EXAMINE {}", quote(name)), &[])
         .await
-        .map_err(o)?;
+        .map_err(&o)?;
     let now: BTreeMap<u32, Vec<String>> = old
         .run("UID FETCH 1:* (UID FLAGS)", &[])
         .await
-        .map_err(o)?
+        .map_err(&o)?
         .iter()
         .filter_map(fetched)
         .map(|f| (f.uid, f.flags))
@@ -535,24 +918,24 @@ async fn reconcile(
             Some(_) => {}
         }
     }
-    old.run("UNSELECT", &[]).await.map_err(o)?;
+    old.run("UNSELECT", &[]).await.map_err(&o)?;
     if gone.is_empty() && changed.is_empty() {
         return Ok((0, 0));
     }
     new.run(&format!("SELECT {}", quote(name)), &[])
         .await
-        .map_err(n)?;
+        .map_err(&n)?;
     // Applied as differences: what a client set on the new copy since the switch stays.
     for (uid, added, removed) in &changed {
         if !added.is_empty() {
             new.run(&format!("UID STORE {uid} +FLAGS.SILENT ({added})"), &[])
                 .await
-                .map_err(n)?;
+                .map_err(&n)?;
         }
         if !removed.is_empty() {
             new.run(&format!("UID STORE {uid} -FLAGS.SILENT ({removed})"), &[])
                 .await
-                .map_err(n)?;
+                .map_err(&n)?;
         }
     }
     gone.sort_unstable();
@@ -560,14 +943,14 @@ async fn reconcile(
         let set = uid_set(chunk.iter().copied());
         new.run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"), &[])
             .await
-            .map_err(n)?;
+            .map_err(&n)?;
         new.run(&format!("UID EXPUNGE {set}"), &[])
             .await
-            .map_err(n)?;
+            .map_err(&n)?;
     }
     // UNSELECT, not CLOSE: CLOSE would expunge every message a user marked deleted on
     // the live copy.
-    new.run("UNSELECT", &[]).await.map_err(n)?;
+    new.run("UNSELECT", &[]).await.map_err(&n)?;
     Ok((gone.len() as u64, changed.len() as u64))
 }
 

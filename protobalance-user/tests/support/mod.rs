@@ -239,6 +239,23 @@ pub fn get(admin: SocketAddr, path: &str) -> Option<String> {
     Some(response)
 }
 
+/// [`get`] with an API bearer token.
+pub fn get_with_token(admin: SocketAddr, path: &str, token: &str) -> Option<String> {
+    let mut s = TcpStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
 fn wait_healthy(admin: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !get(admin, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {

@@ -13,6 +13,8 @@
 //!    `protobalance_ban` notification: a ban placed on one node is enforced by every node.
 //! 3. The `protobalance_backend` notification: backends added, removed, drained or taken
 //!    down through one node reach every node's pool.
+//! 4. `moves`, `move_copies`: mailbox moves in progress and what they copied (a move is
+//!    exclusive across nodes, and one whose node stopped is finished by another run).
 //!
 //! Addresses use the "C" collation: keyset paging compares bytes, as SQLite does, whatever
 //! locale the cluster was created with.
@@ -130,6 +132,30 @@ CREATE TRIGGER backends_changed
     FOR EACH STATEMENT EXECUTE FUNCTION protobalance_backend_changed();
 "#;
 
+/// Version 4: `moves` and `move_copies`, the mailbox moves in progress (the run holding
+/// each and its last heartbeat) and the messages each copied. One row per mailbox makes a
+/// move exclusive across nodes; a move whose node stopped is taken over by another run,
+/// which knows from `move_copies` what not to copy again.
+const V4: &str = r#"
+CREATE TABLE moves (
+    mailbox      text COLLATE "C" PRIMARY KEY,
+    from_backend text NOT NULL,
+    to_backend   text NOT NULL,
+    holder       text NOT NULL,
+    started_ms   bigint NOT NULL,
+    heartbeat_ms bigint NOT NULL
+);
+CREATE TABLE move_copies (
+    mailbox  text COLLATE "C" NOT NULL REFERENCES moves (mailbox) ON DELETE CASCADE,
+    folder   text NOT NULL,
+    validity bigint NOT NULL,
+    old_uid  bigint NOT NULL,
+    new_uid  bigint,
+    flags    text NOT NULL,
+    PRIMARY KEY (mailbox, folder, old_uid)
+);
+"#;
+
 /// `(version, what it adds, SQL)`, oldest first. Append only: a released migration never
 /// changes, a new layout is a new entry.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -140,6 +166,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (2, "blocklist change notifications, shared bans", V2),
     (3, "backend change notifications", V3),
+    (4, "mailbox moves in progress", V4),
 ];
 
 /// The newest layout this binary knows.

@@ -13,6 +13,9 @@
 //!    added through the API (list name, CIDR, reason, expiry in Unix seconds or NULL).
 //!    `suspensions`: accounts suspended from sending (submission), with reason and the
 //!    Unix seconds of start and end — a new table, created on the next open of any file.
+//! 4. `moves` and `move_copies`: the mailbox moves in progress (who holds each, its last
+//!    heartbeat) and the messages each copied, so that a move cut short by a stop is
+//!    finished by the next run without copying a message twice — new tables again.
 //!
 //! `domain` is a VIRTUAL generated column rather than one written on insert: SQLite derives
 //! it, so no writer (the import, a future tool) can forget it or get it wrong, and adding it
@@ -59,6 +62,23 @@ CREATE TABLE IF NOT EXISTS suspensions (
 CREATE TABLE IF NOT EXISTS domains (
     name   TEXT PRIMARY KEY,
     policy TEXT NOT NULL CHECK (policy IN ('reject', 'auto-provision'))
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS moves (
+    mailbox      TEXT PRIMARY KEY,
+    from_backend TEXT NOT NULL,
+    to_backend   TEXT NOT NULL,
+    holder       TEXT NOT NULL,
+    started_ms   INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS move_copies (
+    mailbox  TEXT NOT NULL REFERENCES moves (mailbox) ON DELETE CASCADE,
+    folder   TEXT NOT NULL,
+    validity INTEGER NOT NULL,
+    old_uid  INTEGER NOT NULL,
+    new_uid  INTEGER,
+    flags    TEXT NOT NULL,
+    PRIMARY KEY (mailbox, folder, old_uid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS mailboxes (
     address    TEXT PRIMARY KEY,
