@@ -529,6 +529,34 @@ l.quit()
         port = old.lmtp_port(),
     ))
     .expect("populating");
+    // An IMAP session through node B on the old backend: node B hears of node A's
+    // switch through the directory and ends it.
+    let imap_b = b.listeners[1];
+    let pass = password_for(user).expect("password");
+    let watcher = std::thread::spawn(move || {
+        python(&format!(
+            r#"
+import imaplib, time
+m = imaplib.IMAP4("{ip}", {port}, timeout=10)
+m.login("{user}", "{pass}")
+m.select("INBOX")
+end = time.time() + 40
+state = "open"
+while time.time() < end:
+    try:
+        m.noop()
+    except Exception:
+        state = "closed"
+        break
+    time.sleep(0.1)
+print(state)
+"#,
+            ip = imap_b.ip(),
+            port = imap_b.port(),
+        ))
+        .expect("watcher")
+    });
+    std::thread::sleep(Duration::from_millis(500));
     let out = move_until(
         &a,
         user,
@@ -548,6 +576,11 @@ except urllib.error.HTTPError as e:
     assert!(
         out.contains("node B refused 409") && out.contains("move_in_progress"),
         "{out}"
+    );
+    assert_eq!(
+        watcher.join().expect("watcher thread").trim(),
+        "closed",
+        "node B ended its session on the old backend after node A's switch"
     );
     // Node A dies after the switch; node B finishes the move.
     drop(a);
@@ -712,8 +745,10 @@ fn a_backend_is_emptied_under_load_with_every_message_in_exactly_one_place() {
     if support::skip(test) {
         return;
     }
-    // Two backends: the 300 test mailboxes split 150/150; backend1's 150 move.
-    let cluster = DovecotCluster::start(2, USERS).expect("cluster");
+    // Two backends: the 300 test mailboxes split 150/150, and 50 more are pinned to
+    // backend1: its 200 move.
+    const EXTRA: usize = 50;
+    let cluster = DovecotCluster::start(2, USERS + EXTRA).expect("cluster");
     let dir = tempfile::tempdir().expect("tempdir");
     let password = dir.path().join("master-password");
     std::fs::write(&password, format!("{MASTER_PASSWORD}\n")).expect("password file");
@@ -727,11 +762,27 @@ fn a_backend_is_emptied_under_load_with_every_message_in_exactly_one_place() {
         &[Listen("smtp", None), Listen("pop3", None)],
         &extra,
     );
-    let movers: Vec<String> = (1..=USERS)
+    let pinned = dir.path().join("pinned.csv");
+    let lines: String = (USERS + 1..=USERS + EXTRA)
+        .map(|i| format!("user{i}@example.com,backend1\n"))
+        .collect();
+    std::fs::write(&pinned, lines).expect("import file");
+    let (code, text) = cli(
+        &edge,
+        TOKEN,
+        &[
+            "ctl",
+            "mailbox",
+            "import",
+            pinned.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    let movers: Vec<String> = (1..=USERS + EXTRA)
         .map(|i| format!("user{i}@example.com"))
         .filter(|u| owner(&edge, u) == "backend1")
         .collect();
-    assert_eq!(movers.len(), USERS / 2);
+    assert_eq!(movers.len(), USERS / 2 + EXTRA);
     let (smtp, pop3) = (edge.listeners[0], edge.listeners[1]);
     let stop = dir.path().join("stop");
     let users_py = format!("{movers:?}");

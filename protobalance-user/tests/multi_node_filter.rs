@@ -153,4 +153,28 @@ fn a_blocklist_entry_added_on_one_node_is_enforced_by_every_nodes_xdp() {
     net_b.until_connects(b_smtp, true, Duration::from_secs(5));
     let stored = pg.psql("SELECT count(*) FROM bans").expect("psql");
     assert_eq!(stored, "0", "a lifted ban leaves the shared table");
+
+    // A ban that leaves the table while node B cannot hear it (the notification is lost)
+    // is lifted by B's resync when its directory connection comes back.
+    let (code, text) = support::cli(&a, TOKEN, &["ctl", "ban", "add", &source, "--ttl", "600"]);
+    assert_eq!(code, 0, "{text}");
+    net_b.until_connects(b_smtp, false, Duration::from_secs(5));
+    pg.psql(
+        "ALTER TABLE bans DISABLE TRIGGER bans_changed; DELETE FROM bans; \
+         ALTER TABLE bans ENABLE TRIGGER bans_changed",
+    )
+    .expect("deleting the ban unheard");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !net_b.connects(b_smtp),
+        "nothing told node B yet: it still drops the source"
+    );
+    // Every directory connection is cut; the nodes reconnect and resynchronise.
+    pg.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE pid <> pg_backend_pid() AND datname = current_database()",
+    )
+    .expect("cutting the nodes' connections");
+    let took = net_b.until_connects(b_smtp, true, Duration::from_secs(30));
+    eprintln!("node B lifted the ban it missed {took:?} after its connection was cut");
 }

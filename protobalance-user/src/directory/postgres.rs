@@ -1184,9 +1184,11 @@ async fn listen_once(
         // Changes made while nobody listened were not heard: forget everything.
         directory.invalidate_all();
         directory.cache_lease(None);
-        // Moves may have been missed: sessions on a former owner end. Blocklist, ban
-        // and backend changes may have been missed as well.
-        directory.end_all_sessions_off_owner().await;
+        // Moves may have been missed: sessions on a former owner end (in a task of its
+        // own: one owner lookup per mailbox with sessions must not delay listening).
+        // Blocklist, ban and backend changes may have been missed as well.
+        let sessions = Arc::clone(&directory);
+        tokio::spawn(async move { sessions.end_all_sessions_off_owner().await });
         directory.blocklist_changed().notify_one();
         directory.ban_changes().resync();
         directory.backends_changed().notify_one();
@@ -1225,9 +1227,15 @@ async fn listen_once(
                         let mailbox = Mailbox::from_store(n.payload().to_owned());
                         directory.invalidate(&mailbox);
                         // Moved or deleted by another node: sessions here on the old
-                        // owner end (those on the new owner are looked up and kept).
-                        directory.end_sessions_off_owner(&mailbox).await;
+                        // owner end (those on the new owner are looked up and kept) —
+                        // in a task of its own, so the owner lookup does not hold up the
+                        // notifications behind this one.
                         directory.cache_stats().notifications.fetch_add(1, Ordering::Relaxed);
+                        if directory.live_sessions().count(&mailbox) > 0 {
+                            tokio::spawn(async move {
+                                directory.end_sessions_off_owner(&mailbox).await;
+                            });
+                        }
                     }
                     _ => {}
                 }
