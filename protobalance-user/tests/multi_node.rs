@@ -1,11 +1,15 @@
 //! Two protobalance nodes sharing one real PostgreSQL directory in front of three real
 //! Dovecot backends: a mailbox provisioned through node A's API takes mail through node B
 //! and is read through node A's POP3; a mailbox deleted on node A is refused by node B
-//! within a second (its cached owner dropped by the change notification).
+//! within a second (its cached owner dropped by the change notification); a login under way
+//! to the old owner when the owner changes does not stay there.
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use protobalance_tests::{DovecotCluster, PostgresServer, password_for, python, require_postgres};
 use support::{
@@ -239,4 +243,160 @@ fn a_backend_added_or_taken_down_on_one_node_is_so_on_every_node() {
         1,
         "nothing delivered while down"
     );
+}
+
+/// A TCP relay to `backend` on loopback that holds back the backend's answers once the
+/// client sent a LOGIN or AUTHENTICATE, by `delay`: a login under way for that long.
+fn slow_login_relay(
+    backend: SocketAddr,
+    delay: Duration,
+) -> (SocketAddr, protobalance_tests::process::ChildGuard) {
+    let lo = std::net::IpAddr::from([127, 0, 0, 1]);
+    let addr = SocketAddr::new(lo, protobalance_tests::free_port(lo).expect("port"));
+    let script = format!(
+        r#"
+import socket, threading, time
+listen = socket.socket()
+listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listen.bind(("{ip}", {port}))
+listen.listen(64)
+def handle(c):
+    b = socket.create_connection(("{bip}", {bport}))
+    login = threading.Event()
+    def up():
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            if b"LOGIN" in d.upper() or b"AUTHENTICATE" in d.upper():
+                login.set()
+            b.sendall(d)
+        b.close()
+    def down():
+        held = False
+        while True:
+            d = b.recv(65536)
+            if not d:
+                break
+            if login.is_set() and not held:
+                time.sleep({secs})
+                held = True
+            c.sendall(d)
+        c.close()
+    threading.Thread(target=up, daemon=True).start()
+    threading.Thread(target=down, daemon=True).start()
+while True:
+    c, _ = listen.accept()
+    handle(c)
+"#,
+        ip = addr.ip(),
+        port = addr.port(),
+        bip = backend.ip(),
+        bport = backend.port(),
+        secs = delay.as_secs_f64(),
+    );
+    let guard = protobalance_tests::process::ChildGuard::spawn(
+        std::process::Command::new("python3").arg("-c").arg(script),
+        "slow login relay",
+    )
+    .expect("relay");
+    protobalance_tests::wait_for_port(addr, Duration::from_secs(10)).expect("relay listening");
+    (addr, guard)
+}
+
+/// The race a move's switch can lose to a login: the owner changes (on another node)
+/// while a login is under way to the old owner, before its session is registered, so
+/// ending the registered sessions cannot reach it. The session checks the owner once
+/// registered and closes; a login without a change in between stays open.
+#[test]
+fn a_login_under_way_when_the_owner_changes_does_not_stay_on_the_old_backend() {
+    let test = "a_login_under_way_when_the_owner_changes_does_not_stay_on_the_old_backend";
+    if support::skip(test) || !require_postgres(test) {
+        return;
+    }
+    let pg = PostgresServer::start().expect("postgres");
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    // Every backend's IMAP behind a relay that holds logins for 2 s.
+    let relays: Vec<_> = cluster
+        .backends()
+        .iter()
+        .map(|b| {
+            slow_login_relay(
+                SocketAddr::new(b.ip(), b.imap_port()),
+                Duration::from_secs(2),
+            )
+        })
+        .collect();
+    let sections: Vec<String> = cluster
+        .backends()
+        .iter()
+        .zip(&relays)
+        .map(|(b, (relay, _))| {
+            format!(
+                "[[backend]]\nname = \"{}\"\naddress = \"{}\"\npop3_port = {}\nimap_port = {}\nlmtp_port = {}\n",
+                b.name(),
+                relay.ip(),
+                b.pop3_port(),
+                relay.port(),
+                b.lmtp_port()
+            )
+        })
+        .collect();
+    let extra = format!("[directory.postgres]\nurl = \"{}\"\n", pg.url());
+    let edge = start_edge_sections(&sections, &[Listen("imap", None)], &extra);
+    let imap = edge.listeners[0];
+    // Logs in (held 2 s by the relay), then says whether the session stays open for 4 s.
+    let session = |user: &str| {
+        let pass = password_for(user).expect("password");
+        format!(
+            r#"
+import imaplib, time
+m = imaplib.IMAP4("{ip}", {port}, timeout=10)
+print("login", m.login("{user}", "{pass}")[0])
+end = time.time() + 4
+state = "open"
+while time.time() < end:
+    try:
+        m.noop()
+    except Exception:
+        state = "closed"
+        break
+    time.sleep(0.1)
+print(state)
+"#,
+            ip = imap.ip(),
+            port = imap.port(),
+        )
+    };
+    let control = python(&session("user2@example.com")).expect("control login");
+    assert!(
+        control.contains("login OK") && control.trim_end().ends_with("open"),
+        "{control}"
+    );
+
+    let user = "user1@example.com";
+    let from = owner(&edge, user);
+    let to = if from == "backend1" {
+        "backend2"
+    } else {
+        "backend1"
+    };
+    let out = std::thread::scope(|scope| {
+        let client = scope.spawn(|| python(&session(user)).expect("login"));
+        std::thread::sleep(Duration::from_millis(700));
+        // Another node (here: straight in the shared database) changes the owner.
+        pg.psql(&format!(
+            "UPDATE mailboxes SET backend_id = (SELECT id FROM backends WHERE name = '{to}') \
+             WHERE address = '{user}'"
+        ))
+        .expect("owner changed");
+        client.join().expect("client thread")
+    });
+    assert!(out.contains("login OK"), "{out}");
+    assert_eq!(
+        out.lines().last(),
+        Some("closed"),
+        "the session on the old backend did not stay: {out}"
+    );
+    assert_eq!(owner(&edge, user), to);
 }
