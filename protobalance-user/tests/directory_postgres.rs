@@ -1,8 +1,8 @@
 //! The PostgreSQL directory store against a real PostgreSQL server: the same contract as the
 //! SQLite store (assignment, counters, moves, listing, management, blocklist, suspensions,
 //! imports), with two "nodes" (two stores, two caches) working on one database at once;
-//! versioned migrations; cache coherence through LISTEN/NOTIFY; and what a node does while
-//! PostgreSQL is unreachable.
+//! versioned migrations; cache coherence through LISTEN/NOTIFY; what a node does while
+//! PostgreSQL is unreachable; TLS to PostgreSQL (verified, never a plaintext fallback).
 
 use std::{
     collections::HashMap,
@@ -26,6 +26,7 @@ fn settings(pg: &PostgresServer) -> PostgresSettings {
         pool_size: 8,
         timeout: Duration::from_millis(1500),
         stale_cache: Duration::from_secs(2),
+        ca_file: None,
     }
 }
 
@@ -591,8 +592,12 @@ fn postgres_schema_is_versioned_and_a_newer_one_is_refused() {
 
 /// A node: a store, its cache, and its listener.
 fn node(pg: &PostgresServer, rt: &tokio::runtime::Runtime) -> Arc<Directory<Store>> {
+    node_with(settings(pg), rt)
+}
+
+/// [`node`] with these settings.
+fn node_with(settings: PostgresSettings, rt: &tokio::runtime::Runtime) -> Arc<Directory<Store>> {
     rt.block_on(async {
-        let settings = settings(pg);
         let store = PostgresDirectory::connect(&settings)
             .await
             .expect("connect");
@@ -771,4 +776,78 @@ fn while_postgres_is_down_cached_owners_serve_for_a_bounded_time_only() {
         Some("one")
     );
     assert_eq!(b.cache_stats().hits.load(Ordering::Relaxed), hits + 1);
+}
+
+/// A CA and a certificate it signed for 127.0.0.1 (IP address SAN): `(ca, cert, key)`.
+fn test_ca(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, name);
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "postgres.test");
+    let cert = params.signed_by(&key, &ca).expect("sign");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn postgres_over_tls_is_verified_and_never_falls_back_to_plaintext() {
+    if !require_postgres("postgres_over_tls_is_verified_and_never_falls_back_to_plaintext") {
+        return;
+    }
+    let pg = PostgresServer::start().expect("postgres");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = test_ca("directory test CA");
+    let (other_ca, _, _) = test_ca("some other CA");
+    let (ca_file, other_file) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+    std::fs::write(&ca_file, ca).expect("ca file");
+    std::fs::write(&other_file, other_ca).expect("other ca file");
+    let with_ca = |file: &std::path::Path| PostgresSettings {
+        ca_file: Some(file.to_owned()),
+        ..settings(&pg)
+    };
+    let rt = runtime();
+    let connect = |settings: PostgresSettings| {
+        rt.block_on(PostgresDirectory::connect(&settings))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+
+    // TLS asked for, the server has none: refused, not plaintext.
+    let error = connect(with_ca(&ca_file)).expect_err("no TLS on the server yet");
+    assert!(error.contains("does not support TLS"), "{error}");
+
+    pg.enable_tls(&cert, &key).expect("server TLS");
+    // A certificate from a CA the node does not trust: refused.
+    let error = connect(with_ca(&other_file)).expect_err("untrusted certificate");
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    // The right CA: every connection of the node is encrypted, its listener's included.
+    let node = node_with(with_ca(&ca_file), &rt);
+    wait_listening(&node, Duration::from_secs(5));
+    rt.block_on(node.store().mailbox_count())
+        .expect("a query over TLS");
+    let encrypted = pg
+        .psql(
+            "SELECT string_agg(s.ssl::text, ',') FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'protobalance'",
+        )
+        .expect("psql");
+    assert!(
+        encrypted.split(',').count() >= 2 && encrypted.split(',').all(|s| s == "true"),
+        "the node's connections (pool and listener), encrypted: {encrypted}"
+    );
+
+    // sslmode=require without a CA file: a message that names the fix.
+    let error = PostgresSettings {
+        url: format!("{} sslmode=require", pg.url()),
+        ..settings(&pg)
+    }
+    .pg_config()
+    .expect_err("sslmode=require alone");
+    assert!(error.to_string().contains("ca_file"), "{error}");
 }

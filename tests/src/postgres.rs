@@ -194,6 +194,29 @@ impl PostgresServer {
         Ok(stdout_or_error("psql", out)?.trim().to_owned())
     }
 
+    /// Serves TLS as well (`ssl = on`) with this certificate chain and key (PEM), from the
+    /// next connection on; plaintext stays allowed (a client must insist on TLS itself).
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let data = self.dir.path().join("data");
+        for (name, text) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            std::fs::write(&path, text)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            std::os::unix::fs::chown(&path, Some(self.uid), Some(self.gid))?;
+        }
+        self.psql("ALTER SYSTEM SET ssl = on")?;
+        self.psql("SELECT pg_reload_conf()")?;
+        let started = Instant::now();
+        while self.psql("SHOW ssl")? != "on" {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("ssl not on after a reload: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// Stops the server (fast shutdown: sessions are ended); connections are then refused.
     pub fn stop(&mut self) -> Result<()> {
         let Some(mut guard) = self.guard.take() else {

@@ -65,6 +65,10 @@ pub struct PostgresConfig {
     /// How long cached owners are still served once change notifications cannot be heard.
     #[serde(default = "default_stale_cache_seconds")]
     pub stale_cache_seconds: u64,
+    /// TLS to the database, required and verified: the CA certificates (PEM) the server's
+    /// certificate chains to. Unset: plaintext (a Unix socket or a trusted network).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_pool_size() -> usize {
@@ -87,6 +91,7 @@ impl PostgresConfig {
             pool_size: self.pool_size,
             timeout: std::time::Duration::from_millis(self.timeout_ms),
             stale_cache: std::time::Duration::from_secs(self.stale_cache_seconds),
+            ca_file: self.ca_file.clone(),
         }
     }
 }
@@ -300,6 +305,29 @@ impl DirectoryConfig {
                     && path.is_relative()
                 {
                     *path = base.join(&*path);
+                }
+                if let Some(path) = &mut pg.ca_file {
+                    if path.is_relative() {
+                        *path = base.join(&*path);
+                    }
+                    if let Err(e) = crate::tls::connector(path) {
+                        return Err(Problem::new(
+                            "directory.postgres.ca_file",
+                            format!("{}: {e}", path.display()),
+                        ));
+                    }
+                }
+                let asks_tls = pg
+                    .url
+                    .parse::<tokio_postgres::Config>()
+                    .is_ok_and(|c| c.get_ssl_mode() == tokio_postgres::config::SslMode::Require);
+                if asks_tls && pg.ca_file.is_none() {
+                    return Err(Problem::new(
+                        "directory.postgres.url",
+                        "sslmode=require needs directory.postgres.ca_file (the CA certificates \
+                         the server's certificate chains to)"
+                            .into(),
+                    ));
                 }
             }
             (StoreKind::Sqlite, None) => {}

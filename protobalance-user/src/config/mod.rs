@@ -698,6 +698,16 @@ mod tests {
                 "[server]\nhostname = \"mx..example\"\n",
                 "`server.hostname`",
             ),
+            (
+                "[directory]\nstore = \"postgres\"\n[directory.postgres]\n\
+                 url = \"host=127.0.0.1 sslmode=require\"\n",
+                "`directory.postgres.url`",
+            ),
+            (
+                "[directory]\nstore = \"postgres\"\n[directory.postgres]\n\
+                 url = \"host=127.0.0.1\"\nca_file = \"/nonexistent/pg-ca.pem\"\n",
+                "`directory.postgres.ca_file`",
+            ),
         ];
         for (text, key) in cases {
             let err = check(text).expect_err(text);

@@ -22,7 +22,7 @@ use std::{
 
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
-    tokio_postgres::{self, AsyncMessage, NoTls, types::ToSql},
+    tokio_postgres::{self, AsyncMessage, types::ToSql},
 };
 
 use super::{
@@ -33,6 +33,7 @@ use super::{
 };
 
 pub mod schema;
+pub mod tls;
 
 /// How to reach the database (`[directory.postgres]`, checked).
 #[derive(Clone, Debug)]
@@ -46,6 +47,8 @@ pub struct PostgresSettings {
     pub timeout: Duration,
     /// How long cached owners are served while the change notifications cannot be heard.
     pub stale_cache: Duration,
+    /// TLS, required and verified against these CA certificates; `None`: plaintext.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl PostgresSettings {
@@ -69,7 +72,28 @@ impl PostgresSettings {
         }
         config.connect_timeout(self.timeout);
         config.keepalives_idle(Duration::from_secs(10));
+        if self.ca_file.is_some() {
+            // Never a plaintext fallback once TLS is configured.
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        } else if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(DirectoryError::Store(
+                "directory.postgres.url asks for sslmode=require: set directory.postgres.ca_file \
+                 (the CA certificates the server's certificate chains to)"
+                    .into(),
+            ));
+        } else {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
         Ok(config)
+    }
+
+    /// The TLS connector for [`pg_config`](Self::pg_config).
+    pub fn tls(&self) -> Result<tls::PgTls, DirectoryError> {
+        match &self.ca_file {
+            Some(path) => tls::PgTls::with_ca_file(path)
+                .map_err(|e| DirectoryError::Store(format!("directory.postgres.ca_file {e}"))),
+            None => Ok(tls::PgTls::off()),
+        }
     }
 }
 
@@ -125,7 +149,7 @@ impl PostgresDirectory {
     pub async fn connect(settings: &PostgresSettings) -> Result<Self, DirectoryError> {
         let manager = Manager::from_config(
             settings.pg_config()?,
-            NoTls,
+            settings.tls()?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -1141,7 +1165,8 @@ async fn listen_once(
     settings: &PostgresSettings,
 ) -> Result<(), DirectoryError> {
     let config = settings.pg_config()?;
-    let (client, mut connection) = tokio::time::timeout(settings.timeout, config.connect(NoTls))
+    let tls = settings.tls()?;
+    let (client, mut connection) = tokio::time::timeout(settings.timeout, config.connect(tls))
         .await
         .map_err(|_| DirectoryError::Store("PostgreSQL: connect timed out".into()))?
         .map_err(pg_err)?;
