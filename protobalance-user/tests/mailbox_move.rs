@@ -603,6 +603,107 @@ except urllib.error.HTTPError as e:
     assert_eq!(pg.psql("SELECT count(*) FROM moves").expect("psql"), "0");
 }
 
+/// A move survives its directory going away: PostgreSQL stops while the move settles, the
+/// run cannot renew its lease and stops (before any other run could take it over); once
+/// PostgreSQL is back the move is taken over and finished. And a folder that vanished from
+/// the old backend before reconciling has its copies expunged instead of blocking the
+/// move.
+#[test]
+fn a_move_stopped_by_an_unreachable_directory_is_finished_when_it_returns() {
+    let test = "a_move_stopped_by_an_unreachable_directory_is_finished_when_it_returns";
+    if support::skip(test) || !protobalance_tests::require_postgres(test) {
+        return;
+    }
+    let mut pg = protobalance_tests::PostgresServer::start().expect("postgres");
+    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = format!(
+        "resume_after_seconds = 2\n[directory.postgres]\nurl = \"{}\"\ntimeout_ms = 500",
+        pg.url()
+    );
+    let edge = edge_with(&cluster, dir.path(), 4, &shared);
+    let user = "user12@example.com";
+    let from = owner(&edge, user);
+    let to = if from == "backend1" {
+        "backend2"
+    } else {
+        "backend1"
+    };
+    let backend = |name: &str| {
+        cluster
+            .backends()
+            .iter()
+            .find(|b| b.name() == name)
+            .expect("backend")
+    };
+    let (old, new) = (backend(&from), backend(to));
+    python(&format!(
+        r#"
+import imaplib, smtplib
+l = smtplib.LMTP("{ip}", {lmtp})
+for i in range(100):
+    l.sendmail("a@example.net", ["{user}"], "Subject: bulk-%d\r\n\r\nbody\r\n" % i)
+l.quit()
+m = imaplib.IMAP4("{ip}", {imap})
+m.login("{user}*{MASTER_USER}", "{MASTER_PASSWORD}")
+m.create("Doomed")
+for i in range(3):
+    m.append("Doomed", None, None, ("Subject: doomed-%d\r\n\r\nx\r\n" % i).encode())
+m.logout()
+"#,
+        ip = old.ip(),
+        lmtp = old.lmtp_port(),
+        imap = old.imap_port(),
+    ))
+    .expect("populating");
+    // Switched and settling: the folder goes from the old backend, then the directory.
+    move_until(
+        &edge,
+        user,
+        to,
+        "'phase=\"settling\"' in doc",
+        &format!(
+            "import imaplib\nm = imaplib.IMAP4(\"{}\", {})\nm.login(\"{user}*{MASTER_USER}\", \"{MASTER_PASSWORD}\")\n\
+             print(\"deleted\", m.delete(\"Doomed\")[0])\nm.logout()",
+            old.ip(),
+            old.imap_port()
+        ),
+    );
+    pg.stop().expect("stopping postgres");
+    // The run stops within half a lease (1 s) plus a renewal attempt; the job says why.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let failed = loop {
+        let jobs = support::get_with_token(edge.admin, "/api/v1/jobs", TOKEN).unwrap_or_default();
+        if let Some(job) = jobs.split("<job ").find(|j| j.contains("state=\"failed\"")) {
+            break job.to_owned();
+        }
+        assert!(Instant::now() < deadline, "the move did not stop: {jobs}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(failed.contains("lease"), "{failed}");
+    assert!(
+        message_total(&contents(old, user)) > 0,
+        "nothing deleted without the lease"
+    );
+    pg.restart().expect("postgres back");
+    let started = Instant::now();
+    wait_moved(&edge, user, to, old, Duration::from_secs(60));
+    eprintln!(
+        "finished {:?} after PostgreSQL came back",
+        started.elapsed()
+    );
+    let moved = contents(new, user);
+    let mut subjects: Vec<&str> = moved.values().flatten().map(|(s, _)| s.as_str()).collect();
+    subjects.sort_unstable();
+    let mut want: Vec<String> = (0..100).map(|i| format!("bulk-{i}")).collect();
+    want.sort_unstable();
+    assert_eq!(
+        subjects, want,
+        "every message once on {to}; the vanished folder's copies expunged"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM moves").expect("psql"), "0");
+}
+
 #[test]
 fn moves_refuse_what_they_cannot_do_and_a_backend_can_be_emptied() {
     let test = "moves_refuse_what_they_cannot_do_and_a_backend_can_be_emptied";

@@ -316,14 +316,14 @@ fn a_login_under_way_when_the_owner_changes_does_not_stay_on_the_old_backend() {
     }
     let pg = PostgresServer::start().expect("postgres");
     let cluster = DovecotCluster::start(3, USERS).expect("cluster");
-    // Every backend's IMAP behind a relay that holds logins for 2 s.
+    // Every backend's IMAP behind a relay that holds logins for 3 s.
     let relays: Vec<_> = cluster
         .backends()
         .iter()
         .map(|b| {
             slow_login_relay(
                 SocketAddr::new(b.ip(), b.imap_port()),
-                Duration::from_secs(2),
+                Duration::from_secs(3),
             )
         })
         .collect();
@@ -345,7 +345,7 @@ fn a_login_under_way_when_the_owner_changes_does_not_stay_on_the_old_backend() {
     let extra = format!("[directory.postgres]\nurl = \"{}\"\n", pg.url());
     let edge = start_edge_sections(&sections, &[Listen("imap", None)], &extra);
     let imap = edge.listeners[0];
-    // Logs in (held 2 s by the relay), then says whether the session stays open for 4 s.
+    // Logs in (held 3 s by the relay), then says whether the session stays open for 4 s.
     let session = |user: &str| {
         let pass = password_for(user).expect("password");
         format!(

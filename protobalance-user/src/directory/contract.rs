@@ -14,8 +14,9 @@ fn copy(folder: &str, old_uid: u32, new_uid: Option<u32>) -> MoveCopy {
     }
 }
 
-/// Move records: one per mailbox, held by one run; progress only by the holder; a
-/// take-over only of a stale record; ending drops the copies with the record.
+/// Move records: one per mailbox, held by one run; progress (which renews the lease) only
+/// by the holder; a take-over only once the lease ended; ending drops the copies with the
+/// record.
 pub async fn move_records<S: MailboxDirectory>(store: &S) {
     let mailbox = Mailbox::from_store("moving@example.com".into());
     let record = MoveRecord {
@@ -24,7 +25,7 @@ pub async fn move_records<S: MailboxDirectory>(store: &S) {
         to: "backend2".into(),
         holder: "node-a#1".into(),
         started_ms: 1_000,
-        heartbeat_ms: 1_500,
+        expires_ms: 1_500,
     };
     assert!(store.begin_move(&record).await.expect("begin"));
     let second = MoveRecord {
@@ -38,17 +39,17 @@ pub async fn move_records<S: MailboxDirectory>(store: &S) {
     );
     assert_eq!(
         store
-            .take_over_move(&mailbox, "node-b#1", 2_000, 1_000)
+            .take_over_move(&mailbox, "node-b#1", 1_400, 9_000)
             .await
             .expect("take over"),
         None,
         "a live holder keeps its move"
     );
-    let progress = |holder: &'static str, now: i64, forget, copies: Vec<MoveCopy>| {
+    let progress = |holder: &'static str, expires: i64, forget, copies: Vec<MoveCopy>| {
         let mailbox = mailbox.clone();
         async move {
             store
-                .move_progress(&mailbox, holder, now, forget, &copies)
+                .move_progress(&mailbox, holder, expires, forget, &copies)
                 .await
                 .expect("progress")
         }
@@ -89,9 +90,17 @@ pub async fn move_records<S: MailboxDirectory>(store: &S) {
         store.move_copies(&mailbox).await.expect("copies"),
         [copy("Archive", 1, Some(1)), copy("INBOX", 5, Some(15))]
     );
-    // The holder's heartbeat stopped at 1 800: stale before 4 000.
+    // The holder's lease, last renewed until 1 800, ended.
+    assert_eq!(
+        store
+            .take_over_move(&mailbox, "node-b#2", 1_700, 9_000)
+            .await
+            .expect("take over"),
+        None,
+        "not before the lease ends"
+    );
     let taken = store
-        .take_over_move(&mailbox, "node-b#2", 5_000, 4_000)
+        .take_over_move(&mailbox, "node-b#2", 5_000, 8_000)
         .await
         .expect("take over")
         .expect("a stale move is taken over");
@@ -99,13 +108,13 @@ pub async fn move_records<S: MailboxDirectory>(store: &S) {
         taken,
         MoveRecord {
             holder: "node-b#2".into(),
-            heartbeat_ms: 5_000,
+            expires_ms: 8_000,
             ..record.clone()
         }
     );
     assert_eq!(
         store
-            .take_over_move(&mailbox, "node-c#1", 5_001, 4_000)
+            .take_over_move(&mailbox, "node-c#1", 5_001, 9_000)
             .await
             .expect("take over"),
         None,

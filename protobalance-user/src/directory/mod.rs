@@ -329,26 +329,27 @@ pub trait MailboxDirectory: Send + Sync + 'static {
         record: &MoveRecord,
     ) -> impl Future<Output = Result<bool, DirectoryError>> + Send;
 
-    /// Hands the recorded move of `mailbox` to `holder` when its last heartbeat is older
-    /// than `stale_before_ms` (its node stopped); the record as taken, `None` when there
-    /// is none or its holder is alive.
+    /// Hands the recorded move of `mailbox` to `holder`, with a lease until `expires_ms`,
+    /// when its lease ended before `now_ms` (its run stopped); the record as taken, `None`
+    /// when there is none or its holder's lease runs.
     fn take_over_move(
         &self,
         mailbox: &Mailbox,
         holder: &str,
         now_ms: i64,
-        stale_before_ms: i64,
+        expires_ms: i64,
     ) -> impl Future<Output = Result<Option<MoveRecord>, DirectoryError>> + Send;
 
-    /// The heartbeat of `holder`'s move of `mailbox`, with the messages copied since the
-    /// last one (all in one transaction); `forget` first drops what was recorded for
-    /// that folder (recreated on the old backend: its UIDs are new). False when the move
-    /// is no longer `holder`'s (taken over, or ended): the caller stops.
+    /// The heartbeat of `holder`'s move of `mailbox`: its lease runs until `expires_ms`;
+    /// with the messages copied since the last one (all in one transaction); `forget`
+    /// first drops what was recorded for that folder (recreated on the old backend: its
+    /// UIDs are new). False when the move is no longer `holder`'s (taken over, or ended):
+    /// the caller stops.
     fn move_progress(
         &self,
         mailbox: &Mailbox,
         holder: &str,
-        now_ms: i64,
+        expires_ms: i64,
         forget: Option<&str>,
         copies: &[MoveCopy],
     ) -> impl Future<Output = Result<bool, DirectoryError>> + Send;
@@ -380,7 +381,9 @@ pub struct MoveRecord {
     /// The run holding it: the node's name and a token unique to the run.
     pub holder: String,
     pub started_ms: i64,
-    pub heartbeat_ms: i64,
+    /// The end of the holder's lease (Unix ms), pushed on by its heartbeat: after it,
+    /// another run may take the move over.
+    pub expires_ms: i64,
 }
 
 /// One message a move copied: its folder, UIDVALIDITY and UID on the old backend, the UID
@@ -460,9 +463,9 @@ forward! {
     fn backend_specs(&self) -> Vec<(String, String)>;
     fn import_entries(&self, entries: Vec<import::ImportEntry>) -> Vec<import::EntryResult>;
     fn begin_move(&self, record: &MoveRecord) -> bool;
-    fn take_over_move(&self, mailbox: &Mailbox, holder: &str, now_ms: i64, stale_before_ms: i64)
+    fn take_over_move(&self, mailbox: &Mailbox, holder: &str, now_ms: i64, expires_ms: i64)
         -> Option<MoveRecord>;
-    fn move_progress(&self, mailbox: &Mailbox, holder: &str, now_ms: i64, forget: Option<&str>,
+    fn move_progress(&self, mailbox: &Mailbox, holder: &str, expires_ms: i64, forget: Option<&str>,
         copies: &[MoveCopy]) -> bool;
     fn end_move(&self, mailbox: &Mailbox, holder: &str) -> ();
     fn moves(&self) -> Vec<MoveRecord>;
@@ -536,6 +539,7 @@ pub struct Directory<S> {
     /// Woken when a backend was added, removed or changed in a shared store.
     backends_changed: tokio::sync::Notify,
     live: LiveSessions,
+    session_checks: std::sync::Arc<SessionChecks>,
 }
 
 /// Per mailbox: (session id, backend, the session's end signal).
@@ -685,6 +689,48 @@ impl BanChanges {
     }
 }
 
+/// Mailboxes whose sessions are to be checked against their owner, and whether every
+/// mailbox with sessions is. A set: a mailbox is queued once however often it changes, and
+/// only mailboxes with sessions are queued, so it is bounded by the sessions.
+#[derive(Default)]
+pub struct SessionChecks {
+    queue: Mutex<(std::collections::HashSet<Mailbox>, bool)>,
+    wake: tokio::sync::Notify,
+}
+
+impl SessionChecks {
+    pub fn push(&self, mailbox: Mailbox) {
+        self.lock().0.insert(mailbox);
+        self.wake.notify_one();
+    }
+
+    /// Every mailbox with sessions (after changes may have gone unheard).
+    pub fn all(&self) {
+        self.lock().1 = true;
+        self.wake.notify_one();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (std::collections::HashSet<Mailbox>, bool)> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits for checks, then takes them: `(mailboxes, all)`.
+    async fn next(&self) -> (Vec<Mailbox>, bool) {
+        loop {
+            {
+                let mut q = self.lock();
+                if q.1 || !q.0.is_empty() {
+                    let all = std::mem::take(&mut q.1);
+                    return (q.0.drain().collect(), all);
+                }
+            }
+            self.wake.notified().await;
+        }
+    }
+}
+
 /// Cache counters for the metrics.
 #[derive(Default)]
 pub struct CacheStats {
@@ -710,6 +756,7 @@ impl<S: MailboxDirectory> Directory<S> {
             ban_changes: BanChanges::default(),
             backends_changed: tokio::sync::Notify::new(),
             live: LiveSessions::default(),
+            session_checks: std::sync::Arc::default(),
         }
     }
 
@@ -729,26 +776,61 @@ impl<S: MailboxDirectory> Directory<S> {
         self.store.owner_of(mailbox).await
     }
 
-    /// [`end_sessions_off_owner`](Self::end_sessions_off_owner) for every mailbox with
-    /// sessions: after changes may have gone unheard.
-    pub async fn end_all_sessions_off_owner(&self) {
-        for mailbox in self.live.mailboxes() {
-            self.end_sessions_off_owner(&mailbox).await;
-        }
+    /// The mailboxes whose sessions are to be checked against their owner (another node
+    /// changed it), worked through by [`check_sessions`](Self::check_sessions).
+    pub fn session_checks(&self) -> &SessionChecks {
+        &self.session_checks
     }
 
-    /// Ends the sessions of `mailbox` that are not on its owner.
-    pub async fn end_sessions_off_owner(&self, mailbox: &Mailbox) {
+    /// Ends the sessions of `mailbox` that are not on its owner. Deleted: the sessions
+    /// stay, as a local delete leaves them.
+    pub async fn end_sessions_off_owner(&self, mailbox: &Mailbox) -> Result<(), DirectoryError> {
         if self.live.count(mailbox) == 0 {
-            return;
+            return Ok(());
         }
-        // Deleted (or unreadable): the sessions stay, as a local delete leaves them.
-        let Ok(Some(owner)) = self.store.owner_of(mailbox).await else {
-            return;
+        let Some(owner) = self.store.owner_of(mailbox).await? else {
+            return Ok(());
         };
         let ended = self.live.end(mailbox, Some(&owner));
         if ended > 0 {
             tracing::info!(%mailbox, %owner, sessions = ended, "sessions on a former owner ended");
+        }
+        Ok(())
+    }
+
+    /// One task per node, while the directory lives: ends the sessions on former owners
+    /// of the mailboxes queued in [`session_checks`](Self::session_checks), one lookup at
+    /// a time (a burst of changes does not flood the store), retrying those whose lookup
+    /// failed.
+    pub async fn check_sessions(directory: std::sync::Weak<Self>) {
+        let Some(checks) = directory
+            .upgrade()
+            .map(|d| std::sync::Arc::clone(&d.session_checks))
+        else {
+            return;
+        };
+        loop {
+            let (mut mailboxes, all) = checks.next().await;
+            let Some(this) = directory.upgrade() else {
+                return;
+            };
+            if all {
+                mailboxes.extend(this.live.mailboxes());
+            }
+            let mut failed = Vec::new();
+            for mailbox in mailboxes {
+                if let Err(error) = this.end_sessions_off_owner(&mailbox).await {
+                    tracing::warn!(%mailbox, %error, "owner not read: its sessions are checked again");
+                    failed.push(mailbox);
+                }
+            }
+            drop(this);
+            if !failed.is_empty() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for mailbox in failed {
+                    checks.push(mailbox);
+                }
+            }
         }
     }
 

@@ -286,7 +286,7 @@ impl PostgresDirectory {
     }
 }
 
-const MOVE_COLUMNS: &str = "mailbox, from_backend, to_backend, holder, started_ms, heartbeat_ms";
+const MOVE_COLUMNS: &str = "mailbox, from_backend, to_backend, holder, started_ms, expires_ms";
 
 fn move_row(r: &tokio_postgres::Row) -> MoveRecord {
     MoveRecord {
@@ -295,7 +295,7 @@ fn move_row(r: &tokio_postgres::Row) -> MoveRecord {
         to: r.get(2),
         holder: r.get(3),
         started_ms: r.get(4),
-        heartbeat_ms: r.get(5),
+        expires_ms: r.get(5),
     }
 }
 
@@ -312,7 +312,7 @@ impl MailboxDirectory for PostgresDirectory {
                 &record.to,
                 &record.holder,
                 &record.started_ms,
-                &record.heartbeat_ms,
+                &record.expires_ms,
             ],
         )
         .await
@@ -324,15 +324,15 @@ impl MailboxDirectory for PostgresDirectory {
         mailbox: &Mailbox,
         holder: &str,
         now_ms: i64,
-        stale_before_ms: i64,
+        expires_ms: i64,
     ) -> Result<Option<MoveRecord>, DirectoryError> {
         let rows = self
             .rows(
                 &format!(
-                    "UPDATE moves SET holder = $2, heartbeat_ms = $3 \
-                     WHERE mailbox = $1 AND heartbeat_ms < $4 RETURNING {MOVE_COLUMNS}"
+                    "UPDATE moves SET holder = $2, expires_ms = $4 \
+                     WHERE mailbox = $1 AND expires_ms < $3 RETURNING {MOVE_COLUMNS}"
                 ),
-                &[&mailbox.as_str(), &holder, &now_ms, &stale_before_ms],
+                &[&mailbox.as_str(), &holder, &now_ms, &expires_ms],
             )
             .await?;
         Ok(rows.first().map(move_row))
@@ -342,7 +342,7 @@ impl MailboxDirectory for PostgresDirectory {
         &self,
         mailbox: &Mailbox,
         holder: &str,
-        now_ms: i64,
+        expires_ms: i64,
         forget: Option<&str>,
         copies: &[MoveCopy],
     ) -> Result<bool, DirectoryError> {
@@ -352,8 +352,8 @@ impl MailboxDirectory for PostgresDirectory {
             let tx = client.transaction().await.map_err(pg_err)?;
             let ours = tx
                 .execute(
-                    "UPDATE moves SET heartbeat_ms = $3 WHERE mailbox = $1 AND holder = $2",
-                    &[&address, &holder, &now_ms],
+                    "UPDATE moves SET expires_ms = $3 WHERE mailbox = $1 AND holder = $2",
+                    &[&address, &holder, &expires_ms],
                 )
                 .await
                 .map_err(pg_err)?
@@ -1131,6 +1131,7 @@ pub fn listen(directory: &Arc<Directory<Store>>, settings: PostgresSettings) {
     // Until the node hears other nodes' changes, nothing is cached.
     directory.cache_lease(Some(Duration::ZERO));
     let weak = Arc::downgrade(directory);
+    tokio::spawn(Directory::check_sessions(Weak::clone(&weak)));
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -1209,11 +1210,10 @@ async fn listen_once(
         // Changes made while nobody listened were not heard: forget everything.
         directory.invalidate_all();
         directory.cache_lease(None);
-        // Moves may have been missed: sessions on a former owner end (in a task of its
-        // own: one owner lookup per mailbox with sessions must not delay listening).
-        // Blocklist, ban and backend changes may have been missed as well.
-        let sessions = Arc::clone(&directory);
-        tokio::spawn(async move { sessions.end_all_sessions_off_owner().await });
+        // Moves may have been missed: sessions on a former owner end (checked by the
+        // node's session task: one owner lookup per mailbox with sessions must not delay
+        // listening). Blocklist, ban and backend changes may have been missed as well.
+        directory.session_checks().all();
         directory.blocklist_changed().notify_one();
         directory.ban_changes().resync();
         directory.backends_changed().notify_one();
@@ -1253,13 +1253,11 @@ async fn listen_once(
                         directory.invalidate(&mailbox);
                         // Moved or deleted by another node: sessions here on the old
                         // owner end (those on the new owner are looked up and kept) —
-                        // in a task of its own, so the owner lookup does not hold up the
-                        // notifications behind this one.
+                        // by the node's session task, so the owner lookup does not hold
+                        // up the notifications behind this one.
                         directory.cache_stats().notifications.fetch_add(1, Ordering::Relaxed);
                         if directory.live_sessions().count(&mailbox) > 0 {
-                            tokio::spawn(async move {
-                                directory.end_sessions_off_owner(&mailbox).await;
-                            });
+                            directory.session_checks().push(mailbox);
                         }
                     }
                     _ => {}

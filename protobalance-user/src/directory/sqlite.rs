@@ -165,11 +165,11 @@ fn move_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MoveRecord> {
         to: r.get(2)?,
         holder: r.get(3)?,
         started_ms: r.get(4)?,
-        heartbeat_ms: r.get(5)?,
+        expires_ms: r.get(5)?,
     })
 }
 
-const MOVE_COLUMNS: &str = "mailbox, from_backend, to_backend, holder, started_ms, heartbeat_ms";
+const MOVE_COLUMNS: &str = "mailbox, from_backend, to_backend, holder, started_ms, expires_ms";
 
 impl MailboxDirectory for SqliteDirectory {
     async fn begin_move(&self, record: &MoveRecord) -> Result<bool, DirectoryError> {
@@ -186,7 +186,7 @@ impl MailboxDirectory for SqliteDirectory {
                     record.to,
                     record.holder,
                     record.started_ms,
-                    record.heartbeat_ms
+                    record.expires_ms
                 ],
             )
             .map(|n| n > 0)
@@ -200,16 +200,16 @@ impl MailboxDirectory for SqliteDirectory {
         mailbox: &Mailbox,
         holder: &str,
         now_ms: i64,
-        stale_before_ms: i64,
+        expires_ms: i64,
     ) -> Result<Option<MoveRecord>, DirectoryError> {
         let (mailbox, holder) = (mailbox.as_str().to_owned(), holder.to_owned());
         self.blocking(move |conn| {
             conn.query_row(
                 &format!(
-                    "UPDATE moves SET holder = ?2, heartbeat_ms = ?3 \
-                     WHERE mailbox = ?1 AND heartbeat_ms < ?4 RETURNING {MOVE_COLUMNS}"
+                    "UPDATE moves SET holder = ?2, expires_ms = ?4 \
+                     WHERE mailbox = ?1 AND expires_ms < ?3 RETURNING {MOVE_COLUMNS}"
                 ),
-                params![mailbox, holder, now_ms, stale_before_ms],
+                params![mailbox, holder, now_ms, expires_ms],
                 move_row,
             )
             .optional()
@@ -222,7 +222,7 @@ impl MailboxDirectory for SqliteDirectory {
         &self,
         mailbox: &Mailbox,
         holder: &str,
-        now_ms: i64,
+        expires_ms: i64,
         forget: Option<&str>,
         copies: &[MoveCopy],
     ) -> Result<bool, DirectoryError> {
@@ -232,8 +232,8 @@ impl MailboxDirectory for SqliteDirectory {
             let tx = conn.transaction().map_err(store_err)?;
             let ours = tx
                 .execute(
-                    "UPDATE moves SET heartbeat_ms = ?3 WHERE mailbox = ?1 AND holder = ?2",
-                    params![mailbox, holder, now_ms],
+                    "UPDATE moves SET expires_ms = ?3 WHERE mailbox = ?1 AND holder = ?2",
+                    params![mailbox, holder, expires_ms],
                 )
                 .map_err(store_err)?
                 > 0;

@@ -170,14 +170,14 @@ impl Mover {
         &self.jobs
     }
 
-    /// Takes over and finishes the recorded moves whose heartbeat is older than
-    /// `moves.resume_after_seconds` (their node stopped, or their run failed), until
-    /// `shutdown`. Every node sharing the directory runs this; the take-over is one
-    /// conditional update, so one node wins each.
+    /// Takes over and finishes the recorded moves whose lease ended (their node stopped,
+    /// or their run failed), until `shutdown`. Every node sharing the directory runs this;
+    /// the take-over is one conditional update, so one node wins each. A node takes over
+    /// only moves between backends its pool has.
     pub async fn resume_stalled(self: Arc<Self>, shutdown: CancellationToken) {
-        let after = self.config.resume_after();
-        let every = (after / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
-        let mut warned = false;
+        let lease = self.config.resume_after();
+        let every = (lease / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let mut warned = std::collections::HashSet::new();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -192,19 +192,21 @@ impl Mover {
                 }
             };
             let now = super::unix_ms();
-            let stale_before = now - i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
-            for record in records
-                .into_iter()
-                .filter(|r| r.heartbeat_ms < stale_before)
-            {
-                if !self.config.enabled() {
-                    if !warned {
+            for record in records.into_iter().filter(|r| r.expires_ms < now) {
+                let unable = if !self.config.enabled() {
+                    Some("[moves] is not configured here".to_owned())
+                } else {
+                    [&record.from, &record.to]
+                        .into_iter()
+                        .find(|b| !self.ctx.pool.contains(b))
+                        .map(|b| format!("backend `{b}` is not in this node's pool"))
+                };
+                if let Some(why) = unable {
+                    if warned.insert(record.mailbox.clone()) {
                         tracing::warn!(
-                            mailbox = %record.mailbox,
-                            "a stopped mailbox move is recorded but [moves] is not configured \
-                             here: it is not resumed by this node"
+                            mailbox = %record.mailbox, from = %record.from, to = %record.to,
+                            "a stopped mailbox move is recorded but this node cannot resume it: {why}"
                         );
-                        warned = true;
                     }
                     continue;
                 }
@@ -213,10 +215,8 @@ impl Mover {
                     continue;
                 }
                 let holder = self.holder();
-                match store
-                    .take_over_move(&mailbox, &holder, now, stale_before)
-                    .await
-                {
+                let expires = now.saturating_add(super::millis(lease));
+                match store.take_over_move(&mailbox, &holder, now, expires).await {
                     Ok(Some(taken)) => {
                         tracing::warn!(
                             %mailbox, from = %taken.from, to = %taken.to, was = %record.holder,
@@ -224,7 +224,7 @@ impl Mover {
                         );
                         self.start_resumed(mailbox, taken, holder);
                     }
-                    // Another node took it first, or its run is alive after all.
+                    // Another node took it first, or its lease was renewed after all.
                     Ok(None) => {}
                     Err(error) => {
                         tracing::warn!(%mailbox, %error, "stopped mailbox move not taken over");

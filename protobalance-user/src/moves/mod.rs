@@ -86,6 +86,11 @@ pub enum MoveError {
          heartbeat for moves.resume_after_seconds"
     )]
     TakenOver(String),
+    #[error(
+        "the move of {0} stopped: its lease in the directory could not be renewed for half \
+         of moves.resume_after_seconds; it is resumed once the lease ends"
+    )]
+    LeaseLost(String),
     #[error("no backend `{0}` in the pool")]
     UnknownBackend(String),
     #[error("backend `{backend}`: {source}")]
@@ -176,28 +181,52 @@ enum Start {
     Resumed,
 }
 
-/// Where a run records what it copied, and its heartbeat: the directory's move record.
+/// Where a run records what it copied, and its lease: the directory's move record.
 struct Journal<'a> {
     directory: &'a crate::directory::Directory<Store>,
     mailbox: &'a Mailbox,
     holder: &'a str,
+    /// How long each renewal holds the move (`resume_after_seconds`).
+    lease: Duration,
+    /// When the lease was last renewed (Unix ms).
+    renewed: std::sync::atomic::AtomicI64,
 }
 
 impl Journal<'_> {
-    /// Records `copies` (after `forget`ting a recreated folder) with a heartbeat;
+    /// Records `copies` (after `forget`ting a recreated folder) and renews the lease;
     /// [`MoveError::TakenOver`] when the move is no longer this run's.
     async fn record(&self, forget: Option<&str>, copies: &[MoveCopy]) -> Result<(), MoveError> {
+        let now = unix_ms();
+        let expires = now.saturating_add(millis(self.lease));
         let ours = self
             .directory
             .store()
-            .move_progress(self.mailbox, self.holder, unix_ms(), forget, copies)
+            .move_progress(self.mailbox, self.holder, expires, forget, copies)
             .await?;
-        if ours {
-            Ok(())
-        } else {
-            Err(MoveError::TakenOver(self.mailbox.to_string()))
+        if !ours {
+            return Err(MoveError::TakenOver(self.mailbox.to_string()));
         }
+        self.renewed
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
+
+    /// Renews the lease before a step that changes a backend: a run that cannot (the
+    /// directory unreachable, or the move taken over) does not take the step.
+    async fn fence(&self) -> Result<(), MoveError> {
+        self.record(None, &[]).await
+    }
+
+    /// Whether the lease was renewed within the last half of its length: after that the
+    /// run stops, well before another run may take the move over.
+    fn fresh(&self) -> bool {
+        let renewed = self.renewed.load(std::sync::atomic::Ordering::Relaxed);
+        unix_ms().saturating_sub(renewed) <= millis(self.lease) / 2
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn unix_ms() -> i64 {
@@ -316,6 +345,15 @@ impl Mover {
         self.moves.with_label_values(&[label]).inc();
     }
 
+    /// Whether `mailbox` is owned by `to` now (unknown counts as yes: the caller keeps
+    /// the move's record rather than strand mail).
+    async fn switched(&self, mailbox: &Mailbox, to: &str) -> bool {
+        match self.ctx.directory.store().owner_of(mailbox).await {
+            Ok(owner) => owner.as_deref() == Some(to),
+            Err(_) => true,
+        }
+    }
+
     fn is_moving(&self, mailbox: &Mailbox) -> bool {
         self.moving
             .lock()
@@ -368,7 +406,7 @@ impl Mover {
             to: to.to_owned(),
             holder: holder.clone(),
             started_ms: now,
-            heartbeat_ms: now,
+            expires_ms: now.saturating_add(millis(self.config.resume_after())),
         };
         if !store.begin_move(&record).await? {
             return Err(MoveError::Busy(mailbox.to_string()));
@@ -377,10 +415,13 @@ impl Mover {
             .await
     }
 
-    /// Runs a recorded move while `holder` holds it: a heartbeat keeps the record fresh
-    /// (a run that loses it stops); the record ends with the move, or with a refusal that
-    /// touched nothing. After any other failure it stays, and the move is resumed once it
-    /// is stale.
+    /// Runs a recorded move while `holder` holds it. A heartbeat renews the lease every
+    /// quarter of `resume_after_seconds`; a run that cannot renew it for half of that, or
+    /// that lost the move to another run, stops (before another run may take it over),
+    /// and every step that changes a backend after the copy renews it first. The record
+    /// ends with the move, or with a failure that touched nothing; it never ends while the
+    /// mailbox is switched to the new backend and unfinished. Otherwise it stays, and the
+    /// move is resumed once the lease ends.
     async fn held(
         &self,
         mailbox: &Mailbox,
@@ -389,31 +430,46 @@ impl Mover {
         start: Start,
         progress: &jobs::MoveProgress,
     ) -> Result<MoveReport, MoveError> {
+        let lease = self.config.resume_after();
         let journal = Journal {
             directory: &self.ctx.directory,
             mailbox,
             holder,
+            lease,
+            renewed: std::sync::atomic::AtomicI64::new(unix_ms()),
         };
         let heartbeat = async {
-            let every = (self.config.resume_after() / 4).max(Duration::from_millis(500));
+            let every = (lease / 4).max(Duration::from_millis(500));
             loop {
                 tokio::time::sleep(every).await;
-                match journal.record(None, &[]).await {
-                    Ok(()) => {}
-                    Err(MoveError::TakenOver(m)) => return MoveError::TakenOver(m),
-                    // The directory is unreachable: keep moving; the record goes stale
-                    // only if this lasts.
-                    Err(error) => tracing::warn!(%mailbox, %error, "move heartbeat not recorded"),
+                match tokio::time::timeout(every, journal.record(None, &[])).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(MoveError::TakenOver(m))) => return MoveError::TakenOver(m),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%mailbox, %error, "move lease not renewed");
+                    }
+                    Err(_) => tracing::warn!(%mailbox, "move lease not renewed in time"),
+                }
+                if !journal.fresh() {
+                    return MoveError::LeaseLost(mailbox.to_string());
                 }
             }
         };
+        // Set once the run may have changed the new backend (a fresh run: after the
+        // check that the target holds nothing): a failure before that touched nothing.
+        let touched = std::sync::atomic::AtomicBool::new(start == Start::Resumed);
         let result = tokio::select! {
-            result = self.run(mailbox, record, start, &journal, progress) => result,
+            result = self.run(mailbox, record, start, &journal, &touched, progress) => result,
             lost = heartbeat => Err(lost),
         };
         let end = match &result {
             Ok(_) => true,
-            Err(error) => error.is_refusal(),
+            // Not this run's any more, or not renewable: the record is left to the lease.
+            Err(MoveError::TakenOver(_) | MoveError::LeaseLost(_)) => false,
+            Err(error) => {
+                (error.is_refusal() || !touched.load(std::sync::atomic::Ordering::Relaxed))
+                    && !self.switched(mailbox, &record.to).await
+            }
         };
         if end && let Err(error) = self.ctx.directory.store().end_move(mailbox, holder).await {
             tracing::error!(
@@ -430,6 +486,7 @@ impl Mover {
         record: &MoveRecord,
         start: Start,
         journal: &Journal<'_>,
+        touched: &std::sync::atomic::AtomicBool,
         progress: &jobs::MoveProgress,
     ) -> Result<MoveReport, MoveError> {
         if !self.config.enabled() {
@@ -473,6 +530,7 @@ impl Mover {
                     messages: present,
                 });
             }
+            touched.store(true, std::sync::atomic::Ordering::Relaxed);
         } else {
             // What the stopped run copied is not copied again, nor are the copies it made
             // but had not recorded yet.
@@ -509,7 +567,10 @@ impl Mover {
                 copy_pass(&mut old, &mut new, &mut folders, journal, sides, progress).await?;
             // 2. Switch.
             progress.set_phase("switching");
-            if !directory.reassign_from(mailbox, from, to).await? {
+            journal.fence().await?;
+            if !directory.reassign_from(mailbox, from, to).await?
+                && !self.switched(mailbox, to).await
+            {
                 return Err(MoveError::OwnerChanged {
                     mailbox: mailbox.to_string(),
                     from: from.to_owned(),
@@ -531,17 +592,18 @@ impl Mover {
             }
         }
         // What clients changed on the old copy while it was copied (they could until the
-        // switch ended their sessions) is carried over: deletions and flags. Only by the
-        // run that switched: a run resumed after the switch cannot tell a client's
-        // expunge from the stopped run's own deleting.
-        if !switched_before {
-            progress.set_phase("reconciling");
-            for (name, folder) in &folders {
-                let (expunged, flagged) =
-                    reconcile(&mut old, &mut new, name, folder, sides).await?;
-                report.expunged_on_new += expunged;
-                report.flags_synced += flagged;
-            }
+        // switch ended their sessions) is carried over: deletions and flags. A run resumed
+        // after the switch cannot tell a client's expunge from the stopped run's own
+        // deleting, so it carries over only folders deleted altogether (a move never
+        // deletes a folder).
+        progress.set_phase("reconciling");
+        journal.fence().await?;
+        let whole = !switched_before;
+        for (name, folder) in &folders {
+            let (expunged, flagged) =
+                reconcile(&mut old, &mut new, name, folder, sides, whole).await?;
+            report.expunged_on_new += expunged;
+            report.flags_synced += flagged;
         }
         // 4. Delete what was copied from the old backend.
         if self.config.delete_old {
@@ -550,6 +612,7 @@ impl Mover {
                 if folder.copied.is_empty() {
                     continue;
                 }
+                journal.fence().await?;
                 report.deleted += delete_copied(&mut old, name, folder)
                     .await
                     .map_err(sides.on_old())?;
@@ -649,24 +712,29 @@ impl Sides<'_> {
     }
 }
 
-/// `(UID, INTERNALDATE, RFC822.SIZE)` of the messages of the selected folder from `first`
-/// on (`first:*` names the last message even when its UID is lower: filtered here).
-async fn envelopes(
-    client: &mut ImapClient,
-    first: u32,
-) -> Result<Vec<(u32, Option<String>, u64)>, ImapError> {
+/// A message's UID, INTERNALDATE, RFC822.SIZE and flags.
+type Envelope = (u32, Option<String>, u64, Vec<String>);
+
+/// The [`Envelope`]s of the selected folder's messages from UID `first` on (`first:*`
+/// names the last message even when its UID is lower: filtered here).
+async fn envelopes(client: &mut ImapClient, first: u32) -> Result<Vec<Envelope>, ImapError> {
     Ok(client
         .run(
-            &format!("UID FETCH {first}:* (UID INTERNALDATE RFC822.SIZE)"),
+            &format!("UID FETCH {first}:* (UID FLAGS INTERNALDATE RFC822.SIZE)"),
             &[],
         )
         .await?
         .iter()
         .filter_map(|r| {
             let f = fetched(r)?;
-            Some((f.uid, f.internal_date, imap::message_size(r).unwrap_or(0)))
+            Some((
+                f.uid,
+                f.internal_date,
+                imap::message_size(r).unwrap_or(0),
+                f.flags,
+            ))
         })
-        .filter(|(uid, _, _)| *uid >= first)
+        .filter(|(uid, ..)| *uid >= first)
         .collect())
 }
 
@@ -734,17 +802,17 @@ async fn adopt_unrecorded(
             continue;
         }
         folder.validity = validity;
-        let mut originals: Vec<(u32, Option<String>, u64)> = envelopes(old, 1)
+        let mut originals: Vec<Envelope> = envelopes(old, 1)
             .await
             .map_err(sides.on_old())?
             .into_iter()
-            .filter(|(uid, _, _)| !folder.copied.contains(uid))
+            .filter(|(uid, ..)| !folder.copied.contains(uid))
             .collect();
         let mut found = Vec::new();
-        for (new_uid, date, size) in fresh {
+        for (new_uid, date, size, copy_flags) in fresh {
             let Some(i) = originals
                 .iter()
-                .position(|(_, d, s)| *d == date && *s == size)
+                .position(|(_, d, s, _)| *d == date && *s == size)
             else {
                 continue;
             };
@@ -752,16 +820,19 @@ async fn adopt_unrecorded(
             let copy = body_of(new, new_uid).await.map_err(sides.on_new())?;
             let original = body_of(old, old_uid).await.map_err(sides.on_old())?;
             if copy.is_some() && copy == original {
+                // Recorded with the flags the copy has: reconcile carries over what
+                // changed on the original since.
                 originals.remove(i);
+                let flags = copy_flags;
                 folder.copied.insert(old_uid);
-                folder.copies.insert(old_uid, (new_uid, Vec::new()));
                 found.push(MoveCopy {
                     folder: name.clone(),
                     validity: validity.unwrap_or(0),
                     old_uid,
                     new_uid: Some(new_uid),
-                    flags: String::new(),
+                    flags: flags.join(" "),
                 });
+                folder.copies.insert(old_uid, (new_uid, flags));
             }
         }
         old.run("UNSELECT", &[]).await.map_err(sides.on_old())?;
@@ -800,10 +871,13 @@ async fn copy_pass(
                 Err(e) => return Err(n(e)),
             }
         }
-        let selected = old
-            .run(&format!("EXAMINE {}", quote(&name)), &[])
-            .await
-            .map_err(&o)?;
+        let selected = match old.run(&format!("EXAMINE {}", quote(&name)), &[]).await {
+            Ok(selected) => selected,
+            // Deleted or renamed by a client since the LIST: the next pass sees the list
+            // as it is now.
+            Err(ImapError::Refused { .. }) => continue,
+            Err(e) => return Err(o(e)),
+        };
         let validity = uid_validity(&selected);
         if folder.validity.is_some() && folder.validity != validity {
             // The folder was recreated on the old backend: its UIDs are new.
@@ -837,13 +911,18 @@ async fn copy_pass(
                     .internal_date
                     .map(|d| format!(" {}", quote(&d)))
                     .unwrap_or_default();
-                let (_, done) = new
-                    .run_tagged(
-                        &format!("APPEND {} ({flags}){date} {{{}}}", quote(&name), body.len()),
-                        &[&body],
-                    )
-                    .await
-                    .map_err(&n)?;
+                let append = format!("APPEND {} ({flags}){date} {{{}}}", quote(&name), body.len());
+                let (_, done) = match new.run_tagged(&append, &[&body]).await {
+                    // The folder is gone on the new backend (a client deleted it there
+                    // since it was created): created again, and the APPEND retried once.
+                    Err(ImapError::Refused { answer, .. }) if answer.contains("[TRYCREATE]") => {
+                        new.run(&format!("CREATE {}", quote(&name)), &[])
+                            .await
+                            .map_err(&n)?;
+                        new.run_tagged(&append, &[&body]).await.map_err(&n)?
+                    }
+                    other => other.map_err(&n)?,
+                };
                 let new_uid = append_uid(&done);
                 if let Some(uid) = new_uid {
                     folder
@@ -872,29 +951,47 @@ async fn copy_pass(
 /// Brings the copies in `name` up to date with their originals: a copy whose original is
 /// gone (a client expunged it before the switch) is expunged on the new backend; a copy
 /// whose original's flags changed since the copy gets those flags. Copies without a known
-/// new UID (a server without UIDPLUS) are left as they are.
+/// new UID (a server without UIDPLUS) are left as they are. Not `whole`: only a folder
+/// gone from the old backend is carried over (its copies expunged).
 async fn reconcile(
     old: &mut ImapClient,
     new: &mut ImapClient,
     name: &str,
     folder: &Folder,
     sides: Sides<'_>,
+    whole: bool,
 ) -> Result<(u64, u64), MoveError> {
     let (o, n) = (sides.on_old(), sides.on_new());
     if folder.copies.is_empty() {
         return Ok((0, 0));
     }
-    old.run(&format!("EXAMINE {}", quote(name)), &[])
+    let now: BTreeMap<u32, Vec<String>> = match old
+        .run(&format!("EXAMINE {}", quote(name)), &[])
         .await
-        .map_err(&o)?;
-    let now: BTreeMap<u32, Vec<String>> = old
-        .run("UID FETCH 1:* (UID FLAGS)", &[])
-        .await
-        .map_err(&o)?
-        .iter()
-        .filter_map(fetched)
-        .map(|f| (f.uid, f.flags))
-        .collect();
+    {
+        // Only deleted folders (see the caller).
+        Ok(_) if !whole => {
+            old.run("UNSELECT", &[]).await.map_err(&o)?;
+            return Ok((0, 0));
+        }
+        Ok(selected) if uid_validity(&selected) == folder.validity => old
+            .run("UID FETCH 1:* (UID FLAGS)", &[])
+            .await
+            .map_err(&o)?
+            .iter()
+            .filter_map(fetched)
+            .map(|f| (f.uid, f.flags))
+            .collect(),
+        // Recreated since the copy: the originals copied are gone.
+        Ok(_) => BTreeMap::new(),
+        // Deleted (or renamed) by a client during the copy: so are its copies (a
+        // renamed folder was copied under its new name).
+        Err(ImapError::Refused { .. }) => {
+            tracing::info!(folder = %name, "folder deleted or renamed on the old backend during the move: its copies are expunged");
+            BTreeMap::new()
+        }
+        Err(e) => return Err(o(e)),
+    };
     let mut gone = Vec::new();
     let mut changed = Vec::new();
     for (old_uid, (new_uid, copied_flags)) in &folder.copies {
@@ -918,7 +1015,8 @@ async fn reconcile(
             Some(_) => {}
         }
     }
-    old.run("UNSELECT", &[]).await.map_err(&o)?;
+    // Harmless when nothing is selected (the folder was gone): the answer is ignored.
+    let _ = old.run("UNSELECT", &[]).await;
     if gone.is_empty() && changed.is_empty() {
         return Ok((0, 0));
     }
@@ -989,7 +1087,15 @@ async fn delete_copied(
     name: &str,
     folder: &Folder,
 ) -> Result<u64, ImapError> {
-    let selected = old.run(&format!("SELECT {}", quote(name)), &[]).await?;
+    let selected = match old.run(&format!("SELECT {}", quote(name)), &[]).await {
+        Ok(selected) => selected,
+        Err(ImapError::Refused { .. }) => {
+            // Deleted or renamed on the old backend: nothing of it to delete there.
+            tracing::warn!(folder = %name, "folder gone from the old backend during the move: nothing deleted from it");
+            return Ok(0);
+        }
+        Err(e) => return Err(e),
+    };
     if uid_validity(&selected) != folder.validity {
         // Recreated since the copy: these UIDs name other messages now. Leave it.
         tracing::warn!(folder = %name, "folder recreated on the old backend during the move: its copy is not deleted");

@@ -143,7 +143,7 @@ CREATE TABLE moves (
     to_backend   text NOT NULL,
     holder       text NOT NULL,
     started_ms   bigint NOT NULL,
-    heartbeat_ms bigint NOT NULL
+    expires_ms   bigint NOT NULL
 );
 CREATE TABLE move_copies (
     mailbox  text COLLATE "C" NOT NULL REFERENCES moves (mailbox) ON DELETE CASCADE,

@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS moves (
     to_backend   TEXT NOT NULL,
     holder       TEXT NOT NULL,
     started_ms   INTEGER NOT NULL,
-    heartbeat_ms INTEGER NOT NULL
+    expires_ms   INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS move_copies (
     mailbox  TEXT NOT NULL REFERENCES moves (mailbox) ON DELETE CASCADE,
