@@ -398,7 +398,7 @@ fn a_move_cut_short_by_a_crash_is_finished_with_every_message_once() {
     if support::skip(test) {
         return;
     }
-    let cluster = DovecotCluster::start(3, USERS).expect("cluster");
+    let mut cluster = DovecotCluster::start(3, USERS).expect("cluster");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut edge = edge_with(&cluster, dir.path(), 4, "resume_after_seconds = 2");
     let backend = |name: &str| {
@@ -482,6 +482,72 @@ l.quit()
             "the restarted edge resumed the move"
         );
     }
+
+    // A move that keeps failing after the switch (its old backend went away) is listed as
+    // recorded, retried, and can be abandoned; the mail stays on the old backend.
+    let user = "user9@example.com";
+    let from = owner(&edge, user);
+    let to = if from == "backend1" {
+        "backend2"
+    } else {
+        "backend1"
+    };
+    support::deliver(&cluster, &from, user, "kept-on-the-old-backend");
+    move_until(&edge, user, to, "'phase=\"settling\"' in doc", "");
+    // The edge running the move dies, and the old backend goes away (the edge's IMAP
+    // session would have outlived the backend's stop): every run resumed on the edge
+    // started again fails to connect.
+    edge.kill();
+    let old_index = support::backend_index(&from);
+    cluster.backend_mut(old_index).expect("old backend").stop();
+    edge.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, text) = cli(&edge, TOKEN, &["ctl", "mailbox", "moves", "--xml"]);
+        assert_eq!(code, 0, "{text}");
+        support::validate_api_xml(&text);
+        if text.contains(user) && text.contains("state=\"stopped\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failing move is not listed as stopped: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Resumed every lease (2 s) and failing at once: abandoned between two attempts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, text) = cli(&edge, TOKEN, &["ctl", "mailbox", "abandon-move", user]);
+        if code == 0 {
+            assert!(text.contains("abandoned"), "{text}");
+            break;
+        }
+        assert!(text.contains("move_running"), "{text}");
+        assert!(Instant::now() < deadline, "never abandoned: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, text) = cli(&edge, TOKEN, &["ctl", "mailbox", "moves"]);
+    assert!(!text.contains(user), "{text}");
+    let (code, text) = cli(&edge, TOKEN, &["ctl", "mailbox", "abandon-move", user]);
+    assert!(code != 0 && text.contains("no move"), "{text}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !cli(&edge, TOKEN, &["ctl", "mailbox", "moves"])
+            .1
+            .contains(user),
+        "nothing resumes an abandoned move"
+    );
+    let old = cluster.backend_mut(old_index).expect("old backend");
+    old.restart().expect("old backend back");
+    let left = contents(old, user);
+    assert!(
+        left.values()
+            .flatten()
+            .any(|(s, _)| s.contains("kept-on-the-old-backend")),
+        "the old backend keeps what it held: {left:?}"
+    );
+    assert_eq!(owner(&edge, user), to);
 }
 
 /// Two nodes on one PostgreSQL directory: a mailbox being moved by node A cannot be moved

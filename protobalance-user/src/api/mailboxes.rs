@@ -19,7 +19,7 @@ const PAGE_MAX: usize = 1000;
 /// Mailboxes written per directory transaction during an import.
 const IMPORT_BATCH: usize = 5000;
 
-fn mailbox(state: &ApiState, address: &str) -> Result<Mailbox, ApiError> {
+pub(super) fn mailbox(state: &ApiState, address: &str) -> Result<Mailbox, ApiError> {
     state
         .directory
         .normalizer()

@@ -17,6 +17,7 @@ pub mod blocklist;
 mod domains;
 mod jobs;
 mod mailboxes;
+mod moves;
 mod reputation;
 mod stats;
 mod suspensions;
@@ -363,6 +364,8 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
         }
         (&Method::GET, ["jobs"]) => jobs::list(state),
         (&Method::GET, ["jobs", id]) => jobs::get(state, id),
+        (&Method::GET, ["moves"]) => moves::list(state).await,
+        (&Method::DELETE, ["moves", address]) => moves::delete(state, address).await,
         (&Method::GET, ["domains"]) => domains::list(state).await,
         (&Method::POST, ["domains"]) => domains::create(state, req.into_body()).await,
         (&Method::PUT, ["domains", name]) => domains::update(state, name, req.into_body()).await,
@@ -395,7 +398,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
             _,
             [
                 "mailboxes" | "domains" | "backends" | "stats" | "bans" | "blocklist"
-                | "reputation" | "suspensions" | "reload",
+                | "reputation" | "suspensions" | "reload" | "jobs" | "moves",
                 ..,
             ],
         ) => Err(ApiError::new(
@@ -404,7 +407,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<ApiResponse, 
             format!("{method} is not defined for {path}; see docs/api.md"),
         )),
         _ => Err(ApiError::not_found(format!(
-            "no resource {path}; the API has {PREFIX}mailboxes, domains, backends, blocklist, bans and stats"
+            "no resource {path}; the API has {PREFIX}mailboxes, domains, backends, jobs, moves, blocklist, bans, reputation, suspensions, reload and stats"
         ))),
     }
 }

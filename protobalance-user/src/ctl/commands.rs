@@ -215,6 +215,21 @@ impl Ctl {
                 let doc = self.move_watched(&address, to.as_deref()).await?;
                 self.human(|| render::moved(out, &doc))
             }
+            MailboxCommand::Moves => {
+                let doc = self.fetch(Method::GET, "moves", None).await?;
+                self.human(|| render::recorded_moves(out, &doc))
+            }
+            MailboxCommand::AbandonMove { address } => {
+                let path = format!("moves/{}", encode(&address));
+                self.call(Method::DELETE, &path, None).await?;
+                self.human(|| {
+                    writeln!(
+                        out,
+                        "abandoned the move of {address}: nothing resumes it; what its old \
+                         backend still holds stays there"
+                    )
+                })
+            }
             MailboxCommand::Ls {
                 domain,
                 backend,

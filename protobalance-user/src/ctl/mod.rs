@@ -140,6 +140,12 @@ enum MailboxCommand {
         #[arg(long, value_name = "BACKEND")]
         to: Option<String>,
     },
+    /// List the moves recorded in the directory: running (on this node or another) or
+    /// stopped and waiting to be resumed.
+    Moves,
+    /// Give up the stopped move of ADDRESS: nothing resumes it; what its old backend still
+    /// holds stays there (refused while a run holds the move).
+    AbandonMove { address: String },
     /// List mailboxes in address order: one page, or every page with --all.
     Ls {
         #[arg(long)]

@@ -243,6 +243,31 @@ pub fn bans(out: &mut impl Write, doc: &Element) -> io::Result<()> {
     Columns::new(&["target", "mode", ">reason", ">remaining"]).print(out, &rows)
 }
 
+/// `mailbox moves`: the recorded moves and when each lease ends.
+pub fn recorded_moves(out: &mut impl Write, doc: &Element) -> io::Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let rows: Vec<Vec<String>> = doc
+        .children_named("recorded-move")
+        .map(|m| {
+            let lease = match m.show("lease-ends-ms").parse::<u128>() {
+                Ok(ends) if ends > now => format!("in {}", span(((ends - now) / 1000) as u64)),
+                Ok(_) => "ended".to_owned(),
+                Err(_) => m.show("lease-ends-ms").to_owned(),
+            };
+            vec![
+                m.show("mailbox").to_owned(),
+                m.show("from").to_owned(),
+                m.show("to").to_owned(),
+                m.show("state").to_owned(),
+                lease,
+            ]
+        })
+        .collect();
+    Columns::new(&["mailbox", "from", "to", "state", ">lease ends"]).print(out, &rows)
+}
+
 pub fn suspensions(out: &mut impl Write, doc: &Element) -> io::Result<()> {
     let rows: Vec<Vec<String>> = doc
         .children_named("suspension")

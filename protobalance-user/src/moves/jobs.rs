@@ -234,3 +234,73 @@ impl Mover {
         }
     }
 }
+
+/// What [`Mover::abandon`] did.
+pub enum Abandoned {
+    /// The record is gone: nothing resumes the move.
+    Ended(MoveRecord),
+    /// No move of the mailbox is recorded.
+    NotRecorded,
+    /// A run holds the move (this node's, or another's whose lease runs until the time
+    /// given, Unix ms).
+    Running(i64),
+}
+
+impl Mover {
+    /// Every recorded move (running here or elsewhere, or stopped and waiting to be
+    /// resumed), and whether this node runs it.
+    pub async fn recorded(
+        &self,
+    ) -> Result<Vec<(MoveRecord, bool)>, crate::directory::DirectoryError> {
+        Ok(self
+            .ctx
+            .directory
+            .store()
+            .moves()
+            .await?
+            .into_iter()
+            .map(|r| {
+                let here = self.is_moving(&Mailbox::from_store(r.mailbox.clone()));
+                (r, here)
+            })
+            .collect())
+    }
+
+    /// Gives up a stopped move (one whose run failed and keeps failing): its record is
+    /// ended, so nothing resumes it. What the old backend still holds stays there, and
+    /// the copies made stay on the new one. A move a run holds is not abandoned.
+    pub async fn abandon(
+        &self,
+        mailbox: &Mailbox,
+    ) -> Result<Abandoned, crate::directory::DirectoryError> {
+        let store = self.ctx.directory.store();
+        let Some(record) = store
+            .moves()
+            .await?
+            .into_iter()
+            .find(|r| r.mailbox == mailbox.as_str())
+        else {
+            return Ok(Abandoned::NotRecorded);
+        };
+        if self.is_moving(mailbox) {
+            return Ok(Abandoned::Running(record.expires_ms));
+        }
+        // Taken over (only once its lease ended), then ended: no run can hold it between.
+        let holder = format!("{}!abandon", self.holder());
+        let now = super::unix_ms();
+        match store
+            .take_over_move(mailbox, &holder, now, now.saturating_add(60_000))
+            .await?
+        {
+            Some(_) => {
+                store.end_move(mailbox, &holder).await?;
+                tracing::warn!(
+                    %mailbox, from = %record.from, to = %record.to,
+                    "mailbox move abandoned: what the old backend still holds stays there"
+                );
+                Ok(Abandoned::Ended(record))
+            }
+            None => Ok(Abandoned::Running(record.expires_ms)),
+        }
+    }
+}

@@ -172,6 +172,15 @@ impl Edge {
         wait_healthy(self.admin);
     }
 
+    /// Kills protobalance (SIGKILL) and leaves it stopped; [`restart`](Self::restart)
+    /// starts it again.
+    pub fn kill(&mut self) {
+        drop(std::mem::replace(
+            &mut self._guard,
+            ChildGuard::spawn(&mut Command::new("true"), "placeholder").expect("spawn true"),
+        ));
+    }
+
     /// protobalance's process id.
     pub fn pid(&self) -> u32 {
         self._guard.id()
