@@ -635,6 +635,11 @@ try:
     print("node B accepted a second move")
 except urllib.error.HTTPError as e:
     print("node B refused", e.code, e.read().decode().replace("\n", " "))
+try:
+    urllib.request.urlopen(urllib.request.Request("http://{b}/api/v1/mailboxes/{user}", headers=auth, method="DELETE"), timeout=30)
+    print("node B deleted the mailbox being moved")
+except urllib.error.HTTPError as e:
+    print("node B kept it", e.code, e.read().decode().replace("\n", " "))
 "#,
             b = b.admin,
         ),
@@ -643,6 +648,7 @@ except urllib.error.HTTPError as e:
         out.contains("node B refused 409") && out.contains("move_in_progress"),
         "{out}"
     );
+    assert!(out.contains("node B kept it 409"), "{out}");
     assert_eq!(
         watcher.join().expect("watcher thread").trim(),
         "closed",

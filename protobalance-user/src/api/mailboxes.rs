@@ -171,6 +171,23 @@ pub async fn create(state: &ApiState, body: Incoming) -> Result<ApiResponse, Api
 
 pub async fn delete(state: &ApiState, address: &str) -> Result<ApiResponse, ApiError> {
     let mailbox = mailbox(state, address)?;
+    // A move in progress would copy on to a backend that no longer owns the mailbox.
+    let store = state.directory.store();
+    if let Some(record) = store
+        .moves()
+        .await?
+        .into_iter()
+        .find(|r| r.mailbox == mailbox.as_str())
+    {
+        return Err(ApiError::conflict(
+            "move_in_progress",
+            format!(
+                "{mailbox} is being moved from {} to {}: delete it once the move ended (or \
+                 was abandoned: DELETE /moves/{mailbox})",
+                record.from, record.to
+            ),
+        ));
+    }
     if !state.directory.delete(&mailbox).await? {
         return Err(ApiError::not_found(format!("no mailbox {mailbox}")));
     }
