@@ -515,10 +515,17 @@ l.quit()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Resumed every lease (2 s) and failing at once: abandoned between two attempts.
+    // Switched already: abandoning needs --force (the old backend's mail is left behind).
+    let (code, text) = cli(&edge, TOKEN, &["ctl", "mailbox", "abandon-move", user]);
+    assert!(code != 0 && text.contains("move_switched"), "{text}");
+    // Resumed at lease ends and failing at once: abandoned between two attempts.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (code, text) = cli(&edge, TOKEN, &["ctl", "mailbox", "abandon-move", user]);
+        let (code, text) = cli(
+            &edge,
+            TOKEN,
+            &["ctl", "mailbox", "abandon-move", "--force", user],
+        );
         if code == 0 {
             assert!(text.contains("abandoned"), "{text}");
             break;
@@ -529,7 +536,11 @@ l.quit()
     }
     let (_, text) = cli(&edge, TOKEN, &["ctl", "mailbox", "moves"]);
     assert!(!text.contains(user), "{text}");
-    let (code, text) = cli(&edge, TOKEN, &["ctl", "mailbox", "abandon-move", user]);
+    let (code, text) = cli(
+        &edge,
+        TOKEN,
+        &["ctl", "mailbox", "abandon-move", "--force", user],
+    );
     assert!(code != 0 && text.contains("no move"), "{text}");
     std::thread::sleep(Duration::from_secs(3));
     assert!(

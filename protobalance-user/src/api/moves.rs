@@ -52,14 +52,35 @@ pub async fn list(state: &ApiState) -> Result<ApiResponse, ApiError> {
     Ok(xml_response(StatusCode::OK, w.finish()))
 }
 
-/// `DELETE moves/{address}`: abandons a stopped move.
-pub async fn delete(state: &ApiState, address: &str) -> Result<ApiResponse, ApiError> {
+/// `DELETE moves/{address}[?force=yes]`: abandons a stopped move (`force`: one whose
+/// mailbox was switched already).
+pub async fn delete(state: &ApiState, address: &str, query: &str) -> Result<ApiResponse, ApiError> {
+    super::only_params(query, &["force"])?;
+    let force = match super::query_param(query, "force")?.as_deref() {
+        None => false,
+        Some("yes") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "invalid_query",
+                format!("force=`{other}`: the only value is `yes`"),
+            ));
+        }
+    };
     let mailbox = super::mailboxes::mailbox(state, address)?;
-    match mover(state)?.abandon(&mailbox).await? {
+    match mover(state)?.abandon(&mailbox, force).await? {
         Abandoned::Ended(_) => Ok(no_content()),
         Abandoned::NotRecorded => Err(ApiError::not_found(format!(
             "no move of {mailbox} is recorded"
         ))),
+        Abandoned::Switched(record) => Err(ApiError::conflict(
+            "move_switched",
+            format!(
+                "{mailbox} is switched to {} already: abandoning leaves what {} still holds \
+                 out of its reach; let the move be retried, or abandon with ?force=yes and \
+                 sort the mail out by hand",
+                record.to, record.from
+            ),
+        )),
         Abandoned::Running(ends) => Err(ApiError::conflict(
             "move_running",
             format!(

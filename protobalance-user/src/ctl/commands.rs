@@ -219,8 +219,9 @@ impl Ctl {
                 let doc = self.fetch(Method::GET, "moves", None).await?;
                 self.human(|| render::recorded_moves(out, &doc))
             }
-            MailboxCommand::AbandonMove { address } => {
-                let path = format!("moves/{}", encode(&address));
+            MailboxCommand::AbandonMove { address, force } => {
+                let query = if force { "?force=yes" } else { "" };
+                let path = format!("moves/{}{query}", encode(&address));
                 self.call(Method::DELETE, &path, None).await?;
                 self.human(|| {
                     writeln!(

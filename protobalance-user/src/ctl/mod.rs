@@ -145,7 +145,13 @@ enum MailboxCommand {
     Moves,
     /// Give up the stopped move of ADDRESS: nothing resumes it; what its old backend still
     /// holds stays there (refused while a run holds the move).
-    AbandonMove { address: String },
+    AbandonMove {
+        address: String,
+        /// Abandon it even though the mailbox was switched already (what the old backend
+        /// still holds is then for the operator to move by hand).
+        #[arg(long)]
+        force: bool,
+    },
     /// List mailboxes in address order: one page, or every page with --all.
     Ls {
         #[arg(long)]

@@ -247,7 +247,8 @@ pub fn list_entry(response: &Untagged) -> Option<(String, Option<char>)> {
     } else {
         let r = rest.strip_prefix('"')?;
         let (d, r) = if let Some(r) = r.strip_prefix('\\') {
-            (r.chars().next()?, &r[1..])
+            let d = r.chars().next()?;
+            (d, &r[d.len_utf8()..])
         } else {
             (r.chars().next()?, &r[r.chars().next()?.len_utf8()..])
         };
@@ -398,6 +399,11 @@ mod tests {
         // Malformed: no panic, just not a folder.
         assert_eq!(list_entry(&untagged("* LIST )(", &[])), None);
         assert_eq!(list_entry(&untagged("* LIST (", &[])), None);
+        // An escaped multi-byte "delimiter" (not what IMAP allows) is read, not a panic.
+        assert_eq!(
+            list_entry(&untagged("* LIST () \"\\é\" INBOX", &[])),
+            Some(("INBOX".to_owned(), Some('é')))
+        );
     }
 
     #[test]

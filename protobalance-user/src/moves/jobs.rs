@@ -178,6 +178,10 @@ impl Mover {
         let lease = self.config.resume_after();
         let every = (lease / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
         let mut warned = std::collections::HashSet::new();
+        // Per mailbox: the take-overs so far and when the next may be: a move that keeps
+        // failing is retried at doubling intervals (up to an hour), not at every lease end.
+        let mut attempts: std::collections::HashMap<String, (u32, Instant)> =
+            std::collections::HashMap::new();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -191,8 +195,15 @@ impl Mover {
                     continue;
                 }
             };
+            attempts.retain(|mailbox, _| records.iter().any(|r| &r.mailbox == mailbox));
             let now = super::unix_ms();
             for record in records.into_iter().filter(|r| r.expires_ms < now) {
+                if attempts
+                    .get(&record.mailbox)
+                    .is_some_and(|(_, next)| Instant::now() < *next)
+                {
+                    continue;
+                }
                 let unable = if !self.config.enabled() {
                     Some("[moves] is not configured here".to_owned())
                 } else {
@@ -215,12 +226,20 @@ impl Mover {
                     continue;
                 }
                 let holder = self.holder();
+                // The clock read per record: the lease written starts now.
+                let now = super::unix_ms();
                 let expires = now.saturating_add(super::millis(lease));
                 match store.take_over_move(&mailbox, &holder, now, expires).await {
                     Ok(Some(taken)) => {
+                        let (tries, next) = attempts
+                            .entry(record.mailbox.clone())
+                            .or_insert((0, Instant::now()));
+                        *tries += 1;
+                        let backoff = lease.saturating_mul(1 << (*tries - 1).min(12));
+                        *next = Instant::now() + backoff.min(Duration::from_secs(3600));
                         tracing::warn!(
                             %mailbox, from = %taken.from, to = %taken.to, was = %record.holder,
-                            "resuming a mailbox move whose run stopped"
+                            attempt = *tries, "resuming a mailbox move whose run stopped"
                         );
                         self.start_resumed(mailbox, taken, holder);
                     }
@@ -241,6 +260,10 @@ pub enum Abandoned {
     Ended(MoveRecord),
     /// No move of the mailbox is recorded.
     NotRecorded,
+    /// The mailbox is switched to the move's target and the move not finished: what the
+    /// old backend still holds would be out of its owner's reach (`force` abandons it
+    /// anyway).
+    Switched(MoveRecord),
     /// A run holds the move (this node's, or another's whose lease runs until the time
     /// given, Unix ms).
     Running(i64),
@@ -268,10 +291,12 @@ impl Mover {
 
     /// Gives up a stopped move (one whose run failed and keeps failing): its record is
     /// ended, so nothing resumes it. What the old backend still holds stays there, and
-    /// the copies made stay on the new one. A move a run holds is not abandoned.
+    /// the copies made stay on the new one. A move a run holds is not abandoned, nor,
+    /// without `force`, one whose mailbox was switched already.
     pub async fn abandon(
         &self,
         mailbox: &Mailbox,
+        force: bool,
     ) -> Result<Abandoned, crate::directory::DirectoryError> {
         let store = self.ctx.directory.store();
         let Some(record) = store
@@ -284,6 +309,9 @@ impl Mover {
         };
         if self.is_moving(mailbox) {
             return Ok(Abandoned::Running(record.expires_ms));
+        }
+        if !force && store.owner_of(mailbox).await?.as_deref() == Some(record.to.as_str()) {
+            return Ok(Abandoned::Switched(record));
         }
         // Taken over (only once its lease ended), then ended: no run can hold it between.
         let holder = format!("{}!abandon", self.holder());
@@ -300,7 +328,16 @@ impl Mover {
                 );
                 Ok(Abandoned::Ended(record))
             }
-            None => Ok(Abandoned::Running(record.expires_ms)),
+            None if store
+                .moves()
+                .await?
+                .iter()
+                .any(|r| r.mailbox == record.mailbox) =>
+            {
+                Ok(Abandoned::Running(record.expires_ms))
+            }
+            // Finished or abandoned meanwhile.
+            None => Ok(Abandoned::NotRecorded),
         }
     }
 }

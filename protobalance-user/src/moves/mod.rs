@@ -216,13 +216,6 @@ impl Journal<'_> {
     async fn fence(&self) -> Result<(), MoveError> {
         self.record(None, &[]).await
     }
-
-    /// Whether the lease was renewed within the last half of its length: after that the
-    /// run stops, well before another run may take the move over.
-    fn fresh(&self) -> bool {
-        let renewed = self.renewed.load(std::sync::atomic::Ordering::Relaxed);
-        unix_ms().saturating_sub(renewed) <= millis(self.lease) / 2
-    }
 }
 
 fn millis(d: Duration) -> i64 {
@@ -398,6 +391,25 @@ impl Mover {
         if !self.ctx.pool.contains(to) {
             return Err(MoveError::UnknownBackend(to.to_owned()));
         }
+        // Copying onto messages already there would double them. Checked before the move
+        // is recorded: whatever a run of this move finds on the target later (before the
+        // switch) is its own copies.
+        let password = Secret::new(self.config.password().map_err(MoveError::Password)?);
+        let mut target = self.login(to, mailbox, &password).await?;
+        let present = message_count(&mut target)
+            .await
+            .map_err(|source| MoveError::Imap {
+                backend: to.to_owned(),
+                source,
+            })?;
+        target.logout().await;
+        if present > 0 {
+            return Err(MoveError::TargetNotEmpty {
+                backend: to.to_owned(),
+                mailbox: mailbox.to_string(),
+                messages: present,
+            });
+        }
         let holder = self.holder();
         let now = unix_ms();
         let record = MoveRecord {
@@ -436,7 +448,10 @@ impl Mover {
             mailbox,
             holder,
             lease,
-            renewed: std::sync::atomic::AtomicI64::new(unix_ms()),
+            // The lease written with the record began then, not now.
+            renewed: std::sync::atomic::AtomicI64::new(
+                record.expires_ms.saturating_sub(millis(lease)),
+            ),
         };
         let heartbeat = async {
             let every = (lease / 4).max(Duration::from_millis(500));
@@ -450,25 +465,40 @@ impl Mover {
                     }
                     Err(_) => tracing::warn!(%mailbox, "move lease not renewed in time"),
                 }
-                if !journal.fresh() {
-                    return MoveError::LeaseLost(mailbox.to_string());
-                }
             }
         };
-        // Set once the run may have changed the new backend (a fresh run: after the
-        // check that the target holds nothing): a failure before that touched nothing.
+        // The run stops the moment its lease is half gone since the last renewal (by the
+        // heartbeat, a fence or a batch's record), whatever it is doing.
+        let watchdog = async {
+            loop {
+                let deadline = journal
+                    .renewed
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .saturating_add(millis(lease) / 2);
+                let left = deadline.saturating_sub(unix_ms());
+                if left <= 0 {
+                    return MoveError::LeaseLost(mailbox.to_string());
+                }
+                tokio::time::sleep(Duration::from_millis(left.unsigned_abs())).await;
+            }
+        };
+        // Set once the run may change the new backend: a failure before that touched
+        // nothing.
         let touched = std::sync::atomic::AtomicBool::new(start == Start::Resumed);
         let result = tokio::select! {
             result = self.run(mailbox, record, start, &journal, &touched, progress) => result,
             lost = heartbeat => Err(lost),
+            lost = watchdog => Err(lost),
         };
+        let untouched = !touched.load(std::sync::atomic::Ordering::Relaxed);
         let end = match &result {
             Ok(_) => true,
             // Not this run's any more, or not renewable: the record is left to the lease.
             Err(MoveError::TakenOver(_) | MoveError::LeaseLost(_)) => false,
+            // A fresh run that did not reach the target: nothing to finish.
+            Err(_) if start == Start::Fresh && untouched => true,
             Err(error) => {
-                (error.is_refusal() || !touched.load(std::sync::atomic::Ordering::Relaxed))
-                    && !self.switched(mailbox, &record.to).await
+                (error.is_refusal() || untouched) && !self.switched(mailbox, &record.to).await
             }
         };
         if end && let Err(error) = self.ctx.directory.store().end_move(mailbox, holder).await {
@@ -520,18 +550,10 @@ impl Mover {
         let mut new = self.login(to, mailbox, &password).await?;
         let sides = Sides { from, to };
         let mut folders: BTreeMap<String, Folder> = BTreeMap::new();
-        if start == Start::Fresh {
-            // Copying onto messages already there would double them.
-            let present = message_count(&mut new).await.map_err(sides.on_new())?;
-            if present > 0 {
-                return Err(MoveError::TargetNotEmpty {
-                    backend: to.to_owned(),
-                    mailbox: mailbox.to_string(),
-                    messages: present,
-                });
-            }
-            touched.store(true, std::sync::atomic::Ordering::Relaxed);
-        } else {
+        // From here on the target may change (the check that it held nothing for the
+        // mailbox came before the move was recorded).
+        touched.store(true, std::sync::atomic::Ordering::Relaxed);
+        if start == Start::Resumed {
             // What the stopped run copied is not copied again, nor are the copies it made
             // but had not recorded yet.
             for copy in directory.store().move_copies(mailbox).await? {
@@ -599,26 +621,32 @@ impl Mover {
         progress.set_phase("reconciling");
         journal.fence().await?;
         let whole = !switched_before;
+        // Per folder, the originals whose copies were expunged: never deleted below (gone
+        // already, or — should a FETCH answer have been misread — kept rather than lost).
+        let mut expunged: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
         for (name, folder) in &folders {
-            let (expunged, flagged) =
-                reconcile(&mut old, &mut new, name, folder, sides, whole).await?;
-            report.expunged_on_new += expunged;
+            let (gone, flagged) = reconcile(&mut old, &mut new, name, folder, sides, whole).await?;
+            report.expunged_on_new += gone.len() as u64;
             report.flags_synced += flagged;
+            expunged.insert(name, gone);
         }
         // 4. Delete what was copied from the old backend.
         if self.config.delete_old {
             progress.set_phase("deleting");
             for (name, folder) in &folders {
-                if folder.copied.is_empty() {
+                let keep = expunged.get(name.as_str());
+                if folder
+                    .copied
+                    .iter()
+                    .all(|uid| keep.is_some_and(|k| k.contains(uid)))
+                {
                     continue;
                 }
                 journal.fence().await?;
-                report.deleted += delete_copied(&mut old, name, folder)
+                report.deleted += delete_copied(&mut old, name, folder, keep)
                     .await
                     .map_err(sides.on_old())?;
             }
-            // Those a client expunged during the copy were not there to delete.
-            report.deleted = report.deleted.saturating_sub(report.expunged_on_new);
         }
         report.folders = folders.len();
         old.logout().await;
@@ -781,8 +809,14 @@ async fn adopt_unrecorded(
             .unwrap_or(0);
         match new.run(&format!("EXAMINE {}", quote(&name)), &[]).await {
             Ok(_) => {}
-            // Not created on the new backend yet: nothing there to adopt.
-            Err(ImapError::Refused { .. }) => continue,
+            Err(refused @ ImapError::Refused { .. }) => {
+                if is_listed(new, &name).await.map_err(sides.on_new())? {
+                    // There but not examinable now: retried rather than copied twice.
+                    return Err(sides.on_new()(refused));
+                }
+                // Not created on the new backend yet: nothing there to adopt.
+                continue;
+            }
             Err(e) => return Err(sides.on_new()(e)),
         }
         let fresh = envelopes(new, after + 1).await.map_err(sides.on_new())?;
@@ -873,14 +907,31 @@ async fn copy_pass(
         }
         let selected = match old.run(&format!("EXAMINE {}", quote(&name)), &[]).await {
             Ok(selected) => selected,
-            // Deleted or renamed by a client since the LIST: the next pass sees the list
-            // as it is now.
-            Err(ImapError::Refused { .. }) => continue,
+            Err(refused @ ImapError::Refused { .. }) => {
+                if is_listed(old, &name).await.map_err(&o)? {
+                    return Err(o(refused));
+                }
+                // Deleted or renamed by a client since the LIST: the next pass sees the
+                // list as it is now.
+                continue;
+            }
             Err(e) => return Err(o(e)),
         };
         let validity = uid_validity(&selected);
         if folder.validity.is_some() && folder.validity != validity {
-            // The folder was recreated on the old backend: its UIDs are new.
+            // The folder was recreated on the old backend: its UIDs are new, and the
+            // messages copied from the one before are gone (or, after an index rebuild,
+            // are these again): their copies go, and the folder is copied afresh.
+            let copies: Vec<u32> = folder.copies.values().map(|(uid, _)| *uid).collect();
+            if !copies.is_empty() {
+                new.run(&format!("SELECT {}", quote(&name)), &[])
+                    .await
+                    .map_err(&n)?;
+                let mut copies = copies;
+                copies.sort_unstable();
+                expunge_selected(new, copies).await.map_err(&n)?;
+                new.run("UNSELECT", &[]).await.map_err(&n)?;
+            }
             folder.copied.clear();
             folder.copies.clear();
             journal.record(Some(&name), &[]).await?;
@@ -952,7 +1003,8 @@ async fn copy_pass(
 /// gone (a client expunged it before the switch) is expunged on the new backend; a copy
 /// whose original's flags changed since the copy gets those flags. Copies without a known
 /// new UID (a server without UIDPLUS) are left as they are. Not `whole`: only a folder
-/// gone from the old backend is carried over (its copies expunged).
+/// gone from the old backend is carried over (its copies expunged). Returns the old UIDs
+/// whose copies were expunged, and how many copies got flags.
 async fn reconcile(
     old: &mut ImapClient,
     new: &mut ImapClient,
@@ -960,10 +1012,10 @@ async fn reconcile(
     folder: &Folder,
     sides: Sides<'_>,
     whole: bool,
-) -> Result<(u64, u64), MoveError> {
+) -> Result<(BTreeSet<u32>, u64), MoveError> {
     let (o, n) = (sides.on_old(), sides.on_new());
     if folder.copies.is_empty() {
-        return Ok((0, 0));
+        return Ok((BTreeSet::new(), 0));
     }
     let now: BTreeMap<u32, Vec<String>> = match old
         .run(&format!("EXAMINE {}", quote(name)), &[])
@@ -972,31 +1024,44 @@ async fn reconcile(
         // Only deleted folders (see the caller).
         Ok(_) if !whole => {
             old.run("UNSELECT", &[]).await.map_err(&o)?;
-            return Ok((0, 0));
+            return Ok((BTreeSet::new(), 0));
         }
-        Ok(selected) if uid_validity(&selected) == folder.validity => old
-            .run("UID FETCH 1:* (UID FLAGS)", &[])
-            .await
-            .map_err(&o)?
-            .iter()
-            .filter_map(fetched)
-            .map(|f| (f.uid, f.flags))
-            .collect(),
+        Ok(selected) if uid_validity(&selected) == folder.validity => {
+            let now = old
+                .run("UID FETCH 1:* (UID FLAGS)", &[])
+                .await
+                .map_err(&o)?
+                .iter()
+                .filter_map(fetched)
+                .map(|f| (f.uid, f.flags))
+                .collect();
+            old.run("UNSELECT", &[]).await.map_err(&o)?;
+            now
+        }
         // Recreated since the copy: the originals copied are gone.
-        Ok(_) => BTreeMap::new(),
-        // Deleted (or renamed) by a client during the copy: so are its copies (a
-        // renamed folder was copied under its new name).
-        Err(ImapError::Refused { .. }) => {
+        Ok(_) => {
+            old.run("UNSELECT", &[]).await.map_err(&o)?;
+            BTreeMap::new()
+        }
+        Err(refused @ ImapError::Refused { .. }) => {
+            if is_listed(old, name).await.map_err(&o)? {
+                // There, but not examinable now: a temporary failure, not a deletion.
+                return Err(o(refused));
+            }
+            // Deleted (or renamed) by a client during the copy: so are its copies (a
+            // renamed folder was copied under its new name).
             tracing::info!(folder = %name, "folder deleted or renamed on the old backend during the move: its copies are expunged");
             BTreeMap::new()
         }
         Err(e) => return Err(o(e)),
     };
-    let mut gone = Vec::new();
+    let mut gone = BTreeMap::new();
     let mut changed = Vec::new();
     for (old_uid, (new_uid, copied_flags)) in &folder.copies {
         match now.get(old_uid) {
-            None => gone.push(*new_uid),
+            None => {
+                gone.insert(*new_uid, *old_uid);
+            }
             Some(flags) if !same_flags(flags, copied_flags) => {
                 let lower = |f: &[String]| -> BTreeSet<String> {
                     f.iter().map(|x| x.to_ascii_lowercase()).collect()
@@ -1015,10 +1080,8 @@ async fn reconcile(
             Some(_) => {}
         }
     }
-    // Harmless when nothing is selected (the folder was gone): the answer is ignored.
-    let _ = old.run("UNSELECT", &[]).await;
     if gone.is_empty() && changed.is_empty() {
-        return Ok((0, 0));
+        return Ok((BTreeSet::new(), 0));
     }
     new.run(&format!("SELECT {}", quote(name)), &[])
         .await
@@ -1036,20 +1099,41 @@ async fn reconcile(
                 .map_err(&n)?;
         }
     }
-    gone.sort_unstable();
-    for chunk in gone.chunks(UID_CHUNK) {
-        let set = uid_set(chunk.iter().copied());
-        new.run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"), &[])
-            .await
-            .map_err(&n)?;
-        new.run(&format!("UID EXPUNGE {set}"), &[])
-            .await
-            .map_err(&n)?;
-    }
+    expunge_selected(new, gone.keys().copied())
+        .await
+        .map_err(&n)?;
     // UNSELECT, not CLOSE: CLOSE would expunge every message a user marked deleted on
     // the live copy.
     new.run("UNSELECT", &[]).await.map_err(&n)?;
-    Ok((gone.len() as u64, changed.len() as u64))
+    Ok((gone.into_values().collect(), changed.len() as u64))
+}
+
+/// `UID STORE +FLAGS.SILENT (\Deleted)` and `UID EXPUNGE` of exactly `uids` (sorted) in the
+/// selected folder, in chunks.
+async fn expunge_selected(
+    client: &mut ImapClient,
+    uids: impl IntoIterator<Item = u32>,
+) -> Result<(), ImapError> {
+    let uids: Vec<u32> = uids.into_iter().collect();
+    for chunk in uids.chunks(UID_CHUNK) {
+        let set = uid_set(chunk.iter().copied());
+        client
+            .run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"), &[])
+            .await?;
+        client.run(&format!("UID EXPUNGE {set}"), &[]).await?;
+    }
+    Ok(())
+}
+
+/// Whether `name` is still listed (and selectable) on the server: a refused EXAMINE or
+/// SELECT of a listed folder is a temporary failure, not a deletion.
+async fn is_listed(client: &mut ImapClient, name: &str) -> Result<bool, ImapError> {
+    Ok(client
+        .run(&format!("LIST \"\" {}", quote(name)), &[])
+        .await?
+        .iter()
+        .filter_map(list_entry)
+        .any(|(listed, _)| listed == name))
 }
 
 fn same_flags(a: &[String], b: &[String]) -> bool {
@@ -1081,15 +1165,21 @@ async fn message_count(client: &mut ImapClient) -> Result<u64, ImapError> {
     Ok(total)
 }
 
-/// Flags and expunges exactly `uids` in `folder`; how many.
+/// Flags and expunges the copied messages of `folder` on the old backend but those in
+/// `keep`; how many.
 async fn delete_copied(
     old: &mut ImapClient,
     name: &str,
     folder: &Folder,
+    keep: Option<&BTreeSet<u32>>,
 ) -> Result<u64, ImapError> {
     let selected = match old.run(&format!("SELECT {}", quote(name)), &[]).await {
         Ok(selected) => selected,
-        Err(ImapError::Refused { .. }) => {
+        Err(refused @ ImapError::Refused { .. }) => {
+            if is_listed(old, name).await? {
+                // There, but not selectable now: a temporary failure (retried).
+                return Err(refused);
+            }
             // Deleted or renamed on the old backend: nothing of it to delete there.
             tracing::warn!(folder = %name, "folder gone from the old backend during the move: nothing deleted from it");
             return Ok(0);
@@ -1102,7 +1192,12 @@ async fn delete_copied(
         old.run("UNSELECT", &[]).await?;
         return Ok(0);
     }
-    let uids: Vec<u32> = folder.copied.iter().copied().collect();
+    let uids: Vec<u32> = folder
+        .copied
+        .iter()
+        .copied()
+        .filter(|uid| keep.is_none_or(|k| !k.contains(uid)))
+        .collect();
     for chunk in uids.chunks(UID_CHUNK) {
         let set = uid_set(chunk.iter().copied());
         old.run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"), &[])
