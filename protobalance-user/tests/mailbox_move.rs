@@ -336,6 +336,54 @@ print(state)
     assert_eq!(out.trim(), (kept_before + BULK + live.len()).to_string());
 }
 
+/// The backend a move of a mailbox on `from` goes to in these tests.
+fn other(from: &str) -> &'static str {
+    if from == "backend1" {
+        "backend2"
+    } else {
+        "backend1"
+    }
+}
+
+/// The harness backend called `name`.
+fn backend_named<'a>(cluster: &'a DovecotCluster, name: &str) -> &'a DovecotBackend {
+    cluster
+        .backends()
+        .iter()
+        .find(|b| b.name() == name)
+        .expect("backend")
+}
+
+/// Delivers `bulk-0` .. `bulk-{n-1}` to `user` on `backend` (LMTP, straight to it); the
+/// subjects, sorted.
+fn populate(backend: &DovecotBackend, user: &str, n: usize) -> Vec<String> {
+    python(&format!(
+        r#"
+import smtplib
+l = smtplib.LMTP("{ip}", {port})
+for i in range({n}):
+    l.sendmail("a@example.net", ["{user}"], "Subject: bulk-%d\r\n\r\nbody %d\r\n" % (i, i))
+l.quit()
+"#,
+        ip = backend.ip(),
+        port = backend.lmtp_port(),
+    ))
+    .expect("populating");
+    let mut subjects: Vec<String> = (0..n).map(|i| format!("bulk-{i}")).collect();
+    subjects.sort_unstable();
+    subjects
+}
+
+/// Asserts that `backend` holds exactly the messages `want` (subjects, any order) for
+/// `user`: every one once.
+fn assert_holds_exactly(backend: &DovecotBackend, user: &str, mut want: Vec<String>, what: &str) {
+    let held = contents(backend, user);
+    let mut subjects: Vec<&str> = held.values().flatten().map(|(s, _)| s.as_str()).collect();
+    subjects.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(subjects, want, "{what}");
+}
+
 /// Starts moving `user` to `to` through the API (`?wait=no`) and follows the job until
 /// `ready` (a Python condition on `doc`, the job's XML) holds; then runs `then` (Python)
 /// and returns what the script printed.
@@ -401,37 +449,14 @@ fn a_move_cut_short_by_a_crash_is_finished_with_every_message_once() {
     let mut cluster = DovecotCluster::start(3, USERS).expect("cluster");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut edge = edge_with(&cluster, dir.path(), 4, "resume_after_seconds = 2");
-    let backend = |name: &str| {
-        cluster
-            .backends()
-            .iter()
-            .find(|b| b.name() == name)
-            .expect("backend")
-    };
     for (user, stage) in [
         ("user7@example.com", "copying"),
         ("user8@example.com", "settling"),
     ] {
         let from = owner(&edge, user);
-        let to = if from == "backend1" {
-            "backend2"
-        } else {
-            "backend1"
-        };
-        let (old, new) = (backend(&from), backend(to));
-        python(&format!(
-            r#"
-import smtplib
-l = smtplib.LMTP("{ip}", {port})
-for i in range({BULK}):
-    l.sendmail("a@example.net", ["{user}"], "Subject: bulk-%d\r\n\r\nbody %d\r\n" % (i, i))
-l.quit()
-"#,
-            ip = old.ip(),
-            port = old.lmtp_port(),
-        ))
-        .expect("populating");
-        let mut want: Vec<String> = (0..BULK).map(|i| format!("bulk-{i}")).collect();
+        let to = other(&from);
+        let (old, new) = (backend_named(&cluster, &from), backend_named(&cluster, to));
+        let mut want = populate(old, user, BULK);
         if stage == "copying" {
             // Stopped in the middle of the first pass, before the switch.
             let doc = move_until(
@@ -468,11 +493,12 @@ l.quit()
             "{user}: stopped while {stage}, finished {:?} after the restart",
             started.elapsed()
         );
-        let moved = contents(new, user);
-        let mut subjects: Vec<&str> = moved.values().flatten().map(|(s, _)| s.as_str()).collect();
-        subjects.sort_unstable();
-        want.sort_unstable();
-        assert_eq!(subjects, want, "{user}: every message once on {to}");
+        assert_holds_exactly(
+            new,
+            user,
+            want,
+            &format!("{user}: every message once on {to}"),
+        );
         assert_eq!(
             sample(
                 &edge,
@@ -487,11 +513,7 @@ l.quit()
     // recorded, retried, and can be abandoned; the mail stays on the old backend.
     let user = "user9@example.com";
     let from = owner(&edge, user);
-    let to = if from == "backend1" {
-        "backend2"
-    } else {
-        "backend1"
-    };
+    let to = other(&from);
     support::deliver(&cluster, &from, user, "kept-on-the-old-backend");
     move_until(&edge, user, to, "'phase=\"settling\"' in doc", "");
     // The edge running the move dies, and the old backend goes away (the edge's IMAP
@@ -581,58 +603,14 @@ fn a_move_is_one_nodes_at_a_time_and_another_node_finishes_it_when_that_node_die
     let b = edge_with(&cluster, dir.path(), 6, &shared);
     let user = "user11@example.com";
     let from = owner(&a, user);
-    let to = if from == "backend1" {
-        "backend2"
-    } else {
-        "backend1"
-    };
-    let backend = |name: &str| {
-        cluster
-            .backends()
-            .iter()
-            .find(|b| b.name() == name)
-            .expect("backend")
-    };
-    let (old, new) = (backend(&from), backend(to));
-    python(&format!(
-        r#"
-import smtplib
-l = smtplib.LMTP("{ip}", {port})
-for i in range(100):
-    l.sendmail("a@example.net", ["{user}"], "Subject: bulk-%d\r\n\r\nbody\r\n" % i)
-l.quit()
-"#,
-        ip = old.ip(),
-        port = old.lmtp_port(),
-    ))
-    .expect("populating");
+    let to = other(&from);
+    let (old, new) = (backend_named(&cluster, &from), backend_named(&cluster, to));
+    let want = populate(old, user, 100);
     // An IMAP session through node B on the old backend: node B hears of node A's
     // switch through the directory and ends it.
     let imap_b = b.listeners[1];
-    let pass = password_for(user).expect("password");
-    let watcher = std::thread::spawn(move || {
-        python(&format!(
-            r#"
-import imaplib, time
-m = imaplib.IMAP4("{ip}", {port}, timeout=10)
-m.login("{user}", "{pass}")
-m.select("INBOX")
-end = time.time() + 40
-state = "open"
-while time.time() < end:
-    try:
-        m.noop()
-    except Exception:
-        state = "closed"
-        break
-    time.sleep(0.1)
-print(state)
-"#,
-            ip = imap_b.ip(),
-            port = imap_b.port(),
-        ))
-        .expect("watcher")
-    });
+    let watcher = support::imap_watcher(imap_b, user, 40);
+    let watcher = std::thread::spawn(move || python(&watcher).expect("watcher"));
     std::thread::sleep(Duration::from_millis(500));
     let out = move_until(
         &a,
@@ -661,8 +639,8 @@ except urllib.error.HTTPError as e:
     );
     assert!(out.contains("node B kept it 409"), "{out}");
     assert_eq!(
-        watcher.join().expect("watcher thread").trim(),
-        "closed",
+        watcher.join().expect("watcher thread").lines().last(),
+        Some("closed"),
         "node B ended its session on the old backend after node A's switch"
     );
     // Node A dies after the switch; node B finishes the move.
@@ -673,12 +651,7 @@ except urllib.error.HTTPError as e:
         "node B finished node A's move {:?} after A died",
         started.elapsed()
     );
-    let moved = contents(new, user);
-    let mut subjects: Vec<&str> = moved.values().flatten().map(|(s, _)| s.as_str()).collect();
-    subjects.sort_unstable();
-    let mut want: Vec<String> = (0..100).map(|i| format!("bulk-{i}")).collect();
-    want.sort_unstable();
-    assert_eq!(subjects, want, "every message once on {to}");
+    assert_holds_exactly(new, user, want, &format!("every message once on {to}"));
     assert_eq!(
         sample(&b, "protobalance_mailbox_moves_total{result=\"resumed\"}"),
         1
@@ -707,26 +680,12 @@ fn a_move_stopped_by_an_unreachable_directory_is_finished_when_it_returns() {
     let edge = edge_with(&cluster, dir.path(), 4, &shared);
     let user = "user12@example.com";
     let from = owner(&edge, user);
-    let to = if from == "backend1" {
-        "backend2"
-    } else {
-        "backend1"
-    };
-    let backend = |name: &str| {
-        cluster
-            .backends()
-            .iter()
-            .find(|b| b.name() == name)
-            .expect("backend")
-    };
-    let (old, new) = (backend(&from), backend(to));
+    let to = other(&from);
+    let (old, new) = (backend_named(&cluster, &from), backend_named(&cluster, to));
+    let want = populate(old, user, 100);
     python(&format!(
         r#"
-import imaplib, smtplib
-l = smtplib.LMTP("{ip}", {lmtp})
-for i in range(100):
-    l.sendmail("a@example.net", ["{user}"], "Subject: bulk-%d\r\n\r\nbody\r\n" % i)
-l.quit()
+import imaplib
 m = imaplib.IMAP4("{ip}", {imap})
 m.login("{user}*{MASTER_USER}", "{MASTER_PASSWORD}")
 m.create("Doomed")
@@ -735,10 +694,9 @@ for i in range(3):
 m.logout()
 "#,
         ip = old.ip(),
-        lmtp = old.lmtp_port(),
         imap = old.imap_port(),
     ))
-    .expect("populating");
+    .expect("a folder to delete");
     // Switched and settling: the folder goes from the old backend, then the directory.
     move_until(
         &edge,
@@ -775,14 +733,11 @@ m.logout()
         "finished {:?} after PostgreSQL came back",
         started.elapsed()
     );
-    let moved = contents(new, user);
-    let mut subjects: Vec<&str> = moved.values().flatten().map(|(s, _)| s.as_str()).collect();
-    subjects.sort_unstable();
-    let mut want: Vec<String> = (0..100).map(|i| format!("bulk-{i}")).collect();
-    want.sort_unstable();
-    assert_eq!(
-        subjects, want,
-        "every message once on {to}; the vanished folder's copies expunged"
+    assert_holds_exactly(
+        new,
+        user,
+        want,
+        &format!("every message once on {to}; the vanished folder's copies expunged"),
     );
     assert_eq!(pg.psql("SELECT count(*) FROM moves").expect("psql"), "0");
 }

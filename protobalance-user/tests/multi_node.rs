@@ -346,28 +346,7 @@ fn a_login_under_way_when_the_owner_changes_does_not_stay_on_the_old_backend() {
     let edge = start_edge_sections(&sections, &[Listen("imap", None)], &extra);
     let imap = edge.listeners[0];
     // Logs in (held 3 s by the relay), then says whether the session stays open for 4 s.
-    let session = |user: &str| {
-        let pass = password_for(user).expect("password");
-        format!(
-            r#"
-import imaplib, time
-m = imaplib.IMAP4("{ip}", {port}, timeout=10)
-print("login", m.login("{user}", "{pass}")[0])
-end = time.time() + 4
-state = "open"
-while time.time() < end:
-    try:
-        m.noop()
-    except Exception:
-        state = "closed"
-        break
-    time.sleep(0.1)
-print(state)
-"#,
-            ip = imap.ip(),
-            port = imap.port(),
-        )
-    };
+    let session = |user: &str| support::imap_watcher(imap, user, 4);
     let control = python(&session("user2@example.com")).expect("control login");
     assert!(
         control.contains("login OK") && control.trim_end().ends_with("open"),

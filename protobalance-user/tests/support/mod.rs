@@ -248,6 +248,36 @@ pub fn get(admin: SocketAddr, path: &str) -> Option<String> {
     Some(response)
 }
 
+/// A Python IMAP client: logs `user` in at `addr` and selects INBOX, then sends NOOPs for
+/// up to `seconds`. Prints `login <status>`, then `open`, or `closed` as soon as the
+/// server ends the session.
+pub fn imap_watcher(addr: SocketAddr, user: &str, seconds: u64) -> String {
+    let pass = protobalance_tests::password_for(user).expect("password");
+    format!(
+        r#"
+import imaplib, time
+m = imaplib.IMAP4("{ip}", {port}, timeout=10)
+print("login", m.login("{user}", "{pass}")[0])
+try:
+    m.select("INBOX")
+except Exception:
+    pass
+end = time.time() + {seconds}
+state = "open"
+while time.time() < end:
+    try:
+        m.noop()
+    except Exception:
+        state = "closed"
+        break
+    time.sleep(0.1)
+print(state)
+"#,
+        ip = addr.ip(),
+        port = addr.port(),
+    )
+}
+
 /// [`get`] with an API bearer token.
 pub fn get_with_token(admin: SocketAddr, path: &str, token: &str) -> Option<String> {
     let mut s = TcpStream::connect(admin).ok()?;
