@@ -569,6 +569,14 @@ impl LiveSession<'_> {
     }
 }
 
+impl<S> Drop for Directory<S> {
+    fn drop(&mut self) {
+        // The session-checking task waits on these checks: it ends now.
+        self.session_checks.closed.store(true, Ordering::Relaxed);
+        self.session_checks.wake.notify_one();
+    }
+}
+
 impl Drop for LiveSession<'_> {
     fn drop(&mut self) {
         let mut map = self.sessions.lock();
@@ -696,6 +704,8 @@ impl BanChanges {
 pub struct SessionChecks {
     queue: Mutex<(std::collections::HashSet<Mailbox>, bool)>,
     wake: tokio::sync::Notify,
+    /// Set when the directory is dropped: the checking task ends.
+    closed: AtomicBool,
 }
 
 impl SessionChecks {
@@ -716,14 +726,18 @@ impl SessionChecks {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Waits for checks, then takes them: `(mailboxes, all)`.
-    async fn next(&self) -> (Vec<Mailbox>, bool) {
+    /// Waits for checks, then takes them: `(mailboxes, all)`; `None` once the directory
+    /// is gone.
+    async fn next(&self) -> Option<(Vec<Mailbox>, bool)> {
         loop {
+            if self.closed.load(Ordering::Relaxed) {
+                return None;
+            }
             {
                 let mut q = self.lock();
                 if q.1 || !q.0.is_empty() {
                     let all = std::mem::take(&mut q.1);
-                    return (q.0.drain().collect(), all);
+                    return Some((q.0.drain().collect(), all));
                 }
             }
             self.wake.notified().await;
@@ -809,8 +823,7 @@ impl<S: MailboxDirectory> Directory<S> {
         else {
             return;
         };
-        loop {
-            let (mut mailboxes, all) = checks.next().await;
+        while let Some((mut mailboxes, all)) = checks.next().await {
             let Some(this) = directory.upgrade() else {
                 return;
             };

@@ -346,3 +346,21 @@ async fn move_records_follow_the_store_contract() {
     let (store, _dir) = store();
     super::contract::move_records(&store).await;
 }
+
+#[tokio::test]
+async fn the_session_checking_task_ends_with_its_directory() {
+    let (store, _dir) = store();
+    let directory = std::sync::Arc::new(directory(store));
+    let task = tokio::spawn(super::Directory::check_sessions(std::sync::Arc::downgrade(
+        &directory,
+    )));
+    // A check of a mailbox without sessions is a no-op; the task keeps waiting.
+    directory.session_checks().push(mb("nobody@example.com"));
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!task.is_finished());
+    drop(directory);
+    tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        .await
+        .expect("the task ended")
+        .expect("no panic");
+}

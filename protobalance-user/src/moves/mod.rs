@@ -819,7 +819,12 @@ async fn adopt_unrecorded(
             }
             Err(e) => return Err(sides.on_new()(e)),
         }
-        let fresh = envelopes(new, after + 1).await.map_err(sides.on_new())?;
+        // A copy recorded at the last possible UID leaves nothing after it to adopt.
+        let Some(first) = after.checked_add(1) else {
+            new.run("UNSELECT", &[]).await.map_err(sides.on_new())?;
+            continue;
+        };
+        let fresh = envelopes(new, first).await.map_err(sides.on_new())?;
         if fresh.is_empty() {
             new.run("UNSELECT", &[]).await.map_err(sides.on_new())?;
             continue;
@@ -1259,7 +1264,7 @@ fn uid_set(uids: impl IntoIterator<Item = u32>) -> String {
     };
     for uid in uids {
         run = match run {
-            Some((a, b)) if uid == b + 1 => Some((a, uid)),
+            Some((a, b)) if b.checked_add(1) == Some(uid) => Some((a, uid)),
             Some(r) => {
                 flush(&mut out, r);
                 Some((uid, uid))
@@ -1297,6 +1302,12 @@ mod tests {
     #[test]
     fn uid_sets_compress_runs() {
         assert_eq!(uid_set([1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
+        // The largest UID a server may give does not overflow.
+        assert_eq!(
+            uid_set([u32::MAX - 1, u32::MAX]),
+            format!("{}:{}", u32::MAX - 1, u32::MAX)
+        );
+        assert_eq!(uid_set([u32::MAX, 1]), format!("{},1", u32::MAX));
         assert_eq!(uid_set([5]), "5");
         assert_eq!(uid_set([]), "");
     }
