@@ -88,7 +88,7 @@ pub fn job_document(job: &Job) -> String {
     Writer::document("job", &borrowed(&job_attributes(job))).finish()
 }
 
-fn mover(state: &ApiState) -> Result<&crate::moves::Mover, ApiError> {
+pub(super) fn mover(state: &ApiState) -> Result<&crate::moves::Mover, ApiError> {
     state.mover.as_deref().ok_or_else(|| {
         ApiError::conflict(
             "moves_not_configured",

@@ -3,29 +3,15 @@
 
 use hyper::StatusCode;
 
+use super::jobs::mover;
 use super::{ApiError, ApiResponse, ApiState, no_content, xml::Writer, xml_response};
-use crate::moves::jobs::Abandoned;
-
-fn mover(state: &ApiState) -> Result<&crate::moves::Mover, ApiError> {
-    state.mover.as_deref().ok_or_else(|| {
-        ApiError::conflict(
-            "moves_not_configured",
-            "this node runs no mail listeners, so it runs no moves",
-        )
-    })
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use crate::moves::{jobs::Abandoned, unix_ms};
 
 /// `GET moves`: `<moves>` of `<recorded-move mailbox from to holder started-ms
 /// lease-ends-ms state/>`; `state`: `running-here`, `running` (another node's lease runs)
 /// or `stopped` (resumed once a node can).
 pub async fn list(state: &ApiState) -> Result<ApiResponse, ApiError> {
-    let now = now_ms();
+    let now = unix_ms();
     let mut w = Writer::document("moves", &[]);
     for (record, here) in mover(state)?.recorded().await? {
         let run = if here {
@@ -86,7 +72,7 @@ pub async fn delete(state: &ApiState, address: &str, query: &str) -> Result<ApiR
             format!(
                 "a run holds the move of {mailbox} (its lease ends in {} s unless renewed): \
                  only a stopped move can be abandoned",
-                ends.saturating_sub(now_ms()).max(0) / 1000
+                ends.saturating_sub(unix_ms()).max(0) / 1000
             ),
         )),
     }

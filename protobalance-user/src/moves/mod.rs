@@ -222,7 +222,8 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn unix_ms() -> i64 {
+/// Now, in Unix milliseconds (move leases and their API).
+pub(crate) fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -398,10 +399,7 @@ impl Mover {
         let mut target = self.login(to, mailbox, &password).await?;
         let present = message_count(&mut target)
             .await
-            .map_err(|source| MoveError::Imap {
-                backend: to.to_owned(),
-                source,
-            })?;
+            .map_err(Sides { from: &from, to }.on_new())?;
         target.logout().await;
         if present > 0 {
             return Err(MoveError::TargetNotEmpty {
