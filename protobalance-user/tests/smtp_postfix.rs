@@ -612,6 +612,50 @@ fn a_submission_backend_without_auth_is_a_temporary_failure() {
     assert!(failed.ends_with(" 1"), "{failed}");
 }
 
+/// The edge answers DATA with 354 while the backend's own answer is on its way (one round
+/// trip less per message). A backend that refuses DATA (here every Postfix, by
+/// `smtpd_data_restrictions`) gets nothing of the message: the edge reads it to its end and
+/// then relays the refusal, in the same session, which goes on; the refused backend
+/// session is not kept for reuse; nothing is queued.
+#[test]
+fn a_backend_refusing_data_has_its_refusal_relayed_after_the_message() {
+    if skip("smtp_postfix") {
+        return;
+    }
+    let cluster = Cluster::start_with("", false, &["smtpd_data_restrictions = reject"]);
+    let user = "user41@example.com";
+    let (host, smtp) = cluster.addr(SMTP);
+    let out = python(&format!(
+        "import smtplib\ns = smtplib.SMTP('{host}', {smtp}, timeout=10)\ns.ehlo('c.example.net')\n\
+         for i in range(2):\n\
+         \x20   print('mail', s.mail('a@sender.example.net')[0], 'rcpt', s.rcpt('{user}')[0])\n\
+         \x20   print('data', s.data('Subject: refused\\r\\n\\r\\n' + 'x' * 200000 + '\\r\\n'))\n\
+         print('noop', s.noop()[0]); s.quit()\n"
+    ))
+    .expect("smtplib");
+    assert_eq!(out.matches("mail 250 rcpt 250").count(), 2, "{out}");
+    assert_eq!(
+        out.matches("data (554, b'5.7.1 <DATA>: Data command rejected")
+            .count(),
+        2,
+        "{out}"
+    );
+    assert!(out.contains("noop 250"), "{out}");
+    let home = owner(&cluster.edge, user);
+    let backend = cluster.backend(&home);
+    assert_eq!(backend.queue_len().expect("queue"), 0, "nothing queued");
+    assert_eq!(backend.dovecot().message_count(user).expect("count"), 0);
+    let sessions = |result: &str| {
+        support::sample(
+            &cluster.edge,
+            &format!(
+                "protobalance_backend_sessions_total{{backend=\"{home}\",result=\"{result}\"}}"
+            ),
+        )
+    };
+    assert_eq!((sessions("fresh"), sessions("reused")), (2, 0), "{out}");
+}
+
 /// `protobalance ctl <args>` against `edge` with `token`: (exit code, output).
 fn ctl(edge: &Edge, token: &str, args: &[&str]) -> (i32, String) {
     support::cli(edge, token, &[&["ctl"], args].concat())

@@ -30,6 +30,7 @@ pub const POSTFIX_BIN: &str = "/usr/sbin/postfix";
 /// as PID 1; otherwise it leaves `master -s` running behind a shell that exits.
 pub const MASTER_BIN: &str = "/usr/lib/postfix/sbin/master";
 pub const POSTQUEUE_BIN: &str = "/usr/sbin/postqueue";
+pub const POSTSUPER_BIN: &str = "/usr/sbin/postsuper";
 /// util-linux `script` (package bsdutils, always installed): runs a command on a pty.
 const SCRIPT_BIN: &str = "/usr/bin/script";
 /// Bound on waiting for the smtpd greeting after spawning the master.
@@ -193,6 +194,20 @@ impl PostfixBackend {
 
     pub fn queue_is_empty(&self) -> Result<bool> {
         Ok(self.queue_len()? == 0)
+    }
+
+    /// Releases every message on hold (`postsuper -H ALL`, which moves them to the
+    /// deferred queue) and has them delivered now (`postqueue -f`).
+    pub fn release_held(&self) -> Result<()> {
+        let output = output_with_timeout(
+            Command::new(POSTSUPER_BIN)
+                .arg("-c")
+                .arg(self.config_dir())
+                .args(["-H", "ALL"]),
+            COMMAND_TIMEOUT,
+        )?;
+        stdout_or_error(&format!("postsuper -H ALL for {}", self.name), output)?;
+        self.postqueue("-f").map(drop)
     }
 
     /// A sending MTA for tests: a Postfix on `ip` (with a one-user Dovecot there for its

@@ -43,6 +43,10 @@ pub enum DeliverError {
     Closed(String),
     #[error("backend `{0}` sent a malformed reply ({1})")]
     BadReply(String, &'static str),
+    /// A pooled session failed the RSET sent ahead of its first command: it went away
+    /// while idle. Nothing it was sent can have taken effect; try another session.
+    #[error("pooled session to backend `{0}` was stale")]
+    Stale(String),
     #[error("backend `{backend}` refused {step} with {code}")]
     Refused {
         backend: String,
@@ -122,6 +126,22 @@ pub struct BackendSession {
     reusable: bool,
     /// The client identity the backend holds (after XCLIENT): address, HELO, ESMTP.
     identity: Option<Identity>,
+    /// The RSET that checks a reused session still stands goes in front of the next
+    /// command, in the same write (the backend offers PIPELINING): no round trip of its
+    /// own.
+    rset: Rset,
+    /// Bytes of the message held back to go out with the end-of-data sequence.
+    held: Vec<u8>,
+}
+
+/// Where the RSET checking a reused session stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rset {
+    None,
+    /// To be sent in front of the next command.
+    Due,
+    /// Sent: the next reply read is its answer.
+    Sent,
 }
 
 /// What XCLIENT told the backend about the client, minus its source port: a reused session
@@ -158,11 +178,9 @@ impl BackendSession {
         // A backend taken down gets no pooled session either: the connect below refuses.
         if !proxied && service != Service::Submission && !ctx.pool.is_admin_down(backend) {
             while let Some(mut session) = ctx.sessions.take(backend, service) {
+                ctx.sessions.count(backend, "reused");
                 match session.adopt(ctx, conn, client).await {
-                    Ok(()) => {
-                        ctx.sessions.count(backend, "reused");
-                        return Ok(session);
-                    }
+                    Ok(()) => return Ok(session),
                     Err(DeliverError::Refused {
                         step: "XCLIENT",
                         code: 500..=599,
@@ -185,7 +203,9 @@ impl BackendSession {
     }
 
     /// Takes over a pooled session for the client of `conn`: its identity by XCLIENT
-    /// (which resets the session; greeted again), or a RSET to check it is still there.
+    /// (which resets the session; greeted again), or a RSET to check it is still there —
+    /// sent with the first command when the backend offers PIPELINING, and then a session
+    /// found gone answers that command with [`DeliverError::Stale`].
     async fn adopt(
         &mut self,
         ctx: &ProxyContext,
@@ -203,7 +223,12 @@ impl BackendSession {
                 self.identity = Some(identity);
                 Ok(())
             }
-            // The same client identity, or none passed: check the session is alive.
+            // The same client identity, or none passed: check the session is alive,
+            // with the next command when the backend takes pipelined commands.
+            _ if self.offers("PIPELINING") => {
+                self.rset = Rset::Due;
+                Ok(())
+            }
             _ => {
                 self.send(b"RSET\r\n").await?;
                 self.expect("RSET", 250).await
@@ -252,6 +277,8 @@ impl BackendSession {
             xclient_offer: None,
             reusable: false,
             identity: None,
+            rset: Rset::None,
+            held: Vec::new(),
         };
         session.expect("greeting", 220).await?;
         // Behind a PROXY header the backend already sees the client's address; greeting
@@ -407,10 +434,22 @@ impl BackendSession {
         Ok(replies)
     }
 
-    /// Sends DATA; the backend must answer `354` before the client is told to go on.
+    /// Sends DATA and waits for the backend's `354`.
     pub async fn start_data(&mut self) -> Result<(), DeliverError> {
-        self.send(b"DATA\r\n").await?;
-        self.expect("DATA", 354).await
+        self.send_data_command().await?;
+        self.data_go_ahead().await.map(drop)
+    }
+
+    /// Sends DATA without waiting for the answer, so the client can be told to go on
+    /// meanwhile; nothing of the message may follow before [`Self::data_go_ahead`].
+    pub async fn send_data_command(&mut self) -> Result<(), DeliverError> {
+        self.send(b"DATA\r\n").await
+    }
+
+    /// The backend's answer to DATA: `Ok(None)` for `354`, `Ok(Some(refusal))` otherwise.
+    pub async fn data_go_ahead(&mut self) -> Result<Option<Reply>, DeliverError> {
+        let reply = self.read_reply(REPLY_TIMEOUT).await?;
+        Ok((reply.code != 354).then_some(reply))
     }
 
     /// Forwards a piece of the (still dot-stuffed) message.
@@ -418,10 +457,18 @@ impl BackendSession {
         self.send(bytes).await
     }
 
+    /// Holds the last piece of the message back to go out in one write with the end of
+    /// data.
+    pub fn write_last(&mut self, bytes: &[u8]) {
+        self.held.extend_from_slice(bytes);
+    }
+
     /// Ends the data and collects the outcome for each accepted recipient: LMTP answers
     /// once per recipient, SMTP once for all of them.
     pub async fn end_data(&mut self) -> Result<Vec<(String, Reply)>, DeliverError> {
-        self.send(END_OF_DATA).await?;
+        let mut last = std::mem::take(&mut self.held);
+        last.extend_from_slice(END_OF_DATA);
+        self.send(&last).await?;
         let accepted = std::mem::take(&mut self.accepted);
         let mut replies = Vec::with_capacity(accepted.len());
         match self.dialect {
@@ -460,8 +507,19 @@ impl BackendSession {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), DeliverError> {
+        let with_rset;
+        let carries_rset = self.rset == Rset::Due;
+        let bytes = if carries_rset {
+            self.rset = Rset::Sent;
+            with_rset = [b"RSET\r\n".as_slice(), bytes].concat();
+            &with_rset
+        } else {
+            bytes
+        };
         match tokio::time::timeout(REPLY_TIMEOUT, self.stream.write_all(bytes)).await {
             Ok(Ok(())) => Ok(()),
+            // The write that carried the check failed: the idle session had gone away.
+            Ok(Err(_)) | Err(_) if carries_rset => Err(DeliverError::Stale(self.backend.clone())),
             Ok(Err(error)) => Err(DeliverError::Io(self.backend.clone(), error)),
             Err(_) => Err(DeliverError::Timeout(self.backend.clone())),
         }
@@ -484,6 +542,17 @@ impl BackendSession {
     }
 
     async fn read_reply(&mut self, timeout: Duration) -> Result<Reply, DeliverError> {
+        if self.rset == Rset::Sent {
+            self.rset = Rset::None;
+            match self.next_reply(REPLY_TIMEOUT).await {
+                Ok(reply) if reply.code == 250 => {}
+                Ok(_) | Err(_) => return Err(DeliverError::Stale(self.backend.clone())),
+            }
+        }
+        self.next_reply(timeout).await
+    }
+
+    async fn next_reply(&mut self, timeout: Duration) -> Result<Reply, DeliverError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match codec::decode_reply(&self.buf) {

@@ -2,7 +2,9 @@
 //! delivery service. A message through the edge otherwise costs the backend a new
 //! connection, a greeting and an LHLO/EHLO each time (and a QUIT); a reused session costs
 //! only the new client's XCLIENT and the greeting after it, or just a RSET when the client
-//! has the same address and HELO as the last one there.
+//! has the same address and HELO as the last one there — sent in the same write as the
+//! transaction's MAIL FROM and first RCPT when the backend offers PIPELINING, so it costs
+//! no round trip of its own.
 //!
 //! Only sessions whose client identity can be replaced are kept: those of backends that
 //! take the identity by XCLIENT (Dovecot LMTP and Postfix allow XCLIENT again outside a

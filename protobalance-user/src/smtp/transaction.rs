@@ -12,7 +12,7 @@
 use super::codec::Reply;
 use super::{
     codec::{Body, ForwardPath, MailParameters, ReversePath, reply},
-    deliver::{self, BackendSession, ClientInfo, Envelope},
+    deliver::{self, BackendSession, ClientInfo, DeliverError, Envelope},
 };
 use crate::{
     directory::{AddressError, Route},
@@ -319,19 +319,30 @@ impl Transaction {
             tracing::warn!(%backend, "owner is not in the backend pool");
             return owner_unavailable();
         };
-        let opened = BackendSession::open(ctx, conn, backend, service, &self.client).await;
-        let mut session = match opened {
-            Ok(session) => session,
-            Err(error) => {
-                tracing::warn!(%error, "owner unavailable for a recipient");
-                return owner_unavailable();
+        // A pooled session found gone at its first command is dropped for the next one
+        // (the pool is finite, and a fresh connection is never stale).
+        let (mut session, begun) = loop {
+            let opened = BackendSession::open(ctx, conn, backend, service, &self.client).await;
+            let mut session = match opened {
+                Ok(session) => session,
+                Err(error) => {
+                    tracing::warn!(%error, "owner unavailable for a recipient");
+                    return owner_unavailable();
+                }
+            };
+            if self.envelope.smtputf8 && !session.offers("SMTPUTF8") {
+                session.quit().await;
+                return deliver::relay(&no_smtputf8_downstream());
+            }
+            match session.mail_and_rcpt(&self.envelope, mailbox).await {
+                Err(DeliverError::Stale(_)) => {
+                    tracing::debug!(%backend, "pooled backend session was stale");
+                    ctx.sessions.count(backend, "stale");
+                }
+                begun => break (session, begun),
             }
         };
-        if self.envelope.smtputf8 && !session.offers("SMTPUTF8") {
-            session.quit().await;
-            return deliver::relay(&no_smtputf8_downstream());
-        }
-        match session.mail_and_rcpt(&self.envelope, mailbox).await {
+        match begun {
             Ok((_, Some(rcpt))) if rcpt.is_positive() => {
                 self.binding = Binding::Bound(Box::new(session));
                 reply(250, Some("2.1.5"), "OK")

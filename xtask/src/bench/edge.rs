@@ -15,7 +15,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use protobalance_tests::{
-    ChildGuard, DovecotBackend, PostfixBackend, free_port, test_dir::TestDir,
+    ChildGuard, DovecotBackend, PostfixBackend, free_port, process::in_own_session,
+    test_dir::TestDir,
 };
 
 use super::protocol::Protocol;
@@ -200,7 +201,7 @@ impl EdgeConfig {
         let log_path = self.dir.join("protobalance.log");
         let log = File::create(&log_path).context("creating protobalance.log")?;
         let mut guard = ChildGuard::spawn(
-            command
+            in_own_session(&mut command)
                 .arg("run")
                 .arg("--config")
                 .arg(&self.path)

@@ -682,7 +682,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         if let Some(scanner) = self.ctx.scanner.clone() {
             return self.scanned_data(&scanner, backend, sender).await;
         }
-        if let Err(error) = backend.start_data().await {
+        // The client hears 354 while the backend's answer to DATA is on its way (one
+        // round trip less); the message waits in the socket until the backend said 354
+        // too. Should it refuse, the message is read to its end and the refusal relayed.
+        if let Err(error) = backend.send_data_command().await {
             tracing::warn!(%error, "backend DATA failed");
             return self.answer(&backend_lost()).await;
         }
@@ -690,10 +693,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         if !self.client.send(&go_on).await {
             return Step::End(self.finished());
         }
-        let mut slot = Some(backend);
+        let (mut slot, refusal) = match backend.data_go_ahead().await {
+            Ok(None) => (Some(backend), None),
+            Ok(Some(refusal)) => {
+                let backend = backend.backend();
+                tracing::warn!(%backend, code = refusal.code, "backend refused DATA");
+                (None, Some(refusal))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "backend DATA failed");
+                (None, None)
+            }
+        };
         match self.stream_data(&mut slot).await {
             Ok(verdict) => {
-                let answer = self.end_of_data(verdict, slot).await;
+                let answer = match refusal {
+                    Some(refusal) if matches!(verdict, DataVerdict::Ok { .. }) => {
+                        deliver::relay(&refusal)
+                    }
+                    _ => self.end_of_data(verdict, slot).await,
+                };
                 self.answer(&answer).await
             }
             Err(end) => Step::End(self.close(end).await),
@@ -864,6 +883,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             let feed = reader.feed(&self.client.buf, &mut out);
             self.client.buf.advance(feed.consumed);
             if let Some(session) = backend.as_mut()
+                && feed.state == DataState::End
+            {
+                // Goes out with the end of data, in one write.
+                session.write_last(&out);
+            } else if let Some(session) = backend.as_mut()
                 && !out.is_empty()
                 && let Err(error) = session.write(&out).await
             {
