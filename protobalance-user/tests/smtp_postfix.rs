@@ -654,6 +654,25 @@ fn a_backend_refusing_data_has_its_refusal_relayed_after_the_message() {
         )
     };
     assert_eq!((sessions("fresh"), sessions("reused")), (2, 0), "{out}");
+
+    // Submission waits for the backend's 354 before its own: the refusal is a temporary
+    // failure at DATA, and no byte of a message goes to the backend.
+    let password = password_for(user).expect("password");
+    let (_, sub) = cluster.addr(SUBMISSION);
+    let out = python(&format!(
+        "{TLS_PRELUDE}\
+         s = smtplib.SMTP('{host}', {sub}, timeout=10)\n\
+         s.ehlo('laptop.example.net'); s.starttls(context=ctx); s.ehlo('laptop.example.net')\n\
+         s.login('{user}', '{password}')\n\
+         print('mail', s.mail('{user}')[0], 'rcpt', s.rcpt('friend@elsewhere.test')[0])\n\
+         print('data', s.docmd('DATA'))\n\
+         print('noop', s.noop()[0]); s.quit()\n"
+    ))
+    .expect("smtplib");
+    assert!(out.contains("mail 250 rcpt 250"), "{out}");
+    assert!(out.contains("data (451, b'4.4.2"), "{out}");
+    assert!(out.contains("noop 250"), "{out}");
+    assert_eq!(backend.queue_len().expect("queue"), 0, "nothing queued");
 }
 
 /// `protobalance ctl <args>` against `edge` with `token`: (exit code, output).

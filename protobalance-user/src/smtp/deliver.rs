@@ -434,10 +434,14 @@ impl BackendSession {
         Ok(replies)
     }
 
-    /// Sends DATA and waits for the backend's `354`.
+    /// Sends DATA and waits for the backend's `354`; its refusal is an error, so nothing
+    /// of the message is ever written to a backend that did not ask for it.
     pub async fn start_data(&mut self) -> Result<(), DeliverError> {
         self.send_data_command().await?;
-        self.data_go_ahead().await.map(drop)
+        match self.data_go_ahead().await? {
+            None => Ok(()),
+            Some(refusal) => Err(self.refused("DATA", &refusal)),
+        }
     }
 
     /// Sends DATA without waiting for the answer, so the client can be told to go on
@@ -446,10 +450,16 @@ impl BackendSession {
         self.send(b"DATA\r\n").await
     }
 
-    /// The backend's answer to DATA: `Ok(None)` for `354`, `Ok(Some(refusal))` otherwise.
+    /// The backend's answer to DATA: `Ok(None)` for `354`, `Ok(Some(refusal))` for a
+    /// refusal to relay (4xx, 5xx). Anything else, and `421` (the backend is closing the
+    /// connection, not refusing this message), is an error: the session is lost.
     pub async fn data_go_ahead(&mut self) -> Result<Option<Reply>, DeliverError> {
         let reply = self.read_reply(REPLY_TIMEOUT).await?;
-        Ok((reply.code != 354).then_some(reply))
+        match reply.code {
+            354 => Ok(None),
+            400..=599 if reply.code != 421 => Ok(Some(reply)),
+            _ => Err(self.refused("DATA", &reply)),
+        }
     }
 
     /// Forwards a piece of the (still dot-stuffed) message.
