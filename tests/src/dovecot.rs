@@ -278,7 +278,7 @@ impl DovecotBackend {
         let stderr = File::create(self.dir().join("stderr.log")).context("creating stderr.log")?;
         // A fresh log per attempt, so a retry is not confused by the last attempt's errors.
         File::create(self.log_path()).context("creating dovecot.log")?;
-        let child = crate::process::in_own_session(&mut Command::new(DOVECOT_BIN))
+        let child = crate::process::server_session(&mut Command::new(DOVECOT_BIN))
             .arg("-F")
             .arg("-c")
             .arg(&config_path)

@@ -61,6 +61,26 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Whether [`server_session`] puts servers in sessions of their own: benchmarks turn it
+/// on ([`servers_in_own_sessions`]); tests leave it off, so a server started by a test that
+/// is interrupted (Ctrl-C reaches the whole foreground process group) ends with it.
+static OWN_SESSIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, servers this harness starts (Dovecot) get sessions of their own; see
+/// [`in_own_session`] for why a benchmark wants that.
+pub fn servers_in_own_sessions() {
+    OWN_SESSIONS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// [`in_own_session`] after [`servers_in_own_sessions`], else `cmd` unchanged.
+pub fn server_session(cmd: &mut Command) -> &mut Command {
+    if OWN_SESSIONS.load(std::sync::atomic::Ordering::Relaxed) {
+        in_own_session(cmd)
+    } else {
+        cmd
+    }
+}
+
 /// Makes the process `cmd` spawns the leader of a session of its own, as a service
 /// manager would start a daemon (the Postfix master does it itself).
 ///

@@ -122,6 +122,9 @@ pub fn run(target: Option<Target>) -> Result<()> {
     }
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))
         .context("installing the Ctrl-C handler")?;
+    // As a service manager would start them (see `in_own_session`); a Ctrl-C still stops
+    // them: the handler above lets the guards run.
+    protobalance_tests::process::servers_in_own_sessions();
     if cfg!(debug_assertions) {
         return rerun_optimized();
     }
