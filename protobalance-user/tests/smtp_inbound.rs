@@ -615,6 +615,17 @@ fn a_pooled_session_the_backend_dropped_is_replaced_unnoticed() {
     let backend = cluster.backend_mut(backend_index(&home)).expect("backend");
     backend.stop();
     backend.restart().expect("restart");
+    // A health check may have seen it down meanwhile: until one sees it up again, its
+    // mailboxes get 451 (that is the breaker's job, not what this test is about).
+    let up = format!("protobalance_backend_up{{backend=\"{home}\",service=\"lmtp\"}}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while support::sample(&edge, &up) != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{home} never came back up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     send(2);
     assert_eq!(
         (sample("fresh"), sample("reused"), sample("stale")),

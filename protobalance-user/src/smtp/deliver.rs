@@ -686,8 +686,13 @@ pub fn verdict(replies: &[Reply]) -> Verdict {
     }
 }
 
-/// A backend reply re-encoded for the client: code, enhanced code and text kept.
+/// A backend reply re-encoded for the client: code, enhanced code and text kept. A `421`
+/// closes the backend's connection, not the client's: the client hears that its mailbox
+/// server was lost (`451 4.4.2`) and its session goes on.
 pub fn relay(reply: &Reply) -> Vec<u8> {
+    if reply.code == 421 {
+        return super::transaction::backend_lost();
+    }
     let enhanced = reply
         .enhanced
         .map(|(class, subject, detail)| format!("{class}.{subject}.{detail}"));
@@ -705,6 +710,12 @@ mod tests {
             enhanced: None,
             lines: vec!["text".into()],
         }
+    }
+
+    #[test]
+    fn a_backends_421_reaches_the_client_as_a_451() {
+        assert!(relay(&reply(421)).starts_with(b"451 4.4.2 "));
+        assert_eq!(relay(&reply(450)), b"450 text\r\n");
     }
 
     #[test]
