@@ -563,14 +563,7 @@ fn reused_backend_sessions_carry_each_clients_identity() {
         let expected = format!("Received: from client{who}.example.net ([{client}])");
         assert!(message.contains(&expected), "message {i}: {message}");
     }
-    let sample = |result: &str| {
-        support::sample(
-            &edge,
-            &format!(
-                "protobalance_backend_sessions_total{{backend=\"{home}\",result=\"{result}\"}}"
-            ),
-        )
-    };
+    let sample = |result: &str| support::backend_sessions(&edge, &home, result);
     assert_eq!(sample("fresh"), 1, "one connection …");
     assert_eq!(sample("reused"), 3, "… reused three times");
 }
@@ -597,14 +590,7 @@ fn a_pooled_session_the_backend_dropped_is_replaced_unnoticed() {
         );
         assert!(out.trim_end().ends_with("{}"), "message {i}: {out}");
     };
-    let sample = |result: &str| {
-        support::sample(
-            &edge,
-            &format!(
-                "protobalance_backend_sessions_total{{backend=\"{home}\",result=\"{result}\"}}"
-            ),
-        )
-    };
+    let sample = |result: &str| support::backend_sessions(&edge, &home, result);
     send(0);
     send(1);
     assert_eq!(

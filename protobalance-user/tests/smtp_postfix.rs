@@ -645,14 +645,7 @@ fn a_backend_refusing_data_has_its_refusal_relayed_after_the_message() {
     let backend = cluster.backend(&home);
     assert_eq!(backend.queue_len().expect("queue"), 0, "nothing queued");
     assert_eq!(backend.dovecot().message_count(user).expect("count"), 0);
-    let sessions = |result: &str| {
-        support::sample(
-            &cluster.edge,
-            &format!(
-                "protobalance_backend_sessions_total{{backend=\"{home}\",result=\"{result}\"}}"
-            ),
-        )
-    };
+    let sessions = |result: &str| support::backend_sessions(&cluster.edge, &home, result);
     assert_eq!((sessions("fresh"), sessions("reused")), (2, 0), "{out}");
 
     // Submission waits for the backend's 354 before its own: the refusal is a temporary

@@ -321,6 +321,17 @@ pub fn sample(edge: &Edge, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `protobalance_backend_sessions_total` for `backend` and `result` (`fresh`, `reused`,
+/// `stale`): how the edge got its delivery sessions there.
+pub fn backend_sessions(edge: &Edge, backend: &str, result: &str) -> u64 {
+    sample(
+        edge,
+        &format!(
+            "protobalance_backend_sessions_total{{backend=\"{backend}\",result=\"{result}\"}}"
+        ),
+    )
+}
+
 /// Messages `user` has on all the backends of `cluster`.
 pub fn delivered(cluster: &DovecotCluster, user: &str) -> usize {
     cluster
