@@ -1,5 +1,6 @@
-//! Builds the XDP object (`protobalance-ebpf`, binary `protobalance`) for bpfel-unknown-none
-//! and leaves it in OUT_DIR, where `filter::xdp` embeds it with `include_bytes!`.
+//! Builds the eBPF objects of `protobalance-ebpf` for bpfel-unknown-none and leaves them in
+//! OUT_DIR: `protobalance` (the XDP filter, embedded by `filter::xdp`) and
+//! `protobalance-splice` (the kernel splice, embedded by `proxy::kernel_splice`).
 //!
 //! The toolchain is pinned: rustc 1.95.0 with `RUSTC_BOOTSTRAP=1` for `-Z build-std=core`
 //! (see docs/development.md). Prerequisites (rust-src, bpf-linker built against LLVM 22) are
@@ -18,8 +19,10 @@ fn main() -> anyhow::Result<()> {
         // Fuzzing and other builds that never load the filter: an empty object, which
         // filter::xdp refuses to load with a message saying how to rebuild.
         let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
-        std::fs::write(out.join("protobalance"), [])
-            .context("writing the placeholder XDP object")?;
+        for object in ["protobalance", "protobalance-splice"] {
+            std::fs::write(out.join(object), [])
+                .with_context(|| format!("writing the placeholder eBPF object {object}"))?;
+        }
         println!("cargo:warning=AYA_BUILD_SKIP=1: the XDP object is an empty placeholder");
         return Ok(());
     }

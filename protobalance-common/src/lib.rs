@@ -432,6 +432,32 @@ const fn capacity(config: &SynLimitConfig) -> u64 {
     config.burst as u64 * SYN_TOKEN
 }
 
+/// The kernel splice (`protobalance-splice`, an `sk_skb` stream-verdict program): after a
+/// POP3/IMAP login over plain TCP, both sockets go into [`MAP_SPLICE_SOCKS`] and the
+/// program moves every byte that arrives on one to the other's send side without waking
+/// user space.
+pub const PROG_SPLICE: &str = "pb_splice";
+/// Sockets being spliced (sockhash keyed by socket cookie).
+pub const MAP_SPLICE_SOCKS: &str = "PB_SPLICE_SOCKS";
+/// Socket cookie -> [`SplicePeer`] (hash; entries are written by user space, the program
+/// only counts in them).
+pub const MAP_SPLICE_PEERS: &str = "PB_SPLICE_PEERS";
+/// Sockets both maps hold (two per spliced session); a full map makes new sessions relay
+/// in user space.
+pub const SPLICE_MAX_SOCKETS: u32 = 262_144;
+
+/// Where the bytes arriving on one spliced socket go, and how many went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplicePeer {
+    /// Cookie of the socket the bytes are redirected to.
+    pub peer: u64,
+    /// Bytes redirected so far. Only the program writes it, one update at a time (a
+    /// socket's receive path runs under its lock); user space reads it to know when the
+    /// peer has been given everything before it passes an end of stream on.
+    pub forwarded: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C) of two u32, no padding.
@@ -449,6 +475,8 @@ mod pod {
     unsafe impl aya::Pod for super::SynSourceKey {}
     // SAFETY: repr(C) of two u64, no padding.
     unsafe impl aya::Pod for super::SynBucket {}
+    // SAFETY: repr(C) of two u64, no padding.
+    unsafe impl aya::Pod for super::SplicePeer {}
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use crate::{
     proxy::{
         ProxyContext, ProxyMetrics,
         admission::Admission,
+        kernel_splice::KernelSplice,
         listeners::{ListenFds, ListenerKey, MailListeners},
     },
 };
@@ -620,7 +621,21 @@ async fn proxy_context(
         }
         None => None,
     };
+    let kernel_splice = match config.splice.kernel {
+        crate::config::KernelSplice::Off => None,
+        crate::config::KernelSplice::Auto => match KernelSplice::load() {
+            Ok(splice) => {
+                tracing::info!("POP3/IMAP sessions are spliced in the kernel after login");
+                Some(Arc::new(splice))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "kernel splice unavailable; POP3/IMAP sessions are relayed in user space (set `splice.kernel = \"off\"` to silence this)");
+                None
+            }
+        },
+    };
     Ok(ProxyContext {
+        kernel_splice,
         scanner,
         sessions: Arc::new(crate::smtp::reuse::SessionPool::new(
             config.limits.backend_idle_sessions,

@@ -50,6 +50,8 @@ pub struct Config {
     #[serde(default)]
     pub xdp: XdpConfig,
     #[serde(default)]
+    pub splice: SpliceConfig,
+    #[serde(default)]
     pub directory: DirectoryConfig,
     #[serde(default, rename = "domain")]
     pub domains: Vec<DomainConfig>,
@@ -208,6 +210,25 @@ impl ShutdownConfig {
     pub const fn grace(&self) -> Duration {
         Duration::from_secs(self.grace_seconds)
     }
+}
+
+/// Where a logged-in POP3/IMAP session's bytes are moved.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpliceConfig {
+    #[serde(default)]
+    pub kernel: KernelSplice,
+}
+
+/// `auto`: plain-TCP sessions are spliced in the kernel (a sockhash with a stream-verdict
+/// program) when the program loads (root, or CAP_BPF + CAP_NET_ADMIN), else relayed in user
+/// space with a warning; `off`: always relayed in user space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelSplice {
+    #[default]
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod client_io;
+pub mod kernel_splice;
 pub mod listener;
 pub mod listeners;
 pub mod splice;
@@ -112,6 +113,9 @@ pub struct ProxyContext {
     pub sessions: Arc<crate::smtp::reuse::SessionPool>,
     /// rspamd/clamd content scanning of inbound mail (`[scan]`), when configured.
     pub scanner: Option<Arc<crate::scan::Scanner>>,
+    /// Splicing logged-in POP3/IMAP sessions in the kernel (`[splice] kernel`), when the
+    /// program loaded.
+    pub kernel_splice: Option<Arc<kernel_splice::KernelSplice>>,
 }
 
 impl ProxyContext {
@@ -196,6 +200,7 @@ pub struct ProxyMetrics {
     active: IntGaugeVec,
     logins: IntCounterVec,
     login_seconds: HistogramVec,
+    splices: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -245,6 +250,15 @@ impl ProxyMetrics {
             ),
             &["protocol", "backend"],
         )?;
+        let splices = IntCounterVec::new(
+            Opts::new(
+                "protobalance_splices_total",
+                "Logged-in sessions by protocol and where their bytes are moved: \
+                 `kernel` (sockhash + stream verdict, no copy through the edge) or `user`",
+            ),
+            &["protocol", "mode"],
+        )?;
+        registry.register(Box::new(splices.clone()))?;
         registry.register(Box::new(proxied.clone()))?;
         registry.register(Box::new(proxied_active.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
@@ -258,7 +272,16 @@ impl ProxyMetrics {
             active,
             logins,
             login_seconds,
+            splices,
         })
+    }
+
+    /// A logged-in session starts being spliced, in the kernel or in user space.
+    pub fn spliced(&self, protocol: Protocol, in_kernel: bool) {
+        let mode = if in_kernel { "kernel" } else { "user" };
+        self.splices
+            .with_label_values(&[protocol.as_str(), mode])
+            .inc();
     }
 
     pub fn session_started(&self, protocol: Protocol) {

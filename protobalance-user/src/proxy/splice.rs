@@ -26,7 +26,7 @@ use tokio::{
     },
 };
 
-use super::ProxyContext;
+use super::{ProxyContext, kernel_splice::KernelSplice};
 use crate::{config::Protocol, tls::MaybeTls};
 
 /// Size of the buffer a busy direction borrows for one read and write.
@@ -59,7 +59,8 @@ impl PlainTcp for tokio::io::DuplexStream {}
 /// The hand-over after a successful login, shared by POP3 and IMAP: the backend's verdict
 /// to the client, the commands the client pipelined behind its login to the backend, any
 /// bytes the backend sent past its verdict to the client, then [`splice`] until either
-/// side closes. Counted per backend while it lasts.
+/// side closes (in the kernel when `ctx.kernel_splice` is loaded and both sides are plain
+/// TCP; see `kernel_splice`). Counted per backend while it lasts.
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site per protocol, all distinct"
@@ -77,8 +78,30 @@ pub async fn hand_over<C, B>(
     C: AsyncRead + AsyncWrite + Unpin + PlainTcp,
     B: AsyncRead + AsyncWrite + Unpin + PlainTcp,
 {
+    // Decided before the edge's last writes: a session goes to the kernel only when nothing
+    // unread is on either socket and the backend sent nothing past its verdict (see
+    // `kernel_splice`); what arrives after these checks is moved by the kernel, in order.
+    let kernel = ctx.kernel_splice.as_deref().filter(|_| {
+        upstream_extra.is_empty()
+            && client.plain_tcp().is_some_and(|s| KernelSplice::quiet(s))
+            && upstream.plain_tcp().is_some_and(|s| KernelSplice::quiet(s))
+    });
+    // Without pipelined commands to pass on, the pair is joined before the client hears the
+    // verdict: until then neither side sends anything, so the join races with nothing.
+    // With them, after the edge's writes (which must reach the backend before anything
+    // the kernel moves); bytes that arrive in between are pushed through at the join.
+    let mut joined = None;
+    if let Some(kernel) = kernel
+        && pending.is_empty()
+        && let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp())
+    {
+        joined = Some(kernel.join(client, upstream));
+    }
     if client.write_all(verdict).await.is_err() {
         return;
+    }
+    if let Some(joined) = joined.as_mut() {
+        joined.wrote_to_client(verdict.len());
     }
     if !pending.is_empty() && upstream.write_all(pending).await.is_err() {
         return;
@@ -103,9 +126,26 @@ pub async fn hand_over<C, B>(
         tracing::info!(mailbox = %target.mailbox, %backend, %owner, protocol = protocol.as_str(), "session closed: the mailbox moved during the login");
         return;
     }
+    if joined.is_none()
+        && let Some(kernel) = kernel
+        && let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp())
+    {
+        joined = Some(kernel.join(client, upstream));
+    }
     ctx.metrics.proxied(protocol, backend, true);
+    let idle = ctx.limits().idle_timeout();
+    ctx.metrics
+        .spliced(protocol, joined.as_ref().is_some_and(|j| j.in_kernel()));
+    let spliced = async {
+        if let Some(joined) = joined
+            && let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp())
+        {
+            return joined.splice(client, upstream, idle).await;
+        }
+        splice(client, upstream, idle).await
+    };
     tokio::select! {
-        _ = splice(client, upstream, ctx.limits().idle_timeout()) => {}
+        _ = spliced => {}
         () = live.ended() => {
             tracing::info!(mailbox = %target.mailbox, %backend, protocol = protocol.as_str(), "session closed: the mailbox moved to another backend");
         }
@@ -205,7 +245,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<'_, S> {
 }
 
 /// Both sides plain TCP: no buffer is held while a direction waits.
-async fn splice_tcp(client: &mut TcpStream, backend: &mut TcpStream, idle: Duration) -> SpliceEnd {
+pub(super) async fn splice_tcp(
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
+    idle: Duration,
+) -> SpliceEnd {
     let started = Instant::now();
     let last = AtomicU64::new(0);
     let (client_read, mut client_write) = client.split();

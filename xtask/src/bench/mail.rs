@@ -34,6 +34,10 @@ pub struct MailArgs {
     /// Mailboxes (user1..userN@example.com), spread over the three backends.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     users: u32,
+    /// protobalance's `splice.kernel`: `auto` splices logged-in sessions in the kernel
+    /// (when the program loads), `off` relays them in user space.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    kernel_splice: String,
 }
 
 /// (login, name of the backend that owns the mailbox), for user1..userN.
@@ -49,7 +53,9 @@ pub fn run(binary: &Path, retrieval: Retrieval, args: &MailArgs) -> Result<()> {
     let scratch = TestDir::new("bench")?;
     let specs: Vec<_> = cluster.backends().iter().map(BackendSpec::of).collect();
     let limits = Limits::for_clients(args.clients);
-    let edge = EdgeConfig::write(&scratch, &specs, Some(retrieval.protocol()), &limits)?;
+    let splice = format!("[splice]\nkernel = \"{}\"\n", args.kernel_splice);
+    let protocol = Some(retrieval.protocol());
+    let edge = EdgeConfig::write_with(&scratch, &specs, protocol, &limits, &splice)?;
     let owners = provision(binary, &edge, &scratch, users)?;
     seed(&cluster, &owners)?;
     step("starting protobalance");
@@ -80,6 +86,27 @@ fn compare(
     let name = retrieval.protocol().as_str();
     let [direct, proxy] = load::interleaved(name, plan, [&direct, &proxied], &|| Ok(()))?;
     stats::print_comparison(name, "sessions", args.clients, &direct, &proxy);
+    print_splices(edge, name)
+}
+
+/// Where the edge moved the logged-in sessions' bytes (`protobalance_splices_total`), so a
+/// figure is never read as the kernel splice's when the program did not load.
+fn print_splices(edge: &EdgeConfig, protocol: &str) -> Result<()> {
+    let metrics = edge.metrics()?;
+    let count = |mode: &str| {
+        let series =
+            format!("protobalance_splices_total{{mode=\"{mode}\",protocol=\"{protocol}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    println!(
+        "{protocol}  sessions spliced in the kernel: {}, relayed in user space: {}",
+        count("kernel"),
+        count("user")
+    );
     Ok(())
 }
 

@@ -1,0 +1,259 @@
+//! Logged-in POP3/IMAP sessions spliced in the kernel (`[splice] kernel = "auto"`, the
+//! default): real Dovecot backends, real clients (Python's poplib/imaplib and raw sockets).
+//! Every byte a client reads through the edge must be what it reads directly from the
+//! backend, the last answer before a close must arrive (QUIT, LOGOUT, a client that
+//! half-closes), a slow reader must get everything, idle sessions must still be closed,
+//! and `kernel = "off"` must relay in user space. Each test also checks the splice really
+//! happened in the kernel (`protobalance_splices_total{mode="kernel"}`), so a program that
+//! failed to load cannot pass unnoticed as a user-space relay.
+
+use std::time::{Duration, Instant};
+
+use protobalance_tests::{DovecotCluster, password_for, process::python_for, python};
+
+mod support;
+
+use support::{Edge, Listen, USERS, backend_index, metrics, owner, start_edge};
+
+fn skip() -> bool {
+    support::skip("kernel_splice")
+}
+
+fn start(cluster: &DovecotCluster, extra: &str) -> Edge {
+    start_edge(
+        cluster,
+        &[Listen("pop3", None), Listen("imap", None)],
+        extra,
+    )
+}
+
+/// `protobalance_splices_total` for `protocol` and `mode`.
+fn splices(edge: &Edge, protocol: &str, mode: &str) -> u64 {
+    let text = metrics(edge);
+    let wanted = format!("protobalance_splices_total{{mode=\"{mode}\",protocol=\"{protocol}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&wanted))
+        .map_or(0, |value| value.trim().parse().expect("counter value"))
+}
+
+/// Delivers one message of about `kib` KiB to `user` on its owner (LMTP) and returns
+/// `"<size> <sha256>"` of the message as the backend itself serves it over IMAP.
+fn deliver_big(cluster: &DovecotCluster, edge: &Edge, user: &str, kib: usize) -> String {
+    let backend = cluster
+        .backend(backend_index(&owner(edge, user)))
+        .expect("owner");
+    let pass = password_for(user).expect("test user");
+    let out = python(&format!(
+        "import smtplib, imaplib, hashlib\n\
+         lines = ''.join('line %07d ' % i + 'x' * 60 + '\\r\\n' for i in range({kib} * 1024 // 73))\n\
+         l = smtplib.LMTP('{ip}', {lmtp}); l.sendmail('s@example.net', ['{user}'], 'Subject: big\\r\\n\\r\\n' + lines); l.quit()\n\
+         m = imaplib.IMAP4('{ip}', {imap}); m.login('{user}', '{pass}'); m.select('INBOX')\n\
+         body = m.fetch('1', '(RFC822)')[1][0][1]; m.logout()\n\
+         print('direct', len(body), hashlib.sha256(body).hexdigest())\n",
+        ip = backend.ip(),
+        lmtp = backend.lmtp_port(),
+        imap = backend.imap_port(),
+    ))
+    .expect("LMTP delivery and direct IMAP read");
+    let direct = out
+        .lines()
+        .find_map(|l| l.strip_prefix("direct "))
+        .expect("direct digest")
+        .to_owned();
+    let size: usize = direct
+        .split(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("size");
+    assert!(size > kib * 1000, "{out}");
+    direct
+}
+
+#[test]
+fn pop3_and_imap_sessions_are_spliced_in_the_kernel_byte_for_byte() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(2, USERS).expect("cluster");
+    let edge = start(&cluster, "");
+    let user = "user7@example.com";
+    let pass = password_for(user).expect("test user");
+    let direct = deliver_big(&cluster, &edge, user, 1024);
+    let (pop3, imap) = (edge.listeners[0], edge.listeners[1]);
+    // 30 sessions of each: the whole message, then QUIT / LOGOUT, whose answers must come
+    // back before the close (the backend closes right after sending them).
+    let out = python_for(
+        &format!(
+            "import poplib, imaplib, hashlib\n\
+             ok = 0\n\
+             for i in range(30):\n\
+             \x20   p = poplib.POP3('{pop3_ip}', {pop3_port}, timeout=10); p.user('{user}'); p.pass_('{pass}')\n\
+             \x20   resp, lines, octets = p.retr(1)\n\
+             \x20   body = b'\\r\\n'.join(lines) + b'\\r\\n'\n\
+             \x20   assert '%d %s' % (len(body), hashlib.sha256(body).hexdigest()) == '{direct}', ('pop3', i, len(body))\n\
+             \x20   bye = p.quit(); assert bye.startswith(b'+OK'), bye\n\
+             \x20   m = imaplib.IMAP4('{imap_ip}', {imap_port}, timeout=10); m.login('{user}', '{pass}'); m.select('INBOX')\n\
+             \x20   body = m.fetch('1', '(RFC822)')[1][0][1]\n\
+             \x20   assert '%d %s' % (len(body), hashlib.sha256(body).hexdigest()) == '{direct}', ('imap', i, len(body))\n\
+             \x20   typ, data = m.logout(); assert typ == 'BYE', (typ, data)\n\
+             \x20   ok += 1\n\
+             print('sessions', ok)\n",
+            pop3_ip = pop3.ip(),
+            pop3_port = pop3.port(),
+            imap_ip = imap.ip(),
+            imap_port = imap.port(),
+        ),
+        Duration::from_secs(120),
+    )
+    .expect("sessions through the edge");
+    assert!(out.contains("sessions 30"), "{out}");
+    assert_eq!(splices(&edge, "pop3", "kernel"), 30, "{}", metrics(&edge));
+    assert_eq!(splices(&edge, "imap", "kernel"), 30, "{}", metrics(&edge));
+    assert_eq!(
+        splices(&edge, "pop3", "user") + splices(&edge, "imap", "user"),
+        0
+    );
+}
+
+#[test]
+fn the_last_answers_reach_clients_that_pipeline_and_half_close() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(2, USERS).expect("cluster");
+    let edge = start(&cluster, "");
+    let user = "user8@example.com";
+    let pass = password_for(user).expect("test user");
+    let direct = deliver_big(&cluster, &edge, user, 64);
+    let size = direct.split(' ').next().expect("size");
+    let (pop3, imap) = (edge.listeners[0], edge.listeners[1]);
+    // POP3: STAT and QUIT in one write right after the login, then the client shuts its
+    // sending side. IMAP: SELECT, FETCH and LOGOUT in one write after the login, then the
+    // same; every other session sends everything from LOGIN on in one write with its FIN
+    // behind it (the commands behind LOGIN reach the backend from the edge's buffer; a
+    // client whose stream already ended is relayed in user space).
+    let out = python_for(
+        &format!(
+            "import socket\n\
+             def run(addr, first, rest):\n\
+             \x20   s = socket.create_connection(addr, timeout=10)\n\
+             \x20   f = s.makefile('rb'); f.readline()\n\
+             \x20   for line in first:\n\
+             \x20       s.sendall(line); f.readline()\n\
+             \x20   s.sendall(rest); s.shutdown(socket.SHUT_WR)\n\
+             \x20   data = f.read(); s.close(); return data\n\
+             for i in range(20):\n\
+             \x20   out = run(('{pop3_ip}', {pop3_port}), [b'USER {user}\\r\\n', b'PASS {pass}\\r\\n'], b'STAT\\r\\nQUIT\\r\\n')\n\
+             \x20   assert out.startswith(b'+OK 1 ') and out.count(b'+OK') == 2 and out.endswith(b'\\r\\n'), ('pop3', i, out)\n\
+             \x20   login, rest = b'a LOGIN {user} {pass}\\r\\n', b'b SELECT INBOX\\r\\nc FETCH 1 (RFC822.SIZE BODY[])\\r\\nd LOGOUT\\r\\n'\n\
+             \x20   if i % 2 == 0:\n\
+             \x20       out = b'\\r\\na OK' + run(('{imap_ip}', {imap_port}), [login], rest)\n\
+             \x20   else:\n\
+             \x20       out = b'\\r\\n' + run(('{imap_ip}', {imap_port}), [], login + rest)\n\
+             \x20   tags = [out.find(t) for t in (b'\\r\\na OK', b'\\r\\nb OK', b'RFC822.SIZE {size}', b'\\r\\nc OK', b'* BYE', b'\\r\\nd OK')]\n\
+             \x20   assert -1 not in tags and tags == sorted(tags), ('imap', i, tags, out[-300:])\n\
+             \x20   assert len(out) > {size}, ('imap', i, len(out))\n\
+             print('done')\n",
+            pop3_ip = pop3.ip(),
+            pop3_port = pop3.port(),
+            imap_ip = imap.ip(),
+            imap_port = imap.port(),
+        ),
+        Duration::from_secs(120),
+    )
+    .expect("pipelining, half-closing clients");
+    assert!(out.contains("done"), "{out}");
+    assert_eq!(splices(&edge, "pop3", "kernel"), 20, "{}", metrics(&edge));
+    let imap_kernel = splices(&edge, "imap", "kernel");
+    assert!(imap_kernel >= 10, "{}", metrics(&edge));
+    assert_eq!(imap_kernel + splices(&edge, "imap", "user"), 20);
+}
+
+#[test]
+fn a_client_reading_slowly_gets_every_byte() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(1, USERS).expect("cluster");
+    let edge = start(&cluster, "");
+    let user = "user9@example.com";
+    let pass = password_for(user).expect("test user");
+    let direct = deliver_big(&cluster, &edge, user, 8 * 1024);
+    let imap = edge.listeners[1];
+    // The client asks for 8 MiB and does not read for 3 s: the kernel holds back (the
+    // backend's window closes) instead of dropping or buffering without bound; then every
+    // byte arrives.
+    let out = python_for(
+        &format!(
+            "import imaplib, hashlib, time, socket\n\
+             m = imaplib.IMAP4('{ip}', {port}, timeout=30); m.login('{user}', '{pass}'); m.select('INBOX')\n\
+             m.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)\n\
+             m.send(b'x FETCH 1 (RFC822)\\r\\n'); time.sleep(3)\n\
+             line = m.readline(); size = int(line[line.rindex(b'{{') + 1:line.rindex(b'}}')])\n\
+             body = m.read(size); rest = m.readline(); tagged = m.readline()\n\
+             assert tagged.startswith(b'x OK'), tagged\n\
+             print('slow', '%d %s' % (len(body), hashlib.sha256(body).hexdigest()))\n\
+             m.logout()\n",
+            ip = imap.ip(),
+            port = imap.port(),
+        ),
+        Duration::from_secs(60),
+    )
+    .expect("slow reader");
+    assert!(
+        out.contains(&format!("slow {direct}")),
+        "{out}\ndirect {direct}"
+    );
+    assert_eq!(splices(&edge, "imap", "kernel"), 1, "{}", metrics(&edge));
+}
+
+#[test]
+fn idle_spliced_sessions_are_closed_and_off_relays_in_user_space() {
+    if skip() {
+        return;
+    }
+    let cluster = DovecotCluster::start(1, USERS).expect("cluster");
+    let edge = start(&cluster, "[limits]\nidle_timeout_seconds = 2\n");
+    let user = "user10@example.com";
+    let pass = password_for(user).expect("test user");
+    let imap = edge.listeners[1];
+    let started = Instant::now();
+    let out = python(&format!(
+        "import imaplib\n\
+         m = imaplib.IMAP4('{ip}', {port}, timeout=20); m.login('{user}', '{pass}')\n\
+         print('after login', m.noop()[0])\n\
+         try:\n\
+         \x20   print('read', m.readline())\n\
+         except Exception as e:\n\
+         \x20   print('read error', e)\n",
+        ip = imap.ip(),
+        port = imap.port(),
+    ))
+    .expect("idle session");
+    let took = started.elapsed();
+    // Closed by the edge (an empty read), after the 2 s of silence and well before the
+    // client's own 20 s timeout.
+    assert!(
+        out.contains("after login OK") && out.contains("read b''"),
+        "{out}"
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    assert_eq!(splices(&edge, "imap", "kernel"), 1, "{}", metrics(&edge));
+
+    let off = start(&cluster, "[splice]\nkernel = \"off\"\n");
+    let pop3 = off.listeners[0];
+    let out = python(&format!(
+        "import poplib\n\
+         p = poplib.POP3('{ip}', {port}, timeout=10); p.user('{user}'); p.pass_('{pass}')\n\
+         print('stat', p.stat()); print(p.quit())\n",
+        ip = pop3.ip(),
+        port = pop3.port(),
+    ))
+    .expect("POP3 through an edge with the kernel splice off");
+    assert!(out.contains("stat (0, 0)") && out.contains("+OK"), "{out}");
+    assert_eq!(splices(&off, "pop3", "user"), 1, "{}", metrics(&off));
+    assert_eq!(splices(&off, "pop3", "kernel"), 0);
+}
