@@ -8,8 +8,8 @@
 //! reads the count at end of stream to pass the FIN on only after the peer was given them.
 //!
 //! A segment with no peer entry, or whose peer is not (or no longer) in the sockhash, is
-//! passed to the socket's own receive queue: user space reads and forwards it, so nothing
-//! is ever dropped here.
+//! passed to the socket's own receive queue: user space reads and forwards it. The only
+//! segment dropped is an empty one (a bare FIN, see below): it carries no byte.
 // Built for bpfel-unknown-none by protobalance-user's build.rs. On the host (cargo clippy
 // --workspace) it compiles as an ordinary program with an empty main, so lints still run.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -41,10 +41,12 @@ pub fn pb_splice(ctx: SkBuffContext) -> u32 {
     };
     let len = ctx.len();
     if len == 0 {
-        // A bare FIN. Redirected, the peer's send side would take an empty segment for a
-        // broken pipe (error on the peer, the rest of its queue dropped); kept, user space
-        // reads it as the end of the stream and passes it on once the peer has everything.
-        return sk_action::SK_PASS;
+        // A bare FIN. An empty segment on any psock queue (the peer's send side, or this
+        // socket's own queue while it holds bytes for its client) is taken for a broken
+        // pipe: an error on that socket and the rest of its queue dropped. The FIN has
+        // already marked the socket shut for reading, which user space sees as the end of
+        // the stream without the empty segment, so it is dropped here.
+        return sk_action::SK_DROP;
     }
     // SAFETY: a value from a successful lookup; user space never changes `peer` while the
     // socket is in the sockhash.

@@ -623,7 +623,7 @@ async fn proxy_context(
     };
     let kernel_splice = match config.splice.kernel {
         crate::config::KernelSplice::Off => None,
-        crate::config::KernelSplice::Auto => match KernelSplice::load() {
+        crate::config::KernelSplice::Auto => match KernelSplice::load(registry) {
             Ok(splice) => {
                 tracing::info!("POP3/IMAP sessions are spliced in the kernel after login");
                 Some(Arc::new(splice))

@@ -1,35 +1,37 @@
 //! Splicing a logged-in POP3/IMAP session inside the kernel (`[splice] kernel = "auto"`).
 //!
-//! The user-space relay costs two wake-ups of the edge per relayed command and answer.
-//! When both sides are plain TCP, the sockets go into a sockhash instead, with the
-//! `protobalance-splice` stream-verdict program attached (see that program): every segment
-//! that arrives on one socket is queued to the other's send side by the kernel, and the
-//! edge only watches for the ends of the streams and for idleness.
+//! The user-space relay copies every relayed command and answer through the edge, which is
+//! on the path of each of them. When both sides are plain TCP, the sockets go into a
+//! sockhash instead, with the `protobalance-splice` stream-verdict program attached (see
+//! that program): every segment that arrives on one socket is queued to the other's send
+//! side by the kernel. The edge is still woken after each segment (the socket signals its
+//! reader), but off the path of the bytes, and it only watches for the ends of the streams,
+//! errors and idleness.
 //!
 //! Ordering and completeness, which the relay has to guarantee as much as a user-space copy:
-//! * A session is joined only when neither socket holds unread bytes and the backend sent
-//!   nothing past its login verdict (a partly read segment would be redirected whole).
-//!   Usually that is before the client hears the verdict, when neither side sends anything.
-//!   When the client pipelined commands behind its login, the edge first writes them to
-//!   the backend (and the verdict to the client) and joins after that; segments that
-//!   arrived in between are pushed through the program at the join, ahead of anything newer
-//!   (`SO_RCVLOWAT` makes the socket signal them).
+//! * Only sessions with nothing to pass on by hand are joined: neither socket holds unread
+//!   bytes (a partly read segment would be redirected whole), the client pipelined nothing
+//!   behind its login and the backend sent nothing past its verdict. Others are relayed in
+//!   user space, as are TLS sessions.
+//! * The backend goes into the sockhash before the edge writes the login verdict to the
+//!   client, the client after: whatever the client sends once it may (or pipelined
+//!   unseen) waits on its socket until then, so no answer can overtake the verdict. At the
+//!   join each socket hands what arrived meanwhile to the program (a peek runs the program
+//!   over the socket's queue), ahead of anything newer.
 //! * End of stream: the kernel does not pass a FIN on. When one side's stream ends, the edge
 //!   waits until the peer's socket has taken every byte the program redirected to it (the
 //!   program counts them; the peer's TCP counts what it was given) and only then shuts the
-//!   peer down for writing, so the last answer (`+OK`, `* BYE`) is never cut off.
+//!   peer down for writing, so the last answer (`+OK`, `* BYE`) is not cut off. A peer that
+//!   takes nothing for the idle timeout is given up on, as an idle session would be.
 //! * A segment the program cannot redirect (its peer is not in the sockhash) is left on
-//!   its socket; the edge reads and forwards it, so nothing is dropped.
+//!   its socket; the edge reads and forwards it.
 //! * If joining fails half-way, the session relays in user space with what was joined
 //!   left in place: reads still work through the sockhash, and the program passes every
 //!   segment to them because the peer is missing.
 
 use std::{
     os::fd::{AsRawFd, RawFd},
-    sync::{
-        Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -38,6 +40,7 @@ use aya::{
     maps::{HashMap, MapData, MapError, SockHash},
     programs::{ProgramError, SkSkb},
 };
+use prometheus::{IntGauge, Registry};
 use protobalance_common::{
     MAP_SPLICE_PEERS, MAP_SPLICE_SOCKS, PROG_SPLICE, SPLICE_MAX_SOCKETS, SplicePeer,
 };
@@ -48,10 +51,6 @@ use super::splice::SpliceEnd;
 /// The splice object, built by build.rs from the protobalance-ebpf crate.
 static SPLICE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/protobalance-splice"));
-
-/// How long the edge waits for the kernel to hand a peer the bytes redirected to it before
-/// it passes on an end of stream; only a peer that stopped reading takes this long.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelSpliceError {
@@ -68,20 +67,23 @@ pub enum KernelSpliceError {
     Program(#[from] ProgramError),
     #[error("splice map: {0}")]
     Map(#[from] MapError),
+    #[error("splice metric: {0}")]
+    Metric(#[from] prometheus::Error),
 }
 
 /// The loaded program and its maps, shared by every session.
 pub struct KernelSplice {
     socks: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, SplicePeer>>,
-    /// Sessions joined now; a session beyond the maps' capacity relays in user space.
-    joined: AtomicUsize,
+    /// Sessions joined now (`protobalance_kernel_splices_active`); a session beyond the
+    /// maps' capacity relays in user space.
+    active: IntGauge,
     /// Owns the program and its attachment to the sockhash.
     _ebpf: Ebpf,
 }
 
 impl KernelSplice {
-    pub fn load() -> Result<Self, KernelSpliceError> {
+    pub fn load(registry: &Registry) -> Result<Self, KernelSpliceError> {
         if SPLICE_OBJECT.is_empty() {
             return Err(KernelSpliceError::NoObject);
         }
@@ -100,10 +102,15 @@ impl KernelSplice {
             .try_into()?;
         program.load()?;
         program.attach(socks.fd())?;
+        let active = IntGauge::new(
+            "protobalance_kernel_splices_active",
+            "Logged-in sessions the kernel splice holds now (joined, or half-joined and relayed in user space)",
+        )?;
+        registry.register(Box::new(active.clone()))?;
         Ok(Self {
             socks: Mutex::new(socks),
             peers: Mutex::new(peers),
-            joined: AtomicUsize::new(0),
+            active,
             _ebpf: ebpf,
         })
     }
@@ -124,54 +131,48 @@ impl KernelSplice {
         peeked < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
     }
 
-    /// Puts `client` and `backend` in the maps: from now on the kernel moves the bytes that
-    /// arrive on either. The result says whether that worked ([`Joined::in_kernel`]); a pair
-    /// that could not be joined (maps full, a socket no longer established) is relayed in
-    /// user space by [`Joined::splice`], with whatever was joined left in place until the
-    /// relay ends (segments the program cannot redirect wait on their socket for the relay;
-    /// taking a socket out of the map would drop them).
+    /// First half of joining `client` and `backend`: records both as each other's peer and
+    /// puts the backend in the sockhash. The client follows with [`Joined::complete`] once
+    /// the edge has written the login verdict to it: until then the client's bytes stay on
+    /// its socket (so nothing it pipelined can be answered before the verdict), and the
+    /// backend sends nothing before the client's next command. A pair that cannot be joined
+    /// (maps full, a socket no longer established) is relayed in user space by
+    /// [`Joined::splice`], with whatever was joined left in place until the relay ends
+    /// (segments the program cannot redirect wait on their socket for the relay; taking a
+    /// socket out of the map would drop them).
     pub fn join<'a>(&'a self, client: &TcpStream, backend: &TcpStream) -> Joined<'a> {
-        match self.try_join(client, backend) {
-            Ok(joined) => joined,
-            Err(partial) => partial,
-        }
-    }
-
-    fn try_join<'a>(
-        &'a self,
-        client: &TcpStream,
-        backend: &TcpStream,
-    ) -> Result<Joined<'a>, Joined<'a>> {
-        let capacity = usize::try_from(SPLICE_MAX_SOCKETS / 2).unwrap_or(usize::MAX);
         let mut joined = Joined {
             owner: self,
             peers: Vec::with_capacity(2),
             socks: Vec::with_capacity(2),
             client: Side::default(),
             backend: Side::default(),
-            complete: false,
+            state: JoinState::Failed,
+            counted: false,
         };
-        if self.joined.fetch_add(1, Ordering::Relaxed) >= capacity {
+        let capacity = i64::from(SPLICE_MAX_SOCKETS / 2);
+        if self.active.get() >= capacity {
             tracing::warn!(
                 capacity,
                 "kernel splice maps are full; this session is relayed in user space"
             );
-            return Err(joined);
+            return joined;
         }
-        let (client_fd, backend_fd) = (client.as_raw_fd(), backend.as_raw_fd());
-        let sides = (side(client_fd), side(backend_fd));
-        let (Ok(client_side), Ok(backend_side)) = sides else {
+        self.active.inc();
+        joined.counted = true;
+        let (Ok(client_cookie), Ok(backend_side)) =
+            (cookie(client.as_raw_fd()), side(backend.as_raw_fd()))
+        else {
             tracing::warn!("kernel splice: no socket cookie or TCP_INFO; relaying in user space");
-            return Err(joined);
+            return joined;
         };
-        joined.client = client_side;
+        joined.client.cookie = client_cookie;
         joined.backend = backend_side;
-        let (client_cookie, backend_cookie) = (client_side.cookie, backend_side.cookie);
         {
             let mut peers = self.lock_peers();
             for (from, to) in [
-                (client_cookie, backend_cookie),
-                (backend_cookie, client_cookie),
+                (client_cookie, backend_side.cookie),
+                (backend_side.cookie, client_cookie),
             ] {
                 let entry = SplicePeer {
                     peer: to,
@@ -179,31 +180,15 @@ impl KernelSplice {
                 };
                 if let Err(error) = peers.insert(from, entry, 0) {
                     tracing::warn!(%error, "kernel splice: cannot record a peer; relaying in user space");
-                    return Err(joined);
+                    return joined;
                 }
                 joined.peers.push(from);
             }
         }
-        // The backend first: until the client is in too, the client's bytes stay on its
-        // socket, and the backend sends nothing before the client's next command.
-        let mut socks = self.lock_socks();
-        for (cookie, fd) in [(backend_cookie, backend_fd), (client_cookie, client_fd)] {
-            if let Err(error) = socks.insert(cookie, fd, 0) {
-                // Also a client whose stream ended meanwhile (only established sockets go
-                // into a sockhash): not worth a warning.
-                tracing::debug!(%error, "kernel splice: cannot add a socket; relaying in user space");
-                return Err(joined);
-            }
-            joined.socks.push(cookie);
+        if joined.insert(backend_side.cookie, backend.as_raw_fd()) {
+            joined.state = JoinState::BackendIn;
         }
-        drop(socks);
-        // Segments that arrived before the join are still on the sockets: have each socket
-        // signal its data so the program moves them, in order, before anything newer.
-        for fd in [client_fd, backend_fd] {
-            kick(fd);
-        }
-        joined.complete = true;
-        Ok(joined)
+        joined
     }
 
     fn lock_socks(&self) -> std::sync::MutexGuard<'_, SockHash<MapData, u64>> {
@@ -242,19 +227,60 @@ pub struct Joined<'a> {
     socks: Vec<u64>,
     client: Side,
     backend: Side,
-    /// Both sockets are in the maps: the kernel moves the bytes.
-    complete: bool,
+    state: JoinState,
+    /// Counted in `protobalance_kernel_splices_active` (until dropped).
+    counted: bool,
+}
+
+/// How far a join got.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum JoinState {
+    /// Relayed in user space.
+    Failed,
+    /// The backend is in the sockhash, the client not yet.
+    BackendIn,
+    /// Both are: the kernel moves the bytes.
+    Complete,
 }
 
 impl Joined<'_> {
-    pub const fn in_kernel(&self) -> bool {
-        self.complete
+    pub fn in_kernel(&self) -> bool {
+        self.state == JoinState::Complete
     }
 
-    /// The edge itself wrote `bytes` to the client after the join (the login verdict):
-    /// they count as given before anything the kernel moves there.
-    pub fn wrote_to_client(&mut self, bytes: usize) {
-        self.client.given += u64::try_from(bytes).unwrap_or(u64::MAX);
+    /// Second half of the join, after the edge's last own write to the client: puts the
+    /// client in the sockhash and has both sockets pass on what arrived meanwhile.
+    pub fn complete(&mut self, client: &TcpStream, backend: &TcpStream) {
+        if self.state != JoinState::BackendIn {
+            return;
+        }
+        let Ok(given) = written(client.as_raw_fd()) else {
+            self.state = JoinState::Failed;
+            return;
+        };
+        self.client.given = given;
+        if !self.insert(self.client.cookie, client.as_raw_fd()) {
+            self.state = JoinState::Failed;
+            return;
+        }
+        self.state = JoinState::Complete;
+        // Segments that arrived before the join are still on the sockets: have each socket
+        // hand its data to the program, in order, before anything newer.
+        for fd in [client.as_raw_fd(), backend.as_raw_fd()] {
+            kick(fd);
+        }
+    }
+
+    /// Adds one socket to the sockhash; `false` (logged) when the kernel refused it.
+    fn insert(&mut self, cookie: u64, fd: RawFd) -> bool {
+        if let Err(error) = self.owner.lock_socks().insert(cookie, fd, 0) {
+            // Also a client whose stream ended meanwhile (only established sockets go into
+            // a sockhash): not worth a warning.
+            tracing::debug!(%error, "kernel splice: cannot add a socket; relaying in user space");
+            return false;
+        }
+        self.socks.push(cookie);
+        true
     }
 
     /// Moves bytes between `client` and `backend` (the pair this was joined from) until both
@@ -266,7 +292,7 @@ impl Joined<'_> {
         backend: &mut TcpStream,
         idle: Duration,
     ) -> SpliceEnd {
-        if self.complete {
+        if self.in_kernel() {
             return self.run(client, backend, idle).await;
         }
         let end = super::splice::splice_tcp(client, backend, idle).await;
@@ -296,7 +322,7 @@ impl Joined<'_> {
                     if ready.is_err() {
                         return SpliceEnd::Error;
                     }
-                    match self.pass_on(client, backend, Direction::Up).await {
+                    match self.pass_on(client, backend, Direction::Up, idle).await {
                         Step::Open => {}
                         Step::Ended => up_open = false,
                         Step::Failed => return SpliceEnd::Error,
@@ -306,7 +332,7 @@ impl Joined<'_> {
                     if ready.is_err() {
                         return SpliceEnd::Error;
                     }
-                    match self.pass_on(backend, client, Direction::Down).await {
+                    match self.pass_on(backend, client, Direction::Down, idle).await {
                         Step::Open => {}
                         Step::Ended => down_open = false,
                         Step::Failed => return SpliceEnd::Error,
@@ -325,6 +351,7 @@ impl Joined<'_> {
         from: &mut TcpStream,
         to: &mut TcpStream,
         direction: Direction,
+        idle: Duration,
     ) -> Step {
         let (from_cookie, to_given) = match direction {
             Direction::Up => (self.client.cookie, self.backend.given),
@@ -339,11 +366,11 @@ impl Joined<'_> {
                 // A reset after the last answer: `to` still gets what came before it, as
                 // from a copying relay, before the session is torn down.
                 tracing::debug!(%error, "kernel splice: a side failed");
-                drained(to.as_raw_fd(), owed()).await;
+                drained(to.as_raw_fd(), owed(), idle).await;
                 Step::Failed
             }
             Ok(0) => {
-                if drained(to.as_raw_fd(), owed()).await && to.shutdown().await.is_ok() {
+                if drained(to.as_raw_fd(), owed(), idle).await && to.shutdown().await.is_ok() {
                     Step::Ended
                 } else {
                     Step::Failed
@@ -393,33 +420,41 @@ impl Drop for Joined<'_> {
             let _ = peers.remove(cookie);
         }
         drop(peers);
-        self.owner.joined.fetch_sub(1, Ordering::Relaxed);
+        if self.counted {
+            self.owner.active.dec();
+        }
     }
 }
 
 /// Waits until the socket `fd` has been given `owed` bytes in all (acknowledged by its peer
-/// or still in its send queue); `false` when that does not happen in [`DRAIN_TIMEOUT`] or
-/// the socket failed.
-async fn drained(fd: RawFd, owed: u64) -> bool {
-    let started = Instant::now();
+/// or still in its send queue); `false` when the socket failed, or took nothing for `idle`
+/// (a reader that stalls as long as an idle session is treated like one).
+async fn drained(fd: RawFd, owed: u64, idle: Duration) -> bool {
+    let mut progress = Instant::now();
+    let mut last = 0;
     let mut pause = Duration::from_micros(50);
     loop {
         if tcp_info(fd).is_ok_and(|info| info.state == TCP_CLOSE) {
             // Reset or gone: the kernel dropped what it still held for it.
             return false;
         }
-        match written(fd) {
-            Ok(given) if given >= owed => return true,
-            Ok(_) if started.elapsed() < DRAIN_TIMEOUT => {}
-            Ok(given) => {
-                tracing::warn!(
-                    owed,
-                    given,
-                    "kernel splice: the peer did not take the last bytes in time"
-                );
-                return false;
+        // An unsettled reading (acknowledgements kept arriving) counts as no progress yet.
+        if let Ok(given) = written(fd) {
+            if given >= owed {
+                return true;
             }
-            Err(_) => return false,
+            if given > last {
+                last = given;
+                progress = Instant::now();
+            }
+        }
+        if progress.elapsed() >= idle {
+            tracing::info!(
+                owed,
+                given = last,
+                "kernel splice: the peer took nothing for the idle timeout; closing"
+            );
+            return false;
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));
@@ -465,23 +500,20 @@ fn cookie(fd: RawFd) -> std::io::Result<u64> {
     }
 }
 
-/// Makes the socket signal the data already on it (`SO_RCVLOWAT` re-evaluates readiness),
-/// so the program takes segments that arrived before the socket was joined.
+/// Has the socket hand the segments already on it to the program: a receive (here a
+/// one-byte peek that takes nothing) on a socket in the sockhash runs the program over
+/// its queue under the socket lock before looking for data.
 fn kick(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: a c_int option value we own.
-    let rc = unsafe {
-        libc::setsockopt(
+    let mut byte = 0u8;
+    // SAFETY: a one-byte buffer we own; MSG_PEEK leaves any data in place.
+    let _ = unsafe {
+        libc::recv(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            std::ptr::from_ref(&one).cast(),
-            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
+            std::ptr::from_mut(&mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "kernel splice: SO_RCVLOWAT");
-    }
 }
 
 /// The parts of Linux's `struct tcp_info` we read.
@@ -539,9 +571,10 @@ fn tcp_info(fd: RawFd) -> std::io::Result<TcpInfo> {
 /// Bytes the socket has been given to send since it was connected: acknowledged by the
 /// peer plus still queued. Exact, not an estimate: the join's baseline must not be low (an
 /// end of stream would be passed on before the last bytes), so the two counters are read
-/// again until no acknowledgement came in between.
+/// again until no acknowledgement came in between; a socket whose acknowledgements keep
+/// arriving through every try gives an error instead.
 fn written(fd: RawFd) -> std::io::Result<u64> {
-    loop {
+    for _ in 0..WRITTEN_TRIES {
         let acked = tcp_info(fd)?.bytes_acked;
         let mut queued: libc::c_int = 0;
         // SAFETY: SIOCOUTQ writes one c_int.
@@ -555,4 +588,8 @@ fn written(fd: RawFd) -> std::io::Result<u64> {
             return Ok(acked + u64::try_from(queued).unwrap_or(0));
         }
     }
+    Err(std::io::Error::other("send counters kept moving"))
 }
+
+/// Attempts at a settled reading in [`written`].
+const WRITTEN_TRIES: usize = 64;

@@ -78,30 +78,27 @@ pub async fn hand_over<C, B>(
     C: AsyncRead + AsyncWrite + Unpin + PlainTcp,
     B: AsyncRead + AsyncWrite + Unpin + PlainTcp,
 {
-    // Decided before the edge's last writes: a session goes to the kernel only when nothing
-    // unread is on either socket and the backend sent nothing past its verdict (see
-    // `kernel_splice`); what arrives after these checks is moved by the kernel, in order.
-    let kernel = ctx.kernel_splice.as_deref().filter(|_| {
-        upstream_extra.is_empty()
-            && client.plain_tcp().is_some_and(|s| KernelSplice::quiet(s))
-            && upstream.plain_tcp().is_some_and(|s| KernelSplice::quiet(s))
-    });
-    // Without pipelined commands to pass on, the pair is joined before the client hears the
-    // verdict: until then neither side sends anything, so the join races with nothing.
-    // With them, after the edge's writes (which must reach the backend before anything
-    // the kernel moves); bytes that arrive in between are pushed through at the join.
+    // The kernel takes only sessions with nothing to pass on by hand: no command pipelined
+    // behind the login, nothing the backend sent past its verdict, nothing unread on either
+    // socket (see `kernel_splice`). The backend is joined before the client hears the
+    // verdict, the client after, so nothing the client sends can be answered before it.
     let mut joined = None;
-    if let Some(kernel) = kernel
+    if let Some(kernel) = ctx.kernel_splice.as_deref()
         && pending.is_empty()
+        && upstream_extra.is_empty()
         && let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp())
+        && KernelSplice::quiet(client)
+        && KernelSplice::quiet(upstream)
     {
         joined = Some(kernel.join(client, upstream));
     }
     if client.write_all(verdict).await.is_err() {
         return;
     }
-    if let Some(joined) = joined.as_mut() {
-        joined.wrote_to_client(verdict.len());
+    if let Some(joined) = joined.as_mut()
+        && let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp())
+    {
+        joined.complete(client, upstream);
     }
     if !pending.is_empty() && upstream.write_all(pending).await.is_err() {
         return;
@@ -125,12 +122,6 @@ pub async fn hand_over<C, B>(
     {
         tracing::info!(mailbox = %target.mailbox, %backend, %owner, protocol = protocol.as_str(), "session closed: the mailbox moved during the login");
         return;
-    }
-    if joined.is_none()
-        && let Some(kernel) = kernel
-        && let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp())
-    {
-        joined = Some(kernel.join(client, upstream));
     }
     ctx.metrics.proxied(protocol, backend, true);
     let idle = ctx.limits().idle_timeout();
