@@ -40,7 +40,15 @@ fn splices(edge: &Edge, protocol: &str, mode: &str) -> u64 {
 fn all_unjoined(edge: &Edge) {
     let started = Instant::now();
     loop {
-        let active = support::sample(edge, "protobalance_kernel_splices_active");
+        let text = metrics(edge);
+        let active: i64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("protobalance_kernel_splices_active "))
+            .unwrap_or_else(|| panic!("no protobalance_kernel_splices_active: {text}"))
+            .trim()
+            .parse()
+            .expect("gauge value");
+        assert!(active >= 0, "{text}");
         if active == 0 {
             return;
         }
@@ -163,7 +171,7 @@ fn the_last_answers_reach_clients_that_pipeline_and_half_close() {
              \x20   s.sendall(rest); s.shutdown(socket.SHUT_WR)\n\
              \x20   data = f.read(); s.close(); return data\n\
              for i in range(20):\n\
-             \x20   pause = 0.05 if i % 2 else 0\n\
+             \x20   pause = 0.2 if i % 2 else 0\n\
              \x20   out = run(('{pop3_ip}', {pop3_port}), [b'USER {user}\\r\\n', b'PASS {pass}\\r\\n'], b'STAT\\r\\nQUIT\\r\\n', pause)\n\
              \x20   assert out.startswith(b'+OK 1 ') and out.count(b'+OK') == 2 and out.endswith(b'\\r\\n'), ('pop3', i, out)\n\
              \x20   login, rest = b'a LOGIN {user} {pass}\\r\\n', b'b SELECT INBOX\\r\\nc FETCH 1 (RFC822.SIZE BODY[])\\r\\nd LOGOUT\\r\\n'\n\

@@ -13,11 +13,11 @@
 //!   bytes (a partly read segment would be redirected whole), the client pipelined nothing
 //!   behind its login and the backend sent nothing past its verdict. Others are relayed in
 //!   user space, as are TLS sessions.
-//! * The backend goes into the sockhash before the edge writes the login verdict to the
-//!   client, the client after: whatever the client sends once it may (or pipelined
-//!   unseen) waits on its socket until then, so no answer can overtake the verdict. At the
-//!   join each socket hands what arrived meanwhile to the program (a peek runs the program
-//!   over the socket's queue), ahead of anything newer.
+//! * The pair is joined after the edge's last own write (the login verdict) and after the
+//!   mailbox's owner was checked once more: whatever the client sends meanwhile waits on
+//!   its socket, so no command reaches the backend early and no answer overtakes the
+//!   verdict. At the join each socket hands what arrived meanwhile to the program (a peek
+//!   runs the program over the socket's queue), ahead of anything newer.
 //! * End of stream: the kernel does not pass a FIN on. When one side's stream ends, the edge
 //!   waits until the peer's socket has taken every byte the program redirected to it (the
 //!   program counts them; the peer's TCP counts what it was given) and only then shuts the
@@ -104,7 +104,7 @@ impl KernelSplice {
         program.attach(socks.fd())?;
         let active = IntGauge::new(
             "protobalance_kernel_splices_active",
-            "Logged-in sessions the kernel splice holds now (joined, or half-joined and relayed in user space)",
+            "Logged-in sessions with a socket in the kernel splice's sockhash now (joined, or half-joined and relayed in user space)",
         )?;
         registry.register(Box::new(active.clone()))?;
         Ok(Self {
@@ -131,15 +131,17 @@ impl KernelSplice {
         peeked < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
     }
 
-    /// First half of joining `client` and `backend`: records both as each other's peer and
-    /// puts the backend in the sockhash. The client follows with [`Joined::complete`] once
-    /// the edge has written the login verdict to it: until then the client's bytes stay on
-    /// its socket (so nothing it pipelined can be answered before the verdict), and the
-    /// backend sends nothing before the client's next command. A pair that cannot be joined
-    /// (maps full, a socket no longer established) is relayed in user space by
-    /// [`Joined::splice`], with whatever was joined left in place until the relay ends
-    /// (segments the program cannot redirect wait on their socket for the relay; taking a
-    /// socket out of the map would drop them).
+    /// Joins `client` and `backend`, once the edge has written everything of its own (the
+    /// login verdict) and routed the session: records both as each other's peer, puts the
+    /// backend and then the client in the sockhash, and has both sockets hand what arrived
+    /// meanwhile to the program, in order, ahead of anything newer. Until then the client's
+    /// bytes wait on its socket, so nothing it sent can reach the backend early; the backend
+    /// sends nothing unasked before the client's next command (only something unsolicited,
+    /// such as a shutdown's `* BYE`, in the microseconds between the two insertions would be
+    /// passed on by user space). A pair that cannot be joined (maps full, a client whose
+    /// stream already ended) is relayed in user space by [`Joined::splice`], with whatever
+    /// was joined left in place until the relay ends (segments the program cannot redirect
+    /// wait on their socket for the relay; taking a socket out of the map would drop them).
     pub fn join<'a>(&'a self, client: &TcpStream, backend: &TcpStream) -> Joined<'a> {
         let mut joined = Joined {
             owner: self,
@@ -147,8 +149,7 @@ impl KernelSplice {
             socks: Vec::with_capacity(2),
             client: Side::default(),
             backend: Side::default(),
-            state: JoinState::Failed,
-            counted: false,
+            in_kernel: false,
         };
         let capacity = i64::from(SPLICE_MAX_SOCKETS / 2);
         if self.active.get() >= capacity {
@@ -158,21 +159,18 @@ impl KernelSplice {
             );
             return joined;
         }
-        self.active.inc();
-        joined.counted = true;
-        let (Ok(client_cookie), Ok(backend_side)) =
-            (cookie(client.as_raw_fd()), side(backend.as_raw_fd()))
-        else {
+        let (client_fd, backend_fd) = (client.as_raw_fd(), backend.as_raw_fd());
+        let (Ok(client_side), Ok(backend_side)) = (side(client_fd), side(backend_fd)) else {
             tracing::warn!("kernel splice: no socket cookie or TCP_INFO; relaying in user space");
             return joined;
         };
-        joined.client.cookie = client_cookie;
+        joined.client = client_side;
         joined.backend = backend_side;
         {
             let mut peers = self.lock_peers();
             for (from, to) in [
-                (client_cookie, backend_side.cookie),
-                (backend_side.cookie, client_cookie),
+                (client_side.cookie, backend_side.cookie),
+                (backend_side.cookie, client_side.cookie),
             ] {
                 let entry = SplicePeer {
                     peer: to,
@@ -185,8 +183,14 @@ impl KernelSplice {
                 joined.peers.push(from);
             }
         }
-        if joined.insert(backend_side.cookie, backend.as_raw_fd()) {
-            joined.state = JoinState::BackendIn;
+        if !joined.insert(backend_side.cookie, backend_fd)
+            || !joined.insert(client_side.cookie, client_fd)
+        {
+            return joined;
+        }
+        joined.in_kernel = true;
+        for fd in [client_fd, backend_fd] {
+            kick(fd);
         }
         joined
     }
@@ -227,48 +231,13 @@ pub struct Joined<'a> {
     socks: Vec<u64>,
     client: Side,
     backend: Side,
-    state: JoinState,
-    /// Counted in `protobalance_kernel_splices_active` (until dropped).
-    counted: bool,
-}
-
-/// How far a join got.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum JoinState {
-    /// Relayed in user space.
-    Failed,
-    /// The backend is in the sockhash, the client not yet.
-    BackendIn,
-    /// Both are: the kernel moves the bytes.
-    Complete,
+    /// Both sockets are in the sockhash: the kernel moves the bytes.
+    in_kernel: bool,
 }
 
 impl Joined<'_> {
-    pub fn in_kernel(&self) -> bool {
-        self.state == JoinState::Complete
-    }
-
-    /// Second half of the join, after the edge's last own write to the client: puts the
-    /// client in the sockhash and has both sockets pass on what arrived meanwhile.
-    pub fn complete(&mut self, client: &TcpStream, backend: &TcpStream) {
-        if self.state != JoinState::BackendIn {
-            return;
-        }
-        let Ok(given) = written(client.as_raw_fd()) else {
-            self.state = JoinState::Failed;
-            return;
-        };
-        self.client.given = given;
-        if !self.insert(self.client.cookie, client.as_raw_fd()) {
-            self.state = JoinState::Failed;
-            return;
-        }
-        self.state = JoinState::Complete;
-        // Segments that arrived before the join are still on the sockets: have each socket
-        // hand its data to the program, in order, before anything newer.
-        for fd in [client.as_raw_fd(), backend.as_raw_fd()] {
-            kick(fd);
-        }
+    pub const fn in_kernel(&self) -> bool {
+        self.in_kernel
     }
 
     /// Adds one socket to the sockhash; `false` (logged) when the kernel refused it.
@@ -278,6 +247,9 @@ impl Joined<'_> {
             // a sockhash): not worth a warning.
             tracing::debug!(%error, "kernel splice: cannot add a socket; relaying in user space");
             return false;
+        }
+        if self.socks.is_empty() {
+            self.owner.active.inc();
         }
         self.socks.push(cookie);
         true
@@ -420,7 +392,7 @@ impl Drop for Joined<'_> {
             let _ = peers.remove(cookie);
         }
         drop(peers);
-        if self.counted {
+        if !self.socks.is_empty() {
             self.owner.active.dec();
         }
     }

@@ -80,25 +80,16 @@ pub async fn hand_over<C, B>(
 {
     // The kernel takes only sessions with nothing to pass on by hand: no command pipelined
     // behind the login, nothing the backend sent past its verdict, nothing unread on either
-    // socket (see `kernel_splice`). The backend is joined before the client hears the
-    // verdict, the client after, so nothing the client sends can be answered before it.
-    let mut joined = None;
-    if let Some(kernel) = ctx.kernel_splice.as_deref()
-        && pending.is_empty()
-        && upstream_extra.is_empty()
-        && let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp())
-        && KernelSplice::quiet(client)
-        && KernelSplice::quiet(upstream)
-    {
-        joined = Some(kernel.join(client, upstream));
-    }
+    // socket (checked before the verdict goes out; see `kernel_splice`). They are joined
+    // below, after the owner check: until then the client's commands wait on its socket.
+    let kernel = ctx.kernel_splice.as_deref().filter(|_| {
+        pending.is_empty()
+            && upstream_extra.is_empty()
+            && client.plain_tcp().is_some_and(|s| KernelSplice::quiet(s))
+            && upstream.plain_tcp().is_some_and(|s| KernelSplice::quiet(s))
+    });
     if client.write_all(verdict).await.is_err() {
         return;
-    }
-    if let Some(joined) = joined.as_mut()
-        && let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp())
-    {
-        joined.complete(client, upstream);
     }
     if !pending.is_empty() && upstream.write_all(pending).await.is_err() {
         return;
@@ -122,6 +113,12 @@ pub async fn hand_over<C, B>(
     {
         tracing::info!(mailbox = %target.mailbox, %backend, %owner, protocol = protocol.as_str(), "session closed: the mailbox moved during the login");
         return;
+    }
+    let mut joined = None;
+    if let Some(kernel) = kernel
+        && let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp())
+    {
+        joined = Some(kernel.join(client, upstream));
     }
     ctx.metrics.proxied(protocol, backend, true);
     let idle = ctx.limits().idle_timeout();
