@@ -359,7 +359,8 @@ impl BackendPool {
         let Some((connector, server_name)) = tls else {
             return Ok(MaybeTls::Plain(stream));
         };
-        let handshake = connector.connect(server_name.clone(), stream);
+        // Boxed like the client-side handshakes: kilobytes of state, short-lived.
+        let handshake = Box::pin(connector.connect(server_name.clone(), stream));
         let tls = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| timed_out())?

@@ -415,7 +415,10 @@ impl Store {
     }
 }
 
-/// `impl MailboxDirectory for Store`: each method forwarded to the chosen store.
+/// `impl MailboxDirectory for Store`: each method forwarded to the chosen store. The
+/// PostgreSQL futures are large (kilobytes): boxed, so that every future awaiting the
+/// directory (a login, a session checking its owner) does not carry their size for as long
+/// as it lives, which for a spliced session is hours.
 macro_rules! forward {
     ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
         impl MailboxDirectory for Store {
@@ -423,7 +426,7 @@ macro_rules! forward {
                 async fn $name(&self $(, $arg: $ty)*) -> Result<$ret, DirectoryError> {
                     match self {
                         Self::Sqlite(s) => s.$name($($arg),*).await,
-                        Self::Postgres(p) => p.$name($($arg),*).await,
+                        Self::Postgres(p) => Box::pin(p.$name($($arg),*)).await,
                     }
                 }
             )*

@@ -81,7 +81,9 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
             .await;
         return LoginResult::Refused;
     }
-    let target = match target::login_target(ctx, &login.name).await {
+    // The short-lived steps are boxed: the session future carries its largest state for as
+    // long as the session lives.
+    let target = match Box::pin(target::login_target(ctx, &login.name)).await {
         Ok(Some(target)) => target,
         Ok(None) => {
             record("none", "unknown_mailbox");
@@ -95,19 +97,21 @@ pub async fn attempt<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
         }
     };
     let backend = target.backend.as_str();
-    let mut upstream = match ctx
-        .pool
-        .connect(backend, Service::Imap, endpoints.client, endpoints.local)
+    let mut upstream =
+        match Box::pin(
+            ctx.pool
+                .connect(backend, Service::Imap, endpoints.client, endpoints.local),
+        )
         .await
-    {
-        Ok(stream) => Upstream::new(stream),
-        Err(error) => {
-            tracing::warn!(%backend, %error, "backend unavailable for a login");
-            record(backend, "backend_unavailable");
-            return temp_fail(client, &login.tag).await;
-        }
-    };
-    match upstream.replay(&login, &target.login_name, endpoints).await {
+        {
+            Ok(stream) => Upstream::new(stream),
+            Err(error) => {
+                tracing::warn!(%backend, %error, "backend unavailable for a login");
+                record(backend, "backend_unavailable");
+                return temp_fail(client, &login.tag).await;
+            }
+        };
+    match Box::pin(upstream.replay(&login, &target.login_name, endpoints)).await {
         Ok(Verdict {
             status: Status::Ok,
             lines,

@@ -156,9 +156,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + PlainTcp>(
                     return Outcome::ClientQuit;
                 }
                 // Open the backend session while the client sends its password.
+                // Boxed, like every short-lived step with much state on the way to the
+                // splice: the session future carries its largest state for as long as
+                // the session lives.
                 let (next, prepared) = tokio::join!(
                     client.next(codec::decode_command),
-                    login::prepare(&name, conn, ctx)
+                    Box::pin(login::prepare(&name, conn, ctx))
                 );
                 match next {
                     Ok(Command::Pass(password)) => {

@@ -87,6 +87,9 @@ async fn session(
         (TlsMode::Implicit, Some(acceptor)) => {
             let handshake =
                 tokio::time::timeout(ctx.limits().pre_auth_timeout(), acceptor.accept(stream));
+            // Boxed: the handshake's state is kilobytes, which the session future would
+            // otherwise carry for as long as the session lives.
+            let handshake = Box::pin(handshake);
             match handshake.await {
                 Ok(Ok(tls)) => ClientStream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
                 Ok(Err(error)) => {
@@ -99,10 +102,14 @@ async fn session(
         _ => ClientStream::Plain(stream),
     };
     match protocol {
-        Protocol::Pop3 => pop3::session::run(stream, &conn, ctx).await,
-        Protocol::Imap => imap::session::run(stream, &conn, ctx).await,
-        Protocol::Smtp => smtp::session::run(stream, &conn, ctx, Mode::Inbound).await,
-        Protocol::Submission => smtp::session::run(stream, &conn, ctx, Mode::Submission).await,
+        // Each protocol's session boxed: the task's future is then the size of the one it
+        // runs, not of the largest (SMTP's).
+        Protocol::Pop3 => Box::pin(pop3::session::run(stream, &conn, ctx)).await,
+        Protocol::Imap => Box::pin(imap::session::run(stream, &conn, ctx)).await,
+        Protocol::Smtp => Box::pin(smtp::session::run(stream, &conn, ctx, Mode::Inbound)).await,
+        Protocol::Submission => {
+            Box::pin(smtp::session::run(stream, &conn, ctx, Mode::Submission)).await
+        }
     }
 }
 

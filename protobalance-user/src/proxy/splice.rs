@@ -72,7 +72,7 @@ pub async fn hand_over<C, B>(
     client: &mut C,
     pending: &mut BytesMut,
     upstream: &mut B,
-    upstream_extra: &[u8],
+    upstream_extra: &mut BytesMut,
     verdict: &[u8],
 ) where
     C: AsyncRead + AsyncWrite + Unpin + PlainTcp,
@@ -99,6 +99,7 @@ pub async fn hand_over<C, B>(
     if !upstream_extra.is_empty() && client.write_all(upstream_extra).await.is_err() {
         return;
     }
+    *upstream_extra = BytesMut::new();
     let backend = target.backend.as_str();
     // Registered while spliced: a move of the mailbox to another backend ends the session
     // (the client logs in again and lands on the new owner).
@@ -108,7 +109,8 @@ pub async fn hand_over<C, B>(
         .register(&target.mailbox, backend);
     // A move that switched the mailbox while this login was under way ended the sessions
     // registered then; one registered after that sees the new owner here.
-    if let Ok(Some(owner)) = ctx.directory.owner_now(&target.mailbox).await
+    // Boxed: a short-lived step whose state this long-lived future would otherwise carry.
+    if let Ok(Some(owner)) = Box::pin(ctx.directory.owner_now(&target.mailbox)).await
         && owner != backend
     {
         tracing::info!(mailbox = %target.mailbox, %backend, %owner, protocol = protocol.as_str(), "session closed: the mailbox moved during the login");

@@ -35,7 +35,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MaybeTls<S> {
         let Self::Plain(plain) = std::mem::replace(self, Self::Upgrading) else {
             return Err(io::Error::other("TLS is already active"));
         };
-        let tls = acceptor.accept(plain).await?;
+        // Boxed: a handshake's state is kilobytes, and the session future that awaits it
+        // would otherwise carry that size for its whole life.
+        let tls = Box::pin(acceptor.accept(plain)).await?;
         *self = Self::Tls(Box::new(TlsStream::Server(tls)));
         Ok(())
     }

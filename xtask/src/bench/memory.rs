@@ -60,6 +60,10 @@ pub struct MemoryArgs {
     /// ephemeral port of 127.0.0.1.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(10..=25_000))]
     sessions: u32,
+    /// protobalance's `splice.kernel`: `auto` splices the logged-in sessions in the kernel
+    /// (when the program loads), `off` relays them in user space.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    kernel_splice: String,
 }
 
 /// The running pair the samples are taken from.
@@ -90,7 +94,8 @@ pub fn run(binary: &Path, args: &MemoryArgs) -> Result<()> {
         max_sessions_per_ip: u32::try_from(sessions)? + 100,
         max_message_octets: None,
     };
-    let edge = EdgeConfig::write(&scratch, &[spec], Some(Protocol::Pop3), &limits)?;
+    let splice = format!("[splice]\nkernel = \"{}\"\n", args.kernel_splice);
+    let edge = EdgeConfig::write_with(&scratch, &[spec], Some(Protocol::Pop3), &limits, &splice)?;
     let logins = provision(binary, &edge, &scratch)?;
     step(&format!(
         "starting protobalance under prlimit --nofile={fds}:{fds}"
