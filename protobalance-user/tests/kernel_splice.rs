@@ -29,11 +29,10 @@ fn start(cluster: &DovecotCluster, extra: &str) -> Edge {
 
 /// `protobalance_splices_total` for `protocol` and `mode`.
 fn splices(edge: &Edge, protocol: &str, mode: &str) -> u64 {
-    let text = metrics(edge);
-    let wanted = format!("protobalance_splices_total{{mode=\"{mode}\",protocol=\"{protocol}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&wanted))
-        .map_or(0, |value| value.trim().parse().expect("counter value"))
+    support::sample(
+        edge,
+        &format!("protobalance_splices_total{{mode=\"{mode}\",protocol=\"{protocol}\"}}"),
+    )
 }
 
 /// Waits (up to 5 s) until no session is left in the kernel splice's maps.

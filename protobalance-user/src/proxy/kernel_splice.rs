@@ -118,17 +118,7 @@ impl KernelSplice {
     /// Whether `stream` can be joined as it is: nothing unread on it (a partly read segment
     /// would be redirected whole) and its peer has not closed.
     pub fn quiet(stream: &TcpStream) -> bool {
-        let mut byte = 0u8;
-        // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the data in place.
-        let peeked = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                std::ptr::from_mut(&mut byte).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        peeked < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+        peek(stream.as_raw_fd()).is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Joins `client` and `backend`, once the edge has written everything of its own (the
@@ -476,9 +466,15 @@ fn cookie(fd: RawFd) -> std::io::Result<u64> {
 /// one-byte peek that takes nothing) on a socket in the sockhash runs the program over
 /// its queue under the socket lock before looking for data.
 fn kick(fd: RawFd) {
+    let _ = peek(fd);
+}
+
+/// A non-blocking one-byte `MSG_PEEK`: how many bytes are waiting (0 or 1; `Ok(0)` is the
+/// peer's end of stream), leaving them in place.
+fn peek(fd: RawFd) -> std::io::Result<usize> {
     let mut byte = 0u8;
     // SAFETY: a one-byte buffer we own; MSG_PEEK leaves any data in place.
-    let _ = unsafe {
+    let peeked = unsafe {
         libc::recv(
             fd,
             std::ptr::from_mut(&mut byte).cast(),
@@ -486,6 +482,7 @@ fn kick(fd: RawFd) {
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
+    usize::try_from(peeked).map_err(|_| std::io::Error::last_os_error())
 }
 
 /// The parts of Linux's `struct tcp_info` we read.
