@@ -1,5 +1,5 @@
-//! Logged-in POP3/IMAP sessions spliced in the kernel (`[splice] kernel = "auto"`, the
-//! default): real Dovecot backends, real clients (Python's poplib/imaplib and raw sockets).
+//! Logged-in POP3/IMAP sessions spliced in the kernel (`[splice] kernel = "auto"`; the
+//! default is `off`): real Dovecot backends, real clients (Python's poplib/imaplib and raw sockets).
 //! Every byte a client reads through the edge must be what it reads directly from the
 //! backend, the last answer before a close must arrive (QUIT, LOGOUT, a client that
 //! half-closes), a slow reader must get everything, idle sessions must still be closed,
@@ -19,11 +19,17 @@ fn skip() -> bool {
     support::skip("kernel_splice")
 }
 
+/// An edge with `splice.kernel = "auto"` unless `extra` has a `[splice]` of its own.
 fn start(cluster: &DovecotCluster, extra: &str) -> Edge {
+    let extra = if extra.contains("[splice]") {
+        extra.to_owned()
+    } else {
+        format!("[splice]\nkernel = \"auto\"\n{extra}")
+    };
     start_edge(
         cluster,
         &[Listen("pop3", None), Listen("imap", None)],
-        extra,
+        &extra,
     )
 }
 

@@ -220,14 +220,16 @@ pub struct SpliceConfig {
     pub kernel: KernelSplice,
 }
 
-/// `auto`: plain-TCP sessions are spliced in the kernel (a sockhash with a stream-verdict
-/// program) when the program loads (root, or CAP_BPF + CAP_NET_ADMIN), else relayed in user
-/// space with a warning; `off`: always relayed in user space.
+/// `off` (the default): relayed in user space, the cheaper way for the short sessions most
+/// mail clients make; `auto`: plain-TCP sessions are spliced in the kernel (a sockhash with
+/// a stream-verdict program) when the program loads (root, or CAP_BPF + CAP_NET_ADMIN),
+/// else relayed in user space with a warning — cheaper for bulk transfers (see
+/// docs/operations.md, "Kernel splice").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KernelSplice {
-    #[default]
     Auto,
+    #[default]
     Off,
 }
 

@@ -166,34 +166,68 @@ pub fn interleaved(
     paths: [&[Endpoint]; 2],
     settle: &dyn Fn() -> Result<()>,
 ) -> Result<[PhaseResult; 2]> {
+    let [direct, proxy] = paths;
+    let results = interleaved_paths(
+        what,
+        plan,
+        &[("direct", direct), ("protobalance", proxy)],
+        settle,
+    )?;
+    let mut results = results.into_iter();
+    match (results.next(), results.next()) {
+        (Some(direct), Some(proxy)) => Ok([direct, proxy]),
+        _ => bail!("interleaved: two paths in, fewer results out"),
+    }
+}
+
+/// The same load on each named path in turn, `plan.seconds` split into up to
+/// [`MAX_ROUNDS`] alternating slices so every path sees the same machine; one merged
+/// result per path, in order.
+pub fn interleaved_paths(
+    what: &str,
+    plan: Plan,
+    paths: &[(&str, &[Endpoint])],
+    settle: &dyn Fn() -> Result<()>,
+) -> Result<Vec<PhaseResult>> {
     let rounds = plan.seconds.min(MAX_ROUNDS);
     let phase = Phase {
         clients: plan.clients,
         warmup: WARMUP,
         measure: Duration::from_secs(plan.seconds) / u32::try_from(rounds)?,
     };
+    let names: Vec<&str> = paths.iter().map(|(name, _)| *name).collect();
     step(&format!(
-        "{what} load: {} clients, {rounds} rounds of direct then protobalance, \
-         each {:?} warm-up + {:?} measured",
-        plan.clients, phase.warmup, phase.measure
+        "{what} load: {} clients, {rounds} rounds of {}, each {:?} warm-up + {:?} measured",
+        plan.clients,
+        names.join(" then "),
+        phase.warmup,
+        phase.measure
     ));
-    let mut parts: [Vec<PhaseResult>; 2] = Default::default();
+    let mut parts: Vec<Vec<PhaseResult>> = paths.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
-        for (endpoints, part) in paths.iter().zip(&mut parts) {
+        for ((_, endpoints), part) in paths.iter().zip(&mut parts) {
             part.push(run(phase, endpoints)?);
             settle()?;
         }
-        let rate = |p: &[PhaseResult]| p.last().map_or(0.0, PhaseResult::rate);
-        println!(
-            "  round {round}/{rounds}: direct {:.1}/s, protobalance {:.1}/s",
-            rate(&parts[0]),
-            rate(&parts[1])
-        );
+        let rates: Vec<String> = names
+            .iter()
+            .zip(&parts)
+            .map(|(name, part)| {
+                let rate = part.last().map_or(0.0, PhaseResult::rate);
+                format!("{name} {rate:.1}/s")
+            })
+            .collect();
+        println!("  round {round}/{rounds}: {}", rates.join(", "));
     }
-    let [direct, proxy] = parts.map(PhaseResult::merge);
-    check("direct", &direct)?;
-    check("protobalance", &proxy)?;
-    Ok([direct, proxy])
+    names
+        .iter()
+        .zip(parts)
+        .map(|(name, part)| {
+            let merged = PhaseResult::merge(part);
+            check(name, &merged)?;
+            Ok(merged)
+        })
+        .collect()
 }
 
 /// Fails when nothing completed; reports failed sessions (a benchmark does not hide them).

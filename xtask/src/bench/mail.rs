@@ -17,7 +17,7 @@ use super::{
     lmtp,
     load::{self, Endpoint, Plan},
     protocol::{Login, Retrieval},
-    stats, store,
+    relay, stats, store,
 };
 use crate::util::step;
 
@@ -34,10 +34,14 @@ pub struct MailArgs {
     /// Mailboxes (user1..userN@example.com), spread over the three backends.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     users: u32,
-    /// protobalance's `splice.kernel`: `auto` splices logged-in sessions in the kernel
-    /// (when the program loads), `off` relays them in user space.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    /// protobalance's `splice.kernel`: `off` (its default) relays logged-in sessions in
+    /// user space, `auto` splices them in the kernel (when the program loads).
+    #[arg(long, default_value = "off", value_parser = ["auto", "off"])]
     kernel_splice: String,
+    /// Also time a minimal TCP relay in front of each backend (no protocol work), in the
+    /// same alternating slices: the floor any proxy pays on this machine.
+    #[arg(long)]
+    relay: bool,
 }
 
 /// (login, name of the backend that owns the mailbox), for user1..userN.
@@ -84,8 +88,47 @@ fn compare(
         seconds: args.seconds,
     };
     let name = retrieval.protocol().as_str();
-    let [direct, proxy] = load::interleaved(name, plan, [&direct, &proxied], &|| Ok(()))?;
-    stats::print_comparison(name, "sessions", args.clients, &direct, &proxy);
+    if !args.relay {
+        let [direct, proxy] = load::interleaved(name, plan, [&direct, &proxied], &|| Ok(()))?;
+        stats::print_comparison(name, "sessions", args.clients, &direct, &proxy);
+        return print_splices(edge, name);
+    }
+    step("starting the minimal TCP relay in front of each backend (--relay)");
+    let addrs: Vec<SocketAddr> = cluster
+        .backends()
+        .iter()
+        .map(|b| retrieval.backend_addr(b))
+        .collect();
+    let floor = relay::Relay::start(&addrs)?;
+    let relayed = endpoints(retrieval, owners, |owner| {
+        let backend = cluster.backends().iter().find(|b| b.name() == owner);
+        let backend =
+            backend.with_context(|| format!("the directory names an unknown backend {owner}"))?;
+        floor.front(retrieval.backend_addr(backend))
+    })?;
+    load::once_each(args.clients, &relayed)?;
+    let paths = [
+        ("direct", direct.as_slice()),
+        ("relay", relayed.as_slice()),
+        ("protobalance", proxied.as_slice()),
+    ];
+    let results = load::interleaved_paths(name, plan, &paths, &|| Ok(()))?;
+    let [direct, relay, proxy] = results.as_slice() else {
+        anyhow::bail!("three paths in, {} results out", results.len());
+    };
+    stats::print_table(
+        "sessions",
+        &[
+            ("direct", direct),
+            ("relay", relay),
+            ("protobalance", proxy),
+        ],
+    );
+    println!();
+    let clients = args.clients;
+    stats::print_ratio(name, clients, ("direct", direct), ("protobalance", proxy));
+    stats::print_ratio(name, clients, ("direct", direct), ("relay", relay));
+    stats::print_ratio(name, clients, ("relay", relay), ("protobalance", proxy));
     print_splices(edge, name)
 }
 

@@ -60,9 +60,9 @@ pub struct MemoryArgs {
     /// ephemeral port of 127.0.0.1.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(10..=25_000))]
     sessions: u32,
-    /// protobalance's `splice.kernel`: `auto` splices the logged-in sessions in the kernel
-    /// (when the program loads), `off` relays them in user space.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    /// protobalance's `splice.kernel`: `off` (its default) relays the logged-in sessions in
+    /// user space, `auto` splices them in the kernel (when the program loads).
+    #[arg(long, default_value = "off", value_parser = ["auto", "off"])]
     kernel_splice: String,
 }
 

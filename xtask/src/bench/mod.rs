@@ -48,6 +48,7 @@ mod memory_report;
 mod pop3;
 mod procfs;
 mod protocol;
+mod relay;
 mod scan;
 mod smtp;
 mod smtp_bench;

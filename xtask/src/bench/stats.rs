@@ -90,6 +90,13 @@ pub fn print_comparison(
     direct: &PhaseResult,
     proxy: &PhaseResult,
 ) {
+    print_table(unit, &[("direct", direct), ("protobalance", proxy)]);
+    println!();
+    print_ratio(what, clients, ("direct", direct), ("protobalance", proxy));
+}
+
+/// One row per path.
+pub fn print_table(unit: &str, rows: &[(&str, &PhaseResult)]) {
     println!(
         "\n{:<14} {unit:>10} {:>7} {:>12} {:>9} {:>9}",
         "path",
@@ -98,7 +105,7 @@ pub fn print_comparison(
         "p50 ms",
         "p99 ms"
     );
-    for (label, phase) in [("direct", direct), ("protobalance", proxy)] {
+    for (label, phase) in rows {
         println!(
             "{label:<14} {:>10} {:>7} {:>12.1} {:>9.2} {:>9.2}",
             phase.completed(),
@@ -108,11 +115,20 @@ pub fn print_comparison(
             phase.percentile_ms(99.0)
         );
     }
-    let (ratio, added) = (ratio(direct, proxy), added_p50_ms(direct, proxy));
+}
+
+/// `other`'s rate as a fraction of `base`'s and the median latency it adds, on one line.
+pub fn print_ratio(
+    what: &str,
+    clients: u32,
+    (base_label, base): (&str, &PhaseResult),
+    (other_label, other): (&str, &PhaseResult),
+) {
+    let (ratio, added) = (ratio(base, other), added_p50_ms(base, other));
     println!(
-        "\n{what}  clients={clients}  {} | {} | ratio {ratio:.2} | added p50 {added:+.2}ms",
-        describe("direct", direct),
-        describe("protobalance", proxy),
+        "{what}  clients={clients}  {} | {} | ratio {ratio:.2} | added p50 {added:+.2}ms",
+        describe(base_label, base),
+        describe(other_label, other),
     );
 }
 
