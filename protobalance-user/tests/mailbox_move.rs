@@ -25,7 +25,7 @@ fn edge(cluster: &DovecotCluster, dir: &std::path::Path, settle_seconds: u32) ->
     edge_with(cluster, dir, settle_seconds, "")
 }
 
-/// [`edge`] with more `[moves]` keys.
+/// [`edge`] with more config after the `[moves]` keys (more of them, or other sections).
 fn edge_with(
     cluster: &DovecotCluster,
     dir: &std::path::Path,
@@ -120,7 +120,9 @@ fn a_mailbox_moves_with_folders_and_flags_while_mail_keeps_arriving() {
     }
     let cluster = DovecotCluster::start(3, USERS).expect("cluster");
     let dir = tempfile::tempdir().expect("tempdir");
-    let edge = edge(&cluster, dir.path(), 2);
+    // With the kernel splice: the move must end a session the kernel is splicing too (the
+    // other tests cover the user-space relay, the default).
+    let edge = edge_with(&cluster, dir.path(), 2, "[splice]\nkernel = \"auto\"");
     let user = "user5@example.com";
     let from = owner(&edge, user);
     let to = if from == "backend2" {
@@ -280,6 +282,10 @@ print(state)
         Some("closed"),
         "the IMAP session on the old backend was ended: {watched}"
     );
+    // Both IMAP sessions through the edge so far (the set-up and the watcher) were spliced
+    // in the kernel, so the move ended a kernel-spliced session.
+    let kernel = r#"protobalance_splices_total{mode="kernel",protocol="imap"}"#;
+    assert_eq!(sample(&edge, kernel), 2, "{}", support::metrics(&edge));
 
     // After: the directory, the new backend has everything once, the old one nothing.
     assert_eq!(owner(&edge, user), to);

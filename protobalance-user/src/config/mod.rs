@@ -661,6 +661,10 @@ mod tests {
         assert_eq!(v.config.admin.listen.to_string(), "127.0.0.1:9925");
         assert_eq!(v.config.shutdown.grace_seconds, 30);
         assert!(v.config.xdp.interface.is_none());
+        // Short sessions cost less CPU relayed in user space (docs/operations.md).
+        assert_eq!(v.config.splice.kernel, KernelSplice::Off);
+        let auto = check("[splice]\nkernel = \"auto\"\n").expect("valid");
+        assert_eq!(auto.config.splice.kernel, KernelSplice::Auto);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Throughput counts the sessions that *complete* inside the measured window (after the
 //! warm-up), so a session straddling either edge neither inflates nor deflates the rate.
 //! The phase stops by itself at its deadline (or on Ctrl-C); every socket op has a timeout.
-//! [`interleaved`] compares two paths (direct, through protobalance) in alternating slices.
+//! [`interleaved`] compares two paths (direct, through protobalance) in alternating slices;
+//! [`interleaved_paths`] any number of named ones.
 
 use std::{
     net::SocketAddr,
@@ -148,7 +149,7 @@ fn once_each_loop(endpoints: &[Endpoint], next: &AtomicUsize) -> Result<()> {
     Ok(())
 }
 
-/// How hard and how long two paths are compared.
+/// How hard and how long the paths are compared.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
     pub clients: u32,

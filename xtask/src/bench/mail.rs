@@ -1,6 +1,7 @@
 //! `cargo xtask bench pop3` (and, with IMAP, `imap`): the same closed-loop load twice, once
 //! straight to each mailbox's owner backend and once through protobalance, against three
-//! real Dovecot backends. Set-up: start the cluster, write protobalance's config, import
+//! real Dovecot backends (with `--relay` a third time, through the minimal TCP relay of
+//! `relay`, the floor any proxy pays). Set-up: start the cluster, write protobalance's config, import
 //! the users, seed each mailbox with one message on its owner, start protobalance. Then
 //! one untimed session per mailbox on both paths (first opens are dearer), and the timed
 //! load in alternating slices so both paths see the same machine.
@@ -67,7 +68,7 @@ pub fn run(binary: &Path, retrieval: Retrieval, args: &MailArgs) -> Result<()> {
     compare(retrieval, args, &cluster, &edge, &owners)
 }
 
-/// Primes every mailbox on both paths, then runs the timed phases and prints them.
+/// Primes every mailbox on each path, then runs the timed phases and prints them.
 fn compare(
     retrieval: Retrieval,
     args: &MailArgs,
@@ -94,6 +95,10 @@ fn compare(
         return print_splices(edge, name);
     }
     step("starting the minimal TCP relay in front of each backend (--relay)");
+    // 4 descriptors per relayed session in this process (the client's, cloned, and the
+    // relay's two): more than the default soft limit at a few hundred clients.
+    let limit = super::procfs::raise_own_nofile(4 * u64::from(args.clients) + 256)?;
+    println!("  open-file limit for this process: {limit}");
     let addrs: Vec<SocketAddr> = cluster
         .backends()
         .iter()
@@ -106,6 +111,7 @@ fn compare(
             backend.with_context(|| format!("the directory names an unknown backend {owner}"))?;
         floor.front(retrieval.backend_addr(backend))
     })?;
+    step("priming the relay path: one untimed session per mailbox");
     load::once_each(args.clients, &relayed)?;
     let paths = [
         ("direct", direct.as_slice()),

@@ -3,7 +3,8 @@
 //! * `pop3` — sessions/s and per-session latency (p50/p99) of a closed-loop POP3 load
 //!   (connect, greeting, USER, PASS, STAT, RETR 1 of a ~10 KB message, QUIT) against
 //!   three real Dovecot backends, once direct to each mailbox's owner and once through
-//!   protobalance; prints the ratio proxy/direct and the latency protobalance adds.
+//!   protobalance; prints the ratio proxy/direct and the latency protobalance adds. With
+//!   `--relay`, also through a minimal TCP relay (the floor any proxy pays; `relay`).
 //! * `imap` — the same for IMAP (connect, greeting, LOGIN, SELECT INBOX, FETCH 1 (RFC822)
 //!   read by its literal size, LOGOUT).
 //! * `smtp` — messages/s and per-message latency of inbound mail (connect, 220, EHLO, MAIL

@@ -7,10 +7,21 @@
 //! bench times it side by side with direct and protobalance, in the same alternating
 //! slices, so protobalance's figures can be read against it.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Pending connections per listener: above the bench's largest client count.
+const BACKLOG: u32 = 4096;
+/// Pause after a failed accept (e.g. out of descriptors) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// A failure is printed once per run; the bench counts the sessions it breaks.
+static REPORTED: AtomicBool = AtomicBool::new(false);
 
 /// The relay's runtime and one listener per backend; dropping it stops the relay (the
 /// runtime drops its tasks, which closes their sockets).
@@ -25,13 +36,14 @@ impl Relay {
     pub fn start(backends: &[SocketAddr]) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_io()
+            .enable_time()
             .thread_name("bench-relay")
             .build()
             .context("starting the relay's tokio runtime")?;
         let mut fronts = Vec::with_capacity(backends.len());
         for &backend in backends {
             let listener = runtime
-                .block_on(TcpListener::bind("127.0.0.1:0"))
+                .block_on(async { listen() })
                 .context("binding the relay listener")?;
             let front = listener.local_addr().context("relay listener address")?;
             runtime.spawn(serve(listener, backend));
@@ -53,18 +65,40 @@ impl Relay {
     }
 }
 
+/// An ephemeral loopback port with a backlog for every client of the bench.
+fn listen() -> std::io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    socket.listen(BACKLOG)
+}
+
+fn report(what: &str, error: &std::io::Error) {
+    if !REPORTED.swap(true, Ordering::Relaxed) {
+        eprintln!("  relay: {what}: {error} (reported once; the bench counts the failed sessions)");
+    }
+}
+
 async fn serve(listener: TcpListener, backend: SocketAddr) {
     loop {
-        let Ok((client, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(relay(client, backend));
+        match listener.accept().await {
+            Ok((client, _)) => {
+                tokio::spawn(relay(client, backend));
+            }
+            Err(error) => {
+                report("accept", &error);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
     }
 }
 
 async fn relay(mut client: TcpStream, backend: SocketAddr) {
-    let Ok(mut upstream) = TcpStream::connect(backend).await else {
-        return;
+    let mut upstream = match TcpStream::connect(backend).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            report(&format!("connecting to {backend}"), &error);
+            return;
+        }
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);

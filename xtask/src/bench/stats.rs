@@ -71,14 +71,14 @@ pub fn describe(label: &str, phase: &PhaseResult) -> String {
     )
 }
 
-/// protobalance's rate as a fraction of the direct rate.
-pub fn ratio(direct: &PhaseResult, proxy: &PhaseResult) -> f64 {
-    proxy.rate() / direct.rate().max(1e-9)
+/// `other`'s rate as a fraction of `base`'s (protobalance's of direct's, usually).
+pub fn ratio(base: &PhaseResult, other: &PhaseResult) -> f64 {
+    other.rate() / base.rate().max(1e-9)
 }
 
-/// The median latency protobalance adds, in milliseconds.
-pub fn added_p50_ms(direct: &PhaseResult, proxy: &PhaseResult) -> f64 {
-    proxy.percentile_ms(50.0) - direct.percentile_ms(50.0)
+/// The median latency `other` adds to `base`, in milliseconds.
+pub fn added_p50_ms(base: &PhaseResult, other: &PhaseResult) -> f64 {
+    other.percentile_ms(50.0) - base.percentile_ms(50.0)
 }
 
 /// The table of both phases, then the one-line comparison. `unit`: what one session
