@@ -1,10 +1,10 @@
 //! `cargo xtask bench pop3` (and, with IMAP, `imap`): the same closed-loop load twice, once
 //! straight to each mailbox's owner backend and once through protobalance, against three
 //! real Dovecot backends (with `--relay` a third time, through the minimal TCP relay of
-//! `relay`, the floor any proxy pays). Set-up: start the cluster, write protobalance's config, import
-//! the users, seed each mailbox with one message on its owner, start protobalance. Then
-//! one untimed session per mailbox on both paths (first opens are dearer), and the timed
-//! load in alternating slices so both paths see the same machine.
+//! `relay`, the floor any proxy pays). Set-up: start the cluster, write protobalance's
+//! config, import the users, seed each mailbox with one message on its owner, start
+//! protobalance. Then one untimed session per mailbox on each path (first opens are
+//! dearer), and the timed load in alternating slices so every path sees the same machine.
 
 use std::{collections::HashMap, net::SocketAddr, path::Path};
 
