@@ -20,10 +20,20 @@ use crate::util::step;
 
 /// Pause after a failed session so a dead server is not hammered in a tight loop.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
-/// Before each measured slice of [`interleaved`].
+/// Before each measured slice of [`interleaved`] (its first on each path; later ones get
+/// [`REWARM`]).
 pub const WARMUP: Duration = Duration::from_secs(1);
-/// The measured time per path is split into at most this many alternating slices.
+/// The measured time per path is split into at most this many alternating slices (the
+/// abuse bench's phases).
 pub const MAX_ROUNDS: u64 = 5;
+/// [`interleaved`]'s slices are about this long: the paths alternate every few seconds, so
+/// a neighbour's load that drifts over tens of seconds (on a shared VM, measured: ±10 %
+/// between 12 s slices of the same path) hits every path alike.
+const SLICE_SECONDS: u64 = 2;
+/// At most this many rounds, however long the run.
+const MAX_SLICES: u64 = 60;
+/// Warm-up before a path's later slices: the machine and the backends are warm by then.
+const REWARM: Duration = Duration::from_millis(500);
 
 /// Where one mailbox's (or recipient group's) sessions go in a phase, and what they do.
 #[derive(Debug, Clone)]
@@ -153,7 +163,7 @@ fn once_each_loop(endpoints: &[Endpoint], next: &AtomicUsize) -> Result<()> {
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
     pub clients: u32,
-    /// Measured seconds per path, in up to [`MAX_ROUNDS`] slices.
+    /// Measured seconds per path, in slices of about 2 s.
     pub seconds: u64,
 }
 
@@ -181,31 +191,38 @@ pub fn interleaved(
     }
 }
 
-/// The same load on each named path in turn, `plan.seconds` split into up to
-/// [`MAX_ROUNDS`] alternating slices so every path sees the same machine; one merged
-/// result per path, in order.
+/// The same load on each named path in turn, `plan.seconds` split into alternating slices
+/// of about [`SLICE_SECONDS`] so every path sees the same machine; one merged result per
+/// path, in order.
 pub fn interleaved_paths(
     what: &str,
     plan: Plan,
     paths: &[(&str, &[Endpoint])],
     settle: &dyn Fn() -> Result<()>,
 ) -> Result<Vec<PhaseResult>> {
-    let rounds = plan.seconds.min(MAX_ROUNDS);
+    let rounds = (plan.seconds / SLICE_SECONDS).clamp(1, MAX_SLICES);
     let phase = Phase {
         clients: plan.clients,
         warmup: WARMUP,
         measure: Duration::from_secs(plan.seconds) / u32::try_from(rounds)?,
     };
+    let later = Phase {
+        warmup: REWARM,
+        ..phase
+    };
     let names: Vec<&str> = paths.iter().map(|(name, _)| *name).collect();
     step(&format!(
-        "{what} load: {} clients, {rounds} rounds of {}, each {:?} warm-up + {:?} measured",
+        "{what} load: {} clients, {rounds} rounds of {}, each {:?} measured after a {:?} \
+         warm-up ({:?} in the first round)",
         plan.clients,
         names.join(" then "),
+        phase.measure,
+        later.warmup,
         phase.warmup,
-        phase.measure
     ));
     let mut parts: Vec<Vec<PhaseResult>> = paths.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
+        let phase = if round == 1 { phase } else { later };
         for ((_, endpoints), part) in paths.iter().zip(&mut parts) {
             part.push(run(phase, endpoints)?);
             settle()?;

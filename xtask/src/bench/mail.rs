@@ -29,7 +29,7 @@ pub struct MailArgs {
     /// Concurrent simulated clients (closed loop: each starts its next session when one ends).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=2000))]
     clients: u32,
-    /// Measured seconds per path (in up to 5 alternating slices, each after a 1 s warm-up).
+    /// Measured seconds per path (in alternating slices of about 2 s, each after a warm-up).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     seconds: u64,
     /// Mailboxes (user1..userN@example.com), spread over the three backends.

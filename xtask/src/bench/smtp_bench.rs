@@ -60,8 +60,8 @@ pub struct SmtpArgs {
     /// Concurrent simulated clients (closed loop: each sends its next message when one ends).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=2000))]
     clients: u32,
-    /// Measured seconds per path and recipient count (in up to 5 alternating slices, each
-    /// after a 1 s warm-up).
+    /// Measured seconds per path and recipient count (in alternating slices of about 2 s,
+    /// each after a warm-up).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     seconds: u64,
     /// Mailboxes (user1..userN@example.com), spread over the three backends.
