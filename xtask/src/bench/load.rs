@@ -184,11 +184,8 @@ pub fn interleaved(
         &[("direct", direct), ("protobalance", proxy)],
         settle,
     )?;
-    let mut results = results.into_iter();
-    match (results.next(), results.next()) {
-        (Some(direct), Some(proxy)) => Ok([direct, proxy]),
-        _ => bail!("interleaved: two paths in, fewer results out"),
-    }
+    <[PhaseResult; 2]>::try_from(results)
+        .map_err(|r| anyhow!("interleaved: two paths in, {} results out", r.len()))
 }
 
 /// The same load on each named path in turn, `plan.seconds` split into alternating slices

@@ -105,12 +105,16 @@ fn compare(
         .map(|b| retrieval.backend_addr(b))
         .collect();
     let floor = relay::Relay::start(&addrs)?;
-    let relayed = endpoints(retrieval, owners, |owner| {
-        let backend = cluster.backends().iter().find(|b| b.name() == owner);
-        let backend =
-            backend.with_context(|| format!("the directory names an unknown backend {owner}"))?;
-        floor.front(retrieval.backend_addr(backend))
-    })?;
+    // The direct path's sessions, each through the relay in front of its backend.
+    let relayed = direct
+        .iter()
+        .map(|e| {
+            Ok(Endpoint {
+                addr: floor.front(e.addr)?,
+                session: e.session.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     step("priming the relay path: one untimed session per mailbox");
     load::once_each(args.clients, &relayed)?;
     let paths = [
