@@ -139,7 +139,6 @@ impl KernelSplice {
             socks: Vec::with_capacity(2),
             client: Side::default(),
             backend: Side::default(),
-            in_kernel: false,
         };
         let capacity = i64::from(SPLICE_MAX_SOCKETS / 2);
         if self.active.get() >= capacity {
@@ -178,9 +177,11 @@ impl KernelSplice {
         {
             return joined;
         }
-        joined.in_kernel = true;
+        // Has each socket hand the segments already on it to the program: a receive (here a
+        // one-byte peek that takes nothing) on a socket in the sockhash runs the program over
+        // its queue under the socket lock before looking for data.
         for fd in [client_fd, backend_fd] {
-            kick(fd);
+            let _ = peek(fd);
         }
         joined
     }
@@ -221,13 +222,12 @@ pub struct Joined<'a> {
     socks: Vec<u64>,
     client: Side,
     backend: Side,
-    /// Both sockets are in the sockhash: the kernel moves the bytes.
-    in_kernel: bool,
 }
 
 impl Joined<'_> {
+    /// Both sockets are in the sockhash: the kernel moves the bytes.
     pub const fn in_kernel(&self) -> bool {
-        self.in_kernel
+        self.socks.len() == 2
     }
 
     /// Adds one socket to the sockhash; `false` (logged) when the kernel refused it.
@@ -460,13 +460,6 @@ fn cookie(fd: RawFd) -> std::io::Result<u64> {
     } else {
         Err(std::io::Error::last_os_error())
     }
-}
-
-/// Has the socket hand the segments already on it to the program: a receive (here a
-/// one-byte peek that takes nothing) on a socket in the sockhash runs the program over
-/// its queue under the socket lock before looking for data.
-fn kick(fd: RawFd) {
-    let _ = peek(fd);
 }
 
 /// A non-blocking one-byte `MSG_PEEK`: how many bytes are waiting (0 or 1; `Ok(0)` is the
